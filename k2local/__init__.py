@@ -1,0 +1,1 @@
+"""k2local package."""

@@ -1,0 +1,149 @@
+"""`k2local quantize` (HF checkpoint -> GGUF) and `k2local imatrix` (activation statistics for quantization)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from k2local.errors import K2Error
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _counts(done: float, total: float) -> str:
+    unit, div = next(((u, d) for u, d in (("T", 1e12), ("G", 1e9), ("M", 1e6)) if total >= d), ("", 1.0))
+    return f"{done / div:.2f}/{total / div:.2f}{unit}"
+
+
+def _list_recipes(src: str | None) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from k2local.config import ModelConfig  # noqa: PLC0415
+    from k2local.convert import describe_recipes  # noqa: PLC0415
+
+    if src:
+        from k2local.checkpoint import open_checkpoint  # noqa: PLC0415
+
+        cfg, what = open_checkpoint(src).config, Path(src).name
+    else:
+        cfg, what = ModelConfig(), "Kimi K2 (1.03T parameters)"
+    table = Table(title=f"Recipes (projected for {what})")
+    for col in ("recipe", "bits/weight", "size", "what"):
+        table.add_column(col, justify="right" if col in ("bits/weight", "size") else "left")
+    for name, summary, bpw, size in describe_recipes(cfg):
+        table.add_row(name, f"{bpw:.2f}", _fmt_bytes(size), summary)
+    Console().print(table)
+    click.echo("Also: pure:TYPE (every weight TYPE, e.g. pure:Q4_K, like llama-quantize --pure).")
+
+
+@click.command("quantize")
+@click.argument("src", required=False, type=click.Path())
+@click.argument("out", required=False, type=click.Path())
+@click.option("--recipe", "-r", default="q4", show_default=True, help="see --list-recipes")
+@click.option("--imatrix", "imatrix_path", type=click.Path(),
+              help="importance matrix file (from k2local imatrix or llama-imatrix)")
+@click.option("--split-max-size", default="50G", show_default=True,
+              help="split output into -0000k-of-0000N.gguf files of at most this size (0: never)")
+@click.option("--name", help="model name written to general.name (default: the source folder's name)")
+@click.option("--force", is_flag=True, help="overwrite an existing output")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="where the quantizer runs (same bytes either way); auto = cuda when available")
+@click.option("--list-recipes", is_flag=True, help="list recipes with bits/weight and projected size, then exit")
+def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | None, split_max_size: str,
+             name: str | None, force: bool, device: str, list_recipes: bool) -> None:
+    """Convert the Hugging Face checkpoint SRC (FP8 or BF16 safetensors) into the GGUF file OUT.
+
+    Interrupted runs resume when rerun with the same arguments; OUT only appears once complete.
+    """
+    if list_recipes:
+        _list_recipes(src)
+        return
+    if not src or not out:
+        raise click.UsageError("SRC and OUT are required (or use --list-recipes)")
+    from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,  # noqa: PLC0415
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    from k2local.convert import convert, parse_size  # noqa: PLC0415
+    from k2local.recipes import get_recipe  # noqa: PLC0415
+    from quant.gguf_file import split_name  # noqa: PLC0415
+
+    rec = get_recipe(recipe)
+    out_p = Path(out)
+    if device == "auto":
+        import torch  # noqa: PLC0415
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    limit = parse_size(split_max_size)
+    existing = [p for p in [out_p, split_name(out_p, 0, 1)] if p.exists()] + \
+        sorted(out_p.parent.glob(out_p.name.removesuffix(".gguf") + "-00001-of-*.gguf"))
+    if existing and not force:
+        raise K2Error(f"{existing[0]}: already exists; pass --force to overwrite")
+    progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), TaskProgressColumn(),
+                        TextColumn("{task.fields[weights]} weights"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn())
+    task = progress.add_task("starting", total=None, weights="")
+    state: dict[str, int] = {"total": 0}
+
+    def on_start(total: int, resumed: int) -> None:
+        """Called once the source and options are validated: only then does the bar appear."""
+        state["total"] = total
+        progress.start()
+        progress.update(task, total=total, completed=resumed, weights=_counts(resumed, total))
+        if resumed:
+            progress.console.print(f"resuming: {100 * resumed / total:.1f}% already written")
+
+    def on_progress(tensor: str, n: int) -> None:
+        progress.update(task, advance=n, description=tensor)
+        progress.update(task, weights=_counts(progress.tasks[0].completed, state["total"]))
+
+    try:
+        res = convert(src, out_p, rec, imatrix=imatrix_path, split_max_bytes=limit, name=name,
+                      progress=on_progress, on_start=on_start, device=device)
+    except KeyboardInterrupt:
+        progress.stop()
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        raise
+    except OSError as e:
+        raise K2Error(f"{out}: {e.strerror or e}") from None
+    finally:
+        progress.stop()
+    types = ", ".join(f"{k} x{v}" for k, v in sorted(res.types.items()))
+    total = sum(p.stat().st_size for p in res.paths)
+    click.echo(f"wrote {', '.join(str(p) for p in res.paths)} ({_fmt_bytes(total)}; recipe {rec.name}: {types})")
+
+
+@click.command("imatrix")
+@click.argument("model", type=click.Path())
+@click.argument("textfile", type=click.Path())
+@click.option("-o", "--out", default="imatrix.gguf", show_default=True, type=click.Path())
+@click.option("--ctx", default=512, show_default=True, help="tokens per chunk")
+@click.option("--chunks", type=int, default=None, help="use at most this many chunks")
+def imatrix(model: str, textfile: str, out: str, ctx: int, chunks: int | None) -> None:
+    """Collect an importance matrix for MODEL (checkpoint dir or GGUF) from calibration text TEXTFILE."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa
+
+    from k2local.imatrix import collect  # noqa: PLC0415
+
+    tp = Path(textfile)
+    try:
+        text = tp.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise K2Error(f"{tp}: cannot read calibration text ({e.strerror or e})") from None
+    progress = Progress(TextColumn("imatrix"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+                        TimeRemainingColumn())
+    task = progress.add_task("imatrix", total=None)
+    with progress:
+        imat = collect(model, text, ctx=ctx, max_chunks=chunks, dataset=tp.name,
+                       progress=lambda k, n: progress.update(task, completed=k, total=n))
+    try:
+        imat.save(out)
+    except OSError as e:
+        raise K2Error(f"{out}: {e.strerror or e}") from None
+    click.echo(f"wrote {out}: {len(imat.sums)} tensors from {imat.chunk_count} chunks of up to {ctx} tokens")

@@ -1,0 +1,380 @@
+"""`k2local run [MODEL]`: chat in the terminal (or answer piped input and exit)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from k2local.errors import K2Error
+
+if TYPE_CHECKING:
+    from k2local.chat_session import ChatSession, TurnResult
+
+RANDOM_NOTICE = ("No MODEL given: running the built-in tiny checkpoint. Its weights are RANDOM, so its answers "
+                 "are gibberish; it is here to try k2local. Pass a checkpoint path to chat with a real model.")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")  # keep \t and \n; never let the model drive the tty
+
+
+@click.command("run")
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--temperature", type=float, default=0.6, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--max-tokens", type=int, default=2048, show_default=True, help="Longest answer.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--system", "system", default=None, help="System prompt.")
+@click.option("--json", "json_out", is_flag=True, help="Print each answer as one JSON object (for scripts).")
+@click.option("--max-context", type=int, default=None, help="Context window in tokens [default: 8192].")
+@click.option("--gpu-mem", type=float, default=None, help="GiB of GPU memory to use.")
+@click.option("--ram", type=float, default=None, help="GiB of RAM to use for experts.")
+@click.option("--experts-on", type=click.Choice(["ram", "disk"]), default=None,
+              help="Where routed experts live [default: the planner decides].")
+@click.option("--cpu-only", is_flag=True, help="Do not use a GPU.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens (benchmarks).")
+@click.option("-v", "--verbose", is_flag=True, help="With piped input: loading and speed on stderr.")
+def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_tokens: int, seed: int | None,
+        system: str | None, json_out: bool, max_context: int | None, gpu_mem: float | None, ram: float | None,
+        experts_on: str | None, cpu_only: bool, ignore_eos: bool, verbose: bool) -> None:
+    """Chat with MODEL (a checkpoint directory or GGUF file) in the terminal.
+
+    Without MODEL it runs the built-in tiny checkpoint (random weights). With piped input
+    (echo "question" | k2local run MODEL) it prints the answer and exits. Type /help in the chat.
+    """
+    if model is not None and not model.exists():
+        raise K2Error(f"{model}: no such file or directory")
+    interactive = sys.stdin.isatty()
+    question = None if interactive else _read_stdin()
+    # torch loads with these (about 2 s): imported here so --help and the errors above are instant
+    from k2local.chat_session import ChatSession  # noqa: PLC0415
+    from k2local.engine import LoadOptions  # noqa: PLC0415
+    from k2local.sampler import SamplingParams  # noqa: PLC0415
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if max_context is not None and max_context < 2:
+        raise click.BadParameter("--max-context must be at least 2")
+    err = Console(stderr=True, highlight=False)
+    show_loading = interactive or verbose or err.is_terminal
+
+    opts = LoadOptions(max_context=max_context, cpu_only=cpu_only, gpu_mem=gpu_mem, ram=ram, experts_on=experts_on)
+    path, random_weights = _resolve_model(model, err if show_loading else None)
+    if random_weights:
+        err.print(RANDOM_NOTICE, style="bold yellow")
+    engine = _load(path, opts, err, show_loading)
+    if show_loading:
+        err.print(plan_summary(engine, opts))
+    session = ChatSession(engine, params, system=system, ignore_eos=ignore_eos)
+    if question is not None:
+        _answer_once(session, question, json_out, random_weights, err if verbose else None)
+    else:
+        _chat(session, json_out, random_weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_stdin() -> str:
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise K2Error(f"stdin is not valid text in {sys.stdin.encoding}: {e.reason}") from None
+    if not text.strip():
+        raise K2Error('no input on stdin; pipe a question (echo "hi" | k2local run MODEL) or run it in a terminal')
+    return text.strip()
+
+
+def _resolve_model(model: Path | None, console: Console | None) -> tuple[Path, bool]:
+    """(checkpoint path, weights are random): the built-in tiny checkpoint when MODEL is omitted."""
+    if model is not None:
+        return model, False
+    from k2local.tiny import default_tiny_path  # noqa: PLC0415
+
+    if console is None:
+        return default_tiny_path(), True
+    with console.status("preparing the built-in tiny checkpoint (generated once, then cached)"):
+        return default_tiny_path(), True
+
+
+def _count_tensors(path: Path) -> int | None:
+    """The progress bar's total: tensors outside the routed experts plus one step per routed expert."""
+    try:
+        from k2local.checkpoint import expected_tensor_names, open_checkpoint  # noqa: PLC0415
+
+        cfg = open_checkpoint(path).config
+        routed = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) * cfg.n_routed_experts
+        return sum(".mlp.experts." not in n for n in expected_tensor_names(cfg)) + routed
+    except K2Error:
+        raise
+    except Exception:  # noqa: BLE001 (only the bar's total is lost)
+        return None
+
+
+def _load(path: Path, opts: Any, console: Console, show: bool) -> Any:
+    """Engine.load with a progress bar (tensors, GB, time) and a one-line summary."""
+    from k2local.engine import Engine  # noqa: PLC0415
+
+    total = _count_tensors(path)
+    seen = {"n": 0, "bytes": 0}
+    t0 = time.perf_counter()
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("tensors"), TextColumn("{task.fields[gb]:.2f} GB"),
+                        TimeElapsedColumn(), console=console, transient=True, disable=not show)
+    task = progress.add_task(f"loading {path.name}", total=total, gb=0.0)
+
+    def on_tensor(name: str, nbytes: int) -> None:
+        seen["n"] += 1
+        seen["bytes"] += nbytes
+        grow = {"total": seen["n"]} if total is not None and seen["n"] > total else {}
+        progress.update(task, completed=seen["n"], gb=seen["bytes"] / 1e9, **grow)
+
+    try:
+        with progress:
+            engine = Engine.load(path, opts, progress=on_tensor)
+    except K2Error:
+        raise
+    except (ValueError, OSError) as e:  # tokenizer / chat template / file problems
+        raise K2Error(f"cannot load {path}: {e}") from None
+    engine.loaded_bytes = seen["bytes"]
+    if show:
+        console.print(f"loaded {engine.name}: {seen['n']} tensors, {seen['bytes'] / 1e9:.2f} GB "
+                      f"in {time.perf_counter() - t0:.1f} s", style="bold", markup=False, soft_wrap=True)
+    return engine
+
+
+def plan_summary(engine: Any, opts: Any) -> Any:
+    """What is where (GPU / RAM / disk): offload's plan when the expert backend has one, else from the engine."""
+    backend = getattr(engine.model, "experts", None)
+    plan = getattr(backend, "plan", None)
+    if plan is not None:
+        try:
+            from rich.console import Group  # noqa: PLC0415
+
+            from k2local.cli_plan import plan_table  # noqa: PLC0415
+
+            notes = [f"[yellow]note:[/] {n}" for n in getattr(plan, "notes", [])]
+            return Group(plan_table(plan), *notes)
+        except Exception:  # noqa: BLE001 (a summary is not worth failing the chat for)
+            pass
+    model = engine.model
+    dev = model.device.type
+    where = "GPU" if dev == "cuda" else "RAM"
+    table = Table(title=f"placement: {engine.name}  ({dev}, {str(model.dtype).replace('torch.', '')})",
+                  title_justify="left")
+    for col in ("tier", "holds", "size"):
+        table.add_column(col)
+    table.add_row(where, f"attention, dense and shared weights ({str(model.dtype).replace('torch.', '')})",
+                  _gb(getattr(engine, "loaded_bytes", 0)))
+    ex_bytes, ex_dev = _tensor_bytes(getattr(backend, "experts", None))
+    ex_where = "GPU" if ex_dev == "cuda" else "RAM"
+    table.add_row(ex_where, f"routed experts, all resident ({type(backend).__name__})", _gb(ex_bytes))
+    cfg = model.cfg
+    per_tok = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.dtype.itemsize
+    table.add_row(where, f"KV cache, up to {engine.max_context} tokens", _gb(per_tok * engine.max_context))
+    table.add_row("disk", "nothing read during generation", "")
+    return table
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.1f} MB"
+
+
+def _tensor_bytes(obj: Any) -> tuple[int, str]:
+    """Total bytes and device type of the tensors inside nested dicts/lists/tuples."""
+    total, dev = 0, "cpu"
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif hasattr(o, "element_size") and hasattr(o, "numel"):
+            total += o.numel() * o.element_size()
+            dev = o.device.type
+    return total, dev
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Non-interactive
+
+
+def _answer_once(session: ChatSession, question: str, json_out: bool, random_weights: bool,
+                 err: Console | None) -> None:
+    """Piped input: one question, the answer on stdout, exit."""
+    from k2local.chat_session import status_line  # noqa: PLC0415
+
+    out = sys.stdout
+    if json_out:
+        turn = session.ask(question)
+        out.write(json.dumps(_json(turn, session, random_weights), ensure_ascii=False) + "\n")
+    else:
+        writer = _TextWriter(out, sanitize=out.isatty())
+        turn = session.ask(question, on_text=writer.write)
+        writer.end()
+    out.flush()
+    if err is not None:
+        err.print(status_line(turn), style="dim", soft_wrap=True)
+
+
+def _json(turn: TurnResult, session: ChatSession, random_weights: bool) -> dict[str, Any]:
+    d = turn.to_json(session.engine.name)
+    d["random_weights"] = random_weights
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Interactive
+
+
+class _TextWriter:
+    """Streams answer text to a terminal as it comes, remembering whether the cursor is at a line start."""
+
+    def __init__(self, out: TextIO, sanitize: bool = True):
+        self.out, self.sanitize, self.at_line_start = out, sanitize, True
+
+    def write(self, piece: str) -> None:
+        if self.sanitize:
+            piece = _CONTROL.sub("\N{REPLACEMENT CHARACTER}", piece)
+        if piece:
+            self.out.write(piece)
+            self.out.flush()
+            self.at_line_start = piece.endswith("\n")
+
+    def end(self) -> None:
+        if not self.at_line_start:
+            self.out.write("\n")
+            self.at_line_start = True
+        self.out.flush()
+
+
+def _history_path() -> Path:
+    return Path(os.environ.get("K2LOCAL_CACHE", Path.home() / ".cache" / "k2local")) / "chat_history"
+
+
+def _setup_readline() -> Any:
+    """Line editing and up-arrow history (persisted across sessions) through the stdlib readline."""
+    try:
+        import readline  # noqa: PLC0415
+    except ImportError:
+        return None
+    try:
+        readline.read_history_file(_history_path())
+    except OSError:
+        pass
+    readline.set_history_length(2000)
+    return readline
+
+
+def _save_history(readline: Any) -> None:
+    if readline is None:
+        return
+    try:
+        _history_path().parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(_history_path())
+    except OSError:
+        pass
+
+
+def _chat(session: ChatSession, json_out: bool, random_weights: bool) -> None:
+    """The interactive loop: read a message (multi-line aware), run a command or a turn, repeat until /exit."""
+    from k2local.chat_session import LineAssembler, is_command, literal, run_command  # noqa: PLC0415
+
+    con = Console(highlight=False)
+    eng = session.engine
+    con.print(f"[bold]k2local[/] · {eng.name} · context {eng.max_context} tokens · "
+              "/help for commands · Ctrl-D to exit", soft_wrap=True)
+    if random_weights:
+        con.print("(random weights: expect gibberish)", style="yellow")
+    rl = _setup_readline()
+    asm = LineAssembler()
+    try:
+        while True:
+            try:
+                line = input("... " if asm.pending else ">>> ")
+            except EOFError:
+                con.print()
+                break
+            except KeyboardInterrupt:
+                asm.reset()
+                con.print("\n(Ctrl-C: input cleared; Ctrl-D or /exit leaves)", style="dim")
+                continue
+            message = asm.feed(line)
+            if message is None or not message.strip():
+                continue
+            if is_command(message):
+                outcome = run_command(session, message)
+                if outcome.exit:
+                    break
+                con.print(outcome.text, style="red" if outcome.error else None, markup=False, soft_wrap=True)
+                if outcome.loaded:
+                    _show_conversation(con, session)
+                continue
+            _turn(con, session, literal(message), json_out, random_weights)
+    finally:
+        _save_history(rl)
+
+
+def _turn(con: Console, session: ChatSession, text: str, json_out: bool, random_weights: bool) -> None:
+    """One answer, streamed; first Ctrl-C stops it gracefully, a second one interrupts the model mid-step."""
+    from k2local.chat_session import status_line  # noqa: PLC0415
+
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    writer = _TextWriter(sys.stdout)
+    turn: TurnResult | None = None
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        turn = session.ask(text, on_text=None if json_out else writer.write, should_stop=stop.is_set)
+    except K2Error as e:
+        writer.end()
+        con.print(f"error: {e}", style="red", markup=False, soft_wrap=True)
+        if "context" in str(e):
+            con.print("/clear starts a new conversation; --max-context raises the limit", style="dim")
+    except KeyboardInterrupt:
+        writer.end()
+        con.print("interrupted", style="dim")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    writer.end()
+    if turn is None:
+        return
+    if json_out:
+        sys.stdout.write(json.dumps(_json(turn, session, random_weights), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        con.print(status_line(turn), style="dim", soft_wrap=True, markup=False)
+
+
+def _show_conversation(con: Console, session: ChatSession, width: int = 100) -> None:
+    """A short recap after /load: one line per message."""
+    if session.system:
+        con.print(f"  system: {_one_line(session.system, width)}", style="dim", markup=False, soft_wrap=True)
+    for m in session.messages:
+        content = m.get("content")
+        text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+        con.print(f"  {m['role']}: {_one_line(text, width)}", style="dim", markup=False, soft_wrap=True)
+
+
+def _one_line(text: str, width: int) -> str:
+    flat = _CONTROL.sub(" ", " ".join(text.split()))
+    return flat if len(flat) <= width else flat[: width - 1] + "…"

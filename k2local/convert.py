@@ -1,0 +1,442 @@
+"""Hugging Face Kimi K2 / DeepSeek-V3 checkpoint (FP8 or BF16 safetensors) -> GGUF (arch `deepseek2`).
+
+Writes what llama.cpp's own converter writes: its metadata keys, `kv_b_proj` split into `attn_k_b`/`attn_v_b`, routed
+experts stacked into `ffn_*_exps`, the router bias as `exp_probs_b.bias`, sigmoid gating, YaRN keys, a gpt2-style
+vocabulary from the tiktoken ranks with pre-tokenizer `kimi-k2`, and the chat template. Each tensor gets the type its
+recipe picks (k2local.recipes). Streams row chunks (one expert at a time for stacked experts), so peak memory stays
+bounded whatever the model size; the output is resumable and atomic (quant.gguf_file.GGUFStreamWriter).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from gguf import GGUFValueType, Keys
+
+from k2local.checkpoint import WeightSource, expert_name, open_checkpoint
+from k2local.config import ModelConfig
+from k2local.errors import CheckpointError, K2Error
+from k2local.recipes import Recipe, TensorRole, get_recipe, resolve_type
+from quant.gguf_file import (GGUFFormatError, GGUFStreamWriter, MetaValue, TensorSpec, arr, boolv, can_quantize,
+                             f32v, qtype_of, quantize_rows, strv, tensor_nbytes, u32)
+
+ARCH = "deepseek2"
+CONVERTER_VERSION = 1  # bump when produced bytes change for the same inputs (invalidates resume state)
+CHUNK_WEIGHTS = 1 << 24  # values per streamed chunk (64 MB of float32)
+GATING_FUNC = {"softmax": 1, "sigmoid": 2}
+ProgressFn = Callable[[str, int], None]  # (tensor name, weights just processed)
+
+
+# ------------------------------------------------------------------------------------------------------ tensor plan
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One GGUF tensor: its role, torch-order shape and how it is built from HF tensors."""
+
+    role: TensorRole
+    shape: tuple[int, ...]
+    build: str  # "plain" | "experts" | "k_b" | "v_b"
+    hf: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.role.name
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def plan_tensors(cfg: ModelConfig) -> list[PlannedTensor]:
+    """Every GGUF tensor of `cfg` in llama.cpp's names and shapes (torch order: [n_expert|heads,] rows, cols)."""
+    h, nh, L = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
+    nope, rope, vd, kvr = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    first_moe = next((i for i in range(L) if cfg.is_moe_layer(i)), L)
+    out: list[PlannedTensor] = []
+
+    def add(name: str, kind: str, layer: int | None, shape: tuple[int, ...], hf: tuple[str, ...] | str,
+            build: str = "plain") -> None:
+        hf_t = (hf,) if isinstance(hf, str) else hf
+        out.append(PlannedTensor(TensorRole(name, kind, layer, L, first_moe, shape[-1]), shape, build, hf_t))
+
+    add("token_embd.weight", "token_embd", None, (cfg.vocab_size, h), "model.embed_tokens.weight")
+    for i in range(L):
+        p, a, m, b = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp.", f"blk.{i}."
+        add(b + "attn_norm.weight", "norm", i, (h,), p + "input_layernorm.weight")
+        if cfg.q_lora_rank is None:
+            add(b + "attn_q.weight", "attn_q", i, (nh * (nope + rope), h), a + "q_proj.weight")
+        else:
+            add(b + "attn_q_a.weight", "attn_q_a", i, (cfg.q_lora_rank, h), a + "q_a_proj.weight")
+            add(b + "attn_q_a_norm.weight", "norm", i, (cfg.q_lora_rank,), a + "q_a_layernorm.weight")
+            add(b + "attn_q_b.weight", "attn_q_b", i, (nh * (nope + rope), cfg.q_lora_rank), a + "q_b_proj.weight")
+        add(b + "attn_kv_a_mqa.weight", "attn_kv_a_mqa", i, (kvr + rope, h), a + "kv_a_proj_with_mqa.weight")
+        add(b + "attn_kv_a_norm.weight", "norm", i, (kvr,), a + "kv_a_layernorm.weight")
+        add(b + "attn_k_b.weight", "attn_k_b", i, (nh, kvr, nope), a + "kv_b_proj.weight", "k_b")
+        add(b + "attn_v_b.weight", "attn_v_b", i, (nh, vd, kvr), a + "kv_b_proj.weight", "v_b")
+        add(b + "attn_output.weight", "attn_output", i, (h, nh * vd), a + "o_proj.weight")
+        add(b + "ffn_norm.weight", "norm", i, (h,), p + "post_attention_layernorm.weight")
+        if not cfg.is_moe_layer(i):
+            inter = cfg.intermediate_size
+            add(b + "ffn_gate.weight", "ffn_gate", i, (inter, h), m + "gate_proj.weight")
+            add(b + "ffn_up.weight", "ffn_up", i, (inter, h), m + "up_proj.weight")
+            add(b + "ffn_down.weight", "ffn_down", i, (h, inter), m + "down_proj.weight")
+            continue
+        ne, fe = cfg.n_routed_experts, cfg.moe_intermediate_size
+        add(b + "ffn_gate_inp.weight", "ffn_gate_inp", i, (ne, h), m + "gate.weight")
+        if cfg.topk_method == "noaux_tc":
+            add(b + "exp_probs_b.bias", "exp_probs_b", i, (ne,), m + "gate.e_score_correction_bias")
+        for proj in ("gate", "up", "down"):
+            shape = (ne, h, fe) if proj == "down" else (ne, fe, h)
+            add(b + f"ffn_{proj}_exps.weight", f"ffn_{proj}_exps", i, shape,
+                tuple(expert_name(i, e, proj) for e in range(ne)), "experts")
+        if cfg.n_shared_experts:
+            fs = fe * cfg.n_shared_experts
+            for proj in ("gate", "up", "down"):
+                shape = (h, fs) if proj == "down" else (fs, h)
+                add(b + f"ffn_{proj}_shexp.weight", f"ffn_{proj}_shexp", i, shape,
+                    m + f"shared_experts.{proj}_proj.weight")
+    add("output_norm.weight", "norm", None, (h,), "model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        add("output.weight", "output", None, (cfg.vocab_size, h), "lm_head.weight")
+    return out
+
+
+def tensor_types(plan: list[PlannedTensor], recipe: Recipe) -> list[str]:
+    """The ggml type name of each planned tensor under `recipe`."""
+    return [resolve_type(recipe, p.role, _can_encode) for p in plan]
+
+
+def _can_encode(t: str, cols: int) -> bool:
+    return can_quantize(qtype_of(t), cols)
+
+
+def projected_size(cfg: ModelConfig, recipe: Recipe) -> tuple[int, float]:
+    """(bytes of tensor data, bits per weight) that `recipe` gives for `cfg`."""
+    plan = plan_tensors(cfg)
+    types = [resolve_type(recipe, p.role) for p in plan]
+    total = sum(tensor_nbytes(p.shape, qtype_of(t)) for p, t in zip(plan, types))
+    n = sum(p.numel for p in plan)
+    return total, 8.0 * total / n
+
+
+# -------------------------------------------------------------------------------------------------------- metadata
+def model_metadata(cfg: ModelConfig, name: str, file_type: int) -> dict[str, MetaValue]:
+    """The general.* and deepseek2.* keys llama.cpp reads, from a ModelConfig."""
+    a = ARCH
+    nope, rope, vd, kvr = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+
+    def k(key: str) -> str:
+        return key.format(arch=a)
+
+    md: dict[str, MetaValue] = {
+        Keys.General.ARCHITECTURE: strv(a),
+        Keys.General.NAME: strv(name),
+        Keys.General.FILE_TYPE: u32(file_type),
+        Keys.General.QUANTIZATION_VERSION: u32(2),
+        k(Keys.LLM.VOCAB_SIZE): u32(cfg.vocab_size),
+        k(Keys.LLM.CONTEXT_LENGTH): u32(cfg.max_position_embeddings),
+        k(Keys.LLM.EMBEDDING_LENGTH): u32(cfg.hidden_size),
+        k(Keys.LLM.BLOCK_COUNT): u32(cfg.num_hidden_layers),
+        k(Keys.LLM.FEED_FORWARD_LENGTH): u32(cfg.intermediate_size),
+        k(Keys.Attention.HEAD_COUNT): u32(cfg.num_attention_heads),
+        k(Keys.Attention.HEAD_COUNT_KV): u32(1),  # MLA runs as MQA over the latent
+        k(Keys.Rope.FREQ_BASE): f32v(cfg.rope_theta),
+        k(Keys.Attention.LAYERNORM_RMS_EPS): f32v(cfg.rms_norm_eps),
+        k(Keys.LLM.EXPERT_COUNT): u32(cfg.n_routed_experts),
+        k(Keys.LLM.EXPERT_USED_COUNT): u32(cfg.num_experts_per_tok),
+        k(Keys.LLM.EXPERT_GROUP_COUNT): u32(cfg.n_group),
+        k(Keys.LLM.EXPERT_GROUP_USED_COUNT): u32(cfg.topk_group),
+        k(Keys.LLM.EXPERT_GATING_FUNC): u32(GATING_FUNC[cfg.scoring_func]),
+        k(Keys.LLM.LEADING_DENSE_BLOCK_COUNT): u32(cfg.first_k_dense_replace),
+        k(Keys.Attention.KV_LORA_RANK): u32(kvr),
+        k(Keys.Attention.KEY_LENGTH): u32(kvr + rope),
+        k(Keys.Attention.VALUE_LENGTH): u32(kvr),
+        k(Keys.Attention.KEY_LENGTH_MLA): u32(nope + rope),
+        k(Keys.Attention.VALUE_LENGTH_MLA): u32(vd),
+        k(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH): u32(cfg.moe_intermediate_size),
+        k(Keys.LLM.EXPERT_SHARED_COUNT): u32(cfg.n_shared_experts),
+        k(Keys.LLM.EXPERT_WEIGHTS_SCALE): f32v(cfg.routed_scaling_factor),
+        k(Keys.Rope.DIMENSION_COUNT): u32(rope),
+    }
+    if cfg.q_lora_rank is not None:
+        md[k(Keys.Attention.Q_LORA_RANK)] = u32(cfg.q_lora_rank)
+    if cfg.norm_topk_prob:
+        md[k(Keys.LLM.EXPERT_WEIGHTS_NORM)] = boolv(True)
+    rs = cfg.rope_scaling or {}
+    if rs.get("type", rs.get("rope_type")) == "yarn":
+        factor = float(rs.get("factor") or cfg.max_position_embeddings / rs["original_max_position_embeddings"])
+        md[k(Keys.Rope.SCALING_TYPE)] = strv("yarn")
+        md[k(Keys.Rope.SCALING_FACTOR)] = f32v(factor)
+        md[k(Keys.Rope.SCALING_ORIG_CTX_LEN)] = u32(int(rs["original_max_position_embeddings"]))
+        md[k(Keys.Rope.SCALING_YARN_BETA_FAST)] = f32v(float(rs.get("beta_fast") or 32))
+        md[k(Keys.Rope.SCALING_YARN_BETA_SLOW)] = f32v(float(rs.get("beta_slow") or 1))
+        # llama.cpp's converter stores 0.1 * mscale_all_dim and its loader divides by 0.1 again
+        md[k(Keys.Rope.SCALING_YARN_LOG_MUL)] = f32v(0.1 * float(rs.get("mscale_all_dim") or 0.0))
+    return md
+
+
+def tokenizer_metadata(src_dir: Path, cfg: ModelConfig) -> dict[str, MetaValue]:
+    """tokenizer.ggml.* (gpt2 vocabulary with merges, pre `kimi-k2`) and the chat template, from a Kimi checkpoint."""
+    from k2local.chat_template import ChatTemplate, ChatTemplateError  # noqa: PLC0415
+    from k2local.tokenizer import Tokenizer, TokenizerError, gguf_vocab  # noqa: PLC0415
+
+    try:
+        tok = Tokenizer.from_dir(src_dir)
+    except TokenizerError as e:
+        raise CheckpointError(f"{src_dir}: tokenizer: {e}") from None
+    tokens, types, merges = gguf_vocab(tok)
+    if len(tokens) < cfg.vocab_size:  # embedding rows beyond the tokenizer: unused padding ids
+        types += [5] * (cfg.vocab_size - len(tokens))
+        tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
+    elif len(tokens) > cfg.vocab_size:
+        raise CheckpointError(f"{src_dir}: tokenizer has {len(tokens)} tokens but vocab_size is {cfg.vocab_size}")
+    md: dict[str, MetaValue] = {
+        Keys.Tokenizer.MODEL: strv("gpt2"),
+        Keys.Tokenizer.PRE: strv("kimi-k2"),  # Tokenizer.from_dir always uses Kimi's pre-tokenizer regex
+        Keys.Tokenizer.LIST: arr(tokens, GGUFValueType.STRING),
+        Keys.Tokenizer.TOKEN_TYPE: arr(types, GGUFValueType.INT32),
+        Keys.Tokenizer.MERGES: arr(merges, GGUFValueType.STRING),
+        Keys.Tokenizer.ADD_BOS: boolv(False),  # Kimi's tokenizer never adds BOS
+    }
+    ids = {Keys.Tokenizer.BOS_ID: tok.bos_id, Keys.Tokenizer.EOS_ID: tok.eos_id, Keys.Tokenizer.PAD_ID: tok.pad_id,
+           Keys.Tokenizer.UNK_ID: tok.unk_id}
+    for key, v in ids.items():
+        if v is not None:
+            md[key] = u32(v)
+    try:
+        tmpl = ChatTemplate.from_dir(src_dir)
+    except ChatTemplateError:
+        tmpl = None
+    if tmpl is not None:
+        md[Keys.Tokenizer.CHAT_TEMPLATE] = strv(tmpl.source)
+        if tmpl.tool_use_source:
+            md[Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="tool_use")] = strv(tmpl.tool_use_source)
+            md[Keys.Tokenizer.CHAT_TEMPLATES] = arr(["tool_use"], GGUFValueType.STRING)
+    return md
+
+
+# ------------------------------------------------------------------------------------------------- reading sources
+class RowReader:
+    """Float32 row ranges of source tensors; sources with `get_rows` read only the needed rows."""
+
+    def __init__(self, src: WeightSource):
+        self.src = src
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if hasattr(self.src, "shape"):
+            return tuple(self.src.shape(name))  # type: ignore[attr-defined]
+        return tuple(self.src.get(name).shape)
+
+    def full(self, name: str) -> torch.Tensor:
+        return self.src.get(name, torch.float32)
+
+    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        if hasattr(self.src, "get_rows"):
+            return self.src.get_rows(name, r0, r1)  # type: ignore[attr-defined]
+        return self.src.get(name, torch.float32)[r0:r1]
+
+
+def _chunks(p: PlannedTensor, reader: RowReader, start_row: int) -> Iterator[torch.Tensor]:
+    """Float32 row chunks [n, cols] of planned tensor `p` from global row `start_row` to the end."""
+    cols = p.shape[-1]
+    rows_total = int(np.prod(p.shape[:-1])) if len(p.shape) > 1 else 1
+    if len(p.shape) == 1:
+        yield reader.full(p.hf[0]).reshape(1, -1).float()
+        return
+    if p.build == "experts":
+        per = p.shape[1]
+        for e in range(start_row // per, p.shape[0]):
+            w = reader.full(p.hf[e]).float()
+            if tuple(w.shape) != p.shape[1:]:
+                raise CheckpointError(f"{reader.src.path}: {p.hf[e]} has shape {tuple(w.shape)}, "
+                                      f"expected {p.shape[1:]}")
+            yield w[max(start_row - e * per, 0):]
+        return
+    if p.build in ("k_b", "v_b"):
+        nh, kvr = p.shape[0], (p.shape[1] if p.build == "k_b" else p.shape[2])
+        kv = reader.full(p.hf[0]).float()
+        per_head = kv.shape[0] // nh if kv.dim() == 2 else 0
+        if kv.dim() != 2 or kv.shape[1] != kvr or per_head * nh != kv.shape[0]:
+            raise CheckpointError(f"{reader.src.path}: {p.hf[0]} has shape {tuple(kv.shape)}, expected "
+                                  f"[{nh} * (nope + v), {kvr}]")
+        kv = kv.view(nh, per_head, kvr)
+        if p.build == "k_b":
+            nope = p.shape[2]
+            t = kv[:, :nope].transpose(1, 2).contiguous()  # [heads, kv_lora, nope]
+        else:
+            t = kv[:, per_head - p.shape[1]:].contiguous()  # [heads, v, kv_lora]
+        yield t.reshape(-1, cols)[start_row:]
+        return
+    shape = reader.shape(p.hf[0])
+    if tuple(shape) != p.shape:
+        raise CheckpointError(f"{reader.src.path}: {p.hf[0]} has shape {tuple(shape)}, expected {p.shape}")
+    step = max(128, CHUNK_WEIGHTS // cols // 128 * 128)
+    r = start_row
+    while r < rows_total:
+        r1 = min(rows_total, (r // step + 1) * step)
+        yield reader.rows(p.hf[0], r, r1)
+        r = r1
+
+
+# ------------------------------------------------------------------------------------------------------ conversion
+@dataclass
+class ConvertResult:
+    paths: list[Path]
+    resumed_bytes: int
+    total_bytes: int
+    types: dict[str, int]  # ggml type name -> number of tensors
+
+
+def source_fingerprint(src: WeightSource) -> str:
+    """Identity of the input files (names, sizes, mtimes) for resume checks."""
+    p = Path(src.path)
+    files = sorted(p.glob("*")) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def parse_size(text: str | int | None) -> int:
+    """'50G', '1.5T', '300M', '0' -> bytes (0 = no limit)."""
+    if text is None:
+        return 0
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if s and s[-1] in mult:
+            return int(float(s[:-1]) * mult[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise K2Error(f"bad size {text!r}; use e.g. 50G, 500M or 0 for no limit") from None
+
+
+def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", imatrix: str | Path | None = None,
+            split_max_bytes: int = 0, name: str | None = None, progress: ProgressFn | None = None,
+            on_start: Callable[[int, int], None] | None = None, device: str | None = None) -> ConvertResult:
+    """Convert the checkpoint at `src_path` into GGUF `out` (split when over `split_max_bytes`).
+
+    `progress(name, n_weights)` is called as weights are written; `on_start(total_weights, resumed_weights)` once
+    before. Rerunning after an interruption resumes where the last run stopped (same inputs and options).
+    `device` ("cpu", "cuda"; default: cpu) is where the quantizer runs; the bytes are the same either way.
+    """
+    rec = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    src_path, out = Path(src_path), Path(out)
+    if out.suffix != ".gguf":
+        raise K2Error(f"{out}: the output name must end in .gguf")
+    if not out.parent.exists():
+        raise K2Error(f"{out.parent}: output directory does not exist")
+    src = open_checkpoint(src_path)
+    if not Path(src.path).is_dir():
+        raise CheckpointError(f"{src_path}: quantize reads a Hugging Face checkpoint directory (safetensors); "
+                              "to requantize a GGUF use llama-quantize")
+    cfg = src.config
+    imat = None
+    if imatrix is not None:
+        from k2local.imatrix import IMatrix  # noqa: PLC0415
+
+        imat = IMatrix.load(imatrix)
+    plan = plan_tensors(cfg)
+    types = tensor_types(plan, rec)
+    _check_imatrix(imat, plan, imatrix)
+    metadata = model_metadata(cfg, name or src_path.name, rec.file_type)
+    metadata.update(tokenizer_metadata(src_path, cfg))
+    specs = [TensorSpec(p.name, p.shape, int(qtype_of(t))) for p, t in zip(plan, types)]
+    extra = json.dumps({"v": CONVERTER_VERSION, "recipe": rec.name, "src": source_fingerprint(src),
+                        "imatrix": imat.fingerprint() if imat else None}, sort_keys=True)
+    writer = GGUFStreamWriter(out, metadata, specs, split_max_bytes=split_max_bytes, fingerprint_extra=extra)
+    try:
+        _check_disk(out, writer.bytes_total - writer.resumed_bytes)
+    except K2Error:
+        if not writer.resumed_bytes:
+            writer.discard()
+        raise
+    by_name = {p.name: p for p in plan}
+    weights_total = sum(p.numel for p in plan)
+    resumed_weights = sum(by_name[t.name].numel for t in writer.tensors[: writer.current_index])
+    reader = RowReader(src)
+    dev = torch.device(device) if device and device != "cpu" else None
+    if on_start:
+        on_start(weights_total, resumed_weights)
+    try:
+        with writer:
+            for spec, done in writer.remaining():
+                p = by_name[spec.name]
+                start_row = done // spec.row_bytes
+                if start_row and progress:
+                    progress(spec.name, start_row * spec.cols)
+                row = start_row
+                for chunk in _chunks(p, reader, start_row):
+                    _write_rows(writer, chunk.to(dev) if dev is not None else chunk, spec, row, imat)
+                    row += chunk.shape[0]
+                    if progress:
+                        progress(spec.name, chunk.numel())
+            paths = writer.finish()
+    except GGUFFormatError as e:
+        raise K2Error(f"{out}: {e}") from None
+    counts: dict[str, int] = {}
+    for t in types:
+        counts[t] = counts.get(t, 0) + 1
+    return ConvertResult(paths, writer.resumed_bytes, writer.bytes_total, counts)
+
+
+def _write_rows(writer: GGUFStreamWriter, chunk: torch.Tensor, spec: TensorSpec, row0: int, imat) -> None:
+    """Quantize rows [row0, row0 + n) of `spec` (imatrix rows chosen per expert / head) and append them."""
+    x = chunk.detach().to(torch.float32).contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise CheckpointError(f"{spec.name}: non-finite values in the source weights (rows {row0}..)")
+    if x.device.type == "cpu":
+        x = x.numpy()
+    w = imat.weights(spec.name) if imat is not None else None
+    if w is None:
+        writer.write(quantize_rows(x, spec.qtype))
+        return
+    per = spec.rows // w.shape[0]
+    r = 0
+    while r < x.shape[0]:
+        g = (row0 + r) // per
+        n = min(x.shape[0] - r, (g + 1) * per - (row0 + r))
+        writer.write(quantize_rows(x[r:r + n], spec.qtype, w[g]))
+        r += n
+
+
+def _check_imatrix(imat, plan: list[PlannedTensor], path) -> None:
+    if imat is None:
+        return
+    for p in plan:
+        if len(p.shape) == 3:
+            imat.reshape_for(p.name, p.shape[0])  # legacy .dat files store experts flat
+        w = imat.weights(p.name)
+        if w is None:
+            continue
+        rows = int(np.prod(p.shape[:-1])) if len(p.shape) > 1 else 1
+        if w.shape[1] != p.shape[-1] or rows % w.shape[0]:
+            raise K2Error(f"{path}: imatrix entry {p.name} has {w.shape[0]}x{w.shape[1]} values; the model's tensor "
+                          f"is {list(p.shape)} (an imatrix of another model?)")
+
+
+def _check_disk(out: Path, need: int) -> None:
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise K2Error(f"{out.parent}: needs {need / 2**30:.1f} GiB free for the output, has {free / 2**30:.1f} GiB")
+
+
+def describe_recipes(cfg: ModelConfig | None = None) -> list[tuple[str, str, float, int]]:
+    """(name, summary, bits/weight, bytes) of every recipe for `cfg` (default: Kimi K2's config)."""
+    cfg = cfg or ModelConfig()
+    from k2local.recipes import RECIPES  # noqa: PLC0415
+
+    rows = []
+    for r in RECIPES.values():
+        size, bpw = projected_size(cfg, r)
+        rows.append((r.name, r.summary, bpw, size))
+    return rows

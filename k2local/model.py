@@ -1,0 +1,283 @@
+"""The Kimi K2 / DeepSeek-V3 forward pass: MLA attention with a compressed KV cache, sigmoid MoE router, SwiGLU.
+
+Routed experts are computed by an `ExpertBackend` (see offload/): the model never holds them itself, so the same
+code runs with experts in GPU memory, in RAM, or streamed from disk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from k2local.checkpoint import WeightSource
+from k2local.config import ModelConfig
+from k2local.linear import MIN_QUANT_PARAMS, QuantWeight, linear, quantized_weight
+
+
+class ExpertBackend(Protocol):
+    """Computes the routed experts of one MoE layer: y[t] = sum_k w[t, k] * Expert_{idx[t, k]}(x[t])."""
+
+    def forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+Weight = torch.Tensor | QuantWeight
+
+
+def swiglu(x: torch.Tensor, gate: Weight, up: Weight, down: Weight) -> torch.Tensor:
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by angle pos*inv_freq[i]; x [..., T, heads?, d], cos [T, d/2]."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x2 * cos + x1 * sin
+    return out
+
+
+class KVCache:
+    """Compressed MLA cache: per layer the normalized latent c (kv_lora_rank) and the roped k_pe per position."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, capacity: int = 256):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.capacity = capacity
+        self.latent = [torch.zeros(capacity, cfg.kv_lora_rank, device=device, dtype=dtype)
+                       for _ in range(cfg.num_hidden_layers)]
+        self.k_pe = [torch.zeros(capacity, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+                     for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+
+    def _grow(self, need: int) -> None:
+        cap = self.capacity
+        while cap < need:
+            cap *= 2
+        if cap == self.capacity:
+            return
+        for i in range(len(self.latent)):
+            for store in (self.latent, self.k_pe):
+                new = torch.zeros(cap, store[i].shape[1], device=self.device, dtype=self.dtype)
+                new[: self.capacity] = store[i]
+                store[i] = new
+        self.capacity = cap
+
+    def write(self, layer: int, pos: int, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+        self._grow(pos + latent.shape[0])
+        self.latent[layer][pos: pos + latent.shape[0]] = latent
+        self.k_pe[layer][pos: pos + k_pe.shape[0]] = k_pe
+
+    def copy_prefix_from(self, other: "KVCache", n: int) -> None:
+        """Hold the first n positions of another cache of the same model (and nothing after them)."""
+        self._grow(n)
+        with torch.inference_mode():  # cache tensors are inference tensors
+            for i in range(len(self.latent)):
+                self.latent[i][:n] = other.latent[i][:n]
+                self.k_pe[i][:n] = other.k_pe[i][:n]
+        self.length = n
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (prefix reuse keeps the shared prefix)."""
+        self.length = min(self.length, length)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.latent + self.k_pe)
+
+
+@dataclass
+class LayerWeights:
+    """Non-expert weights of one decoder layer, already on the compute device."""
+
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    q_proj: Weight | None
+    q_a: Weight | None
+    q_a_norm: torch.Tensor | None
+    q_b: Weight | None
+    kv_a: Weight
+    kv_a_norm: torch.Tensor
+    w_uk: torch.Tensor  # [heads, nope, kv_lora]
+    w_uv: torch.Tensor  # [heads, v, kv_lora]
+    o_proj: Weight
+    dense: tuple[Weight, Weight, Weight] | None
+    router: torch.Tensor | None
+    router_bias: torch.Tensor | None
+    shared: tuple[Weight, Weight, Weight] | None
+
+
+class Router:
+    """DeepSeek-V3 `noaux_tc` gate: sigmoid scores, bias for selection only, group-limited top-k, renorm, scale."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        logits = F.linear(x.float(), weight.float())
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        choice = scores + bias.float() if bias is not None else scores
+        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+            t = choice.shape[0]
+            grouped = choice.view(t, cfg.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(-1) if bias is not None else grouped.amax(-1)
+            keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(cfg.topk_group, -1, sorted=False)[1], 1)
+            mask = keep.unsqueeze(-1).expand_as(grouped).reshape(t, -1)
+            choice = choice.masked_fill(~mask.bool(), float("-inf"))
+        idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        if cfg.norm_topk_prob and cfg.num_experts_per_tok > 1:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * cfg.routed_scaling_factor
+
+
+class KimiK2Model:
+    """Forward pass over a `WeightSource`; experts delegated to an `ExpertBackend`."""
+
+    def __init__(self, source: WeightSource, experts: ExpertBackend | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 progress: Callable[[str, int], None] | None = None, quantized_linear: bool | None = None):
+        """quantized_linear: keep GGUF block-quantized linear weights as bytes (CPU: multiplied by the kernels;
+        GPU: dequantized per use). None (default): on CPU, for weights large enough to gain, on a GPU never;
+        True: every supported weight; False: dequantize all at load."""
+        self.cfg: ModelConfig = source.config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        cfg = self.cfg
+        if experts is None:
+            from offload.experts_dense import DenseExperts  # noqa: PLC0415
+
+            experts = DenseExperts.from_source(source, dtype=dtype, device=self.device)
+        self.experts = experts
+        self.router = Router(cfg)
+
+        min_params = MIN_QUANT_PARAMS if quantized_linear is None else 0
+        quantized_linear = self.device.type == "cpu" if quantized_linear is None else quantized_linear
+
+        def load(name: str, dt: torch.dtype | None = None) -> torch.Tensor:
+            t = source.get(name, dt or dtype).to(self.device)
+            if progress:
+                progress(name, t.numel() * t.element_size())
+            return t
+
+        def load_linear(name: str) -> Weight:
+            q = quantized_weight(source, name, min_params, self.device) if quantized_linear else None
+            if q is None:
+                return load(name)
+            if progress:
+                progress(name, q.nbytes)
+            return q
+
+        self.embed = load("model.embed_tokens.weight")
+        self.norm = load("model.norm.weight")
+        self.lm_head: Weight = self.embed if cfg.tie_word_embeddings else load_linear("lm_head.weight")
+        inv_freq, self.rope_mscale = cfg.rope_inv_freq()
+        self.inv_freq = inv_freq.to(self.device)
+        self.layers: list[LayerWeights] = []
+        nh, nope, vd = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+        for i in range(cfg.num_hidden_layers):
+            p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            kv_b = load(a + "kv_b_proj.weight").view(nh, nope + vd, cfg.kv_lora_rank)
+            moe = cfg.is_moe_layer(i)
+            lw = LayerWeights(
+                attn_norm=load(p + "input_layernorm.weight"), ffn_norm=load(p + "post_attention_layernorm.weight"),
+                q_proj=load_linear(a + "q_proj.weight") if cfg.q_lora_rank is None else None,
+                q_a=load_linear(a + "q_a_proj.weight") if cfg.q_lora_rank else None,
+                q_a_norm=load(a + "q_a_layernorm.weight") if cfg.q_lora_rank else None,
+                q_b=load_linear(a + "q_b_proj.weight") if cfg.q_lora_rank else None,
+                kv_a=load_linear(a + "kv_a_proj_with_mqa.weight"), kv_a_norm=load(a + "kv_a_layernorm.weight"),
+                w_uk=kv_b[:, :nope].contiguous(), w_uv=kv_b[:, nope:].contiguous(),
+                o_proj=load_linear(a + "o_proj.weight"),
+                dense=None if moe else tuple(load_linear(m + f"{w}_proj.weight") for w in ("gate", "up", "down")),
+                router=load(m + "gate.weight", torch.float32) if moe else None,
+                router_bias=load(m + "gate.e_score_correction_bias", torch.float32)
+                if moe and source.has(m + "gate.e_score_correction_bias") else None,
+                shared=tuple(load_linear(m + f"shared_experts.{w}_proj.weight") for w in ("gate", "up", "down"))
+                if moe and cfg.n_shared_experts else None,
+            )
+            self.layers.append(lw)
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        return KVCache(self.cfg, self.device, self.dtype, capacity)
+
+    # ------------------------------------------------------------------ forward
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ang = positions.float()[:, None] * self.inv_freq[None, :]
+        return (ang.cos() * self.rope_mscale).to(self.dtype), (ang.sin() * self.rope_mscale).to(self.dtype)
+
+    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, cache: KVCache, pos: int,
+                   cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        t = x.shape[0]
+        nh, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        if lw.q_proj is not None:
+            q = linear(x, lw.q_proj)
+        else:
+            assert lw.q_a is not None and lw.q_b is not None and lw.q_a_norm is not None
+            q = linear(rms_norm(linear(x, lw.q_a), lw.q_a_norm, cfg.rms_norm_eps), lw.q_b)
+        q = q.view(t, nh, nope + rope)
+        q_nope, q_pe = q[..., :nope], apply_rope(q[..., nope:], cos[:, None], sin[:, None])
+        ckv = linear(x, lw.kv_a)
+        latent = rms_norm(ckv[:, : cfg.kv_lora_rank], lw.kv_a_norm, cfg.rms_norm_eps)
+        k_pe = apply_rope(ckv[:, cfg.kv_lora_rank:], cos, sin)
+        cache.write(i, pos, latent, k_pe)
+        s = pos + t
+        lat, kpe = cache.latent[i][:s], cache.k_pe[i][:s]
+        scale = cfg.softmax_scale
+        if pos == 0 and t > 1:
+            # Prefill from empty: expand keys/values per head (the plain MHA form).
+            k_nope = torch.einsum("sc,hdc->hsd", lat, lw.w_uk)
+            v = torch.einsum("sc,hdc->hsd", lat, lw.w_uv)
+            k = torch.cat([k_nope, kpe[None].expand(nh, -1, -1)], -1)
+            qh = torch.cat([q_nope, q_pe], -1).transpose(0, 1)
+            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale).transpose(0, 1)
+        else:
+            # Absorbed form (decode, or new tokens after a cached prefix): attend in the latent space.
+            q_lat = torch.bmm(q_nope.transpose(0, 1), lw.w_uk)  # [h, t, kv_lora]
+            scores = (torch.matmul(q_lat, lat.t()) + torch.matmul(q_pe.transpose(0, 1), kpe.t())) * scale
+            if t > 1:
+                mask = torch.arange(s, device=x.device)[None, :] > (pos + torch.arange(t, device=x.device))[:, None]
+                scores = scores.masked_fill(mask[None], float("-inf"))
+            p = scores.float().softmax(-1).to(x.dtype)
+            o = torch.bmm(torch.matmul(p, lat), lw.w_uv.transpose(1, 2)).transpose(0, 1)  # [t, h, v]
+        return linear(o.reshape(t, -1), lw.o_proj)
+
+    def _ffn(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        if lw.dense is not None:
+            return swiglu(x, *lw.dense)
+        assert lw.router is not None
+        idx, w = self.router(x, lw.router, lw.router_bias)
+        begin = getattr(self.experts, "begin", None)
+        if begin is not None and x.is_cuda and lw.shared is not None:
+            # routed experts run on the CPU (and GPU cache) while the GPU computes the shared expert
+            pending = begin(i, x, idx, w.to(x.dtype))
+            shared = swiglu(x, *lw.shared)
+            return pending.result() + shared
+        y = self.experts.forward(i, x, idx, w.to(x.dtype))
+        if lw.shared is not None:
+            y = y + swiglu(x, *lw.shared)
+        return y
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor | list[int], cache: KVCache, pos: int | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Run tokens `ids` at positions pos.. (default: the cache length); returns fp32 logits [T, vocab]."""
+        ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
+        pos = cache.length if pos is None else pos
+        t = ids_t.shape[0]
+        cos, sin = self._rope(torch.arange(pos, pos + t, device=self.device))
+        h = self.embed[ids_t]
+        eps = self.cfg.rms_norm_eps
+        for i, lw in enumerate(self.layers):
+            h = h + self._attention(i, lw, rms_norm(h, lw.attn_norm, eps), cache, pos, cos, sin)
+            h = h + self._ffn(i, lw, rms_norm(h, lw.ffn_norm, eps))
+        cache.length = pos + t
+        if last_only:
+            h = h[-1:]
+        return linear(rms_norm(h, self.norm, eps), self.lm_head).float()

@@ -1,0 +1,186 @@
+"""Tiny random checkpoints with exactly Kimi K2's file layout (and siblings' variants) for tests and demos.
+
+Weights are random: the model talks nonsense. Shapes are deliberately not multiples of 128 in places
+(FP8 edge blocks), the router bias is non-zero, and the checkpoint is sharded with an index like the real one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from k2local.checkpoint import expected_tensor_names
+from k2local.config import ModelConfig
+from quant.fp8 import quantize_fp8_block
+
+TINY_VERSION = 1
+
+# Kimi K2 layout: FP8 block weights, sigmoid router with bias, no groups, YaRN (beta 1/1), 1 dense layer.
+_KIMI_K2: dict[str, Any] = dict(
+    model_type="kimi_k2", hidden_size=512, intermediate_size=704, moe_intermediate_size=256,
+    num_hidden_layers=4, num_attention_heads=4, q_lora_rank=192, kv_lora_rank=160, qk_nope_head_dim=48,
+    qk_rope_head_dim=32, v_head_dim=48, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+    n_group=1, topk_group=1, routed_scaling_factor=2.827, first_k_dense_replace=1, rope_theta=50000.0,
+    rope_scaling={"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                  "original_max_position_embeddings": 4096, "type": "yarn"},
+    max_position_embeddings=131072, fp8=True,
+)
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "kimi_k2": _KIMI_K2,
+    # DeepSeek-V3 flavour: group-limited routing (4 groups, keep 2), different YaRN, 2 dense layers.
+    "deepseek_v3": dict(
+        _KIMI_K2, model_type="deepseek_v3", n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        first_k_dense_replace=2, rope_theta=10000.0,
+        rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                      "original_max_position_embeddings": 4096, "type": "yarn"},
+        max_position_embeddings=163840,
+    ),
+    # Moonlight flavour: BF16 weights, no q LoRA (plain q_proj), 2 shared experts, no rope scaling.
+    "moonlight": dict(
+        _KIMI_K2, model_type="deepseek_v3", num_hidden_layers=3, q_lora_rank=None, n_shared_experts=2,
+        routed_scaling_factor=2.446, rope_scaling=None, max_position_embeddings=8192, fp8=False,
+    ),
+}
+
+
+def _config_json(variant: str, vocab_size: int, n_base: int, overrides: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    v = dict(VARIANTS[variant], **(overrides or {}))
+    fp8 = v.pop("fp8")
+    cfg: dict[str, Any] = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "attention_bias": False, "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                     "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+        "aux_loss_alpha": 0.001, "bos_token_id": n_base, "eos_token_id": n_base + 1, "hidden_act": "silu",
+        "initializer_range": 0.02, "moe_layer_freq": 1, "norm_topk_prob": True, "num_key_value_heads":
+        v["num_attention_heads"], "num_nextn_predict_layers": 0, "pretraining_tp": 1, "rms_norm_eps": 1e-6,
+        "scoring_func": "sigmoid", "seq_aux": True, "tie_word_embeddings": False, "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16", "transformers_version": "4.48.3", "use_cache": True, "vocab_size": vocab_size,
+        "k2local_tiny": TINY_VERSION,
+    }
+    cfg.update(v)
+    if fp8:
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [128, 128]}
+    return dict(sorted(cfg.items()))
+
+
+def _random_weights(cfg: ModelConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Float32 weights with healthy activation scales (peaked logits, so greedy tokens are stable)."""
+    out: dict[str, torch.Tensor] = {}
+    for name in expected_tensor_names(cfg):
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            n = {"q_a": cfg.q_lora_rank, "kv_a": cfg.kv_lora_rank}.get(name.split(".")[-2].rsplit("_", 1)[0],
+                                                                       cfg.hidden_size)
+            out[name] = 1.0 + 0.1 * torch.randn(n, generator=gen)
+        elif name.endswith("e_score_correction_bias"):
+            out[name] = 0.1 * torch.randn(cfg.n_routed_experts, generator=gen)
+        else:
+            rows, cols = _shape(cfg, name)
+            std = 1.0 if name == "model.embed_tokens.weight" else (2.0 if name == "lm_head.weight" else 1.0)
+            out[name] = torch.randn(rows, cols, generator=gen) * std / (cols ** 0.5 if "embed" not in name else 1)
+    return out
+
+
+def _shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
+    h, nh = cfg.hidden_size, cfg.num_attention_heads
+    leaf = name.split(".")[-2]
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return cfg.vocab_size, h
+    if ".experts." in name or "shared_experts" in name:
+        inter = cfg.moe_intermediate_size * (cfg.n_shared_experts if "shared_experts" in name else 1)
+        return (h, inter) if leaf == "down_proj" else (inter, h)
+    table = {
+        "q_proj": (nh * cfg.qk_head_dim, h), "q_a_proj": (cfg.q_lora_rank, h),
+        "q_b_proj": (nh * cfg.qk_head_dim, cfg.q_lora_rank),
+        "kv_a_proj_with_mqa": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
+        "kv_b_proj": (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+        "o_proj": (h, nh * cfg.v_head_dim), "gate": (cfg.n_routed_experts, h),
+        "gate_proj": (cfg.intermediate_size, h), "up_proj": (cfg.intermediate_size, h),
+        "down_proj": (h, cfg.intermediate_size),
+    }
+    return table[leaf]  # type: ignore[return-value]
+
+
+def _stored(name: str, w: torch.Tensor, fp8: bool) -> dict[str, torch.Tensor]:
+    """Tensors as the real checkpoint stores them: FP8 + scale for linear layers, BF16/F32 for the rest."""
+    keep_bf16 = name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight")
+    if name.endswith("e_score_correction_bias"):
+        return {name: w.float()}
+    if fp8 and w.dim() == 2 and not keep_bf16:
+        q, s = quantize_fp8_block(w)
+        return {name: q, name + "_scale_inv": s}
+    return {name: w.to(torch.bfloat16)}
+
+
+def make_tiny(out: str | Path, variant: str = "kimi_k2", seed: int = 0, shards: int = 3,
+              overrides: dict[str, Any] | None = None) -> Path:
+    """Write a tiny random checkpoint to `out` (a new directory) with Kimi K2's exact file layout.
+    overrides: config fields to change from the variant (e.g. bigger experts for a benchmark)."""
+    from k2local.tiny_tokenizer import write_tiny_tokenizer  # noqa: PLC0415
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_base = write_tiny_tokenizer(out)
+    cfg_d = _config_json(variant, n_base + 256, n_base, overrides)
+    (out / "config.json").write_text(json.dumps(cfg_d, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": n_base, "eos_token_id": n_base + 2, "temperature": 0.6}, indent=2) + "\n")
+    cfg = ModelConfig.from_dict(cfg_d)
+    gen = torch.Generator().manual_seed(seed)
+    weights = _random_weights(cfg, gen)
+    stored: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        stored.update(_stored(name, w, cfg.is_fp8))
+    for i in range(cfg.num_hidden_layers):  # present in real K2 checkpoints; runners ignore it
+        stored[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = cfg.rope_inv_freq()[0].to(torch.bfloat16)
+    _write_shards(out, stored, shards)
+    return out
+
+
+def _write_shards(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    """Split by layer order into `shards` files named like K2's (model-1-of-N.safetensors) plus the index."""
+    names = list(tensors)
+    per = -(-len(names) // shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k in range(shards):
+        part = names[k * per:(k + 1) * per]
+        fname = f"model-{k + 1}-of-{shards}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in part}, str(out / fname), metadata={"format": "pt"})
+        for n in part:
+            weight_map[n] = fname
+            total += tensors[n].numel() * tensors[n].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def default_tiny_path(variant: str = "kimi_k2") -> Path:
+    """The built-in tiny checkpoint, generated once into the user cache (atomically) and reused."""
+    root = Path(os.environ.get("K2LOCAL_CACHE", Path.home() / ".cache" / "k2local"))
+    dest = root / f"tiny-{variant}-v{TINY_VERSION}"
+    if (dest / "model.safetensors.index.json").exists():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{variant}-", dir=root))
+    try:
+        make_tiny(tmp, variant)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

@@ -1,0 +1,165 @@
+"""A small, deterministic Kimi-style tokenizer for the project's tiny test checkpoint.
+
+``write_tiny_tokenizer(out_dir)`` learns byte-level BPE merges from a built-in English text (all 256 single bytes
+first, then merges by frequency), writes them as a tiktoken ranks file, and writes a ``tokenizer_config.json`` whose
+special tokens have Kimi K2's names at Kimi's offsets from ``n_base``, plus k2local's Kimi chat template.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from k2local.chat_template import KIMI_K2_TEMPLATE
+from k2local.tokenizer import KIMI_SPECIAL_OFFSETS
+
+__all__ = ["TINY_N_BASE", "train_bpe", "write_tiny_tokenizer"]
+
+TINY_N_BASE = 1024
+"""Target number of base tokens (256 bytes + merges); vocab size is n_base + 256."""
+
+# Pre-tokenizer for training only: an ASCII approximation of Kimi's pattern (the runtime uses Kimi's real one).
+_PRETOKENIZE = re.compile(
+    r"[^\r\nA-Za-z0-9]?[A-Za-z]+(?:'s|'t|'re|'ve|'m|'ll|'d)?|[0-9]{1,3}| ?[^\sA-Za-z0-9]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_CORPUS = """\
+system\nYou are a helpful assistant.\nuser\nHello! What is the weather like today?
+assistant\nHello! Let me check the weather for you.\ntool\nThe weather is sunny.
+system\nYou are Kimi.\nuser\nHello there!\nassistant\nHello! Sure, I can help.\ntool\nDone.
+user\nThanks!\nassistant\nYou are welcome! Sure.\nuser\nYou are great.\nassistant\nThank you!
+Hello! How are you today? I am fine, thank you. What can I do for you?
+You are Kimi, an AI assistant created by Moonshot AI. You are a helpful assistant.
+The user asks a question and the assistant answers it. The system message tells the assistant how to behave.
+The quick brown fox jumps over the lazy dog. The dog was not amused, but the fox did not care at all.
+What's the weather like in Beijing today? Use the tool to check. The weather in Beijing is sunny and warm.
+What's the weather in Shanghai? It is cloudy in Shanghai, with a little rain in the evening.
+Call the get_weather function with the city name. The function returns the weather for that city.
+{"city": "Beijing"} {"city": "Shanghai"} {"weather": "Sunny"} {"weather": "Cloudy"} {"temperature": 25}
+{"type": "function", "function": {"name": "get_weather", "description": "Get weather information",
+"parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
+Please write a short story about a small robot who wants to learn how to paint pictures of the sea.
+Once upon a time there was a little robot. Every day it looked at the sea and wished it could paint.
+One morning the robot found a box of old brushes and some paint. It started to paint the waves, the sky,
+the boats and the birds. At first the pictures were not very good, but the robot kept trying.
+After many days of work, the robot made a beautiful painting, and all the people in the town came to see it.
+The end. Thank you for reading this story. I hope you liked it and that it made you smile.
+Can you explain how a computer works? A computer has a processor, memory and storage. The processor runs
+programs, which are lists of instructions. Memory holds the data that the programs are working with right now,
+and storage keeps files when the power is off. People use computers to write, to talk, to learn and to play.
+Python is a programming language. Here is a function: def add(a, b): return a + b. It adds two numbers.
+for i in range(10): print(i) # This prints the numbers from 0 to 9, one number on each line.
+import json; data = json.loads(text); print(data["name"]) # Read JSON text and print the name field.
+Numbers: 1, 2, 3, 10, 42, 100, 2024, 12345. One plus one is two. Two times three is six. Ten minus four is six.
+The capital of France is Paris. The capital of Japan is Tokyo. The capital of China is Beijing.
+Water boils at one hundred degrees Celsius. The sun is a star, and the earth moves around the sun once a year.
+Good morning! Good evening! Good night! Have a nice day. See you later. Goodbye, and thanks for the help.
+I think that this is a good idea. Let me think about it for a moment. Yes, I agree with you.
+Sorry, I do not know the answer to that question. Could you tell me more about what you need?
+Here is a list of things to do: buy milk, read a book, call a friend, clean the house, and go for a walk.
+The model reads the prompt, predicts the next token, and repeats until it writes an end of turn token.
+A language model is trained on a lot of text. It learns which words often come after other words.
+Tools let the assistant do things in the world, like search the web, run code, or get the weather.
+When the assistant wants to use a tool, it writes a tool call with the name of the tool and its arguments.
+The result of the tool comes back in a new message, and then the assistant writes the final answer.
+There are seven days in a week: Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday.
+There are four seasons: spring, summer, autumn and winter. In summer it is hot, and in winter it is cold.
+Red, green, blue, yellow, black and white are colors. The sky is blue and the grass is green.
+My name is Kimi. Your name is user. Their names are Alice and Bob. Where do you live? I live in a city.
+This is a test. This is only a test. If this were a real answer, it would be much more useful.
+"""
+
+
+def train_bpe(text: str, n_merges: int) -> list[bytes]:
+    """Learn up to ``n_merges`` new tokens by byte-level BPE over ``text``; ties break on the smallest pair.
+
+    Returns the new tokens in rank order (deterministic). Stops early when no pair is left.
+    """
+    words = Counter(tuple(bytes([b]) for b in w.encode("utf-8")) for w in _PRETOKENIZE.findall(text))
+    seqs = [list(w) for w in words]
+    freqs = list(words.values())
+    pairs: Counter[tuple[bytes, bytes]] = Counter()
+    where: defaultdict[tuple[bytes, bytes], set[int]] = defaultdict(set)
+    for i, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            pairs[pair] += freqs[i]
+            where[pair].add(i)
+    known = {bytes([b]) for b in range(256)}
+    new: list[bytes] = []
+    while len(new) < n_merges:
+        live = [(count, pair) for pair, count in pairs.items() if count > 0]
+        if not live:
+            break
+        best_count = max(c for c, _ in live)
+        a, b = min(p for c, p in live if c == best_count)
+        merged = a + b
+        if merged not in known:
+            known.add(merged)
+            new.append(merged)
+        for i in sorted(where.pop((a, b), ())):
+            seq, f = seqs[i], freqs[i]
+            for pair in zip(seq, seq[1:]):
+                pairs[pair] -= f
+            out: list[bytes] = []
+            j = 0
+            while j < len(seq):
+                if j + 1 < len(seq) and seq[j] == a and seq[j + 1] == b:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(seq[j])
+                    j += 1
+            seqs[i] = out
+            for pair in zip(out, out[1:]):
+                pairs[pair] += f
+                where[pair].add(i)
+        pairs.pop((a, b), None)
+    return new
+
+
+def write_tiny_tokenizer(out_dir: Path) -> int:
+    """Write ``tiktoken.model``, ``tokenizer_config.json`` and ``chat_template.jinja`` into ``out_dir``.
+
+    Returns n_base (vocab size = n_base + 256). The output is deterministic.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = [bytes([b]) for b in range(256)] + train_bpe(_CORPUS, TINY_N_BASE - 256)
+    n_base = len(tokens)
+    lines = [f"{base64.b64encode(t).decode('ascii')} {rank}\n" for rank, t in enumerate(tokens)]
+    (out_dir / "tiktoken.model").write_text("".join(lines), encoding="ascii")
+
+    added = {
+        str(n_base + offset): {
+            "content": name,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
+        }
+        for name, (offset, special) in sorted(KIMI_SPECIAL_OFFSETS.items(), key=lambda kv: kv[1][0])
+    }
+    config = {
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [
+            "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>",
+            "<|end_header_id|>", "[EOT]", "<|im_system|>", "<|im_middle|>",
+        ],
+        "bos_token": "[BOS]",
+        "eos_token": "[EOS]",
+        "pad_token": "[PAD]",
+        "unk_token": "[UNK]",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 131072,
+        "tokenizer_class": "TikTokenTokenizer",
+        "chat_template": KIMI_K2_TEMPLATE,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
+    (out_dir / "chat_template.jinja").write_text(KIMI_K2_TEMPLATE, encoding="utf-8")
+    return n_base

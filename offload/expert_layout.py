@@ -1,0 +1,274 @@
+"""Where each routed expert's bytes live on disk, and how to turn those bytes into matrices.
+
+An expert is three matrices (gate, up, down). Each matrix is one or two byte *segments* in a file: the stored
+weight, plus its FP8 `scale_inv` grid for block-FP8 checkpoints. The store reads segments with pread (never
+through a page-cache mmap); `decode` turns the bytes, wherever they sit (CPU RAM, pinned RAM or GPU), into a
+float matrix.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from k2local.checkpoint import SCALE_SUFFIX, expert_name
+from k2local.errors import CheckpointError
+from quant.fp8 import dequantize_fp8_block, expected_scale_shape
+
+PROJS = ("gate", "up", "down")
+_ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F8_E4M3": (torch.float8_e4m3fn, 1), "BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2),
+    "F32": (torch.float32, 4),
+}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`nbytes` bytes at `offset` in file `path`; or, for sources without a file, a slice of `array`."""
+
+    path: str | None
+    offset: int
+    nbytes: int
+    array: Any = None  # np.ndarray (uint8, contiguous) when path is None
+
+
+@dataclass(frozen=True)
+class MatrixFormat:
+    """How one expert matrix is stored. kind: 'fp8' (+ scale segment), 'float' (torch dtype) or 'ggml'."""
+
+    kind: str
+    rows: int
+    cols: int
+    dtype: torch.dtype | None = None  # float kinds, and the FP8 scale's dtype
+    qtype: int | None = None  # ggml kinds
+    block: tuple[int, int] = (128, 128)
+
+    @property
+    def n_segments(self) -> int:
+        return 2 if self.kind == "fp8" else 1
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    """The segments of one expert (gate, [scale], up, [scale], down, [scale]) and each matrix's format."""
+
+    segments: tuple[Segment, ...]
+    formats: tuple[MatrixFormat, MatrixFormat, MatrixFormat]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+    def matrix_segments(self, views: Sequence[Any]) -> list[tuple[MatrixFormat, list[Any]]]:
+        """Group per-segment views by matrix: [(format, [weight_view, scale_view?]) x 3]."""
+        out, i = [], 0
+        for f in self.formats:
+            out.append((f, list(views[i:i + f.n_segments])))
+            i += f.n_segments
+        return out
+
+
+def _codecs_module() -> Any:
+    try:
+        from quant import codecs  # noqa: PLC0415
+
+        return codecs
+    except ImportError:  # pragma: no cover (the codec registry is part of the project)
+        return None
+
+
+def ggml_supported_on_device(qtype: int) -> bool:
+    """Whether the project's codec registry dequantizes `qtype` with torch ops (so on a CUDA tensor too)."""
+    codecs = _codecs_module()
+    if codecs is None:
+        return False
+    try:
+        return int(qtype) in {int(q) for q in codecs.SUPPORTED_TYPES}
+    except AttributeError:  # pragma: no cover
+        return False
+
+
+def ggml_dequantize(data: torch.Tensor | np.ndarray, qtype: int, rows: int, cols: int) -> torch.Tensor:
+    """Dequantize ggml rows to float32 [rows, cols] on data's device: quant.codecs, else gguf-py (CPU)."""
+    codecs = _codecs_module()
+    if codecs is not None and ggml_supported_on_device(qtype):
+        return codecs.dequantize(data, int(qtype), cols).reshape(rows, cols)
+    from gguf import GGMLQuantizationType  # noqa: PLC0415
+    from gguf.quants import dequantize  # noqa: PLC0415
+
+    arr = data.cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    out = torch.from_numpy(np.ascontiguousarray(dequantize(arr.reshape(rows, -1), GGMLQuantizationType(qtype))))
+    return out.reshape(rows, cols).to(data.device if isinstance(data, torch.Tensor) else "cpu")
+
+
+def decode_matrix(fmt: MatrixFormat, views: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Bytes (uint8 tensors on any device) -> the dense [rows, cols] matrix in `dtype`, same rounding as the source."""
+    w = views[0]
+    if fmt.kind == "fp8":
+        q = w.view(torch.float8_e4m3fn).view(fmt.rows, fmt.cols)
+        s = views[1].view(fmt.dtype).view(*expected_scale_shape((fmt.rows, fmt.cols), fmt.block))
+        (b0, b1), (r, c) = fmt.block, (fmt.rows, fmt.cols)
+        if r % b0 == 0 and c % b1 == 0:  # whole blocks: broadcast the scales (same products, no expanded grid)
+            out = q.to(torch.float32).view(r // b0, b0, c // b1, b1) * s.to(torch.float32)[:, None, :, None]
+            return out.view(r, c).to(dtype)
+        return dequantize_fp8_block(q, s, fmt.block, dtype)
+    if fmt.kind == "float":
+        return w.view(fmt.dtype).view(fmt.rows, fmt.cols).to(dtype)
+    if fmt.kind == "ggml":
+        assert fmt.qtype is not None
+        return ggml_dequantize(w, fmt.qtype, fmt.rows, fmt.cols).to(device=w.device, dtype=dtype)
+    raise ValueError(f"unknown expert matrix format {fmt.kind!r}")
+
+
+def cheap_to_decode(fmt: MatrixFormat) -> bool:
+    """Whether decoding per use costs about one elementwise pass (FP8 block scales, float casts): such experts
+    stay as raw bytes in the device cache; ggml block formats are kept dequantized there (much faster per use)."""
+    return fmt.kind in ("fp8", "float")
+
+
+def decodes_on_gpu(fmt: MatrixFormat) -> bool:
+    """Whether `decode_matrix` runs on a CUDA tensor without a host round trip (so raw bytes can live on GPU)."""
+    return fmt.kind in ("fp8", "float") or (fmt.kind == "ggml" and ggml_supported_on_device(fmt.qtype or -1))
+
+
+class ExpertLayout:
+    """Every routed expert of every MoE layer: its segments and formats."""
+
+    def __init__(self, entries: dict[int, list[ExpertEntry]], n_experts: int, kind: str):
+        self.entries = entries
+        self.moe_layers = sorted(entries)
+        self.n_experts = n_experts
+        self.kind = kind  # "safetensors" | "gguf" | "memory"
+
+    def entry(self, layer: int, expert: int) -> ExpertEntry:
+        return self.entries[layer][expert]
+
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes of one expert of `layer` (the largest, if they differ)."""
+        return max(e.nbytes for e in self.entries[layer])
+
+    @property
+    def max_expert_bytes(self) -> int:
+        return max(self.expert_bytes(layer) for layer in self.moe_layers)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for layer in self.moe_layers for e in self.entries[layer])
+
+    def keys(self) -> list[tuple[int, int]]:
+        return [(layer, e) for layer in self.moe_layers for e in range(self.n_experts)]
+
+    def files(self) -> list[str]:
+        return sorted({s.path for es in self.entries.values() for e in es for s in e.segments if s.path})
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return 8 + n, json.loads(f.read(n))
+
+
+def layout_from_safetensors(source: Any) -> ExpertLayout:
+    """Expert segments of a Hugging Face checkpoint (FP8 + scale_inv, or BF16/F16/F32), from the shard headers."""
+    cfg = source.config
+    headers: dict[str, tuple[int, dict[str, Any]]] = {}
+
+    def locate(name: str) -> tuple[Segment, str, tuple[int, ...]]:
+        shard = source.weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(f"{source.path}: tensor {name} not in checkpoint")
+        if shard not in headers:
+            headers[shard] = _safetensors_header(source.path / shard)
+        base, hdr = headers[shard]
+        info = hdr[name]
+        start, end = info["data_offsets"]
+        return Segment(str(source.path / shard), base + start, end - start), info["dtype"], tuple(info["shape"])
+
+    block = tuple(getattr(source, "block", (128, 128)))
+    entries: dict[int, list[ExpertEntry]] = {}
+    for layer in range(cfg.num_hidden_layers):
+        if not cfg.is_moe_layer(layer):
+            continue
+        row = []
+        for e in range(cfg.n_routed_experts):
+            segs: list[Segment] = []
+            fmts: list[MatrixFormat] = []
+            for p in PROJS:
+                name = expert_name(layer, e, p)
+                seg, dt, shape = locate(name)
+                if dt not in _ST_DTYPES or len(shape) != 2:
+                    raise CheckpointError(f"{source.path}: {name}: unsupported expert dtype/shape {dt} {shape}")
+                segs.append(seg)
+                if dt == "F8_E4M3":
+                    sseg, sdt, _ = locate(name + SCALE_SUFFIX)
+                    segs.append(sseg)
+                    fmts.append(MatrixFormat("fp8", shape[0], shape[1], dtype=_ST_DTYPES[sdt][0],
+                                             block=block))  # type: ignore[arg-type]
+                else:
+                    fmts.append(MatrixFormat("float", shape[0], shape[1], dtype=_ST_DTYPES[dt][0]))
+            row.append(ExpertEntry(tuple(segs), tuple(fmts)))  # type: ignore[arg-type]
+        entries[layer] = row
+    return ExpertLayout(entries, cfg.n_routed_experts, "safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- gguf
+def _memmap_file_offset(arr: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset of arr[0]) for an np.memmap or a view of one; None for in-memory arrays."""
+    mm = getattr(arr, "_mmap", None)
+    fname = getattr(arr, "filename", None)
+    if mm is None or fname is None:
+        return None
+    base_addr = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    off = int(getattr(arr, "offset", 0) or 0)
+    map_start = off - off % mmap.ALLOCATIONGRANULARITY
+    return str(fname), map_start + (arr.ctypes.data - base_addr)
+
+
+def layout_from_gguf(source: Any) -> ExpertLayout:
+    """Expert slices of stacked GGUF expert tensors via `source.expert_tensor(layer, proj)` (zero-copy memmaps)."""
+    cfg = source.config
+    entries: dict[int, list[ExpertEntry]] = {}
+    for layer in range(cfg.num_hidden_layers):
+        if not cfg.is_moe_layer(layer):
+            continue
+        per_proj = []
+        for p in PROJS:
+            data, qtype, rows, cols = source.expert_tensor(layer, p)
+            if data.ndim != 3 or data.shape[0] != cfg.n_routed_experts or data.shape[1] != rows:
+                raise CheckpointError(f"{source.path}: layer {layer} {p} experts: unexpected shape {data.shape}")
+            loc = _memmap_file_offset(data)
+            fmt = (MatrixFormat("float", rows, cols, dtype={0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
+                                [int(qtype)]) if int(qtype) in (0, 1, 30) else
+                   MatrixFormat("ggml", rows, cols, qtype=int(qtype)))
+            per_proj.append((data, loc, fmt))
+        row = []
+        for e in range(cfg.n_routed_experts):
+            segs, fmts = [], []
+            for data, loc, fmt in per_proj:
+                n = data.shape[1] * data.shape[2]
+                contiguous = data.strides[2] == 1 and data.strides[1] == data.shape[2]
+                if loc is not None and contiguous:
+                    segs.append(Segment(loc[0], loc[1] + e * data.strides[0], n))
+                else:
+                    segs.append(Segment(None, 0, n, array=np.ascontiguousarray(data[e]).reshape(-1)))
+                fmts.append(fmt)
+            row.append(ExpertEntry(tuple(segs), tuple(fmts)))  # type: ignore[arg-type]
+        entries[layer] = row
+    return ExpertLayout(entries, cfg.n_routed_experts, "gguf")
+
+
+def layout_for(source: Any) -> ExpertLayout:
+    """The layout of any supported source (GGUF with expert_tensor, or a safetensors checkpoint)."""
+    if hasattr(source, "expert_tensor"):
+        return layout_from_gguf(source)
+    if hasattr(source, "weight_map"):
+        return layout_from_safetensors(source)
+    raise CheckpointError(f"{getattr(source, 'path', source)}: this source cannot stream experts "
+                          "(needs a safetensors checkpoint or a GGUF)")

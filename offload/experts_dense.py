@@ -1,0 +1,48 @@
+"""Reference expert backend: every routed expert held dequantized in one device's memory."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from k2local.checkpoint import expert_name
+
+
+def moe_reference(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, get_expert) -> torch.Tensor:
+    """y[t] = sum_k w[t,k] * down(silu(gate x) * up x) for expert idx[t,k]; get_expert(e) -> (gate, up, down)."""
+    y = torch.zeros_like(x)
+    for e in idx.unique().tolist():
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        g, u, d = get_expert(e)
+        xe = x[tok]
+        out = F.linear(F.silu(F.linear(xe, g)) * F.linear(xe, u), d)
+        y.index_add_(0, tok, out * w[tok, slot, None])
+    return y
+
+
+class DenseExperts:
+    """All experts of all MoE layers as dense tensors: the all-in-memory baseline other backends must match."""
+
+    def __init__(self, experts: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]):
+        self.experts = experts
+
+    @classmethod
+    def from_source(cls, source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    progress: Callable[[int], None] | None = None) -> "DenseExperts":
+        """Load every routed expert; progress(nbytes) after each one."""
+        cfg = source.config
+        ex: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for layer in range(cfg.num_hidden_layers):
+            if not cfg.is_moe_layer(layer):
+                continue
+            ex[layer] = []
+            for e in range(cfg.n_routed_experts):
+                mats = tuple(source.get(expert_name(layer, e, p), dtype).to(device) for p in ("gate", "up", "down"))
+                ex[layer].append(mats)  # type: ignore[arg-type]
+                if progress:
+                    progress(sum(m.numel() * m.element_size() for m in mats))
+        return cls(ex)
+
+    def forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return moe_reference(x, idx, w, lambda e: self.experts[layer][e])

@@ -1,0 +1,1940 @@
+/*
+ * k2kern: CPU kernels for MoE expert matmuls directly on ggml-quantized weight bytes.
+ *
+ * Plain C shared library (no Python C-API), loaded with ctypes.  One binary carries a
+ * generic scalar path plus AVX2 and AVX-512(VNNI) paths selected at run time with
+ * __builtin_cpu_supports; it is never built with -march=native.  Where the CPU also has GFNI
+ * (Ice Lake / Sapphire Rapids / Zen 4 and later) the K-quant AVX-512 kernels unpack bit fields with
+ * vgf2p8affineqb (ISA level avx512-vnni-gfni; K2LOCAL_ISA=avx512 forces the plain AVX-512 kernels).
+ *
+ * Math: like ggml, the activation row is quantized once per call to int8 blocks
+ * ("Q8_K": 256 values, one float scale, int16 sums per 16 and per 32; "Q8_0": 32 values),
+ * and each weight block is dotted with integer instructions (maddubs + madd/dpwssd, or
+ * dpbusd), accumulating in float per block.  The int8 order inside a 256-block is
+ * permuted per kernel so that one 512-bit load of packed quants lines up with one
+ * 512-bit load of activations (see LAYOUT_*).
+ *
+ * Memory: each kernel software-prefetches g_pfd bytes (default 8 KiB) ahead of the weight stream, and
+ * the stream continues across segment ends into what the thread reads next (gate rows -> up rows,
+ * down rows of expert e -> expert e+1), so loads overlap the integer math instead of stalling on it.
+ *
+ * Threads: a persistent pthread pool; the caller's thread is worker 0.  Public calls are serialized
+ * by a mutex (one computation at a time uses all workers).  Work is cut in
+ * row chunks handed out by an atomic counter (dynamic balance, robust to hybrid cores
+ * and noisy neighbours).  Optional pinning walks the allowed CPUs interleaving NUMA
+ * nodes (read from /sys/devices/system/node), so thread i and i+1 sit on different
+ * nodes; data placement (interleaved pages) is left to the expert store.
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+#include <dirent.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define K2K_X86 1
+#else
+#define K2K_X86 0
+#endif
+
+#define K2K_ABI_VERSION 5
+
+/* ggml type ids (gguf.GGMLQuantizationType) */
+enum { GT_Q4_0 = 2, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14 };
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512G = 3 /* AVX-512 VNNI + GFNI */ };
+/* int8 activation order inside a 256 block: source 32-chunk index for each position */
+enum { LAYOUT_NAT = 0, LAYOUT_P64 = 1, LAYOUT_P2 = 2, LAYOUT_Q8_0 = 3 };
+static const int layout_src[3][8] = {
+    {0, 1, 2, 3, 4, 5, 6, 7},
+    {0, 2, 1, 3, 4, 6, 5, 7},  /* Q4_K/Q5_K 512-bit: lo/hi nibbles of 64 packed bytes */
+    {0, 4, 1, 5, 2, 6, 3, 7},  /* Q2_K/Q3_K 512-bit: both 128-halves per 2-bit plane */
+};
+
+#define AI static inline __attribute__((always_inline))
+
+/* ------------------------------------------------------------------ activations */
+
+/* Per token: q int8 (block-ordered per layout), d float per block, bs16 int16 per 16 values
+ * (natural order), bs32 int16 per 32 values.  For LAYOUT_Q8_0 blocks are 32 wide and bs16
+ * holds one sum per block. */
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int16_t *bs16;
+    const int16_t *bs32;
+} act_t;
+
+static size_t act_bytes(int64_t cols) {
+    /* generous: q + d + bs16 + bs32, each 64-aligned */
+    size_t n = (size_t)cols;
+    return ((n + 63) & ~(size_t)63) + (((n / 32 + 1) * 4 + 63) & ~(size_t)63) + (((n / 16 + 1) * 2 + 63) & ~(size_t)63) +
+           (((n / 32 + 1) * 2 + 63) & ~(size_t)63) + 64;
+}
+
+static act_t act_view(uint8_t *buf, int64_t cols) {
+    size_t n = (size_t)cols;
+    act_t a;
+    uint8_t *p = buf;
+    a.q = (const int8_t *)p;
+    p += (n + 63) & ~(size_t)63;
+    a.d = (const float *)p;
+    p += ((n / 32 + 1) * 4 + 63) & ~(size_t)63;
+    a.bs16 = (const int16_t *)p;
+    p += ((n / 16 + 1) * 2 + 63) & ~(size_t)63;
+    a.bs32 = (const int16_t *)p;
+    return a;
+}
+
+static inline int8_t q8round(float v) {
+    int i = (int)lrintf(v);
+    return (int8_t)(i > 127 ? 127 : (i < -127 ? -127 : i));
+}
+
+/* quantize columns [c0, c1) (block aligned) of row x into the activation buffer buf */
+static void quantize_act_range(const float *x, int64_t cols, int layout, uint8_t *buf, int64_t c0, int64_t c1) {
+    act_t a = act_view(buf, cols);
+    int8_t *q = (int8_t *)a.q;
+    float *d = (float *)a.d;
+    int16_t *bs16 = (int16_t *)a.bs16, *bs32 = (int16_t *)a.bs32;
+    if (layout == LAYOUT_Q8_0) {
+        for (int64_t b = c0 / 32; b < c1 / 32; b++) {
+            const float *xb = x + 32 * b;
+            float amax = 0.f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+            float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+            int s = 0;
+            for (int i = 0; i < 32; i++) {
+                int8_t v = q8round(xb[i] * id);
+                q[32 * b + i] = v;
+                s += v;
+            }
+            d[b] = dd;
+            bs16[b] = (int16_t)s;
+        }
+        return;
+    }
+    const int *src = layout_src[layout];
+    for (int64_t b = c0 / 256; b < c1 / 256; b++) {
+        const float *xb = x + 256 * b;
+        float amax = 0.f;
+        for (int i = 0; i < 256; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        int8_t tmp[256];
+        for (int i = 0; i < 256; i++) tmp[i] = q8round(xb[i] * id);
+        for (int k = 0; k < 16; k++) {
+            int s = 0;
+            for (int i = 0; i < 16; i++) s += tmp[16 * k + i];
+            bs16[16 * b + k] = (int16_t)s;
+        }
+        for (int k = 0; k < 8; k++) bs32[8 * b + k] = (int16_t)(bs16[16 * b + 2 * k] + bs16[16 * b + 2 * k + 1]);
+        for (int p = 0; p < 8; p++) memcpy(q + 256 * b + 32 * p, tmp + 32 * src[p], 32);
+        d[b] = dd;
+    }
+}
+
+static void quantize_act(const float *x, int64_t cols, int layout, uint8_t *buf) {
+    quantize_act_range(x, cols, layout, buf, 0, cols);
+}
+
+/* ------------------------------------------------------------------ type table */
+
+/* One weight row (nb blocks) against nt activation rows: out[t * os] = dot(row, a[t]).
+ * pf: where to software-prefetch while walking the row (pf + i * block_bytes for block i), or NULL. */
+typedef void (*dot_fn)(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf);
+
+/* prefetch distance in bytes ahead of the weight stream (0: off) and target level (0: L1, 1: L2) */
+/* 8 KiB ahead into L1 was best on a 16-core Xeon (Q4_K 71 -> 100 GB/s at 16 threads, see bench/kernels.py
+ * --prefetch); without it the core stalls on each miss instead of overlapping loads with the integer math. */
+static int g_pfd = 8192, g_pf_l2 = 0;
+/* Row-pair kernels (two rows per call for one token) are off by default: they are 3-10% faster with the
+ * weights in L3, but from DRAM two interleaved row streams defeated the hardware prefetcher on Zen 4
+ * (Q4_K one thread 20 -> 12 GB/s).  K2LOCAL_PAIRS=1 / set_row_pairs(True) turns them on; tests check that
+ * they are bit-identical to the one-row kernels. */
+static int g_no_pairs = 1;
+
+static inline __attribute__((always_inline)) void pf_block(const uint8_t *pf, int i, int bpb) {
+    if (!pf) return;
+    const uint8_t *p = pf + (size_t)bpb * i;
+    /* one prefetch per 64 bytes of the block (Q6_K's 210-byte blocks need four: three left every block's
+     * last line to a demand miss) */
+    if (g_pf_l2) {
+        __builtin_prefetch(p, 0, 2);
+        if (bpb > 64) __builtin_prefetch(p + 64, 0, 2);
+        if (bpb > 128) __builtin_prefetch(p + 128, 0, 2);
+        if (bpb > 192) __builtin_prefetch(p + 192, 0, 2);
+    } else {
+        __builtin_prefetch(p, 0, 3);
+        if (bpb > 64) __builtin_prefetch(p + 64, 0, 3);
+        if (bpb > 128) __builtin_prefetch(p + 128, 0, 3);
+        if (bpb > 192) __builtin_prefetch(p + 192, 0, 3);
+    }
+}
+
+typedef struct {
+    int type, blk, bytes;
+} tinfo_t;
+static const tinfo_t TYPES[] = {
+    {GT_Q4_0, 32, 18}, {GT_Q8_0, 32, 34}, {GT_Q2_K, 256, 84}, {GT_Q3_K, 256, 110},
+    {GT_Q4_K, 256, 144}, {GT_Q5_K, 256, 176}, {GT_Q6_K, 256, 210},
+};
+static const tinfo_t *tinfo(int type) {
+    for (size_t i = 0; i < sizeof(TYPES) / sizeof(TYPES[0]); i++)
+        if (TYPES[i].type == type) return &TYPES[i];
+    return NULL;
+}
+
+static inline float fp16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    } else if (e == 31) {
+        bits = sign | 0x7f800000u | (m << 13);
+    } else {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline uint16_t rd16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+static inline uint32_t rd32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Q4_K/Q5_K packed 6-bit scales: bytes 0..7 -> scales, 8..15 -> mins */
+static inline void unpack_k4(const uint8_t *s, uint32_t out[4]) {
+    uint32_t u0 = rd32(s), u1 = rd32(s + 4), u2 = rd32(s + 8);
+    out[0] = u0 & 0x3f3f3f3fu;
+    out[1] = (u2 & 0x0f0f0f0fu) | ((u0 >> 2) & 0x30303030u);
+    out[2] = u1 & 0x3f3f3f3fu;
+    out[3] = ((u2 >> 4) & 0x0f0f0f0fu) | ((u1 >> 2) & 0x30303030u);
+}
+/* Q3_K packed 6-bit signed scales -> 16 bytes, each (scale + 32) */
+static inline void unpack_q3(const uint8_t *s, uint32_t out[4]) {
+    uint32_t a0 = rd32(s), a1 = rd32(s + 4), a2 = rd32(s + 8);
+    out[0] = (a0 & 0x0f0f0f0fu) | ((a2 & 0x03030303u) << 4);
+    out[1] = (a1 & 0x0f0f0f0fu) | (((a2 >> 2) & 0x03030303u) << 4);
+    out[2] = ((a0 >> 4) & 0x0f0f0f0fu) | (((a2 >> 4) & 0x03030303u) << 4);
+    out[3] = ((a1 >> 4) & 0x0f0f0f0fu) | (((a2 >> 6) & 0x03030303u) << 4);
+}
+
+/* ------------------------------------------------------------------ generic kernels (NAT layout) */
+
+static void dot_q4_0_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 18 * i;
+            const int8_t *q = a[t].q + 32 * i;
+            int s = 0;
+            for (int l = 0; l < 16; l++) s += (b[2 + l] & 0xF) * q[l] + (b[2 + l] >> 4) * q[l + 16];
+            s -= 8 * a[t].bs16[i];
+            acc += fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_q8_0_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 34 * i;
+            const int8_t *wq = (const int8_t *)(b + 2), *q = a[t].q + 32 * i;
+            int s = 0;
+            for (int l = 0; l < 32; l++) s += wq[l] * q[l];
+            acc += fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_q2_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 84 * i, *sc = b, *qs = b + 16;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0, m = 0;
+            for (int n = 0; n < 2; n++)
+                for (int j = 0; j < 4; j++)
+                    for (int h = 0; h < 2; h++) {
+                        int sub = 8 * n + 2 * j + h, si = 0;
+                        for (int l = 0; l < 16; l++) si += ((qs[32 * n + 16 * h + l] >> (2 * j)) & 3) * q[16 * sub + l];
+                        s += (sc[sub] & 0xF) * si;
+                    }
+            for (int k = 0; k < 16; k++) m += (sc[k] >> 4) * a[t].bs16[16 * i + k];
+            float da = a[t].d[i];
+            acc += fp16_to_f32(rd16(b + 80)) * da * (float)s - fp16_to_f32(rd16(b + 82)) * da * (float)m;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_q3_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 110 * i, *hm = b, *qs = b + 32;
+            uint32_t u[4];
+            unpack_q3(b + 96, u);
+            const uint8_t *sc = (const uint8_t *)u;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int n = 0; n < 2; n++)
+                for (int j = 0; j < 4; j++)
+                    for (int h = 0; h < 2; h++) {
+                        int sub = 8 * n + 2 * j + h, si = 0;
+                        for (int l = 0; l < 16; l++) {
+                            int li = 16 * h + l;
+                            int v = ((qs[32 * n + li] >> (2 * j)) & 3) - (((hm[li] >> (4 * n + j)) & 1) ? 0 : 4);
+                            si += v * q[16 * sub + l];
+                        }
+                        s += ((int)sc[sub] - 32) * si;
+                    }
+            acc += fp16_to_f32(rd16(b + 108)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_q45_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf, int five) {
+    (void)pf;
+    const int bpb = five ? 176 : 144;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + bpb * i, *qh = b + 16, *qs = b + (five ? 48 : 16);
+            uint32_t u[4];
+            unpack_k4(b + 4, u);
+            const uint8_t *sc = (const uint8_t *)u, *mn = sc + 8;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0, m = 0;
+            for (int j = 0; j < 4; j++) {
+                int slo = 0, shi = 0;
+                for (int l = 0; l < 32; l++) {
+                    int lo = qs[32 * j + l] & 0xF, hi = qs[32 * j + l] >> 4;
+                    if (five) {
+                        lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+                        hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+                    }
+                    slo += lo * q[64 * j + l];
+                    shi += hi * q[64 * j + 32 + l];
+                }
+                s += sc[2 * j] * slo + sc[2 * j + 1] * shi;
+            }
+            for (int k = 0; k < 8; k++) m += mn[k] * a[t].bs32[8 * i + k];
+            float da = a[t].d[i];
+            acc += fp16_to_f32(rd16(b)) * da * (float)s - fp16_to_f32(rd16(b + 2)) * da * (float)m;
+        }
+        out[t * os] = acc;
+    }
+}
+static void dot_q4_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    dot_q45_k_gen(w, nb, a, nt, out, os, pf, 0);
+}
+static void dot_q5_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    dot_q45_k_gen(w, nb, a, nt, out, os, pf, 1);
+}
+
+static void dot_q6_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 210 * i;
+            const int8_t *sc = (const int8_t *)(b + 192), *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int n = 0; n < 2; n++) {
+                const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
+                for (int k = 0; k < 4; k++) {  /* quarter: 32 weights at 128n + 32k */
+                    for (int h = 0; h < 2; h++) {
+                        int si = 0;
+                        for (int l = 16 * h; l < 16 * h + 16; l++) {
+                            int lo = (k & 1) ? ql[32 + l] : ql[l];
+                            lo = (k & 2) ? (lo >> 4) : (lo & 0xF);
+                            int v = (lo | (((qh[l] >> (2 * k)) & 3) << 4)) - 32;
+                            si += v * q[128 * n + 32 * k + l];
+                        }
+                        s += sc[8 * n + 2 * k + h] * si;
+                    }
+                }
+            }
+            acc += fp16_to_f32(rd16(b + 208)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+#if K2K_X86
+/* ------------------------------------------------------------------ AVX2 kernels (NAT layout) */
+#define T256 __attribute__((target("avx2,fma,f16c,bmi2")))
+
+AI T256 float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+AI T256 float h2f_256(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
+
+/* Q4_K/Q5_K scales (bytes 0..7) and mins (8..15), in a register (no store-forwarding stall) */
+AI T256 __m128i k4_scales(const uint8_t *s) {
+    uint32_t u[4];
+    unpack_k4(s, u);
+    return _mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]);
+}
+/* Q3_K: 16 signed scales (value - 32) from the 12 packed bytes at b + 96; reads b + 94 .. b + 109.
+ * As 32-bit words (a0, a1, a2 = bytes 0-3, 4-7, 8-11): word k of the result is the low (k < 2) or high
+ * (k >= 2) nibbles of a0 / a1 / a0 / a1, or'ed with bits 2k, 2k+1 of each byte of a2 moved to bits 4, 5
+ * (shift left 4, 2, 0 / right 2): two in-lane byte shuffles and three variable shifts build all four words
+ * at once (10 instructions, no cross-lane unpack). */
+AI T256 __m128i q3_scales(const uint8_t *b) {
+    const __m128i x = _mm_loadu_si128((const __m128i *)(b + 94));
+    const __m128i lo = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi8(x, _mm_setr_epi8(2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5, 6, 7, 8, 9)),
+                                                     _mm_setr_epi32(0, 0, 4, 4)),
+                                      _mm_set1_epi8(0x0F));
+    const __m128i h = _mm_shuffle_epi8(x, _mm_setr_epi8(10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13));
+    const __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_sllv_epi32(h, _mm_setr_epi32(4, 2, 0, 0)), _mm_setr_epi32(0, 0, 0, 2)),
+                                     _mm_set1_epi8(0x30));
+    return _mm_sub_epi8(_mm_or_si128(lo, hi), _mm_set1_epi8(32));
+}
+
+/* broadcast int16 scale pairs: from 8 int16 (one 128 half), produce [s[2j] x8 | s[2j+1] x8] */
+static const uint8_t pair_mask[4][32] __attribute__((aligned(32))) = {
+    {0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3},
+    {4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7},
+    {8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11},
+    {12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15, 14, 15},
+};
+AI T256 __m256i pair_scales(__m256i half_bcast, int j) {
+    return _mm256_shuffle_epi8(half_bcast, _mm256_load_si256((const __m256i *)pair_mask[j]));
+}
+/* broadcast int16 scale k (k in 0..7 of the 128 half) to all 16 lanes */
+AI T256 __m256i one_scale(__m256i half_bcast, int k) {
+    return _mm256_shuffle_epi8(half_bcast, _mm256_set1_epi16((short)((2 * k) | ((2 * k + 1) << 8))));
+}
+
+/* Kernels are written for a compile-time token count NT (always_inline + constant folding keeps
+ * the per-token accumulators in registers); this wrapper walks the tokens in tiles of TILE. */
+#define NT_DISPATCH(name, ATTR, TILE)                                                                  \
+    ATTR static void name(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,      \
+                          const uint8_t *pf) {                                                             \
+        for (int t0 = 0; t0 < nt; t0 += TILE, pf = NULL) { /* later tiles re-read the row from cache */   \
+            const int n = nt - t0 < TILE ? nt - t0 : TILE;                                                 \
+            if (n == TILE) name##_nt(w, nb, a + t0, TILE, out + t0 * os, os, pf);                          \
+            else if (n == 1) name##_nt(w, nb, a + t0, 1, out + t0 * os, os, pf);                           \
+            else if (n == 2) name##_nt(w, nb, a + t0, 2 < TILE ? 2 : 1, out + t0 * os, os, pf);            \
+            else name##_nt(w, nb, a + t0, 3 < TILE ? 3 : 1, out + t0 * os, os, pf);                        \
+        }                                                                                                  \
+    }
+
+AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4];
+    __m128 accm[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 144 * i;
+        pf_block(pf, i, 144);
+        const __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales(b + 4));
+        const __m256i scb = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
+        const __m128i mins = _mm256_extracti128_si256(sm16, 1);
+        const float dw = h2f_256(b), dmw = h2f_256(b + 2);
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
+            const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m256i s0 = one_scale(scb, 2 * j), s1 = one_scale(scb, 2 * j + 1);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *aq = a[t].q + 256 * i + 64 * j;
+                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
+                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(aq + 32))), s1);
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float da = a[t].d[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(dw * da), acc[t]);
+            __m128i pm = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(a[t].bs32 + 8 * i)));
+            accm[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(pm), _mm_set1_ps(dmw * da), accm[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m256 m = _mm256_castps128_ps256(accm[t]);
+        m = _mm256_insertf128_ps(m, _mm_setzero_ps(), 1);
+        out[t * os] = hsum256(_mm256_sub_ps(acc[t], m));
+    }
+}
+NT_DISPATCH(q4k_avx2, T256, 2)
+
+AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
+    __m256 acc[4];
+    __m128 accm[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 176 * i;
+        pf_block(pf, i, 176);
+        const __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales(b + 4));
+        const __m256i scb = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
+        const __m128i mins = _mm256_extracti128_si256(sm16, 1);
+        const float dw = h2f_256(b), dmw = h2f_256(b + 2);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * j));
+            __m256i hlo, hhi;
+            /* bit 2j -> bit 4, bit 2j+1 -> bit 4 */
+            switch (j) {
+            case 0: hlo = _mm256_slli_epi16(qh, 4); hhi = _mm256_slli_epi16(qh, 3); break;
+            case 1: hlo = _mm256_slli_epi16(qh, 2); hhi = _mm256_slli_epi16(qh, 1); break;
+            case 2: hlo = qh; hhi = _mm256_srli_epi16(qh, 1); break;
+            default: hlo = _mm256_srli_epi16(qh, 2); hhi = _mm256_srli_epi16(qh, 3); break;
+            }
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_and_si256(hlo, b4));
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), _mm256_and_si256(hhi, b4));
+            const __m256i s0 = one_scale(scb, 2 * j), s1 = one_scale(scb, 2 * j + 1);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *aq = a[t].q + 256 * i + 64 * j;
+                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
+                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(aq + 32))), s1);
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float da = a[t].d[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(dw * da), acc[t]);
+            __m128i pm = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(a[t].bs32 + 8 * i)));
+            accm[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(pm), _mm_set1_ps(dmw * da), accm[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m256 m = _mm256_insertf128_ps(_mm256_castps128_ps256(accm[t]), _mm_setzero_ps(), 1);
+        out[t * os] = hsum256(_mm256_sub_ps(acc[t], m));
+    }
+}
+NT_DISPATCH(q5k_avx2, T256, 2)
+
+/* Q2_K (signed=0) and Q3_K (signed=1) share the 2-bit plane walk. */
+AI T256 void q23k_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int three) {
+    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(0x0F), bit2 = _mm256_set1_epi8(4);
+    const int bpb = three ? 110 : 84;
+    __m256 acc[4], accm[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + bpb * i;
+        pf_block(pf, i, bpb);
+        __m256i sc16, mn16;
+        float dw, dmw;
+        if (three) {
+            sc16 = _mm256_cvtepi8_epi16(q3_scales(b));
+            mn16 = sc16;
+            dw = h2f_256(b + 108);
+            dmw = 4.f * dw;
+        } else {
+            __m128i raw = _mm_loadu_si128((const __m128i *)b);
+            sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm256_castsi256_si128(m4)));
+            mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm256_castsi256_si128(m4)));
+            dw = h2f_256(b + 80);
+            dmw = h2f_256(b + 82);
+        }
+        const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
+                                 _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
+        const uint8_t *qs = three ? b + 32 : b + 16;
+        const __m256i hm = three ? _mm256_loadu_si256((const __m256i *)b) : _mm256_setzero_si256();
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        for (int n = 0; n < 2; n++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * n));
+            for (int j = 0; j < 4; j++) {
+                __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m3);
+                if (three) {
+                    const int bit = 4 * n + j;
+                    __m256i h = bit <= 2 ? _mm256_slli_epi16(hm, 2 - bit) : _mm256_srli_epi16(hm, bit - 2);
+                    v = _mm256_or_si256(v, _mm256_and_si256(h, bit2));
+                }
+                const __m256i s = pair_scales(half[n], j);
+                for (int t = 0; t < NT; t++) {
+                    const int8_t *aq = a[t].q + 256 * i + 128 * n + 32 * j;
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)aq)), s));
+                }
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float da = a[t].d[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(dw * da), acc[t]);
+            __m256i pm = _mm256_madd_epi16(mn16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            accm[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_set1_ps(dmw * da), accm[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(_mm256_sub_ps(acc[t], accm[t]));
+}
+AI T256 void q2k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    q23k_avx2_body(w, nb, a, NT, out, os, pf, 0);
+}
+AI T256 void q3k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    q23k_avx2_body(w, nb, a, NT, out, os, pf, 1);
+}
+NT_DISPATCH(q2k_avx2, T256, 2)
+NT_DISPATCH(q3k_avx2, T256, 2)
+
+AI T256 void q6k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc[4], accm[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 210 * i;
+        pf_block(pf, i, 210);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+        const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
+                                 _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
+        const float dw = h2f_256(b + 208);
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        for (int n = 0; n < 2; n++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * n));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
+            for (int k = 0; k < 4; k++) {
+                __m256i lo = (k & 1) ? l1 : l0;
+                lo = (k & 2) ? _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4) : _mm256_and_si256(lo, m4);
+                __m256i h;
+                switch (k) {
+                case 0: h = _mm256_slli_epi16(qh, 4); break;
+                case 1: h = _mm256_slli_epi16(qh, 2); break;
+                case 2: h = qh; break;
+                default: h = _mm256_srli_epi16(qh, 2); break;
+                }
+                const __m256i v = _mm256_or_si256(lo, _mm256_and_si256(h, m30));
+                const __m256i s = pair_scales(half[n], k);
+                for (int t = 0; t < NT; t++) {
+                    const int8_t *aq = a[t].q + 256 * i + 128 * n + 32 * k;
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)aq)), s));
+                }
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float da = a[t].d[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(dw * da), acc[t]);
+            __m256i pm = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            accm[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_set1_ps(32.f * dw * da), accm[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(_mm256_sub_ps(acc[t], accm[t]));
+}
+NT_DISPATCH(q6k_avx2, T256, 2)
+
+AI T256 void q8_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 34 * i;
+        pf_block(pf, i, 34);
+        const __m256i wq = _mm256_loadu_si256((const __m256i *)(b + 2));
+        const __m256i aw = _mm256_sign_epi8(wq, wq);
+        const float dw = h2f_256(b);
+        for (int t = 0; t < NT; t++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, wq)), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
+}
+NT_DISPATCH(q8_0_avx2, T256, 2)
+
+AI T256 void q4_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4];
+    float corr[4] = {0, 0, 0, 0};
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 18 * i;
+        pf_block(pf, i, 18);
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
+        const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+        const float dw = h2f_256(b);
+        for (int t = 0; t < NT; t++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), ones);
+            const float s = dw * a[t].d[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[t]);
+            corr[t] += s * (float)a[t].bs16[i];
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]) - 8.f * corr[t];
+}
+NT_DISPATCH(q4_0_avx2, T256, 2)
+
+/* ------------------------------------------------------------------ AVX-512 VNNI kernels */
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
+
+/* permutexvar_epi16 index vectors, loaded from memory (building them with broadcasts/inserts cost
+ * ~60 instructions per kernel call, i.e. per weight row: a lot next to 8 blocks of a down row) */
+#define K2K_I8(x) x, x, x, x, x, x, x, x
+#define K2K_I16(x) K2K_I8(x), K2K_I8(x)
+static const int16_t ix_p45[4][32] __attribute__((aligned(64))) = {
+    {K2K_I16(0), K2K_I16(2)}, {K2K_I16(1), K2K_I16(3)}, {K2K_I16(4), K2K_I16(6)}, {K2K_I16(5), K2K_I16(7)}};
+static const int16_t ix_q23[4][32] __attribute__((aligned(64))) = {
+    {K2K_I8(0), K2K_I8(1), K2K_I8(8), K2K_I8(9)},
+    {K2K_I8(2), K2K_I8(3), K2K_I8(10), K2K_I8(11)},
+    {K2K_I8(4), K2K_I8(5), K2K_I8(12), K2K_I8(13)},
+    {K2K_I8(6), K2K_I8(7), K2K_I8(14), K2K_I8(15)}};
+static const int16_t ix_q6[4][32] __attribute__((aligned(64))) = {
+    {K2K_I8(0), K2K_I8(1), K2K_I8(2), K2K_I8(3)},
+    {K2K_I8(4), K2K_I8(5), K2K_I8(6), K2K_I8(7)},
+    {K2K_I8(8), K2K_I8(9), K2K_I8(10), K2K_I8(11)},
+    {K2K_I8(12), K2K_I8(13), K2K_I8(14), K2K_I8(15)}};
+#define IXLOAD(tab, k) _mm512_load_si512((const void *)(tab)[k])
+
+/* GFNI bit gather: each byte of x through the 8x8 bit matrix A (vgf2p8affineqb), e.g. bits k, k+1 -> bits 0, 1
+ * in one instruction instead of a shift and a mask.  Inline asm so that the kernels need no gfni target
+ * attribute; only the *g kernels use it, and they are picked only when the CPU reports GFNI. */
+AI T512 __m512i gf_affine(__m512i x, __m512i A) {
+    __m512i r;
+    __asm__("vgf2p8affineqb $0, %2, %1, %0" : "=v"(r) : "v"(x), "v"(A));
+    return r;
+}
+/* matrix moving bits k .. k+n-1 of every byte to bits 0 .. n-1 (others cleared) */
+static inline uint64_t gf_matrix(int k, int n) {
+    uint64_t m = 0;
+    for (int i = 0; i < n; i++) m |= (uint64_t)(1u << (k + i)) << (8 * (7 - i));
+    return m;
+}
+#define GF_M(k, n) _mm512_set1_epi64((long long)gf_matrix(k, n))
+
+/* fp16 super-block scales straight into a vector register (the scalar _cvtsh_ss path costs an insert per
+ * value): two adjacent fp16 at p -> lanes 0, 1; one fp16 -> lane 0 */
+AI T512 __m128 h2x2_512(const uint8_t *p) { return _mm_cvtph_ps(_mm_cvtsi32_si128((int)rd32(p))); }
+AI T512 __m128 h1_512(const uint8_t *p) { return _mm_cvtph_ps(_mm_cvtsi32_si128((int)rd16(p))); }
+
+AI T512 float hsum128_512(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The K-quant bodies below take NR weight rows (1 or 2; row r at w + r * rs, its result at out[t * os + r])
+ * and NT tokens.  Per row the arithmetic is exactly that of NR = 1 (same integer sums, same float
+ * operation order), so pairing rows never changes a result bit; a pair shares the activation loads,
+ * the per-call constants and the final reductions, and gives the core two independent chains. */
+
+/* Q4_K / Q5_K with LAYOUT_P64 activations: 64 packed bytes -> two 64-weight vectors */
+AI T512 void q45k_512_rows(const uint8_t *w, ptrdiff_t rs, const int NR, int nb, const act_t *a, const int NT, float *out,
+                           ptrdiff_t os, const uint8_t *pf0, const uint8_t *pf1, const int five, const int gf) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), g_hi4 = GF_M(4, 4);
+    const __m512i ix0 = IXLOAD(ix_p45, 0), ix1 = IXLOAD(ix_p45, 1), ix2 = IXLOAD(ix_p45, 2), ix3 = IXLOAD(ix_p45, 3);
+    const int bpb = five ? 176 : 144;
+    __m512 acc[2][4];
+    __m128 accm[2][4];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps(), accm[r][t] = _mm_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        __m512i v[2][4], sc[2][4];
+        __m128i mins[2];
+        __m128 dd[2]; /* [d, dmin] */
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *b = w + r * rs + (size_t)bpb * i;
+            pf_block(r ? pf1 : pf0, i, bpb);
+            const uint8_t *qs = b + (five ? 48 : 16);
+            const __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales(b + 4));
+            const __m512i smz = _mm512_castsi256_si512(sm16);
+            sc[r][0] = _mm512_permutexvar_epi16(ix0, smz), sc[r][1] = _mm512_permutexvar_epi16(ix1, smz);
+            sc[r][2] = _mm512_permutexvar_epi16(ix2, smz), sc[r][3] = _mm512_permutexvar_epi16(ix3, smz);
+            mins[r] = _mm256_extracti128_si256(sm16, 1);
+            dd[r] = h2x2_512(b);
+            const __m512i q0 = _mm512_loadu_si512((const void *)qs), q1 = _mm512_loadu_si512((const void *)(qs + 64));
+            v[r][0] = _mm512_and_si512(q0, m4), v[r][2] = _mm512_and_si512(q1, m4);
+            if (gf) {
+                v[r][1] = gf_affine(q0, g_hi4), v[r][3] = gf_affine(q1, g_hi4);
+            } else {
+                v[r][1] = _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4), v[r][3] = _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4);
+            }
+            if (five) {
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+                const __m512i hq = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+                v[r][0] = _mm512_ternarylogic_epi32(v[r][0], _mm512_slli_epi16(hq, 4), b4, 0xF8); /* v | (h & b4) */
+                v[r][1] = _mm512_ternarylogic_epi32(v[r][1], _mm512_slli_epi16(hq, 3), b4, 0xF8);
+                v[r][2] = _mm512_ternarylogic_epi32(v[r][2], hq, b4, 0xF8);
+                v[r][3] = _mm512_ternarylogic_epi32(v[r][3], _mm512_srli_epi16(hq, 1), b4, 0xF8);
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const int8_t *aq = a[t].q + 256 * i;
+            const __m512i x0 = _mm512_load_si512((const void *)aq), x1 = _mm512_load_si512((const void *)(aq + 64));
+            const __m512i x2 = _mm512_load_si512((const void *)(aq + 128)), x3 = _mm512_load_si512((const void *)(aq + 192));
+            const __m128i bs = _mm_loadu_si128((const __m128i *)(a[t].bs32 + 8 * i));
+            const float da = a[t].d[i];
+            for (int r = 0; r < NR; r++) {
+                __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(v[r][0], x0), sc[r][0]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(v[r][1], x1), sc[r][1]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(v[r][2], x2), sc[r][2]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(v[r][3], x3), sc[r][3]);
+                const __m128 sd = _mm_mul_ps(dd[r], _mm_set1_ps(da)); /* [d * da, dmin * da] */
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_broadcastss_ps(sd), acc[r][t]);
+                __m128i pm = _mm_madd_epi16(mins[r], bs);
+                accm[r][t] = _mm_fmadd_ps(_mm_cvtepi32_ps(pm), _mm_shuffle_ps(sd, sd, 0x55), accm[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) out[t * os + r] = _mm512_reduce_add_ps(acc[r][t]) - hsum128_512(accm[r][t]);
+}
+/* per type: one-row kernels (NT tokens) and row-pair kernels, without (name) and with GFNI (name##g) */
+#define K512_KERNELS(name, body, variant)                                                                      \
+    AI T512 void name##_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,         \
+                           const uint8_t *pf) {                                                                     \
+        body(w, 0, 1, nb, a, NT, out, os, pf, NULL, variant, 0);                                                    \
+    }                                                                                                               \
+    AI T512 void name##g_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,        \
+                            const uint8_t *pf) {                                                                    \
+        body(w, 0, 1, nb, a, NT, out, os, pf, NULL, variant, 1);                                                    \
+    }                                                                                                               \
+    NT_DISPATCH(name, T512, 4)                                                                                      \
+    NT_DISPATCH(name##g, T512, 4)                                                                                   \
+    T512 static void name##_r2(const uint8_t *w, ptrdiff_t rs, int nb, const act_t *a, float *out, const uint8_t *pf0, \
+                               const uint8_t *pf1) {                                                                \
+        body(w, rs, 2, nb, a, 1, out, 0, pf0, pf1, variant, 0);                                                     \
+    }                                                                                                               \
+    T512 static void name##g_r2(const uint8_t *w, ptrdiff_t rs, int nb, const act_t *a, float *out, const uint8_t *pf0, \
+                                const uint8_t *pf1) {                                                               \
+        body(w, rs, 2, nb, a, 1, out, 0, pf0, pf1, variant, 1);                                                     \
+    }
+K512_KERNELS(q4k_512, q45k_512_rows, 0)
+K512_KERNELS(q5k_512, q45k_512_rows, 1)
+
+/* Q2_K / Q3_K with LAYOUT_P2 activations: one 64-byte load covers both 128-halves */
+AI T512 void q23k_512_rows(const uint8_t *w, ptrdiff_t rs, const int NR, int nb, const act_t *a, const int NT, float *out,
+                           ptrdiff_t os, const uint8_t *pf0, const uint8_t *pf1, const int three, const int gf) {
+    const __m512i m3 = _mm512_set1_epi8(3), bit2 = _mm512_set1_epi8(4);
+    const __m512i g_b2 = GF_M(2, 2), g_b4 = GF_M(4, 2), g_b6 = GF_M(6, 2);
+    const __m128i m4x = _mm_set1_epi8(0x0F);
+    const __m512i ix0 = IXLOAD(ix_q23, 0), ix1 = IXLOAD(ix_q23, 1), ix2 = IXLOAD(ix_q23, 2), ix3 = IXLOAD(ix_q23, 3);
+    const int bpb = three ? 110 : 84;
+    __m512 acc[2][4];
+    __m256 accm[2][4];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps(), accm[r][t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        __m512i v[2][4], sc[2][4];
+        __m256i mn16[2];
+        __m128 dd[2]; /* Q2_K: [d, dmin]; Q3_K: [d] (its offset term is accumulated / 4, see below) */
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *b = w + r * rs + (size_t)bpb * i;
+            pf_block(r ? pf1 : pf0, i, bpb);
+            __m256i sc16;
+            if (three) {
+                sc16 = _mm256_cvtepi8_epi16(q3_scales(b));
+                mn16[r] = sc16;
+                dd[r] = h1_512(b + 108);
+                const __m512i q = _mm512_loadu_si512((const void *)(b + 32));
+                const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+                const __m512i hm2 = _mm512_inserti64x4(_mm512_castsi256_si512(hm), _mm256_srli_epi16(hm, 4), 1);
+                /* u = low2 | (hbit << 2), hbit of plane j is bit j of hm2 */
+                __m512i l1, l2, l3;
+                if (gf) {
+                    l1 = gf_affine(q, g_b2), l2 = gf_affine(q, g_b4), l3 = gf_affine(q, g_b6);
+                } else {
+                    l1 = _mm512_and_si512(_mm512_srli_epi16(q, 2), m3), l2 = _mm512_and_si512(_mm512_srli_epi16(q, 4), m3);
+                    l3 = _mm512_and_si512(_mm512_srli_epi16(q, 6), m3);
+                }
+                v[r][0] = _mm512_ternarylogic_epi32(_mm512_and_si512(q, m3), _mm512_slli_epi16(hm2, 2), bit2, 0xF8);
+                v[r][1] = _mm512_ternarylogic_epi32(l1, _mm512_slli_epi16(hm2, 1), bit2, 0xF8);
+                v[r][2] = _mm512_ternarylogic_epi32(l2, hm2, bit2, 0xF8);
+                v[r][3] = _mm512_ternarylogic_epi32(l3, _mm512_srli_epi16(hm2, 1), bit2, 0xF8);
+            } else {
+                const __m128i raw = _mm_loadu_si128((const __m128i *)b);
+                sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, m4x));
+                mn16[r] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4x));
+                dd[r] = h2x2_512(b + 80);
+                const __m512i q = _mm512_loadu_si512((const void *)(b + 16));
+                v[r][0] = _mm512_and_si512(q, m3);
+                if (gf) {
+                    v[r][1] = gf_affine(q, g_b2), v[r][2] = gf_affine(q, g_b4), v[r][3] = gf_affine(q, g_b6);
+                } else {
+                    v[r][1] = _mm512_and_si512(_mm512_srli_epi16(q, 2), m3);
+                    v[r][2] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m3);
+                    v[r][3] = _mm512_and_si512(_mm512_srli_epi16(q, 6), m3);
+                }
+            }
+            const __m512i scz = _mm512_castsi256_si512(sc16);
+            sc[r][0] = _mm512_permutexvar_epi16(ix0, scz), sc[r][1] = _mm512_permutexvar_epi16(ix1, scz);
+            sc[r][2] = _mm512_permutexvar_epi16(ix2, scz), sc[r][3] = _mm512_permutexvar_epi16(ix3, scz);
+        }
+        for (int t = 0; t < NT; t++) {
+            const int8_t *aq = a[t].q + 256 * i;
+            const __m512i x0 = _mm512_load_si512((const void *)aq), x1 = _mm512_load_si512((const void *)(aq + 64));
+            const __m512i x2 = _mm512_load_si512((const void *)(aq + 128)), x3 = _mm512_load_si512((const void *)(aq + 192));
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i));
+            const float da = a[t].d[i];
+            for (int r = 0; r < NR; r++) {
+                __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(v[r][0], x0), sc[r][0]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(v[r][1], x1), sc[r][1]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(v[r][2], x2), sc[r][2]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(v[r][3], x3), sc[r][3]);
+                const __m128 sd = _mm_mul_ps(dd[r], _mm_set1_ps(da));
+                const __m512 sb = _mm512_broadcastss_ps(sd);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sb, acc[r][t]);
+                __m256i pm = _mm256_madd_epi16(mn16[r], bs);
+                /* Q3_K: the -4 offset term is summed with d * da and scaled by 4 at the end (exact) */
+                const __m256 sm = three ? _mm512_castps512_ps256(sb) : _mm256_broadcastss_ps(_mm_movehdup_ps(sd));
+                accm[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), sm, accm[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) {
+            __m256 m = accm[r][t];
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            out[t * os + r] = _mm512_reduce_add_ps(acc[r][t]) - (three ? 4.f : 1.f) * hsum128_512(s);
+        }
+}
+K512_KERNELS(q2k_512, q23k_512_rows, 0)
+K512_KERNELS(q3k_512, q23k_512_rows, 1)
+
+/* Q6_K, natural layout */
+AI T512 void q6k_512_rows(const uint8_t *w, ptrdiff_t rs, const int NR, int nb, const act_t *a, const int NT, float *out,
+                          ptrdiff_t os, const uint8_t *pf0, const uint8_t *pf1, const int six, const int gf) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), g_hi4 = GF_M(4, 4);
+    (void)six;
+    const __m512i ix00 = IXLOAD(ix_q6, 0), ix01 = IXLOAD(ix_q6, 1), ix10 = IXLOAD(ix_q6, 2), ix11 = IXLOAD(ix_q6, 3);
+    __m512 acc[2][4];
+    __m256 accm[2][4];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps(), accm[r][t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        __m512i v[2][4], sc[2][4];
+        __m256i sc16[2];
+        __m128 dd[2];
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *b = w + r * rs + (size_t)210 * i;
+            pf_block(r ? pf1 : pf0, i, 210);
+            sc16[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+            const __m512i scz = _mm512_castsi256_si512(sc16[r]);
+            sc[r][0] = _mm512_permutexvar_epi16(ix00, scz), sc[r][1] = _mm512_permutexvar_epi16(ix01, scz);
+            sc[r][2] = _mm512_permutexvar_epi16(ix10, scz), sc[r][3] = _mm512_permutexvar_epi16(ix11, scz);
+            dd[r] = h1_512(b + 208);
+            for (int n = 0; n < 2; n++) {
+                const __m512i L = _mm512_loadu_si512((const void *)(b + 64 * n));
+                const __m256i H = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
+                const __m512i H2 = _mm512_inserti64x4(_mm512_castsi256_si512(H), _mm256_srli_epi16(H, 2), 1);
+                v[r][2 * n] = _mm512_ternarylogic_epi32(_mm512_and_si512(L, m4), _mm512_slli_epi16(H2, 4), m30, 0xF8);
+                const __m512i Lh = gf ? gf_affine(L, g_hi4) : _mm512_and_si512(_mm512_srli_epi16(L, 4), m4);
+                v[r][2 * n + 1] = _mm512_ternarylogic_epi32(Lh, H2, m30, 0xF8);
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const int8_t *aq = a[t].q + 256 * i;
+            const __m512i x0 = _mm512_load_si512((const void *)aq), x1 = _mm512_load_si512((const void *)(aq + 64));
+            const __m512i x2 = _mm512_load_si512((const void *)(aq + 128)), x3 = _mm512_load_si512((const void *)(aq + 192));
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i));
+            const float da = a[t].d[i];
+            for (int r = 0; r < NR; r++) {
+                __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(v[r][0], x0), sc[r][0]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(v[r][1], x1), sc[r][1]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(v[r][2], x2), sc[r][2]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(v[r][3], x3), sc[r][3]);
+                const __m512 sb = _mm512_broadcastss_ps(_mm_mul_ss(dd[r], _mm_set_ss(da)));
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sb, acc[r][t]);
+                __m256i pm = _mm256_madd_epi16(sc16[r], bs);
+                /* the -32 offset term is summed with d * da and scaled by 32 at the end (exact) */
+                accm[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm512_castps512_ps256(sb), accm[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) {
+            __m256 m = accm[r][t];
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            out[t * os + r] = _mm512_reduce_add_ps(acc[r][t]) - 32.f * hsum128_512(s);
+        }
+}
+K512_KERNELS(q6k_512, q6k_512_rows, 0)
+
+/* Q8_0: two 34-byte blocks per step, dpbusd on |w| and sign-transferred activations */
+AI T512 void q8_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 34 * i;
+        pf_block(pf, i, 34);
+        const __m256i wq = _mm256_loadu_si256((const __m256i *)(b + 2));
+        const __m256i aw = _mm256_abs_epi8(wq);
+        const float dw = _cvtsh_ss(rd16(b));
+        for (int t = 0; t < NT; t++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
+            __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x, wq));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        out[t * os] = hsum128_512(s);
+    }
+}
+NT_DISPATCH(q8_0_512, T512, 4)
+
+AI T512 void q4_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4];
+    float corr[4] = {0, 0, 0, 0};
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 18 * i;
+        pf_block(pf, i, 18);
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
+        const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+        const float dw = _cvtsh_ss(rd16(b));
+        for (int t = 0; t < NT; t++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
+            __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v, x);
+            const float s = dw * a[t].d[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[t]);
+            corr[t] += s * (float)a[t].bs16[i];
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        out[t * os] = hsum128_512(s) - 8.f * corr[t];
+    }
+}
+NT_DISPATCH(q4_0_512, T512, 4)
+
+/* streaming read used by the bandwidth probe */
+T512 static uint64_t read_sum_512(const uint8_t *p, size_t n) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    size_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        a0 = _mm512_xor_si512(a0, _mm512_load_si512((const void *)(p + i)));
+        a1 = _mm512_xor_si512(a1, _mm512_load_si512((const void *)(p + i + 64)));
+        a2 = _mm512_xor_si512(a2, _mm512_load_si512((const void *)(p + i + 128)));
+        a3 = _mm512_xor_si512(a3, _mm512_load_si512((const void *)(p + i + 192)));
+    }
+    a0 = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+    return (uint64_t)_mm512_reduce_add_epi64(a0);
+}
+T256 static uint64_t read_sum_256(const uint8_t *p, size_t n) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    size_t i = 0;
+    for (; i + 128 <= n; i += 128) {
+        a0 = _mm256_xor_si256(a0, _mm256_load_si256((const __m256i *)(p + i)));
+        a1 = _mm256_xor_si256(a1, _mm256_load_si256((const __m256i *)(p + i + 32)));
+        a2 = _mm256_xor_si256(a2, _mm256_load_si256((const __m256i *)(p + i + 64)));
+        a3 = _mm256_xor_si256(a3, _mm256_load_si256((const __m256i *)(p + i + 96)));
+    }
+    a0 = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+    return (uint64_t)_mm256_extract_epi64(a0, 0) ^ (uint64_t)_mm256_extract_epi64(a0, 3);
+}
+#endif /* K2K_X86 */
+
+static uint64_t read_sum_gen(const uint8_t *p, size_t n) {
+    uint64_t a = 0, b = 0;
+    for (size_t i = 0; i + 16 <= n; i += 16) {
+        uint64_t x, y;
+        memcpy(&x, p + i, 8);
+        memcpy(&y, p + i + 8, 8);
+        a ^= x;
+        b ^= y;
+    }
+    return a ^ b;
+}
+
+/* ------------------------------------------------------------------ dispatch */
+
+/* Two weight rows (w and w + rs) against one token: out[0], out[1]; bit-identical to two dot_fn calls. */
+typedef void (*dot2_fn)(const uint8_t *w, ptrdiff_t rs, int nb, const act_t *a, float *out, const uint8_t *pf0,
+                        const uint8_t *pf1);
+
+typedef struct {
+    dot_fn fn;
+    int layout;
+    dot2_fn fn2; /* optional row-pair kernel for one token (decode), NULL if none */
+} kern_t;
+
+static int g_isa_hw = -1, g_isa = -1;
+
+static int detect_isa(void) {
+#if K2K_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        return __builtin_cpu_supports("gfni") ? ISA_AVX512G : ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("bmi2"))
+        return ISA_AVX2;
+#endif
+    return ISA_GENERIC;
+}
+
+static void isa_init(void) {
+    if (g_isa_hw >= 0) return;
+    g_isa_hw = detect_isa();
+    g_isa = g_isa_hw;
+    const char *e = getenv("K2LOCAL_ISA");
+    if (e) {
+        int want = !strcmp(e, "generic") ? ISA_GENERIC : !strcmp(e, "avx2") ? ISA_AVX2 : !strcmp(e, "avx512") ? ISA_AVX512 : ISA_AVX512G;
+        if (want < g_isa) g_isa = want;
+    }
+}
+
+static kern_t get_kernel(int type) {
+    kern_t k = {NULL, LAYOUT_NAT, NULL};
+    int k_layout = (type == GT_Q8_0 || type == GT_Q4_0) ? LAYOUT_Q8_0 : LAYOUT_NAT;
+    k.layout = k_layout;
+#if K2K_X86
+    if (g_isa == ISA_AVX512G) {
+        switch (type) {
+        case GT_Q2_K: k.fn = q2k_512g; k.fn2 = q2k_512g_r2; k.layout = LAYOUT_P2; return k;
+        case GT_Q3_K: k.fn = q3k_512g; k.fn2 = q3k_512g_r2; k.layout = LAYOUT_P2; return k;
+        case GT_Q4_K: k.fn = q4k_512g; k.fn2 = q4k_512g_r2; k.layout = LAYOUT_P64; return k;
+        case GT_Q5_K: k.fn = q5k_512g; k.fn2 = q5k_512g_r2; k.layout = LAYOUT_P64; return k;
+        case GT_Q6_K: k.fn = q6k_512g; k.fn2 = q6k_512g_r2; return k;
+        }
+    }
+    if (g_isa >= ISA_AVX512) {
+        switch (type) {
+        case GT_Q4_0: k.fn = q4_0_512; return k;
+        case GT_Q8_0: k.fn = q8_0_512; return k;
+        case GT_Q2_K: k.fn = q2k_512; k.fn2 = q2k_512_r2; k.layout = LAYOUT_P2; return k;
+        case GT_Q3_K: k.fn = q3k_512; k.fn2 = q3k_512_r2; k.layout = LAYOUT_P2; return k;
+        case GT_Q4_K: k.fn = q4k_512; k.fn2 = q4k_512_r2; k.layout = LAYOUT_P64; return k;
+        case GT_Q5_K: k.fn = q5k_512; k.fn2 = q5k_512_r2; k.layout = LAYOUT_P64; return k;
+        case GT_Q6_K: k.fn = q6k_512; k.fn2 = q6k_512_r2; return k;
+        }
+    } else if (g_isa == ISA_AVX2) {
+        switch (type) {
+        case GT_Q4_0: k.fn = q4_0_avx2; return k;
+        case GT_Q8_0: k.fn = q8_0_avx2; return k;
+        case GT_Q2_K: k.fn = q2k_avx2; return k;
+        case GT_Q3_K: k.fn = q3k_avx2; return k;
+        case GT_Q4_K: k.fn = q4k_avx2; return k;
+        case GT_Q5_K: k.fn = q5k_avx2; return k;
+        case GT_Q6_K: k.fn = q6k_avx2; return k;
+        }
+    }
+#endif
+    switch (type) {
+    case GT_Q4_0: k.fn = dot_q4_0_gen; break;
+    case GT_Q8_0: k.fn = dot_q8_0_gen; break;
+    case GT_Q2_K: k.fn = dot_q2_k_gen; break;
+    case GT_Q3_K: k.fn = dot_q3_k_gen; break;
+    case GT_Q4_K: k.fn = dot_q4_k_gen; break;
+    case GT_Q5_K: k.fn = dot_q5_k_gen; break;
+    case GT_Q6_K: k.fn = dot_q6_k_gen; break;
+    }
+    return k;
+}
+
+/* ------------------------------------------------------------------ thread pool */
+
+typedef void (*task_fn)(void *ctx, int tid, int nth);
+
+typedef struct {
+    pthread_t th;
+    int tid;
+    uint64_t gen0; /* pool generation at creation: only later tasks are ours */
+} worker_t;
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_mutex_t call_mu; /* serializes public calls */
+    int nth;                 /* participants including caller */
+    worker_t *w;
+    _Atomic uint64_t gen;
+    _Atomic int done;
+    _Atomic int quit;
+    task_fn fn;
+    void *ctx;
+    int pin;
+    int cpus[1024];
+    int ncpus;
+    int spin_us;
+    int physical;
+    /* barrier */
+    _Atomic int bar_count;
+    _Atomic int bar_sense;
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, 1};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static inline void cpu_relax(void) {
+#if K2K_X86
+    __builtin_ia32_pause();
+#endif
+}
+
+static void pin_self(int tid) {
+    if (!P.pin || P.ncpus <= 0) return;
+    cpu_set_t s;
+    CPU_ZERO(&s);
+    CPU_SET(P.cpus[tid % P.ncpus], &s);
+    pthread_setaffinity_np(pthread_self(), sizeof(s), &s);
+}
+
+static void *worker_main(void *arg) {
+    worker_t *me = (worker_t *)arg;
+    pin_self(me->tid);
+    uint64_t seen = me->gen0;
+    for (;;) {
+        uint64_t g;
+        double t0 = 0;
+        int it = 0;
+        for (;;) {
+            g = atomic_load_explicit(&P.gen, memory_order_acquire);
+            if (g != seen || atomic_load(&P.quit)) break;
+            cpu_relax();
+            if ((++it & 255) == 0) {
+                double t = now_s();
+                if (t0 == 0) t0 = t;
+                else if ((t - t0) * 1e6 > P.spin_us) {
+                    pthread_mutex_lock(&P.mu);
+                    while (atomic_load(&P.gen) == seen && !atomic_load(&P.quit)) pthread_cond_wait(&P.cv, &P.mu);
+                    pthread_mutex_unlock(&P.mu);
+                    t0 = 0;
+                }
+            }
+        }
+        if (atomic_load(&P.quit)) return NULL;
+        seen = g;
+        P.fn(P.ctx, me->tid, P.nth);
+        atomic_fetch_add_explicit(&P.done, 1, memory_order_acq_rel);
+    }
+}
+
+/* physical-core aware CPU order, NUMA-interleaved */
+static int read_cpulist(const char *path, int *out, int cap) {
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    char buf[4096];
+    int n = 0;
+    if (!fgets(buf, sizeof buf, f)) {
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    char *p = buf;
+    while (*p && *p != '\n') {
+        int a = (int)strtol(p, &p, 10), b = a;
+        if (*p == '-') b = (int)strtol(p + 1, &p, 10);
+        for (int c = a; c <= b && n < cap; c++) out[n++] = c;
+        if (*p == ',') p++;
+        else break;
+    }
+    return n;
+}
+
+static int g_numa_nodes = 1;
+
+static void build_cpu_order(void) {
+    cpu_set_t s;
+    int allowed[1024], na = 0;
+    if (sched_getaffinity(0, sizeof(s), &s) == 0) {
+        for (int c = 0; c < 1024 && na < 1024; c++)
+            if (CPU_ISSET(c, &s)) allowed[na++] = c;
+    }
+    if (na == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        for (int c = 0; c < n && c < 1024; c++) allowed[na++] = c;
+    }
+    /* one CPU per physical core first (SMT siblings go last) */
+    int first[1024], nf = 0, rest[1024], nr = 0;
+    for (int i = 0; i < na; i++) {
+        char path[256];
+        int sib[256];
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/thread_siblings_list", allowed[i]);
+        int ns = read_cpulist(path, sib, 256);
+        int primary = 1;
+        for (int k = 0; k < ns; k++)
+            if (sib[k] < allowed[i]) {
+                for (int j = 0; j < na; j++)
+                    if (allowed[j] == sib[k]) primary = 0;
+            }
+        if (primary) first[nf++] = allowed[i];
+        else rest[nr++] = allowed[i];
+    }
+    /* NUMA nodes */
+    int node_of[1024];
+    for (int i = 0; i < 1024; i++) node_of[i] = 0;
+    int nn = 0;
+    for (int nd = 0; nd < 64; nd++) {
+        char path[128];
+        int cl[1024];
+        snprintf(path, sizeof path, "/sys/devices/system/node/node%d/cpulist", nd);
+        int n = read_cpulist(path, cl, 1024);
+        if (n < 0) continue;
+        nn = nd + 1;
+        for (int k = 0; k < n; k++)
+            if (cl[k] < 1024) node_of[cl[k]] = nd;
+    }
+    g_numa_nodes = nn > 0 ? nn : 1;
+    /* interleave nodes: round-robin over nodes within each class */
+    int ncp = 0;
+    for (int cls = 0; cls < 2; cls++) {
+        int *src = cls ? rest : first, ns = cls ? nr : nf;
+        int used[1024] = {0}, left = ns;
+        while (left > 0) {
+            for (int nd = 0; nd < g_numa_nodes && left > 0; nd++) {
+                for (int k = 0; k < ns; k++)
+                    if (!used[k] && node_of[src[k]] == nd) {
+                        used[k] = 1;
+                        P.cpus[ncp++] = src[k];
+                        left--;
+                        break;
+                    }
+            }
+        }
+    }
+    P.ncpus = ncp;
+    P.physical = nf;
+}
+
+static void pool_stop(void) {
+    if (!P.w) return;
+    atomic_store(&P.quit, 1);
+    pthread_mutex_lock(&P.mu);
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    for (int i = 1; i < P.nth; i++) pthread_join(P.w[i].th, NULL);
+    free(P.w);
+    P.w = NULL;
+    atomic_store(&P.quit, 0);
+    P.nth = 1;
+}
+
+static int pool_start(int n, int pin) {
+    pool_stop();
+    if (n < 1) n = 1;
+    if (n > 1024) n = 1024;
+    P.pin = pin;
+    P.nth = n;
+    P.w = (worker_t *)calloc((size_t)n, sizeof(worker_t));
+    if (!P.w) {
+        P.nth = 1;
+        return 1;
+    }
+    pin_self(0);
+    for (int i = 1; i < n; i++) {
+        P.w[i].tid = i;
+        P.w[i].gen0 = atomic_load(&P.gen);
+        if (pthread_create(&P.w[i].th, NULL, worker_main, &P.w[i]) != 0) {
+            P.nth = i;
+            break;
+        }
+    }
+    return P.nth;
+}
+
+static void pool_run(task_fn fn, void *ctx) {
+    if (P.nth <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    P.fn = fn;
+    P.ctx = ctx;
+    atomic_store(&P.done, 0);
+    atomic_store(&P.bar_count, 0);
+    atomic_store(&P.bar_sense, 0);
+    pthread_mutex_lock(&P.mu);
+    atomic_fetch_add_explicit(&P.gen, 1, memory_order_acq_rel);
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    fn(ctx, 0, P.nth);
+    int it = 0;
+    while (atomic_load_explicit(&P.done, memory_order_acquire) < P.nth - 1) {
+        cpu_relax();
+        if ((++it & 1023) == 0) sched_yield();
+    }
+}
+
+/* sense-reversing barrier across all participants of the current task */
+static void pool_barrier(int nth, int *local_sense) {
+    if (nth <= 1) return;
+    *local_sense = !*local_sense;
+    if (atomic_fetch_add_explicit(&P.bar_count, 1, memory_order_acq_rel) == nth - 1) {
+        atomic_store(&P.bar_count, 0);
+        atomic_store_explicit(&P.bar_sense, *local_sense, memory_order_release);
+    } else {
+        int it = 0;
+        while (atomic_load_explicit(&P.bar_sense, memory_order_acquire) != *local_sense) {
+            cpu_relax();
+            if ((++it & 1023) == 0) sched_yield();
+        }
+    }
+}
+
+static int g_pool_init = 0;
+
+/* a forked child has none of the parent's workers: start over lazily */
+static void atfork_child(void) {
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.cv, NULL);
+    pthread_mutex_init(&P.call_mu, NULL);
+    P.w = NULL;
+    P.nth = 1;
+    atomic_store(&P.quit, 0);
+    g_pool_init = 0;
+}
+
+static void ensure_init(void) {
+    if (g_pool_init) return;
+    static int atfork_done = 0;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, atfork_child);
+        atfork_done = 1;
+    }
+    g_pool_init = 1;
+    isa_init();
+    build_cpu_order();
+    const char *e = getenv("K2LOCAL_SPIN_US");
+    P.spin_us = e ? atoi(e) : 300;
+    int n = P.physical > 0 ? P.physical : 1;
+    e = getenv("K2LOCAL_THREADS");
+    if (e && atoi(e) > 0) n = atoi(e);
+    e = getenv("K2LOCAL_PREFETCH");
+    if (e) g_pfd = atoi(e) > 0 ? atoi(e) : 0;
+    e = getenv("K2LOCAL_PAIRS");
+    if (e) g_no_pairs = atoi(e) <= 0;
+    e = getenv("K2LOCAL_PREFETCH_L2");
+    if (e) g_pf_l2 = atoi(e) > 0;
+    const char *pe = getenv("K2LOCAL_PIN");
+    pool_start(n, pe && atoi(pe) > 0);
+}
+
+/* ------------------------------------------------------------------ scratch */
+
+static uint8_t *g_scratch = NULL;
+static size_t g_scratch_cap = 0;
+static void *scratch(size_t n) {
+    if (n > g_scratch_cap) {
+        free(g_scratch);
+        size_t cap = n + n / 4 + 4096;
+        if (posix_memalign((void **)&g_scratch, 64, cap) != 0) {
+            g_scratch = NULL;
+            g_scratch_cap = 0;
+            return NULL;
+        }
+        g_scratch_cap = cap;
+    }
+    return g_scratch;
+}
+static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* ------------------------------------------------------------------ matmul */
+
+#define MAXNT 64 /* tokens per kernel call; larger batches loop */
+#define PREQUANT_MAX 65536 /* quantize activations in the calling thread up to this many values */
+
+/* Rows [r0, r1) of w.  The prefetch stream runs g_pfd bytes ahead and, past r1, continues into
+ * `next` (the segment this thread reads next, or NULL when unknown). */
+static inline void run_rows(const kern_t *k, const uint8_t *w, int64_t row_stride, int nb, int64_t r0, int64_t r1,
+                            const act_t *acts, int nt, float *out, ptrdiff_t os, const uint8_t *next) {
+    const uint8_t *end = w + r1 * row_stride;
+    const int64_t pfd = g_pfd;
+    const int pairs = nt == 1 && k->fn2 && !g_no_pairs;
+    for (int64_t r = r0; r < r1;) {
+        const uint8_t *row = w + r * row_stride, *pf = NULL, *pf1 = NULL;
+        if (pfd > 0) {
+            pf = row + pfd;
+            if (pf >= end) pf = next ? next + (pf - end) : NULL;
+        }
+        if (pairs && r + 1 < r1) {
+            if (pfd > 0) {
+                pf1 = row + row_stride + pfd;
+                if (pf1 >= end) pf1 = next ? next + (pf1 - end) : NULL;
+            }
+            k->fn2(row, (ptrdiff_t)row_stride, nb, acts, out + (r - r0), pf, pf1);
+            r += 2;
+        } else {
+            k->fn(row, nb, acts, nt, out + (r - r0), os, pf);
+            r++;
+        }
+    }
+}
+
+static int64_t pick_chunk(int64_t items_rows, int nth, int64_t lo, int64_t hi) {
+    /* aim for >= 8 chunks per thread, within [lo, hi], power of two */
+    int64_t c = hi;
+    while (c > lo && items_rows / c < 8 * (int64_t)nth) c /= 2;
+    return c;
+}
+
+typedef struct {
+    kern_t k;
+    const uint8_t *w;
+    int64_t rows, cols, row_stride, T, ldx, ldy, chunk;
+    int nb;
+    const float *x;
+    float *y;
+    uint8_t *abuf;
+    size_t abytes;
+    int prequant; /* activations already quantized by the caller: no barrier needed */
+    _Atomic int64_t next;
+} mm_ctx;
+
+static void mm_task(void *vctx, int tid, int nth) {
+    mm_ctx *c = (mm_ctx *)vctx;
+    int sense = 0;
+    if (!c->prequant) {
+        for (int64_t t = tid; t < c->T; t += nth) quantize_act(c->x + t * c->ldx, c->cols, c->k.layout, c->abuf + t * c->abytes);
+        pool_barrier(nth, &sense);
+    }
+    act_t acts[MAXNT];
+    for (int64_t t = 0; t < c->T; t++) acts[t] = act_view(c->abuf + t * c->abytes, c->cols);
+    const int64_t nchunks = (c->rows + c->chunk - 1) / c->chunk;
+    for (;;) {
+        int64_t ci = atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
+        if (ci >= nchunks) break;
+        int64_t r0 = ci * c->chunk, r1 = r0 + c->chunk < c->rows ? r0 + c->chunk : c->rows;
+        /* keep prefetching into the following rows (read by this or a neighbouring thread), not past the matrix */
+        const uint8_t *nx = r1 < c->rows ? c->w + r1 * c->row_stride : NULL;
+        run_rows(&c->k, c->w, c->row_stride, c->nb, r0, r1, acts, (int)c->T, c->y + r0, (ptrdiff_t)c->ldy, nx);
+    }
+}
+
+/* ------------------------------------------------------------------ fused MoE experts */
+
+typedef struct {
+    int64_t T, hidden, inter, ldx, ldy;
+    const float *x;
+    float *y;
+    int accumulate, prequant;
+    kern_t kg, ku, kd;
+    int nb_h, nb_i; /* blocks per row: gate/up rows (hidden cols), down rows (inter cols) */
+    int64_t rs_g, rs_u, rs_d;
+    const uint8_t *const *gate, *const *up, *const *down;
+    int nslots;
+    const int *slot_exp;  /* slot -> expert index */
+    const int *slot_off;  /* slot -> first pair (pairs grouped by slot), size nslots+1 */
+    const int *pair_tok;  /* pair -> token */
+    const float *pair_w;  /* pair -> routing weight */
+    uint8_t *xa_g, *xa_u; /* per token activation buffers (hidden) */
+    size_t xab;
+    float *h;             /* [npairs, inter] */
+    uint8_t *ha;          /* per pair activation buffers (inter) */
+    size_t hab;
+    _Atomic int *span_done;
+    int nspans;
+    int64_t chunk1, nch1, chunk2;
+    float *tmp;           /* per thread scratch */
+    size_t tmp_per_thread;
+    _Atomic int64_t next1, next2;
+} moe_ctx;
+
+#define SPAN 256
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
+static void moe_task(void *vctx, int tid, int nth) {
+    moe_ctx *c = (moe_ctx *)vctx;
+    int sense = 0;
+    /* phase 0: quantize x per token for gate (and up if its layout differs) */
+    if (!c->prequant) {
+        for (int64_t t = tid; t < c->T; t += nth) {
+            quantize_act(c->x + t * c->ldx, c->hidden, c->kg.layout, c->xa_g + t * c->xab);
+            if (c->xa_u != c->xa_g) quantize_act(c->x + t * c->ldx, c->hidden, c->ku.layout, c->xa_u + t * c->xab);
+        }
+        pool_barrier(nth, &sense);
+    }
+    float *tmp = c->tmp + (size_t)tid * c->tmp_per_thread;
+    act_t ag[MAXNT], au[MAXNT];
+    /* phase 1: gate/up rows -> h = silu(g) * u; the thread finishing a 256-row span quantizes it */
+    const int64_t n1 = (int64_t)c->nslots * c->nch1;
+    for (;;) {
+        int64_t it = atomic_fetch_add_explicit(&c->next1, 1, memory_order_relaxed);
+        if (it >= n1) break;
+        const int s = (int)(it / c->nch1), e = c->slot_exp[s];
+        const int64_t r0 = (it % c->nch1) * c->chunk1, r1 = r0 + c->chunk1 < c->inter ? r0 + c->chunk1 : c->inter;
+        const int64_t nr = r1 - r0;
+        for (int p0 = c->slot_off[s]; p0 < c->slot_off[s + 1]; p0 += MAXNT) {
+            int nt = c->slot_off[s + 1] - p0 < MAXNT ? c->slot_off[s + 1] - p0 : MAXNT;
+            for (int k = 0; k < nt; k++) {
+                int t = c->pair_tok[p0 + k];
+                ag[k] = act_view(c->xa_g + (size_t)t * c->xab, c->hidden);
+                au[k] = act_view(c->xa_u + (size_t)t * c->xab, c->hidden);
+            }
+            float *g = tmp, *u = tmp + (size_t)MAXNT * c->chunk1;
+            run_rows(&c->kg, c->gate[e], c->rs_g, c->nb_h, r0, r1, ag, nt, g, (ptrdiff_t)c->chunk1, c->up[e] + r0 * c->rs_u);
+            run_rows(&c->ku, c->up[e], c->rs_u, c->nb_h, r0, r1, au, nt, u, (ptrdiff_t)c->chunk1,
+                     r1 < c->inter ? c->up[e] + r1 * c->rs_u : NULL);
+            for (int k = 0; k < nt; k++) {
+                float *hr = c->h + (size_t)(p0 + k) * c->inter;
+                for (int64_t r = 0; r < nr; r++) hr[r0 + r] = silu(g[k * c->chunk1 + r]) * u[k * c->chunk1 + r];
+            }
+        }
+        const int span = (int)(r0 / SPAN);
+        const int64_t s0 = (int64_t)span * SPAN, s1 = s0 + SPAN < c->inter ? s0 + SPAN : c->inter;
+        int prev = atomic_fetch_add_explicit(&c->span_done[s * c->nspans + span], (int)nr, memory_order_acq_rel);
+        if (prev + nr == s1 - s0) {
+            for (int p = c->slot_off[s]; p < c->slot_off[s + 1]; p++)
+                quantize_act_range(c->h + (size_t)p * c->inter, c->inter, c->kd.layout, c->ha + (size_t)p * c->hab, s0, s1);
+        }
+    }
+    pool_barrier(nth, &sense);
+    /* phase 2: down rows; each chunk of output rows loops over all slots and accumulates */
+    const int64_t n2 = (c->hidden + c->chunk2 - 1) / c->chunk2;
+    for (;;) {
+        int64_t it = atomic_fetch_add_explicit(&c->next2, 1, memory_order_relaxed);
+        if (it >= n2) break;
+        const int64_t r0 = it * c->chunk2, r1 = r0 + c->chunk2 < c->hidden ? r0 + c->chunk2 : c->hidden;
+        const int64_t nr = r1 - r0;
+        if (!c->accumulate)
+            for (int64_t t = 0; t < c->T; t++) memset(c->y + t * c->ldy + r0, 0, (size_t)nr * sizeof(float));
+        for (int s = 0; s < c->nslots; s++) {
+            const int e = c->slot_exp[s];
+            for (int p0 = c->slot_off[s]; p0 < c->slot_off[s + 1]; p0 += MAXNT) {
+                int nt = c->slot_off[s + 1] - p0 < MAXNT ? c->slot_off[s + 1] - p0 : MAXNT;
+                for (int k = 0; k < nt; k++) ag[k] = act_view(c->ha + (size_t)(p0 + k) * c->hab, c->inter);
+                const uint8_t *nx = s + 1 < c->nslots ? c->down[c->slot_exp[s + 1]] + r0 * c->rs_d : NULL;
+                run_rows(&c->kd, c->down[e], c->rs_d, c->nb_i, r0, r1, ag, nt, tmp, (ptrdiff_t)c->chunk2, nx);
+                for (int k = 0; k < nt; k++) {
+                    float *yr = c->y + c->pair_tok[p0 + k] * c->ldy + r0;
+                    const float wgt = c->pair_w[p0 + k];
+                    const float *src = tmp + (size_t)k * c->chunk2;
+                    for (int64_t r = 0; r < nr; r++) yr[r] += wgt * src[r];
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ read bandwidth probe */
+
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+    _Atomic uint64_t sink;
+} bw_ctx;
+
+static void bw_task(void *vctx, int tid, int nth) {
+    bw_ctx *c = (bw_ctx *)vctx;
+    size_t per = (c->n / (size_t)nth) & ~(size_t)255;
+    const uint8_t *p = c->p + per * (size_t)tid;
+    size_t n = tid == nth - 1 ? c->n - per * (size_t)tid : per;
+    n &= ~(size_t)255;
+    uint64_t s;
+#if K2K_X86
+    if (g_isa >= ISA_AVX512) s = read_sum_512(p, n);
+    else if (g_isa == ISA_AVX2) s = read_sum_256(p, n);
+    else
+#endif
+        s = read_sum_gen(p, n);
+    atomic_fetch_xor(&c->sink, s);
+}
+
+/* ------------------------------------------------------------------ public API */
+
+#ifndef K2K_SRC_TAG
+#define K2K_SRC_TAG "unknown"
+#endif
+int k2k_abi_version(void) { return K2K_ABI_VERSION; }
+/* hash of the source this binary was built from (set by setup.py / the on-demand build) */
+const char *k2k_src_tag(void) { return K2K_SRC_TAG; }
+
+int k2k_isa(void) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    int r = g_isa;
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
+int k2k_isa_hw(void) {
+    isa_init();
+    return g_isa_hw;
+}
+
+/* cap the ISA (tests / debugging); returns the effective ISA */
+int k2k_set_isa(int isa) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    g_isa = isa < g_isa_hw ? (isa < 0 ? 0 : isa) : g_isa_hw;
+    int r = g_isa;
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
+int k2k_set_threads(int n, int pin) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    if (n <= 0) n = P.physical > 0 ? P.physical : 1;
+    int r = pool_start(n, pin);
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
+int k2k_get_threads(void) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    int r = P.nth;
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
+/* physical cores among the CPUs this process may run on */
+int k2k_default_threads(void) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    int r = P.physical > 0 ? P.physical : 1;
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
+int k2k_numa_nodes(void) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    int r = g_numa_nodes;
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
+/* software prefetch distance in bytes (0 disables; < 0 leaves it) and level (0: L1, 1: L2; < 0 leaves it) */
+int k2k_set_prefetch(int bytes, int l2) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    if (bytes >= 0) g_pfd = bytes;
+    if (l2 >= 0) g_pf_l2 = l2 ? 1 : 0;
+    int r = g_pfd;
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
+/* row-pair kernels for single-token calls: 1 on, 0 off, < 0 leaves it; returns the setting in effect */
+int k2k_set_pairs(int on) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    if (on >= 0) g_no_pairs = !on;
+    int r = !g_no_pairs;
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
+int k2k_supported(int type) { return tinfo(type) != NULL; }
+
+int64_t k2k_row_bytes(int type, int64_t cols) {
+    const tinfo_t *ti = tinfo(type);
+    if (!ti || cols <= 0 || cols % ti->blk) return -1;
+    return cols / ti->blk * ti->bytes;
+}
+
+/* y[t, r] = sum_c x[t, c] * W[r, c] for t < T; W rows are ggml blocks, row_stride bytes apart. */
+int k2k_matmul(int type, const void *w, int64_t rows, int64_t cols, int64_t row_stride, const float *x, int64_t T,
+               int64_t ldx, float *y, int64_t ldy) {
+    const tinfo_t *ti = tinfo(type);
+    if (!ti) return -1;
+    if (cols <= 0 || cols % ti->blk || rows < 0 || T < 0 || row_stride < k2k_row_bytes(type, cols)) return -2;
+    if (rows == 0 || T == 0) return 0;
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    int rc = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += MAXNT) {
+        mm_ctx c;
+        memset(&c, 0, sizeof c);
+        c.k = get_kernel(type);
+        c.w = (const uint8_t *)w;
+        c.rows = rows;
+        c.cols = cols;
+        c.row_stride = row_stride;
+        c.T = T - t0 < MAXNT ? T - t0 : MAXNT;
+        c.ldx = ldx;
+        c.ldy = ldy;
+        c.nb = (int)(cols / ti->blk);
+        c.x = x + t0 * ldx;
+        c.y = y + t0 * ldy;
+        c.abytes = al64(act_bytes(cols));
+        c.abuf = (uint8_t *)scratch(c.abytes * (size_t)c.T);
+        if (!c.abuf) {
+            rc = -3;
+            break;
+        }
+        c.chunk = pick_chunk(rows, P.nth, 16, 128);
+        c.prequant = P.nth <= 1 || c.T * cols <= PREQUANT_MAX;
+        if (c.prequant)
+            for (int64_t t = 0; t < c.T; t++) quantize_act(c.x + t * ldx, cols, c.k.layout, c.abuf + t * c.abytes);
+        atomic_store(&c.next, 0);
+        pool_run(mm_task, &c);
+    }
+    pthread_mutex_unlock(&P.call_mu);
+    return rc;
+}
+
+/*
+ * Routed experts of a MoE layer for T tokens:
+ *   y[t] (+)= sum_k wts[t, k] * down_e( silu(gate_e x[t]) * up_e x[t] ),  e = idx[t, k]  (idx < 0: skipped)
+ * gate/up/down are per-expert pointers to [inter, hidden] / [inter, hidden] / [hidden, inter] quantized rows.
+ */
+int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ldx, int nexp, const void *const *gate,
+            const void *const *up, const void *const *down, int tg, int tu, int td, int K, const int32_t *idx,
+            const float *wts, float *y, int64_t ldy, int accumulate) {
+    const tinfo_t *ig = tinfo(tg), *iu = tinfo(tu), *id = tinfo(td);
+    if (!ig || !iu || !id) return -1;
+    if (hidden <= 0 || inter <= 0 || hidden % ig->blk || hidden % iu->blk || inter % id->blk || T < 0 || K < 0) return -2;
+    if (T == 0) return 0;
+    for (int64_t i = 0; i < T * K; i++)
+        if (idx[i] >= nexp) return -2;
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    int rc = 0;
+    moe_ctx c;
+    memset(&c, 0, sizeof c);
+    c.T = T;
+    c.hidden = hidden;
+    c.inter = inter;
+    c.ldx = ldx;
+    c.ldy = ldy;
+    c.x = x;
+    c.y = y;
+    c.accumulate = accumulate;
+    c.kg = get_kernel(tg);
+    c.ku = get_kernel(tu);
+    c.kd = get_kernel(td);
+    c.nb_h = (int)(hidden / ig->blk);
+    c.nb_i = (int)(inter / id->blk);
+    c.rs_g = k2k_row_bytes(tg, hidden);
+    c.rs_u = k2k_row_bytes(tu, hidden);
+    c.rs_d = k2k_row_bytes(td, inter);
+    c.gate = (const uint8_t *const *)gate;
+    c.up = (const uint8_t *const *)up;
+    c.down = (const uint8_t *const *)down;
+    /* group (token, expert) pairs by expert, in order of first use */
+    int64_t np = 0;
+    for (int64_t i = 0; i < T * K; i++) np += idx[i] >= 0;
+    const int nth = P.nth;
+    c.xab = al64(act_bytes(hidden));
+    c.hab = al64(act_bytes(inter));
+    c.nspans = (int)((inter + SPAN - 1) / SPAN);
+    c.chunk1 = pick_chunk((np ? np : 1) * inter, nth, 8, 128);
+    if (c.chunk1 > inter) c.chunk1 = inter;
+    c.nch1 = (inter + c.chunk1 - 1) / c.chunk1;
+    c.chunk2 = pick_chunk(hidden, nth, 8, 64);
+    c.tmp_per_thread = al64((size_t)2 * MAXNT * (size_t)(c.chunk1 > c.chunk2 ? c.chunk1 : c.chunk2) * sizeof(float)) / sizeof(float);
+    const int diff_layout = c.ku.layout != c.kg.layout;
+    size_t off = 0;
+    const size_t o_slot_exp = off; off += al64(sizeof(int) * (size_t)(np + 1));
+    const size_t o_slot_off = off; off += al64(sizeof(int) * (size_t)(np + 2));
+    const size_t o_pair_tok = off; off += al64(sizeof(int) * (size_t)(np + 1));
+    const size_t o_pair_w = off; off += al64(sizeof(float) * (size_t)(np + 1));
+    const size_t o_first = off; off += al64(sizeof(int) * (size_t)nexp);
+    const size_t o_xa = off; off += c.xab * (size_t)T * (diff_layout ? 2 : 1);
+    const size_t o_h = off; off += al64(sizeof(float) * (size_t)(np * inter));
+    const size_t o_ha = off; off += c.hab * (size_t)np;
+    const size_t o_span = off; off += al64(sizeof(int) * (size_t)(np * c.nspans + 1));
+    const size_t o_tmp = off; off += sizeof(float) * c.tmp_per_thread * (size_t)nth;
+    uint8_t *base = (uint8_t *)scratch(off);
+    if (!base) {
+        pthread_mutex_unlock(&P.call_mu);
+        return -3;
+    }
+    int *slot_exp = (int *)(base + o_slot_exp), *slot_off = (int *)(base + o_slot_off);
+    int *pair_tok = (int *)(base + o_pair_tok), *first = (int *)(base + o_first);
+    float *pair_w = (float *)(base + o_pair_w);
+    /* counting sort of pairs by slot (slot order = first appearance) */
+    for (int e = 0; e < nexp; e++) first[e] = -1;
+    int ns = 0;
+    for (int64_t i = 0; i < T * K; i++) {
+        int e = idx[i];
+        if (e < 0) continue;
+        if (first[e] < 0) {
+            first[e] = ns;
+            slot_exp[ns] = e;
+            slot_off[ns] = 0;
+            ns++;
+        }
+        slot_off[first[e]]++;
+    }
+    int acc = 0;
+    for (int s = 0; s < ns; s++) {
+        int cnt = slot_off[s];
+        slot_off[s] = acc;
+        acc += cnt;
+    }
+    slot_off[ns] = acc;
+    {
+        int *fill = (int *)(base + o_span); /* temporary cursor, reset below */
+        for (int s = 0; s < ns; s++) fill[s] = slot_off[s];
+        for (int64_t i = 0; i < T * K; i++) {
+            int e = idx[i];
+            if (e < 0) continue;
+            int p = fill[first[e]]++;
+            pair_tok[p] = (int)(i / K);
+            pair_w[p] = wts[i];
+        }
+    }
+    c.nslots = ns;
+    c.slot_exp = slot_exp;
+    c.slot_off = slot_off;
+    c.pair_tok = pair_tok;
+    c.pair_w = pair_w;
+    c.xa_g = base + o_xa;
+    c.xa_u = diff_layout ? base + o_xa + c.xab * (size_t)T : c.xa_g;
+    c.h = (float *)(base + o_h);
+    c.ha = base + o_ha;
+    c.span_done = (_Atomic int *)(base + o_span);
+    for (int64_t i = 0; i < np * c.nspans; i++) atomic_store(&c.span_done[i], 0);
+    c.tmp = (float *)(base + o_tmp);
+    c.prequant = nth <= 1 || T * hidden <= PREQUANT_MAX;
+    if (c.prequant)
+        for (int64_t t = 0; t < T; t++) {
+            quantize_act(x + t * ldx, hidden, c.kg.layout, c.xa_g + t * c.xab);
+            if (diff_layout) quantize_act(x + t * ldx, hidden, c.ku.layout, c.xa_u + t * c.xab);
+        }
+    atomic_store(&c.next1, 0);
+    atomic_store(&c.next2, 0);
+    if (ns == 0) {
+        if (!accumulate)
+            for (int64_t t = 0; t < T; t++) memset(y + t * ldy, 0, (size_t)hidden * sizeof(float));
+    } else {
+        pool_run(moe_task, &c);
+    }
+    pthread_mutex_unlock(&P.call_mu);
+    return rc;
+}
+
+/* Read bandwidth of buf (64-byte aligned) with the pool: best of reps passes, GB/s. */
+double k2k_read_bw(const void *buf, int64_t n, int reps) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    double best = 0;
+    for (int r = 0; r < (reps > 0 ? reps : 1); r++) {
+        bw_ctx c;
+        c.p = (const uint8_t *)buf;
+        c.n = (size_t)n;
+        atomic_store(&c.sink, 0);
+        double t0 = now_s();
+        pool_run(bw_task, &c);
+        double dt = now_s() - t0;
+        if (dt > 0 && n / dt / 1e9 > best) best = n / dt / 1e9;
+    }
+    pthread_mutex_unlock(&P.call_mu);
+    return best;
+}

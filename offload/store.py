@@ -1,0 +1,555 @@
+"""Expert byte tiers: RAM (resident, pinned under CUDA), disk (our own bounded RAM cache filled by large pread /
+O_DIRECT reads, frequency eviction) and the device cache (experts kept on the GPU, ready to multiply).
+
+Experts are never read through a page-cache mmap: a slot pool of fixed-size, page-aligned buffers is allocated
+once (the RAM budget), and each expert's segments are read straight into its slot by a few I/O threads.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from k2local.errors import CheckpointError
+from offload.cache import CacheCounters, CachePolicy, FrequencyPolicy
+from offload.expert_layout import ExpertEntry, ExpertLayout, cheap_to_decode, decode_matrix
+
+Key = tuple[int, int]  # (layer, expert)
+ALIGN = 4096  # O_DIRECT needs file offset, length and buffer address aligned to the logical block size
+
+
+def _align_down(n: int, a: int = ALIGN) -> int:
+    return n - n % a
+
+
+def _align_up(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Where an expert's segments land in a slot: aligned read ranges and where each segment's data starts."""
+
+    reads: tuple[tuple[int, int, int], ...]  # (slot offset, file offset, read length)
+    data: tuple[tuple[int, int], ...]  # (slot offset of the segment's first byte, nbytes)
+    size: int
+
+
+def plan_slot(entry: ExpertEntry) -> SlotPlan:
+    reads, data, pos = [], [], 0
+    for seg in entry.segments:
+        if seg.path is None:
+            reads.append((pos, -1, seg.nbytes))
+            data.append((pos, seg.nbytes))
+            pos += _align_up(seg.nbytes)
+            continue
+        start = _align_down(seg.offset)
+        length = _align_up(seg.offset + seg.nbytes) - start
+        reads.append((pos, start, length))
+        data.append((pos + seg.offset - start, seg.nbytes))
+        pos += length
+    return SlotPlan(tuple(reads), tuple(data), pos)
+
+
+class FileReader:
+    """Thread-safe positional reads; O_DIRECT when the file system allows it (bypasses the page cache)."""
+
+    def __init__(self, direct: bool = True):
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._fds: dict[str, tuple[int, bool]] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: str) -> tuple[int, bool]:
+        with self._lock:
+            got = self._fds.get(path)
+            if got is None:
+                got = (-1, False)
+                if self.direct:
+                    try:
+                        got = (os.open(path, os.O_RDONLY | os.O_DIRECT), True)  # type: ignore[attr-defined]
+                    except OSError:
+                        got = (-1, False)
+                if got[0] < 0:
+                    try:
+                        got = (os.open(path, os.O_RDONLY), False)
+                    except OSError as e:
+                        raise CheckpointError(f"{path}: cannot open expert file ({e.strerror})") from None
+                self._fds[path] = got
+            return got
+
+    def _fallback(self, path: str, fd: int) -> int:
+        with self._lock:
+            cur = self._fds.get(path)
+            if cur is not None and cur[0] == fd and cur[1]:
+                os.close(fd)
+                self._fds[path] = (os.open(path, os.O_RDONLY), False)
+            return self._fds[path][0]
+
+    def read_into(self, path: str, offset: int, buf: memoryview, need: int) -> None:
+        """Fill buf from `offset`; at least `need` bytes must exist (the tail of an aligned read may pass EOF)."""
+        fd, direct = self._fd(path)
+        got = 0
+        while got < len(buf):
+            try:
+                n = os.preadv(fd, [buf[got:]], offset + got)
+            except OSError as e:
+                if direct and e.errno == 22:  # EINVAL: this file or buffer cannot do O_DIRECT
+                    fd, direct = self._fallback(path, fd), False
+                    continue
+                raise CheckpointError(f"{path}: read failed at {offset + got} ({e.strerror})") from None
+            if n <= 0:
+                break
+            got += n
+        if got < need:
+            raise CheckpointError(f"{path}: truncated (expert bytes end past the end of the file)")
+        if not direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)  # keep the page cache out of it
+
+    @property
+    def direct_files(self) -> int:
+        return sum(1 for _, d in self._fds.values() if d)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+
+def alloc_aligned(nbytes: int, pin: bool = False) -> tuple[torch.Tensor, bool]:
+    """A page-aligned uint8 CPU buffer (pinned if asked and possible); pages are not touched here."""
+    raw = None
+    pinned = False
+    if pin and torch.cuda.is_available():
+        try:
+            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
+            pinned = True
+        except RuntimeError:
+            raw = None
+    if raw is None:
+        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % ALIGN
+    return raw[start:start + nbytes], pinned
+
+
+class SlotPool:
+    """n fixed-size page-aligned slots, in chunks of about 1 GiB (so no single huge allocation)."""
+
+    def __init__(self, n_slots: int, slot_bytes: int, pin: bool = False, chunk_bytes: int = 1 << 30):
+        self.n_slots = n_slots
+        self.slot_bytes = _align_up(max(slot_bytes, 1))
+        self.per_chunk = max(1, chunk_bytes // self.slot_bytes)
+        self._chunks: list[torch.Tensor] = []
+        self.pinned = pin
+        for start in range(0, n_slots, self.per_chunk):
+            k = min(self.per_chunk, n_slots - start)
+            buf, ok = alloc_aligned(k * self.slot_bytes, pin)
+            self.pinned = self.pinned and ok
+            self._chunks.append(buf)
+        self._np = [c.numpy() for c in self._chunks]
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    def tensor(self, slot: int) -> torch.Tensor:
+        c, i = divmod(slot, self.per_chunk)
+        return self._chunks[c][i * self.slot_bytes:(i + 1) * self.slot_bytes]
+
+    def memview(self, slot: int, start: int, length: int) -> memoryview:
+        c, i = divmod(slot, self.per_chunk)
+        base = i * self.slot_bytes + start
+        return memoryview(self._np[c][base:base + length])  # type: ignore[arg-type]
+
+
+class _IOPool:
+    """A few daemon threads running load jobs by priority (0 = a layer waits on it, 1 = prefetch)."""
+
+    def __init__(self, n_threads: int):
+        self._q: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._threads = [threading.Thread(target=self._run, daemon=True, name=f"k2-expert-io-{i}")
+                         for i in range(max(1, n_threads))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, prio: int, fn: Callable[[], None]) -> None:
+        self._q.put((prio, next(self._seq), fn))
+
+    def _run(self) -> None:
+        while True:
+            _, _, fn = self._q.get()
+            if fn is None:
+                return
+            fn()
+
+    def close(self, timeout: float = 5.0) -> None:
+        for _ in self._threads:
+            self._q.put((99, next(self._seq), None))
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+
+
+class Lease:
+    """A pinned expert in a RAM slot: the segment byte views stay valid until `release()`."""
+
+    __slots__ = ("key", "slot", "views", "entry", "_store", "tier")
+
+    def __init__(self, store: "ExpertStore", key: Key, slot: int, tier: str):
+        self._store, self.key, self.slot, self.tier = store, key, slot, tier
+        self.entry = store.layout.entry(*key)
+        base = store.pool.tensor(slot)
+        self.views = [base[o:o + n] for o, n in store.plan(key).data]
+
+    def matrices(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """gate, up, down dequantized to `dtype` (on the CPU)."""
+        return [decode_matrix(f, v, dtype) for f, v in self.entry.matrix_segments(self.views)]
+
+    def release(self) -> None:
+        if self._store is not None:
+            self._store._release(self.slot)
+            self._store = None  # type: ignore[assignment]
+
+
+class _Load:
+    __slots__ = ("futures", "prefetch")
+
+    def __init__(self, prefetch: bool):
+        self.futures: list[Future] = []
+        self.prefetch = prefetch
+
+
+class ExpertStore:
+    """Expert bytes in RAM slots. `resident` mode preloads every expert (the RAM tier); otherwise the slots are a
+    cache over the disk (the disk tier): demand misses and prefetches read into a free or evicted slot.
+    """
+
+    def __init__(self, layout: ExpertLayout, n_slots: int | None = None, pin: bool = False,
+                 policy: CachePolicy | None = None, io_threads: int = 4, direct_io: bool = True,
+                 keys: list[Key] | None = None, tier: str | None = None):
+        self.layout = layout
+        keys = list(keys) if keys is not None else layout.keys()
+        self.keys = keys
+        self._plans = {k: plan_slot(layout.entry(*k)) for k in layout.keys()}
+        slot_bytes = max((self._plans[k].size for k in keys), default=ALIGN)
+        self.all_resident = n_slots is None or n_slots >= len(keys)
+        n = len(keys) if self.all_resident else max(1, int(n_slots or 1))
+        self.pool = SlotPool(n, slot_bytes, pin)
+        self.policy: CachePolicy = policy or FrequencyPolicy()
+        self.reader = FileReader(direct_io)
+        self.counters = CacheCounters()
+        self.tier = tier or ("ram" if self.all_resident else "disk")
+        self._resident: dict[Key, int] = {}
+        self._by_slot: dict[int, Key] = {}
+        self._refs = [0] * n
+        self._free = list(range(n - 1, -1, -1))
+        self._loading: dict[Key, _Load] = {}
+        self._prefetched: set[Key] = set()
+        self._protect: set[Key] = set()
+        self._cv = threading.Condition()
+        self._io = _IOPool(io_threads)
+        self._closed = False
+
+    # ------------------------------------------------------------------ info
+    @property
+    def n_slots(self) -> int:
+        return self.pool.n_slots
+
+    @property
+    def nbytes(self) -> int:
+        return self.pool.nbytes
+
+    def plan(self, key: Key) -> SlotPlan:
+        return self._plans[key]
+
+    def is_resident(self, key: Key) -> bool:
+        with self._cv:
+            return key in self._resident
+
+    def resident_keys(self) -> list[Key]:
+        with self._cv:
+            return list(self._resident)
+
+    def free_slots(self) -> int:
+        with self._cv:
+            return len(self._free)
+
+    def protect(self, keys: Iterable[Key]) -> None:
+        """Prefer not to evict these (the experts the current layer is about to use)."""
+        with self._cv:
+            self._protect = set(keys)
+
+    # ------------------------------------------------------------------ loading
+    def preload(self, keys: Iterable[Key] | None = None, progress: Callable[[int], None] | None = None) -> None:
+        """Read `keys` (default: all, for the RAM tier) with all I/O threads; blocks until done."""
+        futs = []
+        for k in keys if keys is not None else self.keys:
+            f = self._request(k, prio=0, pin=False, count=False)
+            if f is not None:
+                futs.append(f)
+        for f in futs:
+            f.result()
+            if progress:
+                progress(self.layout.entry(*f.result_key).nbytes)  # type: ignore[attr-defined]
+
+    def read_copy(self, key: Key) -> list[torch.Tensor]:
+        """Read one expert into a fresh buffer outside the pool (to fill the device cache); its segment views."""
+        plan = self._plans[key]
+        buf, _ = alloc_aligned(plan.size)
+        arr = buf.numpy()
+        for (soff, foff, length), seg, (_, need) in zip(plan.reads, self.layout.entry(*key).segments, plan.data):
+            if seg.path is None:
+                arr[soff:soff + need] = seg.array
+            else:
+                self.reader.read_into(seg.path, foff, memoryview(arr[soff:soff + length]),  # type: ignore[arg-type]
+                                      need + seg.offset - foff)
+        return [buf[o:o + n] for o, n in plan.data]
+
+    def pin_resident(self, keys: Iterable[Key]) -> list[Lease]:
+        """Leases on those of `keys` that are resident right now (counted as hits); never waits or reads."""
+        out = []
+        with self._cv:
+            for k in keys:
+                slot = self._resident.get(k)
+                if slot is None:
+                    continue
+                self._refs[slot] += 1
+                self.counters.hits += 1
+                self.counters.bytes_served += self.layout.entry(*k).nbytes
+                if k in self._prefetched:
+                    self.counters.prefetch_hits += 1
+                    self._prefetched.discard(k)
+                out.append(Lease(self, k, slot, self.tier))
+        for lease in out:
+            self.policy.request(lease.key)
+        return out
+
+    def lease(self, key: Key) -> Future:
+        """A future Lease on `key` (already resolved on a hit); the caller must `release()` it."""
+        self.policy.request(key)
+        f = self._request(key, prio=0, pin=True, count=True)
+        assert f is not None
+        return f
+
+    def prefetch(self, keys: Iterable[Key]) -> int:
+        """Start reading likely-needed experts if a slot is free or holds a colder expert; returns how many."""
+        n = 0
+        for k in keys:
+            if self._request(k, prio=1, pin=False, count=False, speculative=True) is not None:
+                n += 1
+        return n
+
+    def _request(self, key: Key, prio: int, pin: bool, count: bool, speculative: bool = False) -> Future | None:
+        fut: Future = Future()
+        fut.result_key = key  # type: ignore[attr-defined]
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("expert store is closed")
+            slot = self._resident.get(key)
+            if slot is not None:
+                if speculative:
+                    return None
+                if pin:
+                    self._refs[slot] += 1
+                if count:
+                    self.counters.hits += 1
+                    self.counters.bytes_served += self.layout.entry(*key).nbytes
+                    if key in self._prefetched:
+                        self.counters.prefetch_hits += 1
+                        self._prefetched.discard(key)
+                fut.set_result(Lease(self, key, slot, self.tier) if pin else None)
+                return fut
+            load = self._loading.get(key)
+            if load is not None:
+                if speculative:
+                    return None
+                if count:
+                    self.counters.bytes_served += self.layout.entry(*key).nbytes
+                    if load.prefetch:
+                        self.counters.hits += 1
+                        self.counters.prefetch_hits += 1
+                        load.prefetch = False
+                    else:
+                        self.counters.misses += 1
+                fut.pin = pin  # type: ignore[attr-defined]
+                load.futures.append(fut)
+                return fut
+            if speculative and not self._free and not self._evictable_below(self.policy.score(key)):
+                return None
+            if count:
+                self.counters.misses += 1
+                self.counters.bytes_served += self.layout.entry(*key).nbytes
+            if speculative:
+                self.counters.prefetch_issued += 1
+            load = _Load(prefetch=speculative)
+            fut.pin = pin  # type: ignore[attr-defined]
+            load.futures.append(fut)
+            self._loading[key] = load
+        self._io.submit(prio, lambda: self._load(key, speculative))
+        return fut
+
+    def _evictable_below(self, score: float) -> bool:
+        cands = [k for k, s in self._resident.items() if self._refs[s] == 0 and k not in self._protect]
+        v = self.policy.victim(cands)
+        return v is not None and self.policy.score(v) < score
+
+    def _take_slot(self, key: Key, speculative: bool) -> int | None:
+        """A free slot, or one freed by evicting the coldest unpinned expert; demand loads wait for one."""
+        with self._cv:
+            while True:
+                if self._free:
+                    return self._free.pop()
+                unpinned = [k for k, s in self._resident.items() if self._refs[s] == 0]
+                cands = [k for k in unpinned if k not in self._protect] or unpinned
+                victim = self.policy.victim(cands)
+                if victim is not None and (not speculative or
+                                           self.policy.score(victim) < self.policy.score(key)):
+                    slot = self._resident.pop(victim)
+                    del self._by_slot[slot]
+                    self._prefetched.discard(victim)
+                    self.counters.evictions += 1
+                    return slot
+                if speculative or self._closed:
+                    return None
+                self._cv.wait()
+
+    def _load(self, key: Key, speculative: bool) -> None:
+        slot = None
+        try:
+            slot = self._take_slot(key, speculative)
+            if slot is None:
+                with self._cv:
+                    load = self._loading.pop(key)
+                    if self._closed:
+                        for f in load.futures:
+                            f.set_exception(RuntimeError("expert store is closed"))
+                        return
+                    if load.futures and any(getattr(f, "pin", False) for f in load.futures):
+                        # a demand request joined this dropped prefetch: retry as a demand load
+                        self._loading[key] = load
+                        load.prefetch = False
+                        self._io.submit(0, lambda: self._load(key, False))
+                        return
+                for f in load.futures:
+                    f.set_result(None)
+                return
+            entry = self.layout.entry(*key)
+            for (soff, foff, length), seg, (_, need) in zip(self._plans[key].reads, entry.segments,
+                                                            self._plans[key].data):
+                if seg.path is None:
+                    self.pool.memview(slot, soff, need)[:] = memoryview(seg.array).cast("B")
+                else:
+                    self.reader.read_into(seg.path, foff, self.pool.memview(slot, soff, length),
+                                          need + (seg.offset - foff))
+            with self._cv:
+                load = self._loading.pop(key)
+                self._resident[key] = slot
+                self._by_slot[slot] = key
+                self.counters.bytes_read += entry.nbytes
+                if load.prefetch:
+                    self._prefetched.add(key)
+                leases = []
+                for f in load.futures:
+                    if getattr(f, "pin", False):
+                        self._refs[slot] += 1
+                        leases.append((f, Lease(self, key, slot, self.tier)))
+                    else:
+                        leases.append((f, None))
+                self._cv.notify_all()
+            for f, lease in leases:
+                f.set_result(lease)
+        except BaseException as e:  # noqa: BLE001 (delivered to whoever waits)
+            with self._cv:
+                load = self._loading.pop(key, None)
+                if slot is not None and self._by_slot.get(slot) != key:
+                    self._free.append(slot)
+                self._cv.notify_all()
+            for f in (load.futures if load else []):
+                if not f.done():
+                    f.set_exception(e)
+
+    def _release(self, slot: int) -> None:
+        with self._cv:
+            self._refs[slot] -= 1
+            if self._refs[slot] == 0:
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._io.close()
+        self.reader.close()
+
+
+# ---------------------------------------------------------------------------------------------- device tier
+def device_expert_bytes(entry: ExpertEntry, device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes one expert takes in the device cache: raw bytes if the device can decode them, else dequantized."""
+    if device.type == "cuda" and all(cheap_to_decode(f) for f in entry.formats):
+        return entry.nbytes
+    return sum(f.rows * f.cols for f in entry.formats) * torch.tensor([], dtype=dtype).element_size()
+
+
+class DeviceCache:
+    """Experts resident on the compute device (the GPU cache tier), chosen from routing statistics.
+
+    On CUDA, FP8/BF16 experts are kept as their raw bytes and dequantized per use on the GPU (one cheap pass);
+    ggml block formats (and everything on the CPU device, used to test this tier without a GPU) are kept
+    dequantized in the compute dtype, since per-use block decoding costs many kernel launches per token.
+    """
+
+    def __init__(self, layout: ExpertLayout, device: torch.device, dtype: torch.dtype):
+        self.layout, self.device, self.dtype = layout, device, dtype
+        self._raw: dict[Key, list[torch.Tensor]] = {}
+        self._dense: dict[Key, list[torch.Tensor]] = {}
+        self.counters = CacheCounters()
+        self.nbytes = 0
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._raw or key in self._dense
+
+    def __len__(self) -> int:
+        return len(self._raw) + len(self._dense)
+
+    def keys(self) -> list[Key]:
+        return list(self._raw) + list(self._dense)
+
+    def add(self, key: Key, views: list[torch.Tensor]) -> None:
+        """Copy one expert in from its CPU byte views (a Lease's views)."""
+        entry = self.layout.entry(*key)
+        if self.device.type == "cuda" and all(cheap_to_decode(f) for f in entry.formats):
+            self._raw[key] = [v.to(self.device) for v in views]
+            self.nbytes += entry.nbytes
+        else:
+            mats = [decode_matrix(f, vs, self.dtype).to(self.device) for f, vs in entry.matrix_segments(views)]
+            self._dense[key] = mats
+            self.nbytes += sum(m.numel() * m.element_size() for m in mats)
+        self.counters.bytes_read += entry.nbytes
+
+    def remove(self, key: Key) -> None:
+        entry = self.layout.entry(*key)
+        if key in self._raw:
+            del self._raw[key]
+            self.nbytes -= entry.nbytes
+        elif key in self._dense:
+            mats = self._dense.pop(key)
+            self.nbytes -= sum(m.numel() * m.element_size() for m in mats)
+
+    def matrices(self, key: Key) -> list[torch.Tensor]:
+        """gate, up, down on the device, in the compute dtype."""
+        dense = self._dense.get(key)
+        if dense is not None:
+            return dense
+        entry = self.layout.entry(*key)
+        return [decode_matrix(f, vs, self.dtype) for f, vs in entry.matrix_segments(self._raw[key])]
+

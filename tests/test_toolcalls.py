@@ -1,0 +1,160 @@
+"""Kimi K2 tool calls: batch parsing, streaming (any chunking gives the batch result), formatting."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from k2local.toolcalls import (
+    ContentDelta,
+    ToolCall,
+    ToolCallArgsDelta,
+    ToolCallStart,
+    ToolCallStreamParser,
+    ToolEvent,
+    count_tool_calls,
+    format_tool_calls,
+    parse_tool_calls,
+    tool_call_name,
+)
+
+# FACTS.md §4: two parallel calls (the turn's <|im_end|> is a stop token, so it is not in the text).
+PARALLEL = (
+    "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+    '{"city": "Beijing"}<|tool_call_end|><|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>'
+    '{"city": "Shanghai"}<|tool_call_end|><|tool_calls_section_end|>'
+)
+BEIJING = ToolCall("functions.get_weather:0", "get_weather", '{"city": "Beijing"}')
+SHANGHAI = ToolCall("functions.get_weather:1", "get_weather", '{"city": "Shanghai"}')
+
+CASES: list[tuple[str, str | None, list[ToolCall]]] = [
+    (PARALLEL, None, [BEIJING, SHANGHAI]),
+    ("Let me check the weather.\n" + PARALLEL, "Let me check the weather.", [BEIJING, SHANGHAI]),
+    ("Just text, no tools.\n\n", "Just text, no tools.\n\n", []),
+    ("  leading space kept", "  leading space kept", []),
+    ("", None, []),
+    # Tolerance: whitespace and newlines around ids and arguments.
+    (
+        "<|tool_calls_section_begin|>\n<|tool_call_begin|> functions.get_weather:0 \n<|tool_call_argument_begin|>"
+        '\n  {"city": "Beijing"}  \n<|tool_call_end|>\n<|tool_calls_section_end|>',
+        None,
+        [BEIJING],
+    ),
+    # Missing section end at EOS; missing final call end at EOS.
+    (PARALLEL.removesuffix("<|tool_calls_section_end|>"), None, [BEIJING, SHANGHAI]),
+    (PARALLEL.removesuffix("<|tool_call_end|><|tool_calls_section_end|>"), None, [BEIJING, SHANGHAI]),
+    # Missing section begin, dotted names, ids without the functions. prefix or index.
+    (
+        "Sure.<|tool_call_begin|>functions.mcp.search:7<|tool_call_argument_begin|>{}<|tool_call_end|>"
+        "<|tool_call_begin|>lookup<|tool_call_argument_begin|>[1]",
+        "Sure.",
+        [ToolCall("functions.mcp.search:7", "mcp.search", "{}"), ToolCall("lookup", "lookup", "[1]")],
+    ),
+    # A call with no argument marker is dropped; an unterminated one at EOS too.
+    (
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.broken:0<|tool_call_end|>"
+        '<|tool_call_begin|>functions.ok:1<|tool_call_argument_begin|>{"a": "<|x|> <b>"}<|tool_call_end|>'
+        "<|tool_call_begin|>functions.cut:2",
+        None,
+        [ToolCall("functions.ok:1", "ok", '{"a": "<|x|> <b>"}')],
+    ),
+    # Text after the section is content too; a genuine "<|tool_ca" at the very end is text.
+    ("A" + PARALLEL + "\nB <|tool_ca", "AB <|tool_ca", [BEIJING, SHANGHAI]),
+    ("x < y and a<|b|>c", "x < y and a<|b|>c", []),
+]
+
+
+@pytest.mark.parametrize("text,content,calls", CASES)
+def test_parse(text: str, content: str | None, calls: list[ToolCall]) -> None:
+    assert parse_tool_calls(text) == (content, calls)
+
+
+def _stream(pieces: list[str]) -> tuple[list[ToolEvent], ToolCallStreamParser]:
+    parser = ToolCallStreamParser()
+    events: list[ToolEvent] = []
+    for p in pieces:
+        events += parser.feed(p)
+    events += parser.finish()
+    return events, parser
+
+
+def _replay(events: list[ToolEvent]) -> tuple[str | None, list[ToolCall]]:
+    """Rebuild (content, calls) from events the way an OpenAI streaming client would."""
+    content, starts, args = "", [], {}
+    for e in events:
+        if isinstance(e, ContentDelta):
+            assert e.text
+            content += e.text
+        elif isinstance(e, ToolCallStart):
+            assert e.index == len(starts)
+            starts.append(e)
+            args[e.index] = ""
+        else:
+            assert isinstance(e, ToolCallArgsDelta) and e.index == len(starts) - 1 and e.text
+            args[e.index] += e.text
+    return content or None, [ToolCall(s.id, s.name, args[s.index]) for s in starts]
+
+
+@pytest.mark.parametrize("text,content,calls", CASES)
+def test_stream_one_char_equals_batch(text: str, content: str | None, calls: list[ToolCall]) -> None:
+    events, parser = _stream(list(text))
+    batch = parse_tool_calls(text)
+    assert _replay(events) == batch == (parser.content, parser.tool_calls)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stream_random_chunks_equals_batch(seed: int) -> None:
+    rng = random.Random(seed)
+    text = "Let me look that up. 我来查一下。\n" + PARALLEL
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 30)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    events, parser = _stream(pieces)
+    assert _replay(events) == parse_tool_calls(text) == ("Let me look that up. 我来查一下。", [BEIJING, SHANGHAI])
+
+
+def test_stream_never_leaks_marker_text() -> None:
+    events, _ = _stream(list("Hello" + PARALLEL))
+    contents = [e.text for e in events if isinstance(e, ContentDelta)]
+    assert "".join(contents) == "Hello"
+    assert not any("<" in c or "|" in c for c in contents)
+    first_start = next(i for i, e in enumerate(events) if isinstance(e, ToolCallStart))
+    assert events[first_start] == ToolCallStart(0, "functions.get_weather:0", "get_weather")
+    assert all(isinstance(e, ContentDelta) for e in events[:first_start])
+
+
+def test_stream_emits_early() -> None:
+    parser = ToolCallStreamParser()
+    assert parser.feed("Hi there") == [ContentDelta("Hi there")]
+    assert parser.feed(" <|tool_") == []  # whitespace and a possible marker are held back
+    assert parser.feed("x|> ok") == [ContentDelta(" <|tool_x|> ok")]
+    assert parser.feed("<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0") == []
+    assert parser.feed("<|tool_call_argument_begin|>{\"a\"") == [ToolCallStart(0, "functions.f:0", "f"),
+                                                                 ToolCallArgsDelta(0, '{"a"')]
+    assert parser.feed(": 1}") == [ToolCallArgsDelta(0, ": 1}")]
+    assert parser.finish() == []
+    assert parser.tool_calls == [ToolCall("functions.f:0", "f", '{"a": 1}')]
+    with pytest.raises(RuntimeError):
+        parser.feed("more")
+
+
+def test_format_round_trip() -> None:
+    assert format_tool_calls([BEIJING, SHANGHAI]) == PARALLEL
+    assert parse_tool_calls(format_tool_calls([BEIJING, SHANGHAI])) == (None, [BEIJING, SHANGHAI])
+    openai_style = [{"type": "function", "function": {"name": "f", "arguments": {"q": "é"}}},
+                    {"id": "functions.g:9", "function": {"name": "g", "arguments": "{}"}}]
+    text = format_tool_calls(openai_style, start_index=3)
+    expected = [ToolCall("functions.f:3", "f", '{"q": "é"}'), ToolCall("functions.g:9", "g", "{}")]
+    assert parse_tool_calls(text)[1] == expected
+    assert BEIJING.to_openai() == {"id": "functions.get_weather:0", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": '{"city": "Beijing"}'}}
+
+
+def test_helpers() -> None:
+    assert tool_call_name("functions.get_weather:12") == "get_weather"
+    assert tool_call_name(" get_weather ") == "get_weather"
+    assert tool_call_name("functions.a.b:0") == "a.b"
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{}, {}]},
+            {"role": "tool", "content": "r"}, {"role": "assistant", "content": "y", "tool_calls": None},
+            {"role": "assistant", "tool_calls": [{}]}]
+    assert count_tool_calls(msgs) == 3
