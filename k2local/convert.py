@@ -17,13 +17,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from gguf import GGUFValueType, Keys
+from gguf import Keys
 
 from k2local.checkpoint import WeightSource, expert_name, open_checkpoint
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError, K2Error
+from k2local.gguf_vocab import tokenizer_metadata
 from k2local.recipes import Recipe, TensorRole, get_recipe, resolve_type
-from quant.gguf_file import (GGUFFormatError, GGUFStreamWriter, MetaValue, TensorSpec, arr, boolv, can_quantize,
+from quant.gguf_file import (GGUFFormatError, GGUFStreamWriter, MetaValue, TensorSpec, boolv, can_quantize,
                              f32v, qtype_of, quantize_rows, strv, tensor_nbytes, u32)
 
 ARCH = "deepseek2"
@@ -177,46 +178,6 @@ def model_metadata(cfg: ModelConfig, name: str, file_type: int) -> dict[str, Met
         md[k(Keys.Rope.SCALING_YARN_BETA_SLOW)] = f32v(float(rs.get("beta_slow") or 1))
         # llama.cpp's converter stores 0.1 * mscale_all_dim and its loader divides by 0.1 again
         md[k(Keys.Rope.SCALING_YARN_LOG_MUL)] = f32v(0.1 * float(rs.get("mscale_all_dim") or 0.0))
-    return md
-
-
-def tokenizer_metadata(src_dir: Path, cfg: ModelConfig) -> dict[str, MetaValue]:
-    """tokenizer.ggml.* (gpt2 vocabulary with merges, pre `kimi-k2`) and the chat template, from a Kimi checkpoint."""
-    from k2local.chat_template import ChatTemplate, ChatTemplateError  # noqa: PLC0415
-    from k2local.tokenizer import Tokenizer, TokenizerError, gguf_vocab  # noqa: PLC0415
-
-    try:
-        tok = Tokenizer.from_dir(src_dir)
-    except TokenizerError as e:
-        raise CheckpointError(f"{src_dir}: tokenizer: {e}") from None
-    tokens, types, merges = gguf_vocab(tok)
-    if len(tokens) < cfg.vocab_size:  # embedding rows beyond the tokenizer: unused padding ids
-        types += [5] * (cfg.vocab_size - len(tokens))
-        tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
-    elif len(tokens) > cfg.vocab_size:
-        raise CheckpointError(f"{src_dir}: tokenizer has {len(tokens)} tokens but vocab_size is {cfg.vocab_size}")
-    md: dict[str, MetaValue] = {
-        Keys.Tokenizer.MODEL: strv("gpt2"),
-        Keys.Tokenizer.PRE: strv("kimi-k2"),  # Tokenizer.from_dir always uses Kimi's pre-tokenizer regex
-        Keys.Tokenizer.LIST: arr(tokens, GGUFValueType.STRING),
-        Keys.Tokenizer.TOKEN_TYPE: arr(types, GGUFValueType.INT32),
-        Keys.Tokenizer.MERGES: arr(merges, GGUFValueType.STRING),
-        Keys.Tokenizer.ADD_BOS: boolv(False),  # Kimi's tokenizer never adds BOS
-    }
-    ids = {Keys.Tokenizer.BOS_ID: tok.bos_id, Keys.Tokenizer.EOS_ID: tok.eos_id, Keys.Tokenizer.PAD_ID: tok.pad_id,
-           Keys.Tokenizer.UNK_ID: tok.unk_id}
-    for key, v in ids.items():
-        if v is not None:
-            md[key] = u32(v)
-    try:
-        tmpl = ChatTemplate.from_dir(src_dir)
-    except ChatTemplateError:
-        tmpl = None
-    if tmpl is not None:
-        md[Keys.Tokenizer.CHAT_TEMPLATE] = strv(tmpl.source)
-        if tmpl.tool_use_source:
-            md[Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="tool_use")] = strv(tmpl.tool_use_source)
-            md[Keys.Tokenizer.CHAT_TEMPLATES] = arr(["tool_use"], GGUFValueType.STRING)
     return md
 
 
