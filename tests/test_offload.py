@@ -333,11 +333,11 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def big_expert_model(tmp_path_factory) -> Path:
-    """Moonlight-style BF16 checkpoint whose experts (144 MiB) dwarf everything else."""
+    """Moonlight-style BF16 checkpoint whose experts (240 MiB) dwarf everything else."""
     from k2local import tiny
 
     return tiny.make_tiny(tmp_path_factory.mktemp("bigexp"), "moonlight", shards=4,
-                          overrides={"moe_intermediate_size": 512, "n_routed_experts": 48})
+                          overrides={"moe_intermediate_size": 512, "n_routed_experts": 80})
 
 
 def test_tiny_ram_budget_streams_from_disk_and_bounds_rss(big_expert_model: Path) -> None:
@@ -349,7 +349,9 @@ def test_tiny_ram_budget_streams_from_disk_and_bounds_rss(big_expert_model: Path
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(r["tokens"]) == 12 and r["disk"]["misses"] > 0 and r["disk"]["evictions"] > 0
     assert r["store"] <= budget
-    slack = 32 << 20  # transient dequantized matrices of the experts being computed, allocator noise
+    # transient dequantized matrices of the experts being computed, plus glibc keeping freed heap: measured
+    # 26-35 MiB here and 45 MiB once on a busy CI box, whatever the expert total
+    slack = 64 << 20
     assert r["experts"] > 3 * (budget + slack)  # holding every expert would break the bound below
     assert r["peak"] - r["base"] <= budget + slack, r
     assert "terminate called" not in p.stderr  # threads shut down cleanly at exit
