@@ -1,0 +1,198 @@
+"""Anthropic's ``/v1/messages``: request translation and streamed events."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
+
+from k2local.server_events import sse, stream_events
+from k2local.server_requests import (
+    ANTHROPIC_TYPES,
+    DEFAULT_TEMPERATURE,
+    APIError,
+    Plan,
+    bad_param,
+    integer_param,
+    parse_tool_choice,
+    parse_tools,
+    sampling_params,
+    stop_strings,
+)
+from k2local.server_worker import Done, Job
+
+if TYPE_CHECKING:
+    from k2local.server import Server
+
+ANTHROPIC_TEMPERATURE_SCALE = 0.6  # Moonshot's Anthropic API: real temperature = request temperature * 0.6
+
+
+# -------------------------------------------------------------------------------------------- Anthropic
+
+def _anthropic_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_param(None, f"{where}: content must be a string or a list of blocks")
+    parts = []
+    for b in content:
+        if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+            kind = b.get("type") if isinstance(b, dict) else type(b).__name__
+            raise bad_param(None, f"{where}: unsupported content block {kind!r} (only text is supported here)")
+        parts.append(b["text"])
+    return "".join(parts)
+
+
+def _anthropic_messages(body: dict) -> list[dict]:
+    """Anthropic system + messages -> OpenAI-style messages (tool_use -> tool_calls, tool_result -> tool)."""
+    out: list[dict] = []
+    system = body.get("system")
+    if system is not None:
+        out.append({"role": "system", "content": _anthropic_text(system, "system")})
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise bad_param(None, "messages: must be a non-empty list")
+    for i, m in enumerate(raw):
+        where = f"messages.{i}"
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise bad_param(None, f"{where}: role must be 'user' or 'assistant'")
+        role, content = m["role"], m.get("content")
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise bad_param(None, f"{where}: content must be a string or a list of blocks")
+        texts: list[str] = []
+        calls: list[dict] = []
+        for j, b in enumerate(content):
+            kind = b.get("type") if isinstance(b, dict) else None
+            if kind == "text" and isinstance(b.get("text"), str):
+                texts.append(b["text"])
+            elif kind == "tool_use" and role == "assistant":
+                calls.append({"id": b.get("id"), "type": "function",
+                              "function": {"name": b.get("name"),
+                                           "arguments": json.dumps(b.get("input") or {}, ensure_ascii=False)}})
+            elif kind == "tool_result" and role == "user":
+                res = b.get("content")
+                text = "" if res is None else _anthropic_text(res, f"{where}.content.{j}")
+                out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
+                            "content": ("Error: " + text) if b.get("is_error") else text})
+            elif kind in ("thinking", "redacted_thinking"):
+                continue
+            else:
+                raise bad_param(None, f"{where}.content.{j}: unsupported block type {kind!r}")
+        if role == "assistant":
+            msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+        elif texts:
+            out.append({"role": "user", "content": "".join(texts)})
+    return out
+
+
+def _anthropic_tools(body: dict) -> tuple[list[dict] | None, str]:
+    raw = body.get("tools")
+    tools = None
+    if raw is not None:
+        if not isinstance(raw, list):
+            raise bad_param(None, "tools: must be a list")
+        tools = []
+        for i, t in enumerate(raw):
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+                raise bad_param(None, f"tools.{i}: needs a name")
+            fn = {"name": t["name"], "description": t.get("description", ""),
+                  "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}
+            tools.append({"type": "function", "function": fn})
+        tools = parse_tools(tools)
+    tc = body.get("tool_choice")
+    kind = tc.get("type") if isinstance(tc, dict) else None
+    if tc is None:
+        choice: Any = None
+    elif kind in ("auto", "none"):
+        choice = kind
+    elif kind == "any":
+        choice = "required"
+    elif kind == "tool":
+        choice = {"type": "function", "function": {"name": tc.get("name")}}
+    else:
+        raise bad_param(None, "tool_choice: type must be auto, any, tool or none")
+    return tools, parse_tool_choice(choice, tools)
+
+
+def anthropic_plan(srv: Server, body: dict) -> Plan:
+    if integer_param(body, "max_tokens", None, lo=1) is None:
+        raise bad_param("max_tokens", "max_tokens: field required")
+    params = sampling_params(body, None, temperature_scale=ANTHROPIC_TEMPERATURE_SCALE,
+                       temperature_default=DEFAULT_TEMPERATURE, temperature_max=1.0, max_keys=("max_tokens",))
+    stops = stop_strings(body, "stop_sequences")
+    messages = _anthropic_messages(body)
+    tools, choice = _anthropic_tools(body)
+    return srv.chat_plan(messages, tools, choice, params, stops)
+
+
+def anthropic_stop(d: Done) -> str:
+    if d.finish_reason == "tool_calls":
+        return "tool_use"
+    if d.finish_reason == "length":
+        return "max_tokens"
+    return "stop_sequence" if d.stop_sequence else "end_turn"
+
+
+def json_input(arguments: str) -> Any:
+    try:
+        v = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError:
+        return {"_raw_arguments": arguments}
+    return v if isinstance(v, dict) else {"value": v}
+
+
+async def anthropic_stream(srv: Server, job: Job, events: asyncio.Queue, mid: str) -> AsyncIterator[str]:
+    usage = {"input_tokens": len(job.prompt), "output_tokens": 0}
+    yield sse({"type": "message_start", "message": {
+        "id": mid, "type": "message", "role": "assistant", "model": srv.model_name, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": usage}}, "message_start")
+    block = -1  # index of the open content block
+    open_kind: str | None = None
+    tool_block: dict[int, int] = {}
+
+    def close() -> Iterable[str]:
+        nonlocal open_kind
+        if open_kind is not None:
+            open_kind = None
+            yield sse({"type": "content_block_stop", "index": block}, "content_block_stop")
+
+    async for ev in stream_events(job, events):
+        kind = ev[0]
+        if kind == "text":
+            if open_kind != "text":
+                for s in close():
+                    yield s
+                block, open_kind = block + 1, "text"
+                yield sse({"type": "content_block_start", "index": block,
+                            "content_block": {"type": "text", "text": ""}}, "content_block_start")
+            yield sse({"type": "content_block_delta", "index": block,
+                        "delta": {"type": "text_delta", "text": ev[1]}}, "content_block_delta")
+        elif kind == "tool_start":
+            for s in close():
+                yield s
+            block, open_kind = block + 1, "tool"
+            tool_block[ev[1]] = block
+            yield sse({"type": "content_block_start", "index": block,
+                        "content_block": {"type": "tool_use", "id": ev[2], "name": ev[3], "input": {}}},
+                       "content_block_start")
+        elif kind == "tool_args":
+            yield sse({"type": "content_block_delta", "index": tool_block[ev[1]],
+                        "delta": {"type": "input_json_delta", "partial_json": ev[2]}}, "content_block_delta")
+        elif kind == "error":
+            err: APIError = ev[1]
+            yield sse({"type": "error", "error": {"type": ANTHROPIC_TYPES.get(err.status, "api_error"),
+                                                   "message": err.message}}, "error")
+        elif kind == "done":
+            d: Done = ev[1]
+            for s in close():
+                yield s
+            yield sse({"type": "message_delta", "delta": {"stop_reason": anthropic_stop(d),
+                                                           "stop_sequence": d.stop_sequence},
+                        "usage": {"output_tokens": d.completion_tokens}}, "message_delta")
+            yield sse({"type": "message_stop"}, "message_stop")

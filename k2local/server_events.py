@@ -1,0 +1,68 @@
+"""Async glue between the worker's events and HTTP responses: waiting, streaming, SSE framing, usage."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from k2local.server_worker import Done, Job
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set `cancel` when the client goes away (non-streaming requests)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+async def run_to_end(request: Request, job: Job, events: asyncio.Queue) -> Done:
+    watcher = asyncio.create_task(_watch_disconnect(request, job.cancel))
+    try:
+        while True:
+            ev = await events.get()
+            if ev[0] == "done":
+                return ev[1]
+            if ev[0] == "error":
+                raise ev[1]
+    finally:
+        watcher.cancel()
+        job.cancel.set()
+
+
+async def stream_events(job: Job, events: asyncio.Queue) -> AsyncIterator[tuple]:
+    """Events until done/error; cancels the job when the consumer stops early (client disconnect)."""
+    try:
+        while True:
+            ev = await events.get()
+            yield ev
+            if ev[0] in ("done", "error"):
+                return
+    finally:
+        job.cancel.set()
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage_json(d: Done) -> dict:
+    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+            "total_tokens": d.prompt_tokens + d.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": d.cached_tokens}}
+
+
+def openai_finish(d: Done) -> str:
+    return "stop" if d.finish_reason == "cancelled" else d.finish_reason
+
+
+def stream_response(gen: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,284 @@
+"""Request bodies of the OpenAI and Anthropic APIs -> validated sampling parameters and run plans; API errors."""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from k2local.sampler import SamplingParams
+from k2local.toolcalls import (
+    ARGUMENT_BEGIN,
+    CALL_BEGIN,
+    SECTION_BEGIN,
+    count_tool_calls,
+    make_tool_call_id,
+)
+
+DEFAULT_TEMPERATURE = 0.6  # Moonshot's recommendation for Kimi K2 Instruct
+MAX_STOP_STRINGS = 16
+_TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+
+class APIError(Exception):
+    """An error answered as OpenAI's (or Anthropic's) error JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    500: "api_error", 503: "overloaded_error"}
+
+
+def error_response(err: APIError, anthropic: bool) -> JSONResponse:
+    if anthropic:
+        kind = ANTHROPIC_TYPES.get(err.status, "invalid_request_error" if err.status < 500 else "api_error")
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": err.message}}
+    else:
+        body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(body, status_code=err.status, headers=headers)
+
+
+def bad_param(param: str | None, message: str) -> APIError:
+    return APIError(400, message, param=param)
+
+
+# ------------------------------------------------------------------------------------------- parameter parsing
+
+def _field(body: dict, key: str, kinds: tuple[type, ...], what: str) -> Any:
+    """body[key] checked against kinds (None when absent or null); bools never count as numbers."""
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) and bool not in kinds:
+        raise bad_param(key, f"'{key}' must be {what}, got {json.dumps(v)}")
+    if not isinstance(v, kinds):
+        raise bad_param(key, f"'{key}' must be {what}, got {type(v).__name__}")
+    return v
+
+
+def _number(body: dict, key: str, default: float | None, lo: float, hi: float, lo_open: bool = False
+            ) -> float | None:
+    v = _field(body, key, (int, float), "a number")
+    if v is None:
+        return default
+    if not (lo < v <= hi if lo_open else lo <= v <= hi):
+        raise bad_param(key, f"'{key}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v}")
+    return float(v)
+
+
+def integer_param(body: dict, key: str, default: int | None, lo: int | None = None) -> int | None:
+    v = _field(body, key, (int,), "an integer")
+    if v is None:
+        return default
+    if lo is not None and v < lo:
+        raise bad_param(key, f"'{key}' must be >= {lo}, got {v}")
+    return v
+
+
+def flag(body: dict, key: str) -> bool:
+    return bool(_field(body, key, (bool,), "a boolean"))
+
+
+def stop_strings(body: dict, key: str) -> list[str]:
+    v = body.get(key)
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise bad_param(key, f"'{key}' must be a non-empty string or a list of non-empty strings")
+    if len(items) > MAX_STOP_STRINGS:
+        raise bad_param(key, f"'{key}' may hold at most {MAX_STOP_STRINGS} strings")
+    return items
+
+
+def want_usage(body: dict, stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise bad_param("stream_options", "'stream_options' must be an object")
+    return stream and flag(opts, "include_usage")
+
+
+def require_n1(body: dict) -> None:
+    if integer_param(body, "n", 1, lo=1) != 1:
+        raise bad_param("n", "k2local generates one choice per request; 'n' must be 1")
+
+
+def sampling_params(body: dict, default_max: int | None, temperature_scale: float = 1.0,
+              temperature_default: float = DEFAULT_TEMPERATURE, temperature_max: float = 2.0,
+              max_keys: Sequence[str] = ("max_completion_tokens", "max_tokens")) -> SamplingParams:
+    """SamplingParams from the request; max_tokens None means 'to the end of the context' (filled in later)."""
+    t = _number(body, "temperature", None, 0.0, temperature_max)
+    temperature = temperature_default if t is None else t * temperature_scale
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = integer_param(body, "top_k", 0, lo=-1)
+    seed = integer_param(body, "seed", None)
+    max_tokens = None
+    for key in max_keys:
+        max_tokens = integer_param(body, key, None, lo=1)
+        if max_tokens is not None:
+            break
+    p = SamplingParams(temperature=temperature, top_p=top_p or 1.0, top_k=max(top_k or 0, 0),
+                       max_tokens=max_tokens or default_max or 1, seed=seed)
+    p.extra["max_given"] = max_tokens is not None or default_max is not None
+    if flag(body, "ignore_eos"):  # vLLM extension: generate through end-of-turn tokens
+        p.stop_ids = frozenset()
+    try:
+        p.validate()
+    except ValueError as e:
+        raise bad_param(None, str(e)) from None
+    return p
+
+
+def check_model(body: dict, model_name: str) -> None:
+    model = body.get("model")
+    if model is None:
+        raise bad_param("model", "you must provide a model parameter")
+    if not isinstance(model, str):
+        raise bad_param("model", "'model' must be a string")
+    if model != model_name:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{model_name}`.",
+                       param="model", code="model_not_found")
+
+
+def check_unsupported(body: dict) -> None:
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise bad_param("logprobs", "logprobs are not supported by k2local")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad_param("response_format", "k2local supports only response_format {\"type\": \"text\"}")
+    if body.get("suffix"):
+        raise bad_param("suffix", "'suffix' is not supported by k2local")
+    if body.get("best_of") not in (None, 1):
+        raise bad_param("best_of", "'best_of' must be 1")
+
+
+# ---------------------------------------------------------------------------------------------- chat requests
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def chat_messages(raw: Any) -> list[dict]:
+    """Validate OpenAI messages; 'developer' becomes 'system', dict tool-call arguments become JSON text, calls
+    without an id get Kimi's functions.NAME:IDX (IDX counted over the conversation)."""
+    if not isinstance(raw, list) or not raw:
+        raise bad_param("messages", "'messages' must be a non-empty list")
+    out: list[dict] = []
+    n_calls = 0
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_param("messages", f"{where} must be an object")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise bad_param("messages", f"{where}: role must be one of {sorted(_ROLES)}, got {role!r}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise bad_param("messages", f"{where}: content must be a string, a list of content parts, or null")
+        msg = {k: v for k, v in m.items() if v is not None}
+        msg["role"] = "system" if role == "developer" else role
+        calls = m.get("tool_calls")
+        if role == "assistant" and calls:
+            msg["tool_calls"] = _assistant_tool_calls(calls, where, n_calls)
+            n_calls += len(calls)
+        elif content is None and role != "assistant":
+            raise bad_param("messages", f"{where}: a {role} message needs content")
+        if role == "assistant" and content is None and not calls:
+            msg["content"] = ""
+        out.append(msg)
+    return out
+
+
+def _assistant_tool_calls(calls: Any, where: str, first_index: int) -> list[dict]:
+    if not isinstance(calls, list):
+        raise bad_param("messages", f"{where}.tool_calls must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_param("messages", f"{where}.tool_calls[{j}] needs function.name")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        call_id = c.get("id") or make_tool_call_id(fn["name"], first_index + j)
+        out.append({"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def parse_tools(raw: Any) -> list[dict] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise bad_param("tools", "'tools' must be a list")
+    for i, t in enumerate(raw):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise bad_param("tools", f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME_RE.fullmatch(name):
+            raise bad_param("tools", f"tools[{i}].function.name must match [A-Za-z0-9_.-]{{1,64}}, got {name!r}")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise bad_param("tools", f"tools[{i}].function.parameters must be a JSON schema object")
+    return raw or None
+
+
+def parse_tool_choice(raw: Any, tools: list[dict] | None) -> str:
+    """'auto' | 'none' | 'required' | 'fn:NAME'."""
+    names = [t["function"]["name"] for t in tools or []]
+    if raw is None:
+        return "auto" if tools else "none"
+    if raw in ("auto", "none", "required"):
+        if raw == "required" and not tools:
+            raise bad_param("tool_choice", "tool_choice 'required' needs 'tools'")
+        return raw
+    fn = raw.get("function") if isinstance(raw, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_param("tool_choice", "tool_choice must be 'auto', 'none', 'required' or "
+                                  "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+    if fn["name"] not in names:
+        raise bad_param("tool_choice", f"tool_choice names {fn['name']!r}, which is not among the tools")
+    return "fn:" + fn["name"]
+
+
+@dataclass
+class ToolMode:
+    """How to treat tool calls in one request's output."""
+
+    parse: bool = False
+    prefix: str = ""  # forced start of the assistant turn (fed to the parser as if the model wrote it)
+    id_base: int | None = None  # forced choice: ids are rewritten to functions.NAME:(id_base + i)
+
+
+def tool_mode(choice: str, tools: list[dict] | None, messages: list[dict]) -> ToolMode:
+    if choice == "none" or not tools:
+        return ToolMode()
+    if choice == "auto":
+        return ToolMode(parse=True)
+    base = count_tool_calls(messages)
+    names = [t["function"]["name"] for t in tools]
+    name = choice[3:] if choice.startswith("fn:") else (names[0] if len(names) == 1 else None)
+    if name is None:  # 'required' with several tools: the model picks the name after "functions."
+        return ToolMode(True, SECTION_BEGIN + CALL_BEGIN + "functions.", base)
+    return ToolMode(True, SECTION_BEGIN + CALL_BEGIN + make_tool_call_id(name, base) + ARGUMENT_BEGIN, base)
+
+
+@dataclass
+class Plan:
+    """One request, ready to run."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stops: list[str]
+    tools: ToolMode

@@ -1,0 +1,276 @@
+"""The server's model thread: queued jobs, KV-cache slots with prefix reuse, and the one output path
+(stream decode -> stop strings -> Kimi tool-call parser -> events)."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from k2local.generate import ContextOverflow, GenerationResult, Generator
+from k2local.sampler import SamplingParams
+from k2local.server_requests import APIError, ToolMode
+from k2local.toolcalls import (
+    ContentDelta,
+    ToolCallArgsDelta,
+    ToolCallStart,
+    ToolCallStreamParser,
+    make_tool_call_id,
+)
+
+log = logging.getLogger("k2local.server")
+MIN_COPY_PREFIX = 16  # shared prompt tokens worth copying from another conversation's KV cache
+TokenSource = Callable[[list[int]], "Iterable[int] | None"]
+
+
+# --------------------------------------------------------------------------------------- output (worker side)
+
+@dataclass
+class Done:
+    """A finished request: what the endpoints format."""
+
+    finish_reason: str  # stop | length | tool_calls | cancelled
+    stop_sequence: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    content: str
+    tool_calls: list[dict]
+
+
+class _StopMatcher:
+    """Cuts text at the first stop string, holding back a tail that could still begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.buf = ""
+        self.hit: str | None = None
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        buf = self.buf + text
+        first: tuple[int, str] | None = None
+        for s in self.stops:
+            i = buf.find(s)
+            if i >= 0 and (first is None or i < first[0]):
+                first = (i, s)
+        if first is not None:
+            self.buf, self.hit = "", first[1]
+            return buf[: first[0]]
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        self.buf = buf[len(buf) - hold:]
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class Output:
+    """Token ids -> text -> stop strings -> tool-call parser -> events. Runs on the worker thread."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], tools: ToolMode, emit: Callable[[tuple], None]):
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.stop = _StopMatcher(stops)
+        self.tools = tools
+        self.emit = emit
+        self.parser = ToolCallStreamParser() if tools.parse else None
+        self.content: list[str] = []
+        self.calls: list[dict] = []
+        if self.parser and tools.prefix:
+            self._route(tools.prefix)
+
+    def on_token(self, tok: int) -> bool:
+        """Feed one generated id; True when a stop string ended the output."""
+        if self.stop.hit is None:
+            text = self.decoder.feed(tok)
+            if text:
+                self._text(text)
+        return self.stop.hit is not None
+
+    def close(self) -> None:
+        if self.stop.hit is None:
+            self._text(self.decoder.flush())
+            if self.stop.hit is None:
+                self._route(self.stop.flush())
+        if self.parser:
+            self._events(self.parser.finish())
+
+    def _text(self, text: str) -> None:
+        out = self.stop.feed(text)
+        if out:
+            self._route(out)
+
+    def _route(self, text: str) -> None:
+        if not text:
+            return
+        if self.parser is None:
+            self.content.append(text)
+            self.emit(("text", text))
+        else:
+            self._events(self.parser.feed(text))
+
+    def _events(self, events: Iterable[Any]) -> None:
+        for ev in events:
+            if isinstance(ev, ContentDelta):
+                self.content.append(ev.text)
+                self.emit(("text", ev.text))
+            elif isinstance(ev, ToolCallStart):
+                call_id = ev.id if self.tools.id_base is None else make_tool_call_id(ev.name,
+                                                                                     self.tools.id_base + ev.index)
+                self.calls.append({"id": call_id, "name": ev.name, "arguments": ""})
+                self.emit(("tool_start", ev.index, call_id, ev.name))
+            elif isinstance(ev, ToolCallArgsDelta):
+                self.calls[ev.index]["arguments"] += ev.text
+                self.emit(("tool_args", ev.index, ev.text))
+
+
+# ----------------------------------------------------------------------------------------------------- worker
+
+@dataclass
+class Job:
+    prompt: list[int]
+    params: SamplingParams
+    output: Output
+    post: Callable[[tuple], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    kind: str = "chat"
+
+
+@dataclass
+class Finished:
+    """A record of one finished (or cancelled) request."""
+
+    kind: str
+    params: SamplingParams
+    result: GenerationResult
+
+
+@dataclass
+class _Slot:
+    gen: Generator
+    prompt_len: int = 0
+    last_used: float = 0.0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Worker:
+    """The thread that owns the model: runs jobs in arrival order over a pool of KV-cache slots."""
+
+    def __init__(self, backend: Any, cache_slots: int = 4, max_queue: int = 256,
+                 token_source: TokenSource | None = None):
+        self.backend = backend
+        self.max_slots = max(1, cache_slots)
+        self.max_queue = max_queue
+        self.token_source = token_source
+        self.slots: list[_Slot] = []
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.busy = False
+        self.finished: deque[Finished] = deque(maxlen=256)  # recent requests, newest last
+        self.thread = threading.Thread(target=self._loop, name="k2local-model", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        if self.jobs.qsize() >= self.max_queue:
+            raise APIError(429, f"the server queue is full ({self.max_queue} requests waiting); retry later",
+                           type="rate_limit_error", code="queue_full")
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            self.busy = True
+            try:
+                self._run(job)
+            except BaseException as e:  # noqa: BLE001 - the model thread must outlive any one request
+                log.exception("request failed")
+                job.post(("error", APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")))
+            finally:
+                self.busy = False
+
+    def _pick(self, ids: list[int]) -> _Slot:
+        """The slot whose conversation this prompt continues; otherwise a fresh (or least recently used) slot,
+        seeded with the longest shared prefix (e.g. a common system prompt) copied from another slot's cache."""
+        scored = [(_common_prefix(s.gen.tokens, ids), s) for s in self.slots]
+        cont = [(n, s) for n, s in scored if n >= s.prompt_len]
+        if cont:
+            return max(cont, key=lambda x: (x[0], x[1].last_used))[1]
+        if len(self.slots) < self.max_slots:
+            target = _Slot(self.backend.new_generator())
+            self.slots.append(target)
+        else:
+            target = min(self.slots, key=lambda s: s.last_used)
+        n, donor = max(scored, key=lambda x: x[0], default=(0, None))
+        if donor is not None and donor is not target and n >= MIN_COPY_PREFIX:
+            target.gen.copy_prefix_from(donor.gen, n)
+        target.prompt_len = 0
+        return target
+
+    def _run(self, job: Job) -> None:
+        p = job.params
+        stops = p.stop_ids if p.stop_ids is not None else frozenset(self.backend.stop_ids)
+        if job.cancel.is_set():
+            res = GenerationResult([], "cancelled", len(job.prompt), 0, 0.0, 0.0)
+            self._finish(job, res)
+            return
+        slot = None
+        try:
+            slot = self._pick(job.prompt)
+            slot.last_used = time.monotonic()
+            script = self.token_source(job.prompt) if self.token_source else None
+            choose = None
+            if script is not None:
+                it = iter(script)
+                choose = lambda _logits: next(it, None)  # noqa: E731 (scripted output; None ends the turn)
+            res = slot.gen.generate(job.prompt, p, stops, on_token=job.output.on_token,
+                                    should_stop=job.cancel.is_set, choose=choose)
+            slot.prompt_len = len(job.prompt)
+            job.output.close()
+        except ContextOverflow as e:
+            job.post(("error", APIError(400, str(e), param="messages", code="context_length_exceeded")))
+            return
+        except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+            log.exception("generation failed")
+            if slot is not None:
+                slot.gen.reset()
+                slot.prompt_len = 0
+            job.post(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+            return
+        self._finish(job, res)
+
+    def _finish(self, job: Job, res: GenerationResult) -> None:
+        self.finished.append(Finished(job.kind, job.params, res))
+        out = job.output
+        reason = res.finish_reason
+        if reason == "stop" and out.calls:
+            reason = "tool_calls"
+        if res.tokens:
+            log.info("%s: prompt %d tokens (%d cached), %d generated, %s; prefill %.1f tok/s, decode %.1f tok/s",
+                     job.kind, res.prompt_tokens, res.cached_tokens, len(res.tokens), reason, res.prefill_tps,
+                     res.decode_tps)
+        job.post(("done", Done(reason, out.stop.hit, res.prompt_tokens, len(res.tokens), res.cached_tokens,
+                               "".join(out.content), out.calls)))
