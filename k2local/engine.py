@@ -104,10 +104,11 @@ def build_experts(source: WeightSource, opts: LoadOptions, device: torch.device,
 
 
 def load_tokenizer_and_template(source: WeightSource):
-    """Tokenizer and chat template from the checkpoint directory, or from GGUF metadata."""
+    """Tokenizer and chat template from the checkpoint directory (tiktoken.model, else tokenizer.json), or from GGUF
+    metadata."""
     if hasattr(source, "tokenizer_and_template"):
         return source.tokenizer_and_template()
     from k2local.chat_template import ChatTemplate  # noqa: PLC0415
-    from k2local.tokenizer import Tokenizer  # noqa: PLC0415
+    from k2local.tokenizer import load_tokenizer  # noqa: PLC0415
 
-    return Tokenizer.from_dir(source.path), ChatTemplate.from_dir(source.path)
+    return load_tokenizer(source.path), ChatTemplate.from_dir(source.path)

@@ -1,5 +1,8 @@
 """Tiny random checkpoints with exactly Kimi K2's file layout (and siblings' variants) for tests and demos.
 
+Kimi K2 and Moonlight variants ship a tiktoken ``tiktoken.model``; the DeepSeek-V3 variant ships DeepSeek-V3's
+Hugging Face ``tokenizer.json`` layout (and a padded vocab_size, as DeepSeek-V3 has).
+
 Weights are random: the model talks nonsense. Shapes are deliberately not multiples of 128 in places
 (FP8 edge blocks), the router bias is non-zero, and the checkpoint is sharded with an index like the real one.
 """
@@ -50,7 +53,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _config_json(variant: str, vocab_size: int, n_base: int, overrides: dict[str, Any] | None = None
+# Tokenizer layout per variant: Kimi K2 and Moonlight ship tiktoken.model, DeepSeek-V3 a HF tokenizer.json.
+TOKENIZER_LAYOUT = {"kimi_k2": "tiktoken", "deepseek_v3": "tokenizer.json", "moonlight": "tiktoken"}
+# Variants whose files changed since TINY_VERSION (the cached built-in checkpoint is rebuilt for them).
+_VARIANT_VERSION = {"deepseek_v3": 2}
+
+
+def tiny_version(variant: str) -> int:
+    """Version of the tiny checkpoint layout for `variant` (recorded in config.json and the cache path)."""
+    return _VARIANT_VERSION.get(variant, TINY_VERSION)
+
+
+def _config_json(variant: str, vocab_size: int, bos_id: int, eos_id: int, overrides: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
     v = dict(VARIANTS[variant], **(overrides or {}))
     fp8 = v.pop("fp8")
@@ -60,12 +74,12 @@ def _config_json(variant: str, vocab_size: int, n_base: int, overrides: dict[str
         "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
                      "AutoModel": "modeling_deepseek.DeepseekV3Model",
                      "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
-        "aux_loss_alpha": 0.001, "bos_token_id": n_base, "eos_token_id": n_base + 1, "hidden_act": "silu",
+        "aux_loss_alpha": 0.001, "bos_token_id": bos_id, "eos_token_id": eos_id, "hidden_act": "silu",
         "initializer_range": 0.02, "moe_layer_freq": 1, "norm_topk_prob": True, "num_key_value_heads":
         v["num_attention_heads"], "num_nextn_predict_layers": 0, "pretraining_tp": 1, "rms_norm_eps": 1e-6,
         "scoring_func": "sigmoid", "seq_aux": True, "tie_word_embeddings": False, "topk_method": "noaux_tc",
         "torch_dtype": "bfloat16", "transformers_version": "4.48.3", "use_cache": True, "vocab_size": vocab_size,
-        "k2local_tiny": TINY_VERSION,
+        "k2local_tiny": tiny_version(variant),
     }
     cfg.update(v)
     if fp8:
@@ -122,21 +136,35 @@ def _stored(name: str, w: torch.Tensor, fp8: bool) -> dict[str, torch.Tensor]:
     return {name: w.to(torch.bfloat16)}
 
 
+def _write_tokenizer(out: Path, variant: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The variant's tokenizer files plus config.json and generation_config.json; returns the config dict."""
+    from k2local.tiny_tokenizer import write_tiny_deepseek_tokenizer, write_tiny_tokenizer  # noqa: PLC0415
+
+    if TOKENIZER_LAYOUT[variant] == "tokenizer.json":
+        tv = write_tiny_deepseek_tokenizer(out)
+        vocab = -(-tv.size // 64) * 64  # padded embedding rows past the tokenizer, as DeepSeek-V3's 129280
+        cfg_d = _config_json(variant, vocab, tv.bos_id, tv.eos_id, overrides)
+        gen = {"_from_model_config": True, "bos_token_id": tv.bos_id, "eos_token_id": tv.eos_id, "do_sample": True,
+               "temperature": 0.6, "top_p": 0.95, "transformers_version": "4.46.3"}
+    else:
+        n_base = write_tiny_tokenizer(out)
+        cfg_d = _config_json(variant, n_base + 256, n_base, n_base + 1, overrides)
+        gen = {"bos_token_id": n_base, "eos_token_id": n_base + 2, "temperature": 0.6}
+    (out / "config.json").write_text(json.dumps(cfg_d, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return cfg_d
+
+
 def make_tiny(out: str | Path, variant: str = "kimi_k2", seed: int = 0, shards: int = 3,
               overrides: dict[str, Any] | None = None) -> Path:
-    """Write a tiny random checkpoint to `out` (a new directory) with Kimi K2's exact file layout.
+    """Write a tiny random checkpoint to `out` (a new directory) with the variant's exact file layout (Kimi K2 and
+    Moonlight: tiktoken.model; DeepSeek-V3: tokenizer.json).
     overrides: config fields to change from the variant (e.g. bigger experts for a benchmark)."""
-    from k2local.tiny_tokenizer import write_tiny_tokenizer  # noqa: PLC0415
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny variant {variant!r}; choose from {', '.join(VARIANTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n_base = write_tiny_tokenizer(out)
-    cfg_d = _config_json(variant, n_base + 256, n_base, overrides)
-    (out / "config.json").write_text(json.dumps(cfg_d, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": n_base, "eos_token_id": n_base + 2, "temperature": 0.6}, indent=2) + "\n")
+    cfg_d = _write_tokenizer(out, variant, overrides)
     cfg = ModelConfig.from_dict(cfg_d)
     gen = torch.Generator().manual_seed(seed)
     weights = _random_weights(cfg, gen)
@@ -169,7 +197,7 @@ def _write_shards(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> N
 def default_tiny_path(variant: str = "kimi_k2") -> Path:
     """The built-in tiny checkpoint, generated once into the user cache (atomically) and reused."""
     root = Path(os.environ.get("K2LOCAL_CACHE", Path.home() / ".cache" / "k2local"))
-    dest = root / f"tiny-{variant}-v{TINY_VERSION}"
+    dest = root / f"tiny-{variant}-v{tiny_version(variant)}"
     if (dest / "model.safetensors.index.json").exists():
         return dest
     root.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,13 @@
-"""A small, deterministic Kimi-style tokenizer for the project's tiny test checkpoint.
+"""Small, deterministic tokenizers for the project's tiny test checkpoints.
 
-``write_tiny_tokenizer(out_dir)`` learns byte-level BPE merges from a built-in English text (all 256 single bytes
-first, then merges by frequency), writes them as a tiktoken ranks file, and writes a ``tokenizer_config.json`` whose
-special tokens have Kimi K2's names at Kimi's offsets from ``n_base``, plus k2local's Kimi chat template.
+``write_tiny_tokenizer(out_dir)`` (Kimi K2, Moonlight) learns byte-level BPE merges from a built-in English text (all
+256 single bytes first, then merges by frequency), writes them as a tiktoken ranks file, and writes a
+``tokenizer_config.json`` whose special tokens have Kimi K2's names at Kimi's offsets from ``n_base``, plus k2local's
+Kimi chat template.
+
+``write_tiny_deepseek_tokenizer(out_dir)`` (DeepSeek-V3) writes DeepSeek-V3's layout instead: a Hugging Face
+``tokenizer.json`` (byte-level BPE vocab + merges learnt with DeepSeek-V3's pre-tokenizer, its added tokens) and a
+``tokenizer_config.json`` with a short DeepSeek-V3-style chat template of k2local's own.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from k2local.chat_template import KIMI_K2_TEMPLATE
-from k2local.tokenizer import KIMI_SPECIAL_OFFSETS
+from k2local.tokenizer import KIMI_SPECIAL_OFFSETS, bytes_to_gpt2
 
-__all__ = ["TINY_N_BASE", "train_bpe", "write_tiny_tokenizer"]
+__all__ = ["DEEPSEEK_TINY_TEMPLATE", "TINY_N_BASE", "TinyVocab", "train_bpe", "write_tiny_deepseek_tokenizer",
+           "write_tiny_tokenizer"]
 
 TINY_N_BASE = 1024
 """Target number of base tokens (256 bytes + merges); vocab size is n_base + 256."""
@@ -79,7 +86,15 @@ def train_bpe(text: str, n_merges: int) -> list[bytes]:
 
     Returns the new tokens in rank order (deterministic). Stops early when no pair is left.
     """
-    words = Counter(tuple(bytes([b]) for b in w.encode("utf-8")) for w in _PRETOKENIZE.findall(text))
+    return _learn_bpe(_PRETOKENIZE.findall(text), n_merges)[0]
+
+
+def _learn_bpe(pieces: list[str], n_merges: int) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+    """BPE over pre-tokenized ``pieces``: (up to ``n_merges`` new tokens, every merge applied, in order).
+
+    A merge whose result is already a token (another pair made the same bytes) is listed but adds no token.
+    """
+    words = Counter(tuple(bytes([b]) for b in w.encode("utf-8")) for w in pieces)
     seqs = [list(w) for w in words]
     freqs = list(words.values())
     pairs: Counter[tuple[bytes, bytes]] = Counter()
@@ -90,12 +105,14 @@ def train_bpe(text: str, n_merges: int) -> list[bytes]:
             where[pair].add(i)
     known = {bytes([b]) for b in range(256)}
     new: list[bytes] = []
+    merges: list[tuple[bytes, bytes]] = []
     while len(new) < n_merges:
         live = [(count, pair) for pair, count in pairs.items() if count > 0]
         if not live:
             break
         best_count = max(c for c, _ in live)
         a, b = min(p for c, p in live if c == best_count)
+        merges.append((a, b))
         merged = a + b
         if merged not in known:
             known.add(merged)
@@ -118,7 +135,7 @@ def train_bpe(text: str, n_merges: int) -> list[bytes]:
                 pairs[pair] += f
                 where[pair].add(i)
         pairs.pop((a, b), None)
-    return new
+    return new, merges
 
 
 def write_tiny_tokenizer(out_dir: Path) -> int:
@@ -163,3 +180,149 @@ def write_tiny_tokenizer(out_dir: Path) -> int:
                                                    encoding="utf-8")
     (out_dir / "chat_template.jinja").write_text(KIMI_K2_TEMPLATE, encoding="utf-8")
     return n_base
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DeepSeek-V3 layout (tokenizer.json)
+
+DEEPSEEK_BOS, DEEPSEEK_EOS, DEEPSEEK_PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+"""DeepSeek-V3's ids 0, 1, 2 (in the BPE vocabulary and added as special tokens)."""
+
+DEEPSEEK_ADDED: tuple[tuple[str, bool], ...] = (
+    ("<think>", False), ("</think>", False),  # R1-style reasoning markers: added but not special
+    ("<｜fim▁hole｜>", True), ("<｜fim▁begin｜>", True), ("<｜fim▁end｜>", True),
+    ("<｜User｜>", True), ("<｜Assistant｜>", True), ("<|EOT|>", True),
+    ("<｜tool▁calls▁begin｜>", True), ("<｜tool▁calls▁end｜>", True),
+    ("<｜tool▁call▁begin｜>", True), ("<｜tool▁call▁end｜>", True),
+    ("<｜tool▁outputs▁begin｜>", True), ("<｜tool▁outputs▁end｜>", True),
+    ("<｜tool▁output▁begin｜>", True), ("<｜tool▁output▁end｜>", True), ("<｜tool▁sep｜>", True),
+)
+"""Added tokens after the BPE vocabulary, in id order, with their HF ``special`` flag (DeepSeek-V3's names)."""
+
+DEEPSEEK_TINY_TEMPLATE = r"""{#- k2local's tiny DeepSeek-V3-style chat template. -#}
+{%- set ns = namespace(system='', outputs_open=false) -%}
+{%- for m in messages if m['role'] == 'system' -%}
+  {%- set ns.system = ns.system + (m['content'] or '') -%}
+{%- endfor -%}
+{{- bos_token + ns.system -}}
+{%- if tools -%}
+  {{- '\n\nTools you can call:' -}}
+  {%- for t in tools -%}{{- '\n' + (t | tojson) -}}{%- endfor -%}
+{%- endif -%}
+{%- for m in messages if m['role'] != 'system' -%}
+  {%- if ns.outputs_open and m['role'] != 'tool' -%}
+    {{- '<｜tool▁outputs▁end｜>' -}}
+    {%- set ns.outputs_open = false -%}
+  {%- endif -%}
+  {%- if m['role'] == 'user' -%}
+    {{- '<｜User｜>' + (m['content'] or '') -}}
+  {%- elif m['role'] == 'assistant' -%}
+    {{- '<｜Assistant｜>' + (m['content'] or '') -}}
+    {%- if m.get('tool_calls') -%}
+      {{- '<｜tool▁calls▁begin｜>' -}}
+      {%- for call in m['tool_calls'] -%}
+        {%- set args = call['function']['arguments'] -%}
+        {{- '<｜tool▁call▁begin｜>function<｜tool▁sep｜>' + call['function']['name'] + '\n' -}}
+        {{- args if args is string else args | tojson -}}
+        {{- '<｜tool▁call▁end｜>' -}}
+      {%- endfor -%}
+      {{- '<｜tool▁calls▁end｜>' -}}
+    {%- endif -%}
+    {{- eos_token -}}
+  {%- elif m['role'] == 'tool' -%}
+    {%- if not ns.outputs_open -%}
+      {{- '<｜tool▁outputs▁begin｜>' -}}
+      {%- set ns.outputs_open = true -%}
+    {%- endif -%}
+    {{- '<｜tool▁output▁begin｜>' + (m['content'] or '') + '<｜tool▁output▁end｜>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if ns.outputs_open -%}
+  {{- '<｜tool▁outputs▁end｜>' -}}
+{%- endif -%}
+{%- if add_generation_prompt -%}
+  {{- '<｜Assistant｜>' -}}
+{%- endif -%}
+"""
+"""k2local's own template in DeepSeek-V3's format: BOS and the system prompt, ``<｜User｜>`` / ``<｜Assistant｜>``
+turns, each answer closed by EOS, tool calls and tool outputs in DeepSeek's tool tokens."""
+
+
+class TinyVocab(NamedTuple):
+    """What a tiny tokenizer writer reports: token count and the BOS / EOS ids."""
+
+    size: int
+    bos_id: int
+    eos_id: int
+
+
+def _added_entry(i: int, content: str, special: bool) -> dict[str, Any]:
+    return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": not special, "special": special}
+
+
+def _config_token(content: str) -> dict[str, Any]:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
+            "single_word": False}
+
+
+def write_tiny_deepseek_tokenizer(out_dir: Path) -> TinyVocab:
+    """Write DeepSeek-V3's tokenizer files (``tokenizer.json``, ``tokenizer_config.json``) into ``out_dir``.
+
+    Layout as DeepSeek-V3: BOS / EOS / PAD at ids 0-2, the 256 byte tokens from id 3 in GPT-2 character order, the
+    learnt merges' tokens, then the added tokens. Pre-tokenizer, BOS-adding post-processor and ByteLevel decoder as
+    DeepSeek-V3's. Deterministic.
+    """
+    from k2local.hf_tokenizer import deepseek_v3_pre_tokenizer, deepseek_v3_pre_tokenizer_json  # noqa: PLC0415
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pieces = [_CORPUS[a:b] for _, (a, b) in deepseek_v3_pre_tokenizer().pre_tokenize_str(_CORPUS)]
+    specials = [DEEPSEEK_BOS, DEEPSEEK_EOS, DEEPSEEK_PAD]
+    new, merges = _learn_bpe(pieces, TINY_N_BASE - len(specials) - 256)
+    byte_tokens = sorted(bytes_to_gpt2(bytes([b])) for b in range(256))
+    vocab_list = specials + byte_tokens + [bytes_to_gpt2(t) for t in new]
+    vocab = {t: i for i, t in enumerate(vocab_list)}
+    added = [_added_entry(i, t, True) for i, t in enumerate(specials)]
+    added += [_added_entry(len(vocab) + k, t, special) for k, (t, special) in enumerate(DEEPSEEK_ADDED)]
+    bos_ref = {"id": DEEPSEEK_BOS, "ids": [0], "tokens": [DEEPSEEK_BOS]}
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": deepseek_v3_pre_tokenizer_json(),
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": DEEPSEEK_BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": DEEPSEEK_BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": DEEPSEEK_BOS, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {DEEPSEEK_BOS: bos_ref},
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[bytes_to_gpt2(a), bytes_to_gpt2(b)] for a, b in merges],
+        },
+    }
+    (out_dir / "tokenizer.json").write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": _config_token(DEEPSEEK_BOS),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": _config_token(DEEPSEEK_EOS),
+        "legacy": True,
+        "model_max_length": 131072,
+        "pad_token": _config_token(DEEPSEEK_EOS),
+        "sp_model_kwargs": {},
+        "unk_token": None,
+        "tokenizer_class": "LlamaTokenizerFast",
+        "chat_template": DEEPSEEK_TINY_TEMPLATE,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
+    return TinyVocab(len(vocab) + len(DEEPSEEK_ADDED), 0, 1)

@@ -4,6 +4,9 @@ Mirrors Moonshot's ``tokenization_kimi.TikTokenTokenizer``: base ids come from t
 ``[n_base, n_base + 256)`` come from ``added_tokens_decoder`` (unnamed ones are ``<|reserved_token_N|>``),
 literal special-token strings in the input become control tokens unless ``allow_special=False``.
 Also converts to and from the GPT-2 style vocabulary that GGUF files store.
+
+:func:`load_tokenizer` / :meth:`Tokenizer.from_dir` pick ``tiktoken.model`` when a checkpoint has it, else its
+Hugging Face ``tokenizer.json`` (DeepSeek-V3 family, :class:`k2local.hf_tokenizer.HFTokenizer`, same interface).
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tiktoken
 
 from k2local.errors import K2Error
+
+if TYPE_CHECKING:
+    from k2local.hf_tokenizer import HFTokenizer
 
 __all__ = [
     "KIMI_PAT_STR",
@@ -33,6 +39,7 @@ __all__ = [
     "gguf_vocab",
     "gpt2_to_bytes",
     "load_tiktoken_ranks",
+    "load_tokenizer",
     "ranks_from_gguf_tokens",
 ]
 
@@ -255,14 +262,22 @@ class Tokenizer:
     # -- construction ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load ``tiktoken.model`` and ``tokenizer_config.json`` (Kimi's layout) from a checkpoint directory.
+    def from_dir(cls, path: str | Path) -> Tokenizer | HFTokenizer:
+        """A checkpoint directory's tokenizer: ``tiktoken.model`` (Kimi K2, Moonlight) when present, else
+        ``tokenizer.json`` (DeepSeek-V3 family, returned as :class:`k2local.hf_tokenizer.HFTokenizer`).
 
-        Without ``tokenizer_config.json`` the Kimi K2 special-token table is assumed.
+        For ``tiktoken.model`` without ``tokenizer_config.json`` the Kimi K2 special-token table is assumed.
         """
         path = Path(path)
         if not path.is_dir():
             raise TokenizerError(f"{path}: not a directory")
+        if not (path / "tiktoken.model").exists():
+            if (path / "tokenizer.json").exists():
+                from k2local.hf_tokenizer import HFTokenizer  # noqa: PLC0415
+
+                return HFTokenizer.from_dir(path)
+            raise TokenizerError(f"{path}: no tokenizer found (looked for tiktoken.model, as Kimi K2 and Moonlight "
+                                 "ship, and tokenizer.json, as DeepSeek-V3 ships)")
         ranks = load_tiktoken_ranks(path / "tiktoken.model")
         n_base = len(ranks)
         cfg_path = path / "tokenizer_config.json"
@@ -428,6 +443,11 @@ class Tokenizer:
         return f"Tokenizer(n_base={self.n_base}, vocab_size={self.vocab_size}, specials={len(self._specials)})"
 
 
+def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
+    """A checkpoint directory's tokenizer (``tiktoken.model`` or ``tokenizer.json``); see :meth:`Tokenizer.from_dir`."""
+    return Tokenizer.from_dir(path)
+
+
 class StreamDecoder:
     """Turns token ids into text pieces incrementally without splitting UTF-8 multi-byte characters.
 
@@ -435,7 +455,7 @@ class StreamDecoder:
     whatever is left (invalid bytes as U+FFFD).
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer | HFTokenizer, skip_special_tokens: bool = False) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -43,3 +43,9 @@ def shared_kimi_dir() -> Path | None:
         if c is not None and (c / "tiktoken.model").exists():
             return c
     return None
+
+
+@pytest.fixture(scope="session")
+def tiny_ds(tiny_factory) -> Path:
+    """The tiny DeepSeek-V3 checkpoint (HF tokenizer.json layout, no tiktoken.model)."""
+    return tiny_factory("deepseek_v3")

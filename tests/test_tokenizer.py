@@ -310,3 +310,20 @@ def test_bad_ids(tiny: Tokenizer) -> None:
     for bad in (-1, tiny.vocab_size, 10**9):
         with pytest.raises(TokenizerError):
             tiny.decode([bad])
+
+
+def test_from_dir_picks_tiktoken_then_tokenizer_json(tiny_dir: Path, tmp_path: Path) -> None:
+    from k2local.hf_tokenizer import HFTokenizer
+    from k2local.tiny_tokenizer import write_tiny_deepseek_tokenizer
+    from k2local.tokenizer import load_tokenizer
+
+    write_tiny_deepseek_tokenizer(tmp_path)
+    assert isinstance(Tokenizer.from_dir(tmp_path), HFTokenizer)  # tokenizer.json only (DeepSeek-V3)
+    shutil.copy(tiny_dir / "tiktoken.model", tmp_path)
+    shutil.copy(tiny_dir / "tokenizer_config.json", tmp_path)
+    both = load_tokenizer(tmp_path)
+    assert type(both) is Tokenizer and both.encode("[EOS]") == [both.n_base + 1]  # tiktoken.model wins
+    for name in ("tiktoken.model", "tokenizer.json"):
+        (tmp_path / name).unlink()
+    with pytest.raises(TokenizerError, match=f"{tmp_path}: no tokenizer found.*tiktoken.model.*tokenizer.json"):
+        load_tokenizer(tmp_path)
