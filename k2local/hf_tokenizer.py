@@ -121,8 +121,7 @@ class HFTokenizer:
     ) -> None:
         self.name = name
         self._tk = backend
-        self._tk_plain = tokenizers.Tokenizer.from_str(backend.to_str())
-        self._tk_plain.encode_special_tokens = True
+        self._tk_plain: tokenizers.Tokenizer | None = None  # a copy that leaves special tokens as text, made on demand
         added = backend.get_added_tokens_decoder()
         self._added: dict[str, int] = {t.content: i for i, t in added.items()}
         self._vocab: dict[str, int] = backend.get_vocab(with_added_tokens=True)
@@ -131,7 +130,7 @@ class HFTokenizer:
         self._id_to_token: list[str | None] = [None] * self.vocab_size
         for tok, i in self._vocab.items():
             self._id_to_token[i] = tok
-        self._bytes = [_token_bytes(t) if t is not None else b"" for t in self._id_to_token]
+        self._bytes: dict[int, bytes] = {}  # id -> what the ByteLevel decoder makes of it, filled on demand
         self.special_ids: frozenset[int] = frozenset(added)
         self.skip_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
         """Ids dropped by ``decode(..., skip_special_tokens=True)`` (added tokens marked special)."""
@@ -163,8 +162,9 @@ class HFTokenizer:
         if kind != "BPE":
             raise TokenizerError(f"{tj}: tokenizer model is {kind!r}, not 'BPE' (k2local reads byte-level BPE "
                                  "tokenizer.json files such as DeepSeek-V3's)")
-        if not _has_byte_level(spec.get("pre_tokenizer")):
-            raise TokenizerError(f"{tj}: not a byte-level BPE (its pre_tokenizer has no ByteLevel step)")
+        for part in ("pre_tokenizer", "decoder"):
+            if not _has_byte_level(spec.get(part)):
+                raise TokenizerError(f"{tj}: not a byte-level BPE (its {part} has no ByteLevel step)")
         try:
             backend = tokenizers.Tokenizer.from_file(str(tj))
         except Exception as e:  # the library raises its own Exception subclass on bad vocab / merges
@@ -198,8 +198,13 @@ class HFTokenizer:
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Text -> ids. With ``allow_special`` literal special-token strings become their ids; no BOS is added."""
-        tk = self._tk if allow_special else self._tk_plain
-        return tk.encode(text, add_special_tokens=False).ids
+        if allow_special:
+            return self._tk.encode(text, add_special_tokens=False).ids
+        if self._tk_plain is None:
+            plain = tokenizers.Tokenizer.from_str(self._tk.to_str())
+            plain.encode_special_tokens = True
+            self._tk_plain = plain
+        return self._tk_plain.encode(text, add_special_tokens=False).ids
 
     # -- decoding ------------------------------------------------------------------------------------------------------
 
@@ -214,7 +219,7 @@ class HFTokenizer:
         """Ids -> raw bytes, exactly what the ByteLevel decoder joins (special tokens as their text unless skipped)."""
         ids = self._check_ids(ids)
         skip = self.skip_ids if skip_special_tokens else frozenset()
-        return b"".join(self._bytes[i] for i in ids if i not in skip)
+        return b"".join(self._token_bytes(i) for i in ids if i not in skip)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Ids -> text (the library's decode; invalid UTF-8 becomes U+FFFD)."""
@@ -223,7 +228,14 @@ class HFTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one token (an added token's text for special ids)."""
         self._check_ids([token_id])
-        return self._bytes[token_id]
+        return self._token_bytes(token_id)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        out = self._bytes.get(token_id)
+        if out is None:
+            tok = self._id_to_token[token_id]
+            out = self._bytes[token_id] = _token_bytes(tok) if tok is not None else b""
+        return out
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         """A new :class:`StreamDecoder` over this tokenizer."""

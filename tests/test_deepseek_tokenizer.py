@@ -272,7 +272,10 @@ def test_bad_tokenizer_json_errors_name_the_file(tiny_ds: Path, tmp_path: Path) 
     with pytest.raises(TokenizerError, match=r"tokenizer\.json: tokenizer model is 'WordPiece', not 'BPE'"):
         load_tokenizer(d)
     tj.write_text(json.dumps(dict(good, pre_tokenizer={"type": "Metaspace", "replacement": "▁"})), encoding="utf-8")
-    with pytest.raises(TokenizerError, match=r"tokenizer\.json: not a byte-level BPE"):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: not a byte-level BPE \(its pre_tokenizer"):
+        load_tokenizer(d)
+    tj.write_text(json.dumps(dict(good, decoder={"type": "Fuse"})), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: not a byte-level BPE \(its decoder"):
         load_tokenizer(d)
     broken = dict(good, model=dict(good["model"], merges=[["Ġ", "nope"]]))
     tj.write_text(json.dumps(broken), encoding="utf-8")
