@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
-from safetensors import safe_open
 
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
 from quant.fp8 import dequantize_fp8_block
 
 SCALE_SUFFIX = "_scale_inv"
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}
 
 
 def expert_name(layer: int, expert: int, proj: str) -> str:
@@ -63,8 +69,10 @@ class WeightSource(Protocol):
     def nbytes(self, name: str) -> int: ...
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Fail clearly on a missing, truncated or corrupt shard (before safetensors' own terse errors)."""
+def _check_safetensors_file(path: Path) -> tuple[int, dict[str, Any]]:
+    """Fail clearly on a missing, truncated or corrupt shard (before safetensors' own terse errors).
+
+    Returns (absolute offset of the data section, header)."""
     if not path.exists():
         raise CheckpointError(f"{path}: shard listed in the index is missing")
     size = path.stat().st_size
@@ -79,13 +87,72 @@ def _check_safetensors_file(path: Path) -> None:
             header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated ({size} bytes, header says {8 + n + end})")
+    return 8 + n, header
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    """Where one tensor's bytes are in its shard."""
+
+    file: Path
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class _ShardReader:
+    """Reads byte ranges of one shard with pread into fresh buffers. No mmap: nothing read stays resident in
+    the process's RSS. With `drop_cache`, ranges read are also dropped from the page cache (a one-pass stream
+    such as a conversion should not evict everything else on the machine)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def read(self, offset: int, nbytes: int, drop_cache: bool = False) -> torch.Tensor:
+        """`nbytes` bytes at `offset` as a new uint8 tensor."""
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
+        while got < nbytes:
+            try:
+                n = os.preadv(self._fd, [view[got:]], offset + got)
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: read error at byte {offset + got} ({e.strerror})") from None
+            if n == 0:
+                raise CheckpointError(f"{self.path}: truncated (no data at byte {offset + got})")
+            got += n
+        if drop_cache and nbytes and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        return buf
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
 
 
 class SafetensorsSource:
-    """A Hugging Face checkpoint directory: config.json + model.safetensors(.index.json), memory-mapped lazily."""
+    """A Hugging Face checkpoint directory: config.json + model.safetensors(.index.json), read lazily.
+
+    Tensors are read with pread into fresh buffers, never memory-mapped, so reading through a whole model leaves
+    no file pages counted in the process's RSS. `drop_cache = True` also drops what was read from the page cache
+    (for one-pass streams such as `k2local quantize`)."""
+
+    drop_cache: bool = False
 
     def __init__(self, path: str | Path, validate: bool = True):
         self.path = Path(path)
@@ -100,31 +167,29 @@ class SafetensorsSource:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         elif (self.path / "model.safetensors").exists():
-            single = self.path / "model.safetensors"
-            _check_safetensors_file(single)
-            with safe_open(single, framework="pt") as f:
-                wm = {k: "model.safetensors" for k in f.keys()}
+            _, header = _check_safetensors_file(self.path / "model.safetensors")
+            wm = {k: "model.safetensors" for k in header if k != "__metadata__"}
         else:
             raise CheckpointError(f"{self.path}: no model.safetensors.index.json or model.safetensors")
         self.weight_map: dict[str, str] = wm
-        self._files: dict[str, object] = {}
+        self._readers: dict[Path, _ShardReader] = {}
+        self._info: dict[str, _TensorInfo] = {}
         for shard in sorted(set(wm.values())):
-            _check_safetensors_file(self.path / shard)
+            base, header = _check_safetensors_file(self.path / shard)
+            for name, v in header.items():
+                if name == "__metadata__" or wm.get(name) != shard:
+                    continue
+                try:
+                    b, e = (int(o) for o in v["data_offsets"])
+                    self._info[name] = _TensorInfo(self.path / shard, str(v["dtype"]),
+                                                   tuple(int(d) for d in v["shape"]), base + b, e - b)
+                except (KeyError, TypeError, ValueError):
+                    raise CheckpointError(f"{self.path / shard}: corrupt header entry for {name}") from None
         if validate:
             missing = [n for n in expected_tensor_names(self.config) if n not in wm]
             if missing:
                 more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
                 raise CheckpointError(f"{index}: missing tensor(s) {', '.join(missing[:3])}{more}")
-
-    def _open(self, shard: str):
-        f = self._files.get(shard)
-        if f is None:
-            try:
-                f = safe_open(self.path / shard, framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{self.path / shard}: cannot open ({e})") from None
-            self._files[shard] = f
-        return f
 
     def names(self) -> Iterable[str]:
         return (n for n in self.weight_map if not n.endswith(SCALE_SUFFIX))
@@ -132,23 +197,48 @@ class SafetensorsSource:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
+    def _tensor_info(self, name: str) -> _TensorInfo:
+        info = self._info.get(name)
+        if info is None:
+            shard = self.weight_map.get(name)
+            if shard is None:
+                raise CheckpointError(f"{self.path}: tensor {name} not in checkpoint")
+            raise CheckpointError(f"{self.path / shard}: cannot read {name} (listed in the index, not in the shard)")
+        return info
+
+    def _read(self, name: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+        """Tensor `name` as stored (only rows r0:r1 of its first dimension when r0 is given), read with pread."""
+        info = self._tensor_info(name)
+        dtype = _ST_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{info.file}: {name} has unsupported dtype {info.dtype}")
+        shape, numel = info.shape, 1
+        for d in shape:
+            numel *= d
+        if numel * torch.empty((), dtype=dtype).element_size() != info.nbytes:
+            raise CheckpointError(f"{info.file}: {name}: {info.nbytes} bytes do not fit shape {list(shape)} "
+                                  f"{info.dtype}")
+        offset, nbytes = info.offset, info.nbytes
+        if r0 is not None:
+            r1 = shape[0] if r1 is None else r1
+            if not shape or not 0 <= r0 <= r1 <= shape[0]:
+                raise CheckpointError(f"{info.file}: cannot read rows {r0}:{r1} of {name} {list(shape)}")
+            row = nbytes // shape[0] if shape[0] else 0
+            offset, nbytes, shape = offset + r0 * row, (r1 - r0) * row, (r1 - r0, *shape[1:])
+        reader = self._readers.get(info.file)
+        if reader is None:
+            reader = self._readers[info.file] = _ShardReader(info.file)
+        return reader.read(offset, nbytes, self.drop_cache).view(dtype).reshape(shape)
+
     def raw(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tensor as stored, and its FP8 block scale_inv (None for BF16/F32 tensors)."""
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise CheckpointError(f"{self.path}: tensor {name} not in checkpoint")
-        try:
-            t = self._open(shard).get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{self.path / shard}: cannot read {name} ({e})") from None
+        t = self._read(name)
         scale = None
-        if t.element_size() == 1:
+        if t.element_size() == 1 and t.is_floating_point():
             sname = name + SCALE_SUFFIX
             if sname not in self.weight_map:
                 raise CheckpointError(f"{self.path}: FP8 tensor {name} has no {sname}")
-            scale = self._open(self.weight_map[sname]).get_tensor(sname)
+            scale = self._read(sname)
         return t, scale
 
     def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -163,37 +253,27 @@ class SafetensorsSource:
 
     def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 of a 2-D weight as float32, reading only those rows (and their FP8 scale rows)."""
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise CheckpointError(f"{self.path}: tensor {name} not in checkpoint")
+        info = self._tensor_info(name)
+        if info.dtype not in ("F8_E4M3", "F8_E5M2"):
+            return self._read(name, r0, r1).to(torch.float32)
+        br = self.block[0]
+        a0 = r0 // br * br
+        sname = name + SCALE_SUFFIX
+        if sname not in self.weight_map:
+            raise CheckpointError(f"{self.path}: FP8 tensor {name} has no {sname}")
+        srows = self._tensor_info(sname).shape[0] if self._tensor_info(sname).shape else 0
+        scale = self._read(sname, min(a0 // br, srows), min(-(-r1 // br), srows))
         try:
-            sl = self._open(shard).get_slice(name)
-            if sl.get_dtype() != "F8_E4M3":
-                return sl[r0:r1].to(torch.float32)
-            br = self.block[0]
-            a0 = r0 // br * br
-            sname = name + SCALE_SUFFIX
-            if sname not in self.weight_map:
-                raise CheckpointError(f"{self.path}: FP8 tensor {name} has no {sname}")
-            scale = self._open(self.weight_map[sname]).get_slice(sname)[a0 // br: -(-r1 // br)]
-            return dequantize_fp8_block(sl[a0:r1], scale, self.block, torch.float32)[r0 - a0:]  # type: ignore
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors / shape errors on a corrupt shard
-            raise CheckpointError(f"{self.path / shard}: cannot read rows {r0}:{r1} of {name} ({e})") from None
+            return dequantize_fp8_block(self._read(name, a0, r1), scale, self.block, torch.float32)[r0 - a0:]
+        except ValueError as e:
+            raise CheckpointError(f"{info.file}: {name} rows {r0}:{r1}: {e}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        shard = self.weight_map[name]
-        return tuple(self._open(shard).get_slice(name).get_shape())
+        return self._tensor_info(name).shape
 
     def nbytes(self, name: str) -> int:
         """Bytes the tensor occupies on disk (scale included)."""
-        shard = self.weight_map[name]
-        sl = self._open(shard).get_slice(name)
-        n = 1
-        for d in sl.get_shape():
-            n *= d
-        size = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4}.get(sl.get_dtype(), 4) * n
+        size = self._tensor_info(name).nbytes
         if name + SCALE_SUFFIX in self.weight_map:
             size += self.nbytes(name + SCALE_SUFFIX)
         return size

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from quant.gguf_file import (GGUFFormatError, GGUFStreamWriter, MetaValue, Tenso
 
 ARCH = "deepseek2"
 CONVERTER_VERSION = 1  # bump when produced bytes change for the same inputs (invalidates resume state)
-CHUNK_WEIGHTS = 1 << 24  # values per streamed chunk (64 MB of float32)
+CHUNK_WEIGHTS = 1 << 22  # values per streamed chunk (16 MB of float32): bounds peak memory, whatever the model
 GATING_FUNC = {"softmax": 1, "sigmoid": 2}
 ProgressFn = Callable[[str, int], None]  # (tensor name, weights just processed)
 
@@ -209,14 +210,14 @@ def _chunks(p: PlannedTensor, reader: RowReader, start_row: int) -> Iterator[tor
     if len(p.shape) == 1:
         yield reader.full(p.hf[0]).reshape(1, -1).float()
         return
-    if p.build == "experts":
+    if p.build == "experts":  # one expert after the other, each in row chunks
         per = p.shape[1]
         for e in range(start_row // per, p.shape[0]):
-            w = reader.full(p.hf[e]).float()
-            if tuple(w.shape) != p.shape[1:]:
-                raise CheckpointError(f"{reader.src.path}: {p.hf[e]} has shape {tuple(w.shape)}, "
+            shape = reader.shape(p.hf[e])
+            if tuple(shape) != p.shape[1:]:
+                raise CheckpointError(f"{reader.src.path}: {p.hf[e]} has shape {tuple(shape)}, "
                                       f"expected {p.shape[1:]}")
-            yield w[max(start_row - e * per, 0):]
+            yield from _row_chunks(reader, p.hf[e], max(start_row - e * per, 0), per, cols)
         return
     if p.build in ("k_b", "v_b"):
         nh, kvr = p.shape[0], (p.shape[1] if p.build == "k_b" else p.shape[2])
@@ -236,11 +237,16 @@ def _chunks(p: PlannedTensor, reader: RowReader, start_row: int) -> Iterator[tor
     shape = reader.shape(p.hf[0])
     if tuple(shape) != p.shape:
         raise CheckpointError(f"{reader.src.path}: {p.hf[0]} has shape {tuple(shape)}, expected {p.shape}")
+    yield from _row_chunks(reader, p.hf[0], start_row, rows_total, cols)
+
+
+def _row_chunks(reader: RowReader, name: str, r: int, rows: int, cols: int) -> Iterator[torch.Tensor]:
+    """Rows r..rows of 2-D source tensor `name` in chunks of about CHUNK_WEIGHTS values (multiples of 128 rows,
+    the FP8 scale block, so no scale row is read twice)."""
     step = max(128, CHUNK_WEIGHTS // cols // 128 * 128)
-    r = start_row
-    while r < rows_total:
-        r1 = min(rows_total, (r // step + 1) * step)
-        yield reader.rows(p.hf[0], r, r1)
+    while r < rows:
+        r1 = min(rows, (r // step + 1) * step)
+        yield reader.rows(name, r, r1)
         r = r1
 
 
@@ -297,6 +303,8 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
     if not out.parent.exists():
         raise K2Error(f"{out.parent}: output directory does not exist")
     src = open_checkpoint(src_path)
+    if hasattr(src, "drop_cache"):
+        src.drop_cache = True  # one pass over the input: do not let it fill the page cache
     if not Path(src.path).is_dir():
         raise CheckpointError(f"{src_path}: quantize reads a Hugging Face checkpoint directory (safetensors); "
                               "to requantize a GGUF use llama-quantize")
@@ -353,8 +361,8 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
 def _write_rows(writer: GGUFStreamWriter, chunk: torch.Tensor, spec: TensorSpec, row0: int, imat) -> None:
     """Quantize rows [row0, row0 + n) of `spec` (imatrix rows chosen per expert / head) and append them."""
     x = chunk.detach().to(torch.float32).contiguous()
-    if not bool(torch.isfinite(x).all()):
-        raise CheckpointError(f"{spec.name}: non-finite values in the source weights (rows {row0}..)")
+    if x.numel() and not all(math.isfinite(v) for v in torch.aminmax(x)):  # NaN/inf show in min or max; 50x
+        raise CheckpointError(f"{spec.name}: non-finite values in the source weights (rows {row0}..)")  # isfinite
     if x.device.type == "cpu":
         x = x.numpy()
     w = imat.weights(spec.name) if imat is not None else None

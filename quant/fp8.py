@@ -27,9 +27,15 @@ def dequantize_fp8_block(
             f"with block {block} (expected {expected_scale_shape(tuple(w.shape), block)})"
         )
     rows, cols = w.shape
-    s = scale_inv.to(torch.float32)
-    s = s.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return (w.to(torch.float32) * s).to(dtype)
+    # one full-size float32 buffer, scaled in place block column by block column (no full-size scale grid)
+    out = w.to(torch.float32)
+    s = scale_inv.to(torch.float32).repeat_interleave(block[0], 0)[:rows]  # [rows, column blocks]
+    full = cols // block[1]
+    if full:
+        out[:, : full * block[1]].view(rows, full, block[1]).mul_(s[:, :full, None])
+    if cols % block[1]:
+        out[:, full * block[1]:].mul_(s[:, full:full + 1])
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:

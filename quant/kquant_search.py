@@ -4,12 +4,18 @@ Each function mirrors one static helper of ggml-quants.c (make_qkx2_quants, make
 make_qx_quants, make_q3_quants, make_qp_quants) with the same float32 operation order.  Inputs are
 element-major: x has shape [n, S] (n values of each of S independent groups); per-group results have
 shape [S].  Quant levels are returned as float32 tensors holding small integers.
+
+On the CPU the two hot searches (make_qkx_quants, make_qx_quants) run in numpy over blocks of _NP_BLOCK values:
+numpy's per-call overhead is a fraction of torch's and its `out=` ufuncs reuse a few buffers that stay in the L2
+cache, which makes them several times faster.  Same float32 operations in the same order, so the same bits.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from . import ggml_float
 from .ggml_float import (
     GROUP_MAX_EPS,
     c_max_scan,
@@ -20,12 +26,64 @@ from .ggml_float import (
     first_absmax,
     nearest_int,
     nearest_int_clamped,
-    seq_sum,
-    seq_sum_from_first,
 )
+
+_NEG_ZERO = np.float32(-0.0)
+_POS_ZERO = np.float32(0.0)
+_F32 = np.float32
+_MAGIC = np.float32(12582912.0)  # as ggml_float.nearest_int
+_clip = getattr(getattr(np, "_core", None), "umath", np).clip  # the ufunc itself: np.clip's wrapper costs more
+_NP_BLOCK = 1 << 16  # values per numpy block on the CPU (128 KB per work array: the few arrays stay in L2)
+
+
+def np_seq_sum(a: np.ndarray, axis: int = 0, initial: np.float32 = _POS_ZERO) -> np.ndarray:
+    """`float s = initial; for (i...) s += a[i];` along `axis` of a float32 array, in C order.
+
+    numpy reduces a C-contiguous array along a non-innermost axis row after row: one IEEE float32 addition per
+    element, in index order, no pairwise summation, no wider accumulator; exactly the C loop, in one call. When
+    the reduced axis would become numpy's inner loop (non-contiguous input, or nothing left beside it) numpy sums
+    pairwise, so those cases add row by row here."""
+    if a.flags.c_contiguous and axis != a.ndim - 1 and int(np.prod(a.shape[axis + 1:])) >= 16:
+        return np.add.reduce(a, axis=axis, initial=initial)
+    acc = np.full(a.shape[:axis] + a.shape[axis + 1:], initial, np.float32)
+    for i in range(a.shape[axis]):
+        np.add(acc, np.take(a, i, axis=axis), out=acc)
+    return acc
+
+
+def seq_sum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """ggml_float.seq_sum (`float s = 0; for (i...) s += t[i];` along `dim`), in one numpy call on the CPU."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        return ggml_float.seq_sum(t, dim)
+    return torch.from_numpy(np_seq_sum(t.contiguous().numpy(), dim % t.dim(), _POS_ZERO))
+
+
+def seq_sum_from_first(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`float s = t[0]; for (i = 1...) s += t[i];` along `dim` (starting from -0.0 is the same: -0 + x == x)."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        return ggml_float.seq_sum_from_first(t, dim)
+    return torch.from_numpy(np_seq_sum(t.contiguous().numpy(), dim % t.dim(), _NEG_ZERO))
 
 
 def make_qkx_quants(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants / make_qkx3_quants (identical for given weights): asymmetric levels 0..nmax.
+
+    Returns (L [n, S], scale [S], the_min [S]) where x ~= scale * L - the_min.
+    """
+    if x.device.type == "cpu":
+        return _blockwise(_qkx_np, (x, w), 3, nmax, rmin, rdelta, nstep, use_mad)
+    return _make_qkx_quants_torch(x, w, nmax, rmin, rdelta, nstep, use_mad)
+
+
+def _make_qkx_quants_torch(
     x: torch.Tensor,
     w: torch.Tensor,
     nmax: int,
@@ -89,6 +147,17 @@ def make_qkx_quants(
 
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants with rmse_type=1: symmetric levels, returns (L = l + nmax in [0, 2*nmax-1], scale)."""
+    if x.device.type == "cpu":
+        amax, xmax = first_absmax(x, 0)
+        zero = amax < GROUP_MAX_EPS
+        L, scale = _blockwise(_qx_np, (x, x * x if qw is None else qw, xmax.unsqueeze(0)), 2, nmax)
+        L = torch.where(zero, torch.zeros_like(L), L)
+        return L, torch.where(zero, torch.zeros_like(scale), scale)
+    return _make_qx_quants_torch(x, nmax, qw)
+
+
+def _make_qx_quants_torch(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     amax, xmax = first_absmax(x, 0)
     zero = amax < GROUP_MAX_EPS
     w = qw if qw is not None else x * x
@@ -118,6 +187,134 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     L = torch.where(zero, torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return L, scale
+
+
+# ------------------------------------------------------------------------------------------ numpy (CPU) kernels
+def _blockwise(fn, ins: tuple[torch.Tensor, ...], n_out: int, *args) -> tuple[torch.Tensor, ...]:
+    """Run numpy kernel `fn(*blocks, *args)` over column blocks of the [n, S] (or [1, S]) inputs; the first
+    output is [n, S], the others [S]."""
+    arrs = [t.detach().to(torch.float32).contiguous().numpy() for t in ins]
+    n, S = arrs[0].shape
+    outs = [np.empty((n, S) if i == 0 else (S,), np.float32) for i in range(n_out)]
+    step = max(64, _NP_BLOCK // n)
+    with np.errstate(all="ignore"):  # inf / NaN arise exactly where the C code has them
+        for s0 in range(0, S, step):
+            s1 = min(S, s0 + step)
+            res = fn(*(np.ascontiguousarray(a[:, s0:s1]) for a in arrs), *args)
+            outs[0][:, s0:s1] = res[0]
+            for o, r in zip(outs[1:], res[1:]):
+                o[s0:s1] = r
+    return tuple(torch.from_numpy(o) for o in outs)
+
+
+def _nic(y: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+    """out = MAX(lo, MIN(hi, nearest_int(y))) as float32; y is overwritten (ggml_float.nearest_int's trick)."""
+    np.add(y, _MAGIC, out=y)
+    v = y.view(np.int32)
+    np.bitwise_and(v, 0x007FFFFF, out=v)
+    np.subtract(v, 0x00400000, out=v)
+    np.copyto(out, v, casting="unsafe")  # small integers: exact in float32
+    return _clip(out, _F32(lo), _F32(hi), out=out)  # numpy's float clip is much faster than its int max/min
+
+
+def _sum0(a: np.ndarray, initial: np.float32 = _POS_ZERO) -> np.ndarray:
+    return np_seq_sum(a, 0, initial)
+
+
+def _qkx_np(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+            use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_make_qkx_quants_torch on one numpy block, op for op."""
+    xmin = np.minimum.reduce(x, axis=0)
+    xmax = np.maximum.reduce(x, axis=0)
+    sum_w = _sum0(w, _NEG_ZERO)
+    t = np.multiply(w, x)
+    sum_x = _sum0(t, _NEG_ZERO)
+    xmin = np.where(xmin > 0, _POS_ZERO, xmin)
+    degenerate = xmax == xmin
+    xmin0 = xmin
+    laux, d = np.empty_like(x), np.empty_like(x)
+    prod = np.empty((3,) + x.shape, np.float32)
+
+    def error(scale: np.ndarray, levels: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        np.multiply(scale, levels, out=d)
+        np.add(d, mn, out=d)
+        np.subtract(d, x, out=d)
+        if use_mad:
+            np.abs(d, out=d)
+        else:
+            np.multiply(d, d, out=d)
+        np.multiply(w, d, out=d)
+        return _sum0(d)
+
+    def levels(iscale: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        np.subtract(x, mn, out=t)
+        np.multiply(iscale, t, out=t)
+        return _nic(t, 0, nmax, laux)
+
+    iscale = _F32(nmax) / (xmax - xmin)
+    scale = _F32(1.0) / iscale
+    best = error(scale, levels(iscale, xmin), xmin)
+    best_iscale, best_from = iscale, xmin
+    if nstep >= 1:
+        for step in range(nstep + 1):
+            num = f32_add(f32_add(f32(rmin), f32_mul(rdelta, step)), float(nmax))
+            iscale = _F32(num) / (xmax - xmin)
+            levels(iscale, xmin)
+            np.multiply(w, laux, out=prod[0])
+            np.multiply(prod[0], laux, out=prod[1])
+            np.multiply(prod[0], x, out=prod[2])
+            sum_l, sum_l2, sum_xl = np_seq_sum(prod, 1)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, _POS_ZERO, this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            cur = error(this_scale, laux, this_min)
+            better = (D > 0) & (cur < best)
+            best_iscale = np.where(better, iscale, best_iscale)
+            best_from = np.where(better, xmin, best_from)
+            best = np.where(better, cur, best)
+            scale = np.where(better, this_scale, scale)
+            xmin = np.where(better, this_min, xmin)
+    best_iscale = np.where(degenerate, _POS_ZERO, best_iscale)  # -> all levels 0
+    L = levels(best_iscale, best_from).copy()
+    scale = np.where(degenerate, _POS_ZERO, scale)
+    return L, scale, -np.where(degenerate, xmin0, xmin)
+
+
+def _qx_np(x: np.ndarray, w: np.ndarray, xmax: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """_make_qx_quants_torch on one numpy block (w = importance or x*x; xmax from first_absmax), op for op."""
+    xmax = xmax[0]
+    wx = np.multiply(w, x)
+    t, l = np.empty_like(x), np.empty_like(x)
+
+    def levels(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        np.multiply(iscale, x, out=t)
+        _nic(t, -nmax, nmax - 1, l)
+        np.multiply(wx, l, out=t)
+        sumlx = _sum0(t)
+        np.multiply(w, l, out=t)
+        np.multiply(t, l, out=t)
+        return sumlx, _sum0(t)
+
+    iscale = _F32(-nmax) / xmax
+    sumlx, suml2 = levels(iscale)
+    best_iscale = iscale
+    scale = np.where(suml2 != 0, sumlx / suml2, _POS_ZERO)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        num = -f32_add(float(nmax), f32_mul(0.1, step))
+        iscale = _F32(num) / xmax
+        sumlx, suml2 = levels(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        best_iscale = np.where(better, iscale, best_iscale)
+        scale = np.where(better, sumlx / suml2, scale)
+        best = np.where(better, scale * sumlx, best)
+    np.multiply(best_iscale, x, out=t)
+    return _nic(t, -nmax, nmax - 1, l) + _F32(nmax), scale
 
 
 def _descend(

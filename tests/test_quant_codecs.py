@@ -228,6 +228,22 @@ def test_imatrix_bit_identical_with_ggml_quantize_chunk(qtype: T, ggml_quantize_
             assert np.array_equal(ours, theirs), f"{qtype.name} {kind}/{name}: {(ours == theirs).mean():.6f} equal"
 
 
+@pytest.mark.parametrize("qtype", K_TYPES)
+def test_bit_identical_across_numpy_block_edges(qtype: T, ggml_quantize_chunk, monkeypatch) -> None:
+    """The CPU searches run numpy over blocks of groups; tiny blocks, a last block of one group, and a single
+    group (where numpy would sum pairwise) must still give ggml's bytes."""
+    from quant import kquant_search
+
+    monkeypatch.setattr(kquant_search, "_NP_BLOCK", 32 * 17)
+    rng = np.random.default_rng(11)
+    for rows, cols in [(1, 256), (3, 768), (5, 1280)]:
+        x = _hard_cases("heavy", rows, cols, rng)
+        im = rng.random(cols).astype(np.float32) * 3
+        assert np.array_equal(codecs.quantize(torch.from_numpy(x), qtype), ggml_quantize_chunk(x, qtype))
+        assert np.array_equal(codecs.quantize(torch.from_numpy(x), qtype, imatrix=torch.from_numpy(im)),
+                              ggml_quantize_chunk(x, qtype, im))
+
+
 def write_tiny_llama_gguf(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 256, n_ff: int = 256,
                           n_vocab: int = 256, n_expert: int = 2) -> dict[str, np.ndarray]:
     """A loadable llama-architecture F32 GGUF (MoE FFNs, so 3-D expert tensors too); returns name -> data."""
