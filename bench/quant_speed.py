@@ -3,7 +3,11 @@
 Builds an F32 llama-architecture GGUF of known size (one layer, default ~15M weights, about one Kimi K2
 routed expert), then for each type:
   - times llama.cpp's llama_model_quantize on it (pure ftype, --threads threads), when llama_cpp is installed;
-  - times our quantize() of the same tensors on the CPU (torch threads) and, if available, on CUDA;
+  - times our quantize() of the same tensors on the CPU the way `k2local quantize` runs it (--threads chunks at
+    once, one torch thread each) and, if available, on CUDA;
+  - single-threaded, on the same arrays: ggml_quantize_chunk (what llama-quantize runs per chunk of rows) against
+    our quantize() with one worker and one torch thread. On a machine shared with other work this is the fair
+    comparison: both get one core, measured back to back, best of --repeat runs;
   - on CUDA, also times a stack of Kimi K2 routed experts ([experts*2048, 7168], how a converter would call
     it; small tensors leave the GPU waiting on kernel launches);
 and prints weights/second, our/llama.cpp ratios, and projected hours for Kimi K2 (routed experts at the
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import inspect
 import sys
 import tempfile
 import time
@@ -102,15 +107,42 @@ def llama_cpp_speed(src: Path, qtype: T, n_weights: int, threads: int) -> float 
     return n_weights / dt
 
 
-def our_speed(tensors: dict[str, torch.Tensor], qtype: T, imatrix: bool) -> float:
+def our_speed(tensors: dict[str, torch.Tensor], qtype: T, imatrix: bool, workers: int = 1,
+              threads: int | None = None) -> float:
     """Weights/s of quant.codecs.quantize over all tensors (on their device; results land in host memory)."""
     n = sum(t.numel() for t in tensors.values())
     ims = {k: torch.rand(t.shape[1], device=t.device) + 0.1 for k, t in tensors.items()} if imatrix else {}
     if tensors and next(iter(tensors.values())).is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
+    kw = {"workers": workers} if "workers" in inspect.signature(codecs.quantize).parameters else {}  # older revs
     for name, t in tensors.items():
-        codecs.quantize(t, qtype, imatrix=ims.get(name))
+        codecs.quantize(t, qtype, imatrix=ims.get(name), threads=threads, **kw)
+    return n / (time.perf_counter() - t0)
+
+
+def ggml_chunk_fn():
+    """ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix) from llama_cpp's libggml-base, or
+    None without llama_cpp."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    return fn
+
+
+def ggml_chunk_speed(fn, arrays: dict[str, np.ndarray], qtype: T) -> float:
+    """Weights/s of ggml_quantize_chunk (one thread) over all arrays."""
+    n = sum(a.size for a in arrays.values())
+    outs = {k: np.empty((a.shape[0], codecs.bytes_per_row(qtype, a.shape[1])), np.uint8) for k, a in arrays.items()}
+    t0 = time.perf_counter()
+    for k, a in arrays.items():
+        fn(int(qtype), a.ctypes.data, outs[k].ctypes.data, 0, a.shape[0], a.shape[1], None)
     return n / (time.perf_counter() - t0)
 
 
@@ -134,6 +166,7 @@ def main() -> None:
     ap.add_argument("--imatrix", action="store_true", help="time the importance-weighted path (ours only)")
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--experts", type=int, default=8, help="K2 experts in the CUDA stack (0: skip)")
+    ap.add_argument("--repeat", type=int, default=3, help="best of this many runs for the single-thread columns")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     types = [T[name] for name in args.types.split(",")]
@@ -152,13 +185,20 @@ def main() -> None:
         stack = expert_stack(args.experts) if gpu and args.experts else {}
         if stack:
             print(f"CUDA expert stack: {args.experts} K2 experts, {stack['experts'].numel() / 1e6:.0f}M weights")
-        rows = []
+        rows, single = [], []
+        chunk_fn = ggml_chunk_fn()
         for qtype in types:
             ref = None if args.imatrix else llama_cpp_speed(src, qtype, n, args.threads)
-            ours_cpu = our_speed(cpu, qtype, args.imatrix)
+            ours_cpu = our_speed(cpu, qtype, args.imatrix, workers=args.threads, threads=1)
             ours_gpu = our_speed(gpu, qtype, args.imatrix) if gpu else None
             ours_stack = our_speed(stack, qtype, args.imatrix) if stack else None
             rows.append((qtype, ours_cpu, ours_gpu, ours_stack, ref))
+            if chunk_fn is not None and not args.imatrix:
+                g1 = o1 = 0.0
+                for _ in range(args.repeat):  # interleaved, so both see the same machine load
+                    g1 = max(g1, ggml_chunk_speed(chunk_fn, arrays, qtype))
+                    o1 = max(o1, our_speed(cpu, qtype, False, workers=1, threads=1))
+                single.append((qtype, g1, o1))
 
         def fmt(v: float | None) -> str:
             return f"{v / 1e6:10.2f}" if v else "         -"
@@ -171,6 +211,11 @@ def main() -> None:
               f" {'CPU ratio':>10} {'GPU ratio':>10} {'stack ratio':>11}")
         for qtype, c, g, st, r in rows:
             print(f"{qtype.name:6} {fmt(r)} {fmt(c)} {fmt(g)} {fmt(st)} {ratio(c, r)} {ratio(g, r)} {ratio(st, r):>11}")
+        if single:
+            print("\none thread each (best of %d, interleaved): M weights/s" % args.repeat)
+            print(f"{'type':6} {'ggml_quantize_chunk':>20} {'ours':>10} {'ratio':>8}")
+            for qtype, g1, o1 in single:
+                print(f"{qtype.name:6} {g1 / 1e6:20.2f} {o1 / 1e6:10.2f} {o1 / g1:8.2f}")
         speeds = {q: (c, st or g, r) for q, c, g, st, r in rows}
         if T.Q8_0 in speeds:
             print(f"\nKimi K2 projection ({K2_EXPERT_WEIGHTS:.2g} expert weights at the type, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,19 +364,38 @@ def _write_rows(writer: GGUFStreamWriter, chunk: torch.Tensor, spec: TensorSpec,
     x = chunk.detach().to(torch.float32).contiguous()
     if x.numel() and not all(math.isfinite(v) for v in torch.aminmax(x)):  # NaN/inf show in min or max; 50x
         raise CheckpointError(f"{spec.name}: non-finite values in the source weights (rows {row0}..)")  # isfinite
+    workers = 1
     if x.device.type == "cpu":
         x = x.numpy()
+        workers = cpu_workers()
     w = imat.weights(spec.name) if imat is not None else None
     if w is None:
-        writer.write(quantize_rows(x, spec.qtype))
+        writer.write(quantize_rows(x, spec.qtype, workers=workers))
         return
     per = spec.rows // w.shape[0]
     r = 0
     while r < x.shape[0]:
         g = (row0 + r) // per
         n = min(x.shape[0] - r, (g + 1) * per - (row0 + r))
-        writer.write(quantize_rows(x[r:r + n], spec.qtype, w[g]))
+        writer.write(quantize_rows(x[r:r + n], spec.qtype, w[g], workers=workers))
         r += n
+
+
+def cpu_workers() -> int:
+    """Chunks quantized at once on the CPU: the CPUs this process may use ($K2LOCAL_QUANT_WORKERS overrides).
+
+    Each runs with one torch thread: the codecs issue many small ops, where OpenMP fan-out loses (badly so on a
+    machine shared with other busy processes), while the numpy scale searches release the GIL."""
+    env = os.environ.get("K2LOCAL_QUANT_WORKERS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise K2Error(f"K2LOCAL_QUANT_WORKERS={env!r}: expected a number of workers") from None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _check_imatrix(imat, plan: list[PlannedTensor], path) -> None:

@@ -112,17 +112,18 @@ def _gguf_py_quantizes(qt: GGMLQuantizationType) -> bool:
         return False
 
 
-def quantize_rows(x: Any, qtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize_rows(x: Any, qtype: int, imatrix: np.ndarray | None = None, workers: int = 1) -> np.ndarray:
     """float32 [rows, cols] (numpy, or a torch tensor on any device) -> uint8 numpy [rows, row_bytes].
 
-    `imatrix` ([cols] importance) is used by the types whose encoder supports it (the K-quants)."""
+    `imatrix` ([cols] importance) is used by the types whose encoder supports it (the K-quants). `workers` > 1:
+    CPU rows are quantized that many chunks at a time (quant.codecs.quantize)."""
     qt = qtype_of(qtype)
     mod = _own_codec_has(qt)
     is_torch = type(x).__module__.startswith("torch")
     if mod is not None and is_torch:  # torch tensor: quantize where it lives (CPU threads or CUDA)
         rows, cols = x.shape
         out = np.asarray(mod.quantize(x, int(qt), imatrix=None if imatrix is None else
-                                      np.asarray(imatrix, np.float32)))
+                                      np.asarray(imatrix, np.float32), workers=workers))
         return out.view(np.uint8).reshape(rows, row_bytes(qt, cols))
     if is_torch:
         x = x.detach().float().cpu().numpy()
@@ -136,7 +137,7 @@ def quantize_rows(x: Any, qtype: int, imatrix: np.ndarray | None = None) -> np.n
         return x.astype(_FLOAT[qt]).view(np.uint8).reshape(rows, -1)
     if mod is not None:
         w = None if imatrix is None else np.asarray(imatrix, np.float32)
-        out = np.asarray(mod.quantize(x, int(qt), imatrix=w))
+        out = np.asarray(mod.quantize(x, int(qt), imatrix=w, workers=workers))
         return out.view(np.uint8).reshape(rows, row_bytes(qt, cols))
     if imatrix is not None and qt in _LEGACY_NMAX:
         return _quantize_legacy_imatrix(x, qt, np.asarray(imatrix, np.float32))

@@ -12,6 +12,8 @@ cache, which makes them several times faster.  Same float32 operations in the sa
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -43,7 +45,7 @@ def np_seq_sum(a: np.ndarray, axis: int = 0, initial: np.float32 = _POS_ZERO) ->
     element, in index order, no pairwise summation, no wider accumulator; exactly the C loop, in one call. When
     the reduced axis would become numpy's inner loop (non-contiguous input, or nothing left beside it) numpy sums
     pairwise, so those cases add row by row here."""
-    if a.flags.c_contiguous and axis != a.ndim - 1 and int(np.prod(a.shape[axis + 1:])) >= 16:
+    if a.flags.c_contiguous and axis != a.ndim - 1 and math.prod(a.shape[axis + 1:]) >= 16:
         return np.add.reduce(a, axis=axis, initial=initial)
     acc = np.full(a.shape[:axis] + a.shape[axis + 1:], initial, np.float32)
     for i in range(a.shape[axis]):
@@ -148,11 +150,7 @@ def _make_qkx_quants_torch(
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants with rmse_type=1: symmetric levels, returns (L = l + nmax in [0, 2*nmax-1], scale)."""
     if x.device.type == "cpu":
-        amax, xmax = first_absmax(x, 0)
-        zero = amax < GROUP_MAX_EPS
-        L, scale = _blockwise(_qx_np, (x, x * x if qw is None else qw, xmax.unsqueeze(0)), 2, nmax)
-        L = torch.where(zero, torch.zeros_like(L), L)
-        return L, torch.where(zero, torch.zeros_like(scale), scale)
+        return _blockwise(_qx_np, (x, x * x if qw is None else qw), 2, nmax)  # type: ignore[return-value]
     return _make_qx_quants_torch(x, nmax, qw)
 
 
@@ -283,9 +281,22 @@ def _qkx_np(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
     return L, scale, -np.where(degenerate, xmin0, xmin)
 
 
-def _qx_np(x: np.ndarray, w: np.ndarray, xmax: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """_make_qx_quants_torch on one numpy block (w = importance or x*x; xmax from first_absmax), op for op."""
-    xmax = xmax[0]
+def _first_absmax_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml_float.first_absmax along axis 0: C's `if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`."""
+    amax = np.zeros(x.shape[1:], np.float32)
+    xmax = np.zeros(x.shape[1:], np.float32)
+    ax = np.abs(x)
+    for i in range(x.shape[0]):
+        better = ax[i] > amax  # NaN never wins
+        np.copyto(xmax, x[i], where=better)
+        np.copyto(amax, ax[i], where=better)
+    return amax, xmax
+
+
+def _qx_np(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """_make_qx_quants_torch on one numpy block (w = importance or x*x), op for op."""
+    amax, xmax = _first_absmax_np(x)
+    zero = amax < _F32(GROUP_MAX_EPS)
     wx = np.multiply(w, x)
     t, l = np.empty_like(x), np.empty_like(x)
 
@@ -314,7 +325,9 @@ def _qx_np(x: np.ndarray, w: np.ndarray, xmax: np.ndarray, nmax: int) -> tuple[n
         scale = np.where(better, sumlx / suml2, scale)
         best = np.where(better, scale * sumlx, best)
     np.multiply(best_iscale, x, out=t)
-    return _nic(t, -nmax, nmax - 1, l) + _F32(nmax), scale
+    L = _nic(t, -nmax, nmax - 1, l) + _F32(nmax)
+    L[:, zero] = 0
+    return L, np.where(zero, _POS_ZERO, scale)
 
 
 def _descend(
@@ -333,6 +346,11 @@ def _descend(
     C stops a group after a pass without changes; such a group's state is final, so only groups that
     changed in the previous pass are carried into the next one.
     """
+    if x.device.type == "cpu":
+        arrs = [t.detach().to(torch.float32).contiguous().numpy() for t in (x, w, L, sumlx, suml2)]
+        with np.errstate(all="ignore"):
+            res = _descend_np(*arrs, lo, hi, require_sl2_pos_first, wrap_u8)
+        return tuple(torch.from_numpy(r) for r in res)  # type: ignore[return-value]
     L, sumlx, suml2 = L.clone(), sumlx.clone(), suml2.clone()
     active = torch.arange(x.shape[1], device=x.device)
     for _ in range(5):
@@ -367,9 +385,59 @@ def _descend(
     return L, sumlx, suml2
 
 
+def _descend_np(x: np.ndarray, w: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, lo: int | None,
+                hi: int, require_sl2_pos_first: bool, wrap_u8: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """_descend's torch code on numpy arrays, op for op (in-place masked updates instead of torch.where)."""
+    L, sumlx, suml2 = L.copy(), sumlx.copy(), suml2.copy()
+    active = np.arange(x.shape[1])
+    for _ in range(5):
+        xa, wa, La = x[:, active], w[:, active], L[:, active]
+        slxa, sl2a = sumlx[active], suml2[active]
+        wxa = wa * xa
+        changed = np.zeros(slxa.shape, bool)
+        for i in range(x.shape[0]):
+            li, wi, xi, wxi = La[i], wa[i], xa[i], wxa[i]
+            slx = slxa - wxi * li
+            sl2 = sl2a - (wi * li) * li
+            ok = slx > 0
+            if require_sl2_pos_first:
+                ok &= sl2 > 0
+            q = (xi * sl2) / slx
+            q += _MAGIC
+            new_l = q.view(np.int32)
+            new_l &= 0x007FFFFF
+            new_l -= 0x00400000
+            if lo is None:
+                np.minimum(new_l, hi, out=new_l)
+            else:
+                _clip(new_l, lo, hi, out=new_l)
+            new_f = new_l.astype(np.float32)
+            slx2 = slx + wxi * new_f
+            sl22 = sl2 + (wi * new_f) * new_f
+            accept = ok & (new_f != li) & ((slx2 * slx2) * sl2a > (slxa * slxa) * sl22)
+            if not require_sl2_pos_first:
+                accept &= sl22 > 0
+            if wrap_u8:
+                new_l &= 0xFF
+                np.copyto(new_f, new_l, casting="unsafe")
+            np.copyto(li, new_f, where=accept)
+            np.copyto(slxa, slx2, where=accept)
+            np.copyto(sl2a, sl22, where=accept)
+            changed |= accept
+        L[:, active], sumlx[active], suml2[active] = La, slxa, sl2a
+        active = active[changed]
+        if active.size == 0:
+            break
+    return L, sumlx, suml2
+
+
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_q3_quants with do_rmse=true: returns (L = l + nmax, scale)."""
-    amax, xmax = first_absmax(x, 0)
+    if x.device.type == "cpu":
+        amax_np, xmax_np = _first_absmax_np(x.detach().to(torch.float32).contiguous().numpy())
+        amax, xmax = torch.from_numpy(amax_np), torch.from_numpy(xmax_np)
+    else:
+        amax, xmax = first_absmax(x, 0)
     zero = amax < GROUP_MAX_EPS
     w = x * x
     l = nearest_int_clamped(div(float(-nmax), xmax) * x, -nmax, nmax - 1)
