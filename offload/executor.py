@@ -3,8 +3,10 @@
 Per MoE layer: experts in the device cache run on the compute device (asynchronously on CUDA); the others are
 leased from the RAM store (resident or disk cache) and computed on the CPU (offload.kernels for ggml types,
 torch dequantize + matmul otherwise) while misses stream in; prefill batches of at least
-`gpu_prefill_min_tokens` tokens ship host experts to the GPU instead. Meanwhile a prefetch thread predicts the
-next MoE layer's experts from the current hidden state (its router applied early) and starts reading them.
+`gpu_prefill_min_tokens` tokens ship host experts to the GPU instead. On the GPU, ggml-quantized experts are
+computed on their raw bytes by the fused Triton kernels (offload.kernels.triton_q) when those are enabled.
+Meanwhile a prefetch thread predicts the next MoE layer's experts from the current hidden state (its router
+applied early) and starts reading them.
 Contributions are summed in ascending expert order, so the result never depends on which tier served what.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from offload.cache import CacheCounters
 from offload.expert_layout import ExpertLayout, decode_matrix, decodes_on_gpu
 from offload.routing_stats import RoutingStats
-from offload.store import DeviceCache, ExpertStore, Key, Lease
+from offload.store import DeviceCache, ExpertStore, Key, Lease, fused_on_device, fused_or_dense
 
 try:
     from offload import kernels as _kernels
@@ -131,7 +133,7 @@ class OffloadExperts:
             if self.device_cache is not None and key in self.device_cache:
                 self.device_cache.counters.hits += 1
                 self.device_cache.counters.bytes_served += self.layout.entry(*key).nbytes
-                outs[e] = swiglu(x[group(e)[0]], *self.device_cache.matrices(key))
+                outs[e] = self.device_cache.compute(key, x[group(e)[0]])
             else:
                 host.append(key)
         if self.device_cache is not None:
@@ -286,8 +288,9 @@ class OffloadExperts:
         inflight: collections.deque[tuple[torch.cuda.Event, Lease]] = collections.deque()
         for key, lease in self._stream_keep(keys):
             fmts = lease.entry.formats
+            fused = fused_on_device(lease.entry, self.device)  # ggml bytes straight into the Triton kernels
             with torch.cuda.stream(self._copy_stream):
-                if all(decodes_on_gpu(f) for f in fmts):
+                if fused or all(decodes_on_gpu(f) for f in fmts):
                     dv = [v.to(self.device, non_blocking=True) for v in lease.views]
                     nbytes = lease.entry.nbytes
                 else:  # no GPU decoder for this type: dequantize on the host, ship dense
@@ -298,11 +301,14 @@ class OffloadExperts:
             main.wait_event(ev)
             for t in dv:
                 t.record_stream(main)
-            if all(decodes_on_gpu(f) for f in fmts):
-                mats = [decode_matrix(f, vs, self.dtype) for f, vs in lease.entry.matrix_segments(dv)]
+            if fused:
+                outs[key[1]] = fused_or_dense(x[group(key[1])[0]], lease.entry, dv, self.dtype)
             else:
-                mats = dv
-            outs[key[1]] = swiglu(x[group(key[1])[0]], *mats)
+                if all(decodes_on_gpu(f) for f in fmts):
+                    mats = [decode_matrix(f, vs, self.dtype) for f, vs in lease.entry.matrix_segments(dv)]
+                else:
+                    mats = dv
+                outs[key[1]] = swiglu(x[group(key[1])[0]], *mats)
             self.shipped.bytes_read += nbytes
             self.shipped.hits += 1
             inflight.append((ev, lease))
@@ -355,7 +361,8 @@ class OffloadExperts:
         served = 0
         if self.device_cache is not None:
             tiers["device"] = self.device_cache.counters.as_dict() | {"experts": len(self.device_cache),
-                                                                       "bytes": self.device_cache.nbytes}
+                                                                       "bytes": self.device_cache.nbytes,
+                                                                       "fused": self.device_cache.fused_experts}
             served += self.device_cache.counters.bytes_served
         tiers[self.store.tier] = self.store.counters.as_dict() | {"slots": self.store.n_slots,
                                                                   "bytes": self.store.nbytes}

@@ -1,0 +1,198 @@
+"""Fused dequant-matmul Triton kernels (offload.kernels.triton_q) on raw GGUF bytes.
+
+Without a GPU the kernels run under Triton's interpreter, which must be switched on before triton is imported, so
+those checks run in a child process (TRITON_INTERPRET=1) and report JSON. References: gguf-py's dequantize and a
+plain matmul; the whole tiny model with and without the fused path in the device cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_child(code: str, *args: str, timeout: int = 600) -> dict:
+    """Run `code` in a fresh interpreter with the Triton interpreter on; its last stdout line is JSON."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("K2LOCAL_TRITON", None)
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                       env=env, timeout=timeout, check=False)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+KERNELS = """
+    import json, numpy as np, torch
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+    from quant import codecs
+    from offload.kernels import triton_q as tq
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    out = []
+    shapes = {"Q8_0": [(37, 256), (5, 96)]}  # Q8_0 rows may end inside a 256-value super-block
+    for name in ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
+        qt = Q[name]
+        for n, k in shapes.get(name, [(37, 256), (9, 512)]):
+            w = torch.randn(n, k) * torch.rand(n, 1) * 3
+            b = codecs.quantize(w, qt)
+            W = torch.from_numpy(np.ascontiguousarray(dequantize(b, qt))).float().reshape(n, k)
+            for m, dt in [(1, torch.float32), (3, torch.bfloat16), (17, torch.float32), (17, torch.bfloat16)]:
+                x = torch.randn(m, k).to(dt)
+                y = tq.qmatmul_gpu(x, torch.from_numpy(b), int(qt), k)
+                ref = x.float() @ W.to(dt).float().T  # a dequantized matrix in x's dtype, fp32 products
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                out.append([name, n, k, m, str(dt), list(y.shape), str(y.dtype), err])
+    print(json.dumps(out))
+"""
+
+
+def test_kernels_match_dequantize_matmul() -> None:
+    """Every type, rows not a multiple of the program's block, 1-2 super-blocks, GEMV (1, 3) and tl.dot (17) batches,
+    fp32 and bf16 activations: the fused product equals gguf-py's dequantize followed by a matmul."""
+    rows = run_child(KERNELS)
+    assert {r[0] for r in rows} == {"Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    for name, n, k, m, dt, shape, ydt, err in rows:
+        assert shape == [m, n] and ydt == dt, (name, n, k, m, dt)
+        # fp32: only the summation order differs; bf16: the output is rounded to bf16 (2^-9 relative)
+        tol = 2e-6 if dt == "torch.float32" else 4e-3
+        assert err <= tol, (name, n, k, m, dt, err)
+
+
+MODEL = """
+    import json, os, sys, torch
+    from k2local.checkpoint import open_checkpoint
+    from k2local.engine import LoadOptions
+    from k2local.model import KimiK2Model
+    from offload.planner import build_backend
+    from offload.expert_layout import layout_for
+    from offload.store import DeviceCache, ExpertStore
+    from offload.kernels import triton_q as tq
+
+    torch.set_num_threads(1)
+    src = open_checkpoint(sys.argv[1])
+    prompt = [5, 17, 33, 2, 9, 100, 7, 8, 41, 3]
+
+    def run(flag):
+        os.environ["K2LOCAL_TRITON"] = flag
+        # host experts through torch (the C kernels quantize activations: fp32 noise could flip a rounding)
+        opts = LoadOptions(experts_on="ram", extra={"save_routing_stats": False, "device_cache_experts": 8,
+                                                    "kernels": False})
+        b = build_backend(src, opts, torch.device("cpu"), torch.float32)
+        try:
+            m = KimiK2Model(src, experts=b, device="cpu", dtype=torch.float32)
+            cache = m.new_cache()
+            lg = m.forward(prompt, cache)[-1]
+            toks, logits = [], [lg]
+            for _ in range(2):
+                toks.append(int(lg.argmax()))
+                lg = m.forward([toks[-1]], cache)[-1]
+                logits.append(lg)
+            dev = b.stats()["tiers"]["device"]
+            return toks, torch.stack(logits), dev, b.plan.device_expert_bytes
+        finally:
+            b.close()
+
+    t_off, l_off, d_off, bytes_off = run("0")
+    t_on, l_on, d_on, bytes_on = run("1")
+    # a kernel failure falls back (once, for good) to dequantize + matmul on the same bytes
+    layout = layout_for(src)
+    cache = DeviceCache(layout, torch.device("cpu"), torch.float32)
+    store = ExpertStore(layout, keys=[(1, 0)], io_threads=1)
+    cache.add((1, 0), store.read_copy((1, 0)))
+    store.close()
+    x = torch.randn(3, src.config.hidden_size)
+    good = cache.compute((1, 0), x)
+    def broken(*a, **k):
+        raise RuntimeError("simulated compile failure")
+    tq.qmatmul_gpu = broken
+    fell_back = cache.compute((1, 0), x)
+    print(json.dumps({"toks": [t_off, t_on], "diff": (l_on - l_off).abs().max().item(),
+                      "scale": l_off.abs().max().item(), "fused": [d_off["fused"], d_on["fused"]],
+                      "hits": d_on["hits"], "bytes": [bytes_off, bytes_on], "cached_fused": cache.fused_experts,
+                      "fallback_diff": (good - fell_back).abs().max().item(), "after": tq.available("cpu")}))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_q3(tiny_k2, tmp_path_factory) -> Path:
+    convert = pytest.importorskip("k2local.convert").convert
+    out = tmp_path_factory.mktemp("gguf") / "tiny-q3.gguf"
+    convert(tiny_k2, out, "q3")  # experts Q3_K (gate, up) and Q4_K (down)
+    return out
+
+
+def test_whole_model_same_with_and_without_fused_experts(tiny_q3: Path) -> None:
+    """8 of the 48 routed experts in the device cache (the CPU stands in for the GPU; the interpreter is slow):
+    K2LOCAL_TRITON=1 keeps their raw bytes and computes them with the fused kernels; =0 keeps them dequantized. Same greedy tokens, logits within fp32 noise;
+    the cache holds the raw bytes (~7x less than fp32 here); a failing kernel falls back to dequantize + matmul."""
+    r = run_child(MODEL, str(tiny_q3))
+    assert r["fused"] == [0, 8] and r["hits"] > 0
+    assert r["toks"][0] == r["toks"][1]
+    assert r["diff"] <= 1e-4 * max(1.0, r["scale"]), r
+    assert r["bytes"][1] * 5 < r["bytes"][0]
+    assert r["cached_fused"] == 1 and r["fallback_diff"] <= 1e-4 and r["after"] is False
+
+
+# ---------------------------------------------------------------------------------------------- in-process
+def test_policy_and_input_errors(monkeypatch) -> None:
+    from offload.kernels import triton_q as tq
+
+    assert tq.supported(12) and tq.supported(8) and not tq.supported(2) and not tq.supported("x")
+    assert tq.row_bytes(12, 512) == 288 and tq.row_bytes(8, 96) == 102
+    with pytest.raises(ValueError, match="multiple of 256"):
+        tq.row_bytes(14, 300)
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        tq.row_bytes(2, 256)
+    if not tq._INTERPRET:  # this process: the CPU is never "available" without the interpreter
+        for flag in ("", "0", "1"):
+            monkeypatch.setenv("K2LOCAL_TRITON", flag)
+            assert not tq.enabled("cpu")
+    monkeypatch.setenv("K2LOCAL_TRITON", "0")
+    assert not tq.enabled("cuda")
+    x = torch.zeros(2, 256)
+    w = torch.zeros(4, 144, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="uint8"):
+        tq.qmatmul_gpu(x, w.float(), 12, 256)
+    with pytest.raises(ValueError, match="whole number"):
+        tq.qmatmul_gpu(x, w.reshape(-1)[:-1], 12, 256)
+    with pytest.raises(ValueError, match="columns"):
+        tq.qmatmul_gpu(torch.zeros(2, 512), w, 12, 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernels_match_dequantize_matmul() -> None:
+    """The compiled kernels on a real GPU: every type, decode and prefill batches, bf16 and fp32."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    from offload.kernels import triton_q as tq
+    from quant import codecs
+
+    assert tq.available("cuda")
+    torch.manual_seed(0)
+    for name in ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
+        qt = Q[name]
+        n, k = 300, 1024
+        b = codecs.quantize(torch.randn(n, k), qt)
+        W = torch.from_numpy(np.ascontiguousarray(dequantize(b, qt))).float().reshape(n, k).cuda()
+        wb = torch.from_numpy(b).cuda()
+        for m in (1, 5, 8, 40, 130):
+            for dt in (torch.bfloat16, torch.float32):
+                x = torch.randn(m, k, device="cuda").to(dt)
+                y = tq.qmatmul_gpu(x, wb, int(qt), k)
+                ref = x.float() @ W.to(dt).float().T
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                assert y.dtype == dt and err <= (1e-5 if dt == torch.float32 else 8e-3), (name, m, dt, err)
