@@ -20,7 +20,8 @@ GB/s = weight bytes read / wall time, best of several passes after a warm-up pas
 Ratios: kernel GB/s / best RAM read GB/s of the run; k2 moe / llama.cpp at each one's best thread count.
 
 Runs with numpy, torch, gguf and a C compiler; llama-cpp-python is optional.
-  python bench/kernels.py            # default: ~2 GiB working set (capped at RAM/8), types Q4_K Q3_K Q2_K Q8_0
+  python bench/kernels.py            # default: ~2 GiB working set (capped at RAM/8), K-quants, Q8_0 and the IQ
+                                     # types of Unsloth's Kimi K2 / DeepSeek GGUFs (IQ4_XS .. IQ1_S)
   python bench/kernels.py --quick    # CI-sized: 256 MiB, fewer passes
   python bench/kernels.py --prefetch 0,2048,8192,4096L2 --types Q4_K   # tune the prefetch distance
   python bench/kernels.py --cache-resident --threads 1   # compute ceiling: weights in L3, no RAM traffic
@@ -54,7 +55,8 @@ from offload import kernels as K  # noqa: E402
 HIDDEN, INTER, TOPK = 7168, 2048, 8
 K2_WEIGHTS_PER_TOKEN = 8 * 60 * 3 * HIDDEN * INTER  # routed-expert weights read per decoded token
 SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,),
-                 Q.Q4_0: (0,)}
+                 Q.Q4_0: (0,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,), Q.IQ3_XXS: (0,), Q.IQ3_S: (0,), Q.IQ2_XXS: (0,),
+                 Q.IQ2_XS: (0,), Q.IQ2_S: (0,), Q.IQ1_S: (0,), Q.IQ1_M: ()}  # IQ1_M: see set_scales
 
 
 def log(*a) -> None:
@@ -94,6 +96,10 @@ def set_scales(a: np.ndarray, qt: Q) -> None:
     for off in SCALE_OFFSETS[qt]:
         blocks[:, off] = h[0]
         blocks[:, off + 1] = h[1]
+    if qt == Q.IQ1_M:  # the fp16 scale is spread over the top nibbles of the four uint16 at bytes 48..55
+        d = int(np.frombuffer(h.tobytes(), dtype=np.uint16)[0])
+        for k in range(4):
+            blocks[:, 49 + 2 * k] = (blocks[:, 49 + 2 * k] & 0x0F) | (((d >> (4 * k)) & 0xF) << 4)
 
 
 class Experts:
@@ -361,7 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run: 256 MiB working set, 2 passes")
     ap.add_argument("--size-mb", type=int, help="expert working set per type (default: min(2048, RAM/8))")
-    ap.add_argument("--types", default="Q4_K,Q3_K,Q2_K,Q8_0", help="comma-separated ggml types")
+    ap.add_argument("--types", default="Q4_K,Q3_K,Q2_K,Q8_0,IQ4_XS,IQ3_XXS,IQ2_XXS,IQ1_M,IQ1_S",
+                    help="comma-separated ggml types")
     ap.add_argument("--threads", help="'all', or comma-separated counts (default 1,2,4,8,12,..,nproc)")
     ap.add_argument("--passes", type=int, help="timed passes per point (best is kept)")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")

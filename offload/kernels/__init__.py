@@ -1,10 +1,12 @@
-"""CPU expert kernels on ggml-quantized bytes (Q4_0, Q8_0, Q2_K..Q6_K), with a torch fallback.
+"""CPU expert kernels on ggml-quantized bytes (Q4_0, Q8_0, Q2_K..Q6_K and the IQ types), with a torch fallback.
 
 The compiled part is a plain C shared library (``k2kern.c``) called through ctypes, which
 releases the GIL.  It is found, in order: as the optional extension built by ``setup.py``
 (``offload.kernels._k2kern``), or in the user cache (``$XDG_CACHE_HOME/k2local`` or
 ``~/.cache/k2local``), built there on first use with ``$CC``/gcc when missing.  One binary
 serves every x86-64 CPU: AVX-512 VNNI / AVX2 / scalar code is chosen at run time.
+The IQ types' codebooks (grids, sign table, IQ4 values) are not compiled in: they are read from the
+installed gguf package and handed to the library once, when it is loaded (``k2k_set_grid``).
 
 Environment:
   K2LOCAL_KERNELS=torch   force the torch fallback (dequantize row chunks with gguf + matmul)
@@ -34,10 +36,13 @@ __all__ = [
     "set_prefetch", "supported", "row_bytes", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
 ]
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 _SRC = Path(__file__).with_name("k2kern.c")
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values)
-C_TYPES = {2: "Q4_0", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+C_TYPES = {2: "Q4_0", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
+           16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+           23: "IQ4_XS", 29: "IQ1_M"}
+_GRID_KSIGNS = 256  # k2k_set_grid id of the IQ sign table
 _ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512-vnni", 3: "avx512-vnni-gfni"}
 
 Bytes = Union[np.ndarray, torch.Tensor]
@@ -122,6 +127,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "k2k_matmul": (i32, [i32, vp, i64, i64, i64, fp, i64, i64, fp, i64]),
         "k2k_moe": (i32, [i64, i64, i64, fp, i64, i32, vp, vp, vp, i32, i32, i32, i32, vp, fp, fp, i64, i32]),
         "k2k_read_bw": (ctypes.c_double, [vp, i64, i32]),
+        "k2k_set_grid": (i32, [i32, vp, i64]),
     }
     for name, (res, args) in sig.items():
         f = getattr(lib, name)
@@ -144,6 +150,7 @@ def _load() -> ctypes.CDLL | None:
                 _declare(lib)
                 if tag is not None and lib.k2k_src_tag().decode() != tag:
                     continue  # built from another revision of k2kern.c (e.g. stale in-place build)
+                _set_grids(lib)
                 _lib = lib
                 return lib
             except (OSError, AttributeError):
@@ -154,11 +161,50 @@ def _load() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(path))
                 _declare(lib)
                 if lib.k2k_abi_version() == ABI_VERSION:
+                    _set_grids(lib)
                     _lib = lib
                     return lib
         except OSError as e:  # read-only home, broken compiler, ...
             _lib_err = repr(e)
         return None
+
+
+def iq_tables() -> dict[int, np.ndarray]:
+    """The IQ codebooks from the installed gguf package, as the byte arrays k2k_set_grid takes: grid magnitudes
+    as uint8 rows (IQ2_*: 8 per row, IQ3_*: 4), IQ1_S values as int8 rows, IQ4_NL values, and the sign table.
+    Keys are ggml type ids (IQ1_M shares IQ1_S's grid, IQ4_XS IQ4_NL's values) and _GRID_KSIGNS."""
+    from gguf import quants as gq
+
+    out: dict[int, np.ndarray] = {}
+    for tid, name, dtype in ((16, "IQ2_XXS", np.uint8), (17, "IQ2_XS", np.uint8), (22, "IQ2_S", np.uint8),
+                             (18, "IQ3_XXS", np.uint8), (21, "IQ3_S", np.uint8), (19, "IQ1_S", np.int8)):
+        cls = getattr(gq, name, None)
+        if cls is None:
+            continue
+        cls.init_grid()
+        out[tid] = np.ascontiguousarray(np.asarray(cls.grid).reshape(-1).astype(dtype))
+    if hasattr(gq, "IQ4_NL"):
+        out[20] = np.asarray(gq.IQ4_NL.kvalues, dtype=np.int8)
+    if hasattr(gq, "IQ2_XXS") and hasattr(gq.IQ2_XXS, "ksigns"):
+        out[_GRID_KSIGNS] = np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8).copy()
+    return out
+
+
+_grid_errors: dict[int, str] = {}
+
+
+def _set_grids(lib: ctypes.CDLL) -> None:
+    """Hand the IQ codebooks to the library; a table that is missing or rejected leaves its types on torch."""
+    try:
+        tables = iq_tables()
+    except Exception as e:  # gguf without IQ support: those types stay on the fallback
+        _grid_errors[-1] = f"gguf.quants: {type(e).__name__}: {e}"
+        return
+    for tid, arr in tables.items():
+        rc = lib.k2k_set_grid(tid, arr.ctypes.data, arr.nbytes)
+        if rc != 0:
+            what = {-2: "has the wrong size", -3: "holds values out of range"}.get(rc, f"was rejected ({rc})")
+            _grid_errors[tid] = f"gguf's {C_TYPES.get(tid, 'sign')} table {what}"
 
 
 def _forced_torch() -> bool:
@@ -253,8 +299,12 @@ def set_row_pairs(on: bool | None = None) -> bool:
 
 
 def supported(qtype: int) -> bool:
-    """True when qtype has a compiled kernel; other gguf types work through the torch fallback."""
-    return int(qtype) in C_TYPES
+    """True when qtype has a compiled kernel (for IQ types: once gguf's codebooks are loaded into it); other gguf
+    types work through the torch fallback."""
+    if int(qtype) not in C_TYPES:
+        return False
+    lib = _load()
+    return lib is None or bool(lib.k2k_supported(int(qtype)))
 
 
 def _block(qtype: int) -> tuple[int, int]:
@@ -298,7 +348,7 @@ def _dequant_rows(w: np.ndarray | torch.Tensor, qtype: int, cols: int, r0: int, 
     rb = row_bytes(qtype, cols)
     flat = w.reshape(-1).numpy() if isinstance(w, torch.Tensor) else w.reshape(-1)
     chunk = flat[r0 * rb:r1 * rb].reshape(r1 - r0, rb)
-    return torch.from_numpy(np.ascontiguousarray(dequantize(chunk, int(qtype)), dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(dequantize(chunk, int(qtype)), dtype=np.float32).reshape(r1 - r0, cols))
 
 
 def _torch_matmul(x: torch.Tensor, w, qtype: int, cols: int, rows: int, chunk_rows: int = 1024) -> torch.Tensor:

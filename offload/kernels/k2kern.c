@@ -45,17 +45,24 @@
 #define K2K_X86 0
 #endif
 
-#define K2K_ABI_VERSION 5
+#define K2K_ABI_VERSION 6
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
-enum { GT_Q4_0 = 2, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14 };
+enum { GT_Q4_0 = 2, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,
+       GT_IQ2_XXS = 16, GT_IQ2_XS = 17, GT_IQ3_XXS = 18, GT_IQ1_S = 19, GT_IQ4_NL = 20, GT_IQ3_S = 21, GT_IQ2_S = 22,
+       GT_IQ4_XS = 23, GT_IQ1_M = 29 };
+/* k2k_set_grid id of the 128-entry sign table shared by IQ2_XXS / IQ2_XS / IQ3_XXS */
+#define GRID_KSIGNS 256
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512G = 3 /* AVX-512 VNNI + GFNI */ };
 /* int8 activation order inside a 256 block: source 32-chunk index for each position */
-enum { LAYOUT_NAT = 0, LAYOUT_P64 = 1, LAYOUT_P2 = 2, LAYOUT_Q8_0 = 3 };
-static const int layout_src[3][8] = {
-    {0, 1, 2, 3, 4, 5, 6, 7},
-    {0, 2, 1, 3, 4, 6, 5, 7},  /* Q4_K/Q5_K 512-bit: lo/hi nibbles of 64 packed bytes */
-    {0, 4, 1, 5, 2, 6, 3, 7},  /* Q2_K/Q3_K 512-bit: both 128-halves per 2-bit plane */
+/* int8 activation order inside a 256 block: source 16-chunk index for each 16-wide position */
+enum { LAYOUT_NAT = 0, LAYOUT_P64 = 1, LAYOUT_P2 = 2, LAYOUT_Q8_0 = 3, LAYOUT_IQ4X = 4 };
+static const int layout_src[5][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15},  /* Q4_K/Q5_K 512-bit: lo/hi nibbles of 64 packed bytes */
+    {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15},  /* Q2_K/Q3_K 512-bit: both 128-halves per 2-bit plane */
+    {0},                                                      /* (Q8_0: 32-blocks, natural) */
+    {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15},  /* IQ4_XS: lo nibbles of 4 sub-blocks, then hi */
 };
 
 #define AI static inline __attribute__((always_inline))
@@ -135,7 +142,7 @@ static void quantize_act_range(const float *x, int64_t cols, int layout, uint8_t
             bs16[16 * b + k] = (int16_t)s;
         }
         for (int k = 0; k < 8; k++) bs32[8 * b + k] = (int16_t)(bs16[16 * b + 2 * k] + bs16[16 * b + 2 * k + 1]);
-        for (int p = 0; p < 8; p++) memcpy(q + 256 * b + 32 * p, tmp + 32 * src[p], 32);
+        for (int p = 0; p < 16; p++) memcpy(q + 256 * b + 16 * p, tmp + 16 * src[p], 16);
         d[b] = dd;
     }
 }
@@ -184,6 +191,8 @@ typedef struct {
 static const tinfo_t TYPES[] = {
     {GT_Q4_0, 32, 18}, {GT_Q8_0, 32, 34}, {GT_Q2_K, 256, 84}, {GT_Q3_K, 256, 110},
     {GT_Q4_K, 256, 144}, {GT_Q5_K, 256, 176}, {GT_Q6_K, 256, 210},
+    {GT_IQ2_XXS, 256, 66}, {GT_IQ2_XS, 256, 74}, {GT_IQ3_XXS, 256, 98}, {GT_IQ1_S, 256, 50}, {GT_IQ4_NL, 32, 18},
+    {GT_IQ3_S, 256, 110}, {GT_IQ2_S, 256, 82}, {GT_IQ4_XS, 256, 136}, {GT_IQ1_M, 256, 56},
 };
 static const tinfo_t *tinfo(int type) {
     for (size_t i = 0; i < sizeof(TYPES) / sizeof(TYPES[0]); i++)
@@ -382,6 +391,254 @@ static void dot_q6_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float
                 }
             }
             acc += fp16_to_f32(rd16(b + 208)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+/* ------------------------------------------------------------------ IQ codebooks (set at run time) */
+
+/* The IQ types' codebooks are not part of this source: the Python loader takes them from the installed gguf
+ * package and hands them over once with k2k_set_grid (a type without its tables is not supported).
+ * Stored as rows: 8 bytes (IQ2_*, IQ1_*) or 4 bytes (IQ3_*) per grid index.  IQ2/IQ3 rows hold the grid
+ * magnitudes (0..63, checked: 64 +/- g must stay a valid unsigned byte below 128); IQ1 rows hold 8 * g + 8 for
+ * g in {-1, 0, 1}, so that 8 * (g +/- 1/8) + 9 = row + 1 +/- 1 is a small unsigned integer. */
+static uint64_t *g_iq2xxs, *g_iq2xs, *g_iq2s, *g_iq1s;
+static uint32_t *g_iq3xxs, *g_iq3s;
+static int8_t g_kv[16];       /* IQ4_NL / IQ4_XS non-linear 4-bit values */
+static uint8_t g_kvu[16];     /* the same + 128 (unsigned, for dpbusd) */
+static uint8_t g_ksigns[128]; /* 7 sign bits + parity as bit 7 */
+static uint64_t g_ksmask[128]; /* the same as 8 byte masks (0xFF: negative), for the AVX2 kernels */
+static int g_kv_set = 0, g_ksigns_set = 0;
+
+static int grids_ready(int type) {
+    switch (type) {
+    case GT_IQ2_XXS: return g_iq2xxs && g_ksigns_set;
+    case GT_IQ2_XS: return g_iq2xs && g_ksigns_set;
+    case GT_IQ3_XXS: return g_iq3xxs && g_ksigns_set;
+    case GT_IQ2_S: return g_iq2s != NULL;
+    case GT_IQ3_S: return g_iq3s != NULL;
+    case GT_IQ1_S: case GT_IQ1_M: return g_iq1s != NULL;
+    case GT_IQ4_NL: case GT_IQ4_XS: return g_kv_set;
+    default: return 1;
+    }
+}
+
+/* IQ2_XXS / IQ2_XS / IQ3_XXS sign index (7 bits) -> 8 sign bits: the 8th makes the parity even */
+static inline uint32_t ksign8(uint32_t i) { return g_ksigns[i & 127]; }
+
+/* ------------------------------------------------------------------ generic IQ kernels (NAT layout) */
+
+/* one 8-weight group: sum_j sign_j * grid_j * q_j (sign bit j set: negative) */
+static inline int grid8_dot(const uint8_t *g, uint32_t signs, const int8_t *q) {
+    int s = 0;
+    for (int j = 0; j < 8; j++) s += ((signs >> j) & 1 ? -(int)g[j] : (int)g[j]) * q[j];
+    return s;
+}
+
+static void dot_iq4_nl_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 18 * i;
+            const int8_t *q = a[t].q + 32 * i;
+            int s = 0;
+            for (int l = 0; l < 16; l++) s += g_kv[b[2 + l] & 0xF] * q[l] + g_kv[b[2 + l] >> 4] * q[l + 16];
+            acc += fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_iq4_xs_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 136 * i, *qs = b + 8;
+            const uint32_t sh = rd16(b + 2);
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int j = 0; j < 8; j++) {
+                const int ls = (int)(((b[4 + j / 2] >> (4 * (j % 2))) & 0xF) | (((sh >> (2 * j)) & 3) << 4)) - 32;
+                int sj = 0;
+                for (int l = 0; l < 16; l++) sj += g_kv[qs[16 * j + l] & 0xF] * q[32 * j + l] + g_kv[qs[16 * j + l] >> 4] * q[32 * j + 16 + l];
+                s += ls * sj;
+            }
+            acc += fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_iq2_xxs_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 66 * i;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int ib = 0; ib < 8; ib++) {
+                const uint32_t a0 = rd32(b + 2 + 8 * ib), a1 = rd32(b + 6 + 8 * ib);
+                int si = 0;
+                for (int l = 0; l < 4; l++)
+                    si += grid8_dot((const uint8_t *)&g_iq2xxs[(a0 >> (8 * l)) & 0xFF], ksign8(a1 >> (7 * l)), q + 32 * ib + 8 * l);
+                s += (int)(2 * (a1 >> 28) + 1) * si;
+            }
+            acc += 0.125f * fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_iq2_xs_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 74 * i, *sc = b + 66;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int k = 0; k < 16; k++) { /* 16 weights: two groups, one 4-bit scale */
+                int si = 0;
+                for (int l = 0; l < 2; l++) {
+                    const uint32_t v = rd16(b + 2 + 2 * (2 * k + l));
+                    si += grid8_dot((const uint8_t *)&g_iq2xs[v & 511], ksign8(v >> 9), q + 16 * k + 8 * l);
+                }
+                s += (int)(2 * ((sc[k / 2] >> (4 * (k % 2))) & 0xF) + 1) * si;
+            }
+            acc += 0.125f * fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_iq2_s_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 82 * i, *qs = b + 2, *sg = b + 34, *qh = b + 66, *sc = b + 74;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int k = 0; k < 16; k++) {
+                int si = 0;
+                for (int l = 0; l < 2; l++) {
+                    const int g = 2 * k + l, idx = qs[g] | (((qh[g / 4] >> (2 * (g % 4))) & 3) << 8);
+                    si += grid8_dot((const uint8_t *)&g_iq2s[idx], sg[g], q + 8 * g);
+                }
+                s += (int)(2 * ((sc[k / 2] >> (4 * (k % 2))) & 0xF) + 1) * si;
+            }
+            acc += 0.125f * fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_iq3_xxs_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 98 * i, *qs = b + 2;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int ib = 0; ib < 8; ib++) {
+                const uint32_t aux = rd32(b + 66 + 4 * ib);
+                int si = 0;
+                for (int l = 0; l < 4; l++) {
+                    uint8_t g[8];
+                    memcpy(g, &g_iq3xxs[qs[8 * ib + 2 * l]], 4);
+                    memcpy(g + 4, &g_iq3xxs[qs[8 * ib + 2 * l + 1]], 4);
+                    si += grid8_dot(g, ksign8(aux >> (7 * l)), q + 32 * ib + 8 * l);
+                }
+                s += (int)(2 * (aux >> 28) + 1) * si;
+            }
+            acc += 0.25f * fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static void dot_iq3_s_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 110 * i, *qs = b + 2, *qh = b + 66, *sg = b + 74, *sc = b + 106;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int ib = 0; ib < 8; ib++) {
+                int si = 0;
+                for (int l = 0; l < 4; l++) {
+                    const int g = 4 * ib + l;
+                    uint8_t v[8];
+                    for (int h = 0; h < 2; h++) {
+                        const int k = 2 * g + h, idx = qs[k] | (((qh[k / 8] >> (k % 8)) & 1) << 8);
+                        memcpy(v + 4 * h, &g_iq3s[idx], 4);
+                    }
+                    si += grid8_dot(v, sg[g], q + 8 * g);
+                }
+                s += (int)(2 * ((sc[ib / 2] >> (4 * (ib % 2))) & 0xF) + 1) * si;
+            }
+            acc += fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+/* IQ1: w = d * ls * (g + delta), delta = +-1/8; summed as d / 8 * ls * (8 g +- 1) */
+static inline int iq1_group(int idx, int minus, const int8_t *q) {
+    const uint8_t *r = (const uint8_t *)&g_iq1s[idx];
+    int s = 0;
+    for (int j = 0; j < 8; j++) s += ((int)r[j] - 8 + (minus ? -1 : 1)) * q[j];
+    return s;
+}
+
+static void dot_iq1_s_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 50 * i, *qs = b + 2;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int ib = 0; ib < 8; ib++) {
+                const uint32_t h = rd16(b + 34 + 2 * ib);
+                int si = 0;
+                for (int l = 0; l < 4; l++) si += iq1_group(qs[4 * ib + l] | (((h >> (3 * l)) & 7) << 8), h >> 15, q + 32 * ib + 8 * l);
+                s += (int)(2 * ((h >> 12) & 7) + 1) * si;
+            }
+            acc += 0.125f * fp16_to_f32(rd16(b)) * a[t].d[i] * (float)s;
+        }
+        out[t * os] = acc;
+    }
+}
+
+static inline float iq1m_scale(const uint8_t *sc) {
+    const uint32_t s0 = rd16(sc), s1 = rd16(sc + 2), s2 = rd16(sc + 4), s3 = rd16(sc + 6);
+    return fp16_to_f32((uint16_t)((s0 >> 12) | ((s1 >> 8) & 0xF0) | ((s2 >> 4) & 0xF00) | (s3 & 0xF000)));
+}
+
+static void dot_iq1_m_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + 56 * i, *qs = b, *qh = b + 32, *sc = b + 48;
+            const int8_t *q = a[t].q + 256 * i;
+            int s = 0;
+            for (int k = 0; k < 16; k++) { /* 16 weights, one 3-bit scale */
+                int si = 0;
+                for (int l = 0; l < 2; l++) {
+                    const int g = 2 * k + l, nib = (qh[g / 2] >> (4 * (g % 2))) & 0xF;
+                    si += iq1_group(qs[g] | ((nib & 7) << 8), nib & 8, q + 8 * g);
+                }
+                s += (int)(2 * ((rd16(sc + 2 * (k / 4)) >> (3 * (k % 4))) & 7) + 1) * si;
+            }
+            acc += 0.125f * iq1m_scale(sc) * a[t].d[i] * (float)s;
         }
         out[t * os] = acc;
     }
@@ -691,8 +948,348 @@ AI T256 void q4_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT
 }
 NT_DISPATCH(q4_0_avx2, T256, 2)
 
+/* ------------------------------------------------------------------ AVX2 IQ kernels */
+
+/* IQ4_NL: codebook lookup with vpshufb; maddubs on |v| and the activations with v's sign */
+AI T256 void iq4nl_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)g_kv));
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 18 * i;
+        pf_block(pf, i, 18);
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
+        const __m256i v = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4));
+        const __m256i av = _mm256_sign_epi8(v, v);
+        const float dw = h2f_256(b);
+        for (int t = 0; t < NT; t++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(x, v)), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
+}
+NT_DISPATCH(iq4nl_avx2, T256, 2)
+
+/* IQ4_XS 8 six-bit scales - 32 as int8 (low 8 bytes) */
+AI T256 __m128i iq4xs_scales8(const uint8_t *b) {
+    const uint32_t sh = rd16(b + 2);
+    const __m128i sl = _mm_cvtsi32_si128((int)rd32(b + 4));
+    const __m128i lo4 = _mm_and_si128(_mm_unpacklo_epi8(sl, _mm_srli_epi16(sl, 4)), _mm_set1_epi8(0x0F));
+    const __m128i hi2 = _mm_cvtsi64_si128((long long)(_pdep_u64(sh, 0x0303030303030303ULL) << 4));
+    return _mm_sub_epi8(_mm_or_si128(lo4, hi2), _mm_set1_epi8(32));
+}
+
+/* IQ4_XS with LAYOUT_IQ4X activations (32 packed bytes = 2 sub-blocks: lo nibbles, then hi nibbles 64 further) */
+AI T256 void iq4xs_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)g_kv));
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 136 * i;
+        pf_block(pf, i, 136);
+        const __m256i half = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(iq4xs_scales8(b)));
+        const float dw = h2f_256(b);
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 8 + 32 * j));
+            const __m256i vl = _mm256_shuffle_epi8(lut, _mm256_and_si256(q, m4));
+            const __m256i vh = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(q, 4), m4));
+            const __m256i al = _mm256_sign_epi8(vl, vl), ah = _mm256_sign_epi8(vh, vh);
+            const __m256i s = pair_scales(half, j);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *aq = a[t].q + 256 * i + 128 * (j / 2) + 32 * (j % 2);
+                const __m256i xl = _mm256_load_si256((const __m256i *)aq), xh = _mm256_load_si256((const __m256i *)(aq + 64));
+                const __m256i pl = _mm256_maddubs_epi16(al, _mm256_sign_epi8(xl, vl));
+                const __m256i ph = _mm256_maddubs_epi16(ah, _mm256_sign_epi8(xh, vh));
+                /* each pair sum is up to 2 * 127 * 127: add after widening */
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(pl, s), _mm256_madd_epi16(ph, s)));
+            }
+        }
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
+}
+NT_DISPATCH(iq4xs_avx2, T256, 2)
+
+/* Grid types (IQ2_*, IQ3_*, IQ1_*): each 32 weights become unsigned bytes u = OFF + (signed integer weight):
+ * OFF = 64 for the sign + magnitude grids (|w| <= 63), 9 for IQ1 (8 g +- 1, g in {-1, 0, 1}).  Then the K-quant
+ * path: maddubs(u, x) (u <= 127: no saturation), madd with one int16 scale per 16 weights, and the OFF term taken
+ * back with the activation sums per 16.  All integer inside a block; a float factor folds 1/8, 1/4. */
+enum { IQD_2XXS, IQD_2XS, IQD_2S, IQD_3XXS, IQD_3S, IQD_1S, IQD_1M };
+
+AI T256 int iq_bpb(const int TY) {
+    return TY == IQD_2XXS ? 66 : TY == IQD_2XS ? 74 : TY == IQD_2S ? 82 : TY == IQD_3XXS ? 98 : TY == IQD_3S ? 110
+         : TY == IQD_1S ? 50 : 56;
+}
+AI T256 int iq_off(const int TY) { return TY == IQD_1S || TY == IQD_1M ? 9 : 64; }
+AI T256 float iq_fac(const int TY) { return TY == IQD_3S ? 1.f : TY == IQD_3XXS ? 0.25f : 0.125f; }
+
+/* 8 (or 4) bytes of 7-bit sign indices -> sign bits (bit 7 of each byte = parity of the other 7, as ksigns) */
+AI T256 uint64_t sign_bytes(uint64_t x) {
+    uint64_t p = x ^ (x >> 4);
+    p ^= p >> 2;
+    p ^= p >> 1;
+    return x | ((p & 0x0101010101010101ULL) << 7);
+}
+/* 32 bits -> 32 bytes, 0xFF where the bit is set */
+AI T256 __m256i bits_to_bytes(uint32_t m) {
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                                                      2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+/* u = 64 + g, or 64 - g where the byte mask m is 0xFF */
+AI T256 __m256i u_masked_256(__m256i g, __m256i m) {
+    return _mm256_add_epi8(_mm256_set1_epi8(64), _mm256_sub_epi8(_mm256_xor_si256(g, m), m));
+}
+/* u = 64 + g, or 64 - g where the sign bit is set */
+AI T256 __m256i u_signed_256(__m256i g, uint32_t neg) { return u_masked_256(g, bits_to_bytes(neg)); }
+/* byte masks of four 7-bit sign indices (bits 0..27 of s) */
+AI T256 __m256i ksign_masks(uint32_t s) {
+    return _mm256_set_epi64x((long long)g_ksmask[(s >> 21) & 127], (long long)g_ksmask[(s >> 14) & 127],
+                             (long long)g_ksmask[(s >> 7) & 127], (long long)g_ksmask[s & 127]);
+}
+/* 8 int16 (one per 32 weights) -> 16 int16 (one per 16 weights) */
+AI T256 __m256i dup16(__m128i s8) { return _mm256_set_m128i(_mm_unpackhi_epi16(s8, s8), _mm_unpacklo_epi16(s8, s8)); }
+/* 8 nibbles (4 bytes) -> 8 int16 odd scales 2 n + 1 in nibble order */
+AI T256 __m128i nib_scales8(uint32_t v) {
+    const __m128i x = _mm_cvtsi32_si128((int)v);
+    const __m128i n = _mm_and_si128(_mm_unpacklo_epi8(x, _mm_srli_epi16(x, 4)), _mm_set1_epi8(0x0F));
+    const __m128i s = _mm_cvtepu8_epi16(n);
+    return _mm_add_epi16(_mm_add_epi16(s, s), _mm_set1_epi16(1));
+}
+
+/* the block's 16 int16 scales (one per 16 weights) */
+AI T256 __m256i iq_scales(const uint8_t *b, const int TY) {
+    const __m256i one = _mm256_set1_epi16(1);
+    switch (TY) {
+    case IQD_2XXS: { /* 4 high bits of the second uint32 of each 8-byte sub-block */
+        const __m256i t0 = _mm256_srli_epi64(_mm256_loadu_si256((const __m256i *)(b + 2)), 60);
+        const __m256i t1 = _mm256_srli_epi64(_mm256_loadu_si256((const __m256i *)(b + 34)), 60);
+        const __m256i p = _mm256_packs_epi32(_mm256_or_si256(t0, _mm256_slli_epi64(t0, 32)), _mm256_or_si256(t1, _mm256_slli_epi64(t1, 32)));
+        const __m256i s = _mm256_permute4x64_epi64(p, 0xD8);
+        return _mm256_add_epi16(_mm256_add_epi16(s, s), one);
+    }
+    case IQD_3XXS: { /* 4 high bits of each uint32 at b + 66 */
+        __m256i t = _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(b + 66)), 28);
+        t = _mm256_or_si256(t, _mm256_slli_epi32(t, 16));
+        return _mm256_add_epi16(_mm256_add_epi16(t, t), one);
+    }
+    case IQD_2XS: case IQD_2S: { /* 16 nibbles at b + 66 / b + 74 */
+        const uint8_t *p = b + (TY == IQD_2XS ? 66 : 74);
+        return _mm256_set_m128i(nib_scales8(rd32(p + 4)), nib_scales8(rd32(p)));
+    }
+    case IQD_3S: return dup16(nib_scales8(rd32(b + 106))); /* 8 nibbles, one per 32 */
+    case IQD_1S: { /* bits 12..14 of each uint16 at b + 34 */
+        const __m128i h = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)(b + 34)), 12), _mm_set1_epi16(7));
+        return dup16(_mm_add_epi16(_mm_add_epi16(h, h), _mm_set1_epi16(1)));
+    }
+    default: { /* IQ1_M: 4 x uint16 at b + 48, 3 bits per 16 weights (shift left by multiplying, then right by 9) */
+        const __m128i r = _mm_loadl_epi64((const __m128i *)(b + 48));
+        const __m128i w01 = _mm_shuffle_epi8(r, _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3));
+        const __m128i w23 = _mm_shuffle_epi8(r, _mm_setr_epi8(4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7));
+        __m256i s = _mm256_mullo_epi16(_mm256_set_m128i(w23, w01), _mm256_setr_epi16(512, 64, 8, 1, 512, 64, 8, 1, 512, 64, 8, 1, 512, 64, 8, 1));
+        s = _mm256_and_si256(_mm256_srli_epi16(s, 9), _mm256_set1_epi16(7));
+        return _mm256_add_epi16(_mm256_add_epi16(s, s), one);
+    }
+    }
+}
+
+AI T256 float iq_d(const uint8_t *b, const int TY) {
+    if (TY == IQD_1M) {
+        const uint32_t s0 = rd16(b + 48), s1 = rd16(b + 50), s2 = rd16(b + 52), s3 = rd16(b + 54);
+        return _cvtsh_ss((uint16_t)((s0 >> 12) | ((s1 >> 8) & 0xF0) | ((s2 >> 4) & 0xF00) | (s3 & 0xF000)));
+    }
+    return _cvtsh_ss(rd16(b));
+}
+
+/* four 8-byte grid rows */
+AI T256 __m256i rows4(const uint64_t *tab, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3) {
+    return _mm256_set_epi64x((long long)tab[i3], (long long)tab[i2], (long long)tab[i1], (long long)tab[i0]);
+}
+
+/* weights 32c .. 32c+31 of the block as u bytes */
+AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY) {
+    switch (TY) {
+    case IQD_2XXS: {
+        const uint8_t *q = b + 2 + 8 * c;
+        const __m256i g = rows4(g_iq2xxs, q[0], q[1], q[2], q[3]);
+        return u_masked_256(g, ksign_masks(rd32(q + 4)));
+    }
+    case IQD_2XS: {
+        uint64_t v;
+        memcpy(&v, b + 2 + 8 * c, 8);
+        const __m256i g = rows4(g_iq2xs, v & 511, (v >> 16) & 511, (v >> 32) & 511, (v >> 48) & 511);
+        const __m256i m = _mm256_set_epi64x((long long)g_ksmask[v >> 57], (long long)g_ksmask[(v >> 41) & 127],
+                                            (long long)g_ksmask[(v >> 25) & 127], (long long)g_ksmask[(v >> 9) & 127]);
+        return u_masked_256(g, m);
+    }
+    case IQD_2S: {
+        const uint32_t q = rd32(b + 2 + 4 * c), h = b[66 + c];
+        const __m256i g = rows4(g_iq2s, (q & 255) | ((h & 3) << 8), ((q >> 8) & 255) | (((h >> 2) & 3) << 8),
+                                ((q >> 16) & 255) | (((h >> 4) & 3) << 8), (q >> 24) | ((h >> 6) << 8));
+        return u_signed_256(g, rd32(b + 34 + 4 * c));
+    }
+    case IQD_3XXS: {
+        const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * c)));
+        const __m256i g = _mm256_i32gather_epi32((const int *)g_iq3xxs, idx, 4);
+        return u_masked_256(g, ksign_masks(rd32(b + 66 + 4 * c)));
+    }
+    case IQD_3S: {
+        const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(b[66 + c]), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                                            _mm256_set1_epi32(1));
+        const __m256i idx = _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * c))), _mm256_slli_epi32(hi, 8));
+        const __m256i g = _mm256_i32gather_epi32((const int *)g_iq3s, idx, 4);
+        return u_signed_256(g, rd32(b + 74 + 4 * c));
+    }
+    case IQD_1S: {
+        const uint32_t q = rd32(b + 2 + 4 * c), h = rd16(b + 34 + 2 * c);
+        const __m256i g = rows4(g_iq1s, (q & 255) | ((h & 7) << 8), ((q >> 8) & 255) | (((h >> 3) & 7) << 8),
+                                ((q >> 16) & 255) | (((h >> 6) & 7) << 8), (q >> 24) | (((h >> 9) & 7) << 8));
+        return _mm256_add_epi8(g, _mm256_set1_epi8((char)(2 - 2 * (h >> 15)))); /* +1/8: + 2, -1/8: + 0 */
+    }
+    default: { /* IQ1_M */
+        const uint32_t q = rd32(b + 4 * c), h = rd16(b + 32 + 2 * c);
+        const __m256i g = rows4(g_iq1s, (q & 255) | ((h & 7) << 8), ((q >> 8) & 255) | (((h >> 4) & 7) << 8),
+                                ((q >> 16) & 255) | (((h >> 8) & 7) << 8), (q >> 24) | (((h >> 12) & 7) << 8));
+        /* + 2 for delta +1/8 (bit 3 of the group's nibble clear), + 0 for -1/8; (bit - 1) is all ones when clear */
+        const uint64_t p2 = 0x0202020202020202ULL;
+        const __m256i dv = _mm256_set_epi64x((long long)(p2 & (((h >> 15) & 1) - 1ULL)), (long long)(p2 & (((h >> 11) & 1) - 1ULL)),
+                                             (long long)(p2 & (((h >> 7) & 1) - 1ULL)), (long long)(p2 & (((h >> 3) & 1) - 1ULL)));
+        return _mm256_add_epi8(g, dv);
+    }
+    }
+}
+
+AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
+    const int bpb = iq_bpb(TY);
+    const __m256i offv = _mm256_set1_epi32(iq_off(TY));
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + (size_t)bpb * i;
+        pf_block(pf, i, bpb);
+        const __m256i sc16 = iq_scales(b, TY);
+        const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
+                                 _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
+        const float dw = iq_d(b, TY) * iq_fac(TY);
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const __m256i u = iq_chunk_256(b, c, TY), s = pair_scales(half[c / 4], c % 4);
+            for (int t = 0; t < NT; t++) {
+                const __m256i x = _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 32 * c));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), s));
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const __m256i cr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            const __m256i s = _mm256_sub_epi32(sumi[t], _mm256_mullo_epi32(cr, offv));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
+}
+#define IQ256(name, TY)                                                                                            \
+    AI T256 void name##_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,         \
+                           const uint8_t *pf) {                                                                     \
+        iq_avx2_body(w, nb, a, NT, out, os, pf, TY);                                                                \
+    }                                                                                                               \
+    NT_DISPATCH(name, T256, 4)
+IQ256(iq2xxs_avx2, IQD_2XXS)
+IQ256(iq2xs_avx2, IQD_2XS)
+IQ256(iq2s_avx2, IQD_2S)
+IQ256(iq3xxs_avx2, IQD_3XXS)
+IQ256(iq3s_avx2, IQD_3S)
+IQ256(iq1s_avx2, IQD_1S)
+IQ256(iq1m_avx2, IQD_1M)
+
 /* ------------------------------------------------------------------ AVX-512 VNNI kernels */
+#ifndef K2K_EMULATE_AVX512
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
+#else
+/* Test builds only (-DK2K_EMULATE_AVX512 -mavx2 -mfma -mf16c -mbmi2, tests/test_kernels.py): the AVX-512 kernels
+ * compiled against SIMDe's portable implementations of the intrinsics, so that CPUs without AVX-512 can check
+ * them against the other paths. */
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/gfni.h>
+#define T512 T256
+#undef _mm512_madd_epi16 /* SIMDe 0.7.4's alias takes 4 arguments */
+#define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
+#undef _mm512_zextsi256_si512
+#undef _mm512_zextsi128_si512
+#define _mm512_zextsi256_si512(a) simde_mm512_inserti64x4(simde_mm512_setzero_si512(), a, 0)
+#define _mm512_zextsi128_si512(a) simde_mm512_inserti32x4(simde_mm512_setzero_si512(), a, 0)
+static inline __m512 k2k_emu_cvtepi32_ps(__m512i v) {
+    int32_t x[16];
+    float f[16];
+    _mm512_storeu_si512((void *)x, v);
+    for (int k = 0; k < 16; k++) f[k] = (float)x[k];
+    return _mm512_loadu_ps(f);
+}
+static inline float k2k_emu_reduce_add_ps(__m512 v) { /* same tree as the native sequence */
+    float f[16];
+    _mm512_storeu_ps(f, v);
+    for (int w = 8; w >= 1; w /= 2)
+        for (int k = 0; k < w; k++) f[k] += f[k + w];
+    return f[0];
+}
+#define K2K_EMU_CVT(name, TI, TO, N)                                                                            \
+    static inline __m512i k2k_emu_##name(__m128i v) {                                                           \
+        TI x[16 / sizeof(TI)];                                                                                  \
+        TO r[N];                                                                                                \
+        _mm_storeu_si128((__m128i *)x, v);                                                                      \
+        for (int k = 0; k < N; k++) r[k] = (TO)x[k];                                                            \
+        return _mm512_loadu_si512((const void *)r);                                                             \
+    }
+K2K_EMU_CVT(cvtepi8_epi32, int8_t, int32_t, 16)
+K2K_EMU_CVT(cvtepu8_epi32, uint8_t, int32_t, 16)
+K2K_EMU_CVT(cvtepu8_epi64, uint8_t, int64_t, 8)
+K2K_EMU_CVT(cvtepu16_epi64, uint16_t, int64_t, 8)
+static inline long long k2k_emu_reduce_add_epi64(__m512i v) {
+    int64_t x[8], s = 0;
+    _mm512_storeu_si512((void *)x, v);
+    for (int k = 0; k < 8; k++) s += x[k];
+    return s;
+}
+#undef _mm512_cvtepi8_epi32
+#undef _mm512_cvtepu8_epi32
+#undef _mm512_cvtepu8_epi64
+#undef _mm512_cvtepu16_epi64
+#undef _mm512_reduce_add_epi64
+#define _mm512_cvtepi8_epi32(v) k2k_emu_cvtepi8_epi32(v)
+#define _mm512_cvtepu8_epi32(v) k2k_emu_cvtepu8_epi32(v)
+#define _mm512_cvtepu8_epi64(v) k2k_emu_cvtepu8_epi64(v)
+#define _mm512_cvtepu16_epi64(v) k2k_emu_cvtepu16_epi64(v)
+#define _mm512_reduce_add_epi64(v) k2k_emu_reduce_add_epi64(v)
+#undef _mm512_cvtepi32_ps
+#undef _mm512_reduce_add_ps
+#define _mm512_cvtepi32_ps(v) k2k_emu_cvtepi32_ps(v)
+#define _mm512_reduce_add_ps(v) k2k_emu_reduce_add_ps(v)
+static inline __m512i k2k_emu_gather64(__m512i idx, const void *base, int scale) {
+    int64_t ix[8], r[8];
+    _mm512_storeu_si512((void *)ix, idx);
+    for (int k = 0; k < 8; k++) memcpy(&r[k], (const char *)base + ix[k] * scale, 8);
+    return _mm512_loadu_si512((const void *)r);
+}
+static inline __m512i k2k_emu_gather32(__m512i idx, const void *base, int scale) {
+    int32_t ix[16], r[16];
+    _mm512_storeu_si512((void *)ix, idx);
+    for (int k = 0; k < 16; k++) memcpy(&r[k], (const char *)base + (int64_t)ix[k] * scale, 4);
+    return _mm512_loadu_si512((const void *)r);
+}
+#undef _mm512_i64gather_epi64
+#undef _mm512_i32gather_epi32
+#define _mm512_i64gather_epi64(idx, base, scale) k2k_emu_gather64(idx, base, scale)
+#define _mm512_i32gather_epi32(idx, base, scale) k2k_emu_gather32(idx, base, scale)
+#endif
 
 /* permutexvar_epi16 index vectors, loaded from memory (building them with broadcasts/inserts cost
  * ~60 instructions per kernel call, i.e. per weight row: a lot next to 8 blocks of a down row) */
@@ -716,9 +1313,13 @@ static const int16_t ix_q6[4][32] __attribute__((aligned(64))) = {
  * in one instruction instead of a shift and a mask.  Inline asm so that the kernels need no gfni target
  * attribute; only the *g kernels use it, and they are picked only when the CPU reports GFNI. */
 AI T512 __m512i gf_affine(__m512i x, __m512i A) {
+#ifndef K2K_EMULATE_AVX512
     __m512i r;
     __asm__("vgf2p8affineqb $0, %2, %1, %0" : "=v"(r) : "v"(x), "v"(A));
     return r;
+#else
+    return simde_mm512_gf2p8affine_epi64_epi8(x, A, 0);
+#endif
 }
 /* matrix moving bits k .. k+n-1 of every byte to bits 0 .. n-1 (others cleared) */
 static inline uint64_t gf_matrix(int k, int n) {
@@ -1025,6 +1626,196 @@ AI T512 void q4_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
 }
 NT_DISPATCH(q4_0_512, T512, 4)
 
+/* ------------------------------------------------------------------ AVX-512 IQ kernels */
+
+/* IQ4_NL: one 32-block per step like Q4_0; the 16-value codebook + 128 (unsigned) through vpshufb, then
+ * dpbusd; the +128 is taken back with the block's activation sum. */
+AI T512 void iq4nl_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)g_kvu));
+    __m256 acc[4];
+    float corr[4] = {0, 0, 0, 0};
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 18 * i;
+        pf_block(pf, i, 18);
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
+        const __m256i v = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4));
+        const float dw = _cvtsh_ss(rd16(b));
+        for (int t = 0; t < NT; t++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
+            __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v, x);
+            const float s = dw * a[t].d[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[t]);
+            corr[t] += s * (float)a[t].bs16[i];
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+        out[t * os] = hsum128_512(s) - 128.f * corr[t];
+    }
+}
+NT_DISPATCH(iq4nl_512, T512, 4)
+
+/* IQ4_XS with LAYOUT_IQ4X activations: 64 packed bytes = 4 sub-blocks; lo nibbles meet activation bytes 0..63,
+ * hi nibbles 64..127.  dpbusd of (value + 128) leaves int32 lane 4k..4k+3 in sub-block k: scaled with one
+ * vpmulld; the +128 is taken back per block as 128 * sum(scale * activation sum of the sub-block). */
+AI T512 void iq4xs_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)g_kvu));
+    const __m512i ixa = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i ixb = _mm512_add_epi32(ixa, _mm512_set1_epi32(4));
+    __m512 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 136 * i;
+        pf_block(pf, i, 136);
+        /* 8 six-bit scales - 32: low 4 bits from b[4..7] nibbles, high 2 bits from the uint16 at b + 2 */
+        const uint32_t sh = rd16(b + 2);
+        const __m128i sl = _mm_cvtsi32_si128((int)rd32(b + 4));
+        const __m128i lo4 = _mm_and_si128(_mm_unpacklo_epi8(sl, _mm_srli_epi16(sl, 4)), _mm_set1_epi8(0x0F));
+        const __m128i hi2 = _mm_cvtsi64_si128((long long)(_pdep_u64(sh, 0x0303030303030303ULL) << 4));
+        const __m128i sc8 = _mm_sub_epi8(_mm_or_si128(lo4, hi2), _mm_set1_epi8(32)); /* 8 int8 */
+        const __m512i sc32 = _mm512_cvtepi8_epi32(sc8);
+        const __m512i sa = _mm512_permutexvar_epi32(ixa, sc32), sb = _mm512_permutexvar_epi32(ixb, sc32);
+        const __m128i sc16 = _mm_cvtepi8_epi16(sc8);
+        const __m512i q0 = _mm512_loadu_si512((const void *)(b + 8)), q1 = _mm512_loadu_si512((const void *)(b + 72));
+        const __m512i v0 = _mm512_shuffle_epi8(lut, _mm512_and_si512(q0, m4));
+        const __m512i v1 = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(q0, 4), m4));
+        const __m512i v2 = _mm512_shuffle_epi8(lut, _mm512_and_si512(q1, m4));
+        const __m512i v3 = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(q1, 4), m4));
+        const float dw = _cvtsh_ss(rd16(b));
+        for (int t = 0; t < NT; t++) {
+            const int8_t *aq = a[t].q + 256 * i;
+            __m512i p0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v0, _mm512_load_si512((const void *)aq));
+            p0 = _mm512_dpbusd_epi32(p0, v1, _mm512_load_si512((const void *)(aq + 64)));
+            __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v2, _mm512_load_si512((const void *)(aq + 128)));
+            p1 = _mm512_dpbusd_epi32(p1, v3, _mm512_load_si512((const void *)(aq + 192)));
+            __m512i s = _mm512_add_epi32(_mm512_mullo_epi32(p0, sa), _mm512_mullo_epi32(p1, sb));
+            const __m128i c = _mm_madd_epi16(sc16, _mm_loadu_si128((const __m128i *)(a[t].bs32 + 8 * i)));
+            s = _mm512_sub_epi32(s, _mm512_zextsi128_si512(_mm_slli_epi32(c, 7)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dw * a[t].d[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = _mm512_reduce_add_ps(acc[t]);
+}
+NT_DISPATCH(iq4xs_512, T512, 4)
+
+/* Grid types: as the AVX2 kernels, 64 weights per vector (dpwssd accumulates the scaled pairs). */
+/* u = 64 + g, or 64 - g where the sign bit is set */
+AI T512 __m512i u_signed_512(__m512i g, uint64_t neg) {
+    const __m512i c64 = _mm512_set1_epi8(64);
+    return _mm512_mask_sub_epi8(_mm512_add_epi8(g, c64), (__mmask64)neg, c64, g);
+}
+
+/* weights 64k .. 64k+63 of the block as u bytes */
+AI T512 __m512i iq_chunk_512(const uint8_t *b, int k, const int TY) {
+    switch (TY) {
+    case IQD_2XXS: {
+        const uint8_t *q = b + 2 + 16 * k;
+        const __m128i ids = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)q), 0x08); /* dwords 0, 2 */
+        const __m512i g = _mm512_i64gather_epi64(_mm512_cvtepu8_epi64(ids), (const void *)g_iq2xxs, 8);
+        const uint64_t s = (uint64_t)(rd32(q + 4) & 0x0FFFFFFF) | ((uint64_t)(rd32(q + 12) & 0x0FFFFFFF) << 28);
+        return u_signed_512(g, sign_bytes(_pdep_u64(s, 0x7F7F7F7F7F7F7F7FULL)));
+    }
+    case IQD_2XS: {
+        const __m128i r = _mm_loadu_si128((const __m128i *)(b + 2 + 16 * k));
+        const __m512i idx = _mm512_and_si512(_mm512_cvtepu16_epi64(r), _mm512_set1_epi64(511));
+        const __m512i g = _mm512_i64gather_epi64(idx, (const void *)g_iq2xs, 8);
+        const __m128i si = _mm_srli_epi16(r, 9);
+        return u_signed_512(g, sign_bytes((uint64_t)_mm_cvtsi128_si64(_mm_packus_epi16(si, si))));
+    }
+    case IQD_2S: {
+        const uint32_t h = rd16(b + 66 + 2 * k);
+        const uint64_t hb = (uint64_t)((h & 0xFF) * 0x01010101u) | ((uint64_t)((h >> 8) * 0x01010101u) << 32);
+        const __m512i hi = _mm512_and_si512(_mm512_srlv_epi64(_mm512_cvtepu8_epi64(_mm_cvtsi64_si128((long long)hb)),
+                                                              _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)), _mm512_set1_epi64(3));
+        const __m512i idx = _mm512_or_si512(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k))), _mm512_slli_epi64(hi, 8));
+        const __m512i g = _mm512_i64gather_epi64(idx, (const void *)g_iq2s, 8);
+        uint64_t s;
+        memcpy(&s, b + 34 + 8 * k, 8);
+        return u_signed_512(g, s);
+    }
+    case IQD_3XXS: {
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * k)));
+        const __m512i g = _mm512_i32gather_epi32(idx, (const void *)g_iq3xxs, 4);
+        const uint8_t *ss = b + 66 + 8 * k;
+        const uint64_t s = (uint64_t)(rd32(ss) & 0x0FFFFFFF) | ((uint64_t)(rd32(ss + 4) & 0x0FFFFFFF) << 28);
+        return u_signed_512(g, sign_bytes(_pdep_u64(s, 0x7F7F7F7F7F7F7F7FULL)));
+    }
+    case IQD_3S: {
+        const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * k)));
+        const __m512i idx = _mm512_mask_or_epi32(lo, (__mmask16)rd16(b + 66 + 2 * k), lo, _mm512_set1_epi32(256));
+        const __m512i g = _mm512_i32gather_epi32(idx, (const void *)g_iq3s, 4);
+        uint64_t s;
+        memcpy(&s, b + 74 + 8 * k, 8);
+        return u_signed_512(g, s);
+    }
+    case IQD_1S: {
+        const uint32_t h0 = rd16(b + 34 + 4 * k), h1 = rd16(b + 36 + 4 * k);
+        const __m512i hv = _mm512_setr_epi64(h0, h0, h0, h0, h1, h1, h1, h1);
+        const __m512i hi = _mm512_and_si512(_mm512_srlv_epi64(hv, _mm512_setr_epi64(0, 3, 6, 9, 0, 3, 6, 9)), _mm512_set1_epi64(7));
+        const __m512i idx = _mm512_or_si512(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k))), _mm512_slli_epi64(hi, 8));
+        const __m512i g = _mm512_i64gather_epi64(idx, (const void *)g_iq1s, 8);
+        const uint64_t plus = ~((uint64_t)(h0 >> 15) * 0xFFFFFFFFULL | ((uint64_t)(h1 >> 15) * 0xFFFFFFFFULL) << 32);
+        return _mm512_mask_add_epi8(g, (__mmask64)plus, g, _mm512_set1_epi8(2));
+    }
+    default: { /* IQ1_M */
+        const uint32_t qh = rd32(b + 32 + 4 * k);
+        const uint64_t hb = _pdep_u64(qh, 0x00FF00FF00FF00FFULL) * 0x0101; /* each byte twice */
+        const __m512i hi = _mm512_and_si512(_mm512_srlv_epi64(_mm512_cvtepu8_epi64(_mm_cvtsi64_si128((long long)hb)),
+                                                              _mm512_setr_epi64(0, 4, 0, 4, 0, 4, 0, 4)), _mm512_set1_epi64(7));
+        const __m512i idx = _mm512_or_si512(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(b + 8 * k))), _mm512_slli_epi64(hi, 8));
+        const __m512i g = _mm512_i64gather_epi64(idx, (const void *)g_iq1s, 8);
+        const uint64_t minus = _pdep_u64(_pext_u32(qh, 0x88888888u), 0x0101010101010101ULL) * 0xFF;
+        return _mm512_mask_add_epi8(g, (__mmask64)~minus, g, _mm512_set1_epi8(2));
+    }
+    }
+}
+
+AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
+    const int bpb = iq_bpb(TY);
+    const __m512i ix0 = IXLOAD(ix_q6, 0), ix1 = IXLOAD(ix_q6, 1), ix2 = IXLOAD(ix_q6, 2), ix3 = IXLOAD(ix_q6, 3);
+    const __m256i offv = _mm256_set1_epi32(iq_off(TY));
+    __m512 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + (size_t)bpb * i;
+        pf_block(pf, i, bpb);
+        const __m256i sc16 = iq_scales(b, TY);
+        const __m512i scz = _mm512_castsi256_si512(sc16);
+        const __m512i s0 = _mm512_permutexvar_epi16(ix0, scz), s1 = _mm512_permutexvar_epi16(ix1, scz);
+        const __m512i s2 = _mm512_permutexvar_epi16(ix2, scz), s3 = _mm512_permutexvar_epi16(ix3, scz);
+        const __m512i u0 = iq_chunk_512(b, 0, TY), u1 = iq_chunk_512(b, 1, TY);
+        const __m512i u2 = iq_chunk_512(b, 2, TY), u3 = iq_chunk_512(b, 3, TY);
+        const float dw = iq_d(b, TY) * iq_fac(TY);
+        for (int t = 0; t < NT; t++) {
+            const int8_t *aq = a[t].q + 256 * i;
+            __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(u0, _mm512_load_si512((const void *)aq)), s0);
+            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u1, _mm512_load_si512((const void *)(aq + 64))), s1);
+            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u2, _mm512_load_si512((const void *)(aq + 128))), s2);
+            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u3, _mm512_load_si512((const void *)(aq + 192))), s3);
+            const __m256i c = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            s = _mm512_sub_epi32(s, _mm512_zextsi256_si512(_mm256_mullo_epi32(c, offv)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dw * a[t].d[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = _mm512_reduce_add_ps(acc[t]);
+}
+#define IQ512(name, TY)                                                                                            \
+    AI T512 void name##_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,         \
+                           const uint8_t *pf) {                                                                     \
+        iq_512_body(w, nb, a, NT, out, os, pf, TY);                                                                 \
+    }                                                                                                               \
+    NT_DISPATCH(name, T512, 4)
+IQ512(iq2xxs_512, IQD_2XXS)
+IQ512(iq2xs_512, IQD_2XS)
+IQ512(iq2s_512, IQD_2S)
+IQ512(iq3xxs_512, IQD_3XXS)
+IQ512(iq3s_512, IQD_3S)
+IQ512(iq1s_512, IQD_1S)
+IQ512(iq1m_512, IQD_1M)
+
 /* streaming read used by the bandwidth probe */
 T512 static uint64_t read_sum_512(const uint8_t *p, size_t n) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
@@ -1079,6 +1870,9 @@ typedef struct {
 static int g_isa_hw = -1, g_isa = -1;
 
 static int detect_isa(void) {
+#ifdef K2K_EMULATE_AVX512
+    return ISA_AVX512G;
+#endif
 #if K2K_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
@@ -1105,7 +1899,7 @@ static void isa_init(void) {
 
 static kern_t get_kernel(int type) {
     kern_t k = {NULL, LAYOUT_NAT, NULL};
-    int k_layout = (type == GT_Q8_0 || type == GT_Q4_0) ? LAYOUT_Q8_0 : LAYOUT_NAT;
+    int k_layout = (type == GT_Q8_0 || type == GT_Q4_0 || type == GT_IQ4_NL) ? LAYOUT_Q8_0 : LAYOUT_NAT;
     k.layout = k_layout;
 #if K2K_X86
     if (g_isa == ISA_AVX512G) {
@@ -1126,9 +1920,27 @@ static kern_t get_kernel(int type) {
         case GT_Q4_K: k.fn = q4k_512; k.fn2 = q4k_512_r2; k.layout = LAYOUT_P64; return k;
         case GT_Q5_K: k.fn = q5k_512; k.fn2 = q5k_512_r2; k.layout = LAYOUT_P64; return k;
         case GT_Q6_K: k.fn = q6k_512; k.fn2 = q6k_512_r2; return k;
+        case GT_IQ4_NL: k.fn = iq4nl_512; return k;
+        case GT_IQ4_XS: k.fn = iq4xs_512; k.layout = LAYOUT_IQ4X; return k;
+        case GT_IQ2_XXS: k.fn = iq2xxs_512; return k;
+        case GT_IQ2_XS: k.fn = iq2xs_512; return k;
+        case GT_IQ2_S: k.fn = iq2s_512; return k;
+        case GT_IQ3_XXS: k.fn = iq3xxs_512; return k;
+        case GT_IQ3_S: k.fn = iq3s_512; return k;
+        case GT_IQ1_S: k.fn = iq1s_512; return k;
+        case GT_IQ1_M: k.fn = iq1m_512; return k;
         }
     } else if (g_isa == ISA_AVX2) {
         switch (type) {
+        case GT_IQ4_NL: k.fn = iq4nl_avx2; return k;
+        case GT_IQ4_XS: k.fn = iq4xs_avx2; k.layout = LAYOUT_IQ4X; return k;
+        case GT_IQ2_XXS: k.fn = iq2xxs_avx2; return k;
+        case GT_IQ2_XS: k.fn = iq2xs_avx2; return k;
+        case GT_IQ2_S: k.fn = iq2s_avx2; return k;
+        case GT_IQ3_XXS: k.fn = iq3xxs_avx2; return k;
+        case GT_IQ3_S: k.fn = iq3s_avx2; return k;
+        case GT_IQ1_S: k.fn = iq1s_avx2; return k;
+        case GT_IQ1_M: k.fn = iq1m_avx2; return k;
         case GT_Q4_0: k.fn = q4_0_avx2; return k;
         case GT_Q8_0: k.fn = q8_0_avx2; return k;
         case GT_Q2_K: k.fn = q2k_avx2; return k;
@@ -1147,6 +1959,15 @@ static kern_t get_kernel(int type) {
     case GT_Q4_K: k.fn = dot_q4_k_gen; break;
     case GT_Q5_K: k.fn = dot_q5_k_gen; break;
     case GT_Q6_K: k.fn = dot_q6_k_gen; break;
+    case GT_IQ4_NL: k.fn = dot_iq4_nl_gen; break;
+    case GT_IQ4_XS: k.fn = dot_iq4_xs_gen; break;
+    case GT_IQ2_XXS: k.fn = dot_iq2_xxs_gen; break;
+    case GT_IQ2_XS: k.fn = dot_iq2_xs_gen; break;
+    case GT_IQ2_S: k.fn = dot_iq2_s_gen; break;
+    case GT_IQ3_XXS: k.fn = dot_iq3_xxs_gen; break;
+    case GT_IQ3_S: k.fn = dot_iq3_s_gen; break;
+    case GT_IQ1_S: k.fn = dot_iq1_s_gen; break;
+    case GT_IQ1_M: k.fn = dot_iq1_m_gen; break;
     }
     return k;
 }
@@ -1739,7 +2560,65 @@ int k2k_set_pairs(int on) {
     return r;
 }
 
-int k2k_supported(int type) { return tinfo(type) != NULL; }
+/* a type has a kernel here once its codebooks (if any) were handed over */
+int k2k_supported(int type) { return tinfo(type) != NULL && grids_ready(type); }
+
+/* Hand over one IQ codebook (see "IQ codebooks"): id = the ggml type whose grid it is (IQ2_XXS 256 x 8,
+ * IQ2_XS 512 x 8, IQ2_S 1024 x 8, IQ3_XXS 256 x 4, IQ3_S 512 x 4 bytes of grid magnitudes; IQ1_S 2048 x 8 int8
+ * values in {-1, 0, 1}, also used by IQ1_M; IQ4_NL 16 int8 values, also used by IQ4_XS) or GRID_KSIGNS (128
+ * bytes).  Returns 0, -1 unknown id, -2 wrong size, -3 values out of the range the kernels rely on, -4 no memory. */
+int k2k_set_grid(int id, const void *data, int64_t n) {
+    const uint8_t *p = (const uint8_t *)data;
+    int64_t want;
+    switch (id) {
+    case GT_IQ2_XXS: want = 256 * 8; break;
+    case GT_IQ2_XS: want = 512 * 8; break;
+    case GT_IQ2_S: want = 1024 * 8; break;
+    case GT_IQ3_XXS: want = 256 * 4; break;
+    case GT_IQ3_S: want = 512 * 4; break;
+    case GT_IQ1_S: want = 2048 * 8; break;
+    case GT_IQ4_NL: want = 16; break;
+    case GRID_KSIGNS: want = 128; break;
+    default: return -1;
+    }
+    if (n != want || !p) return -2;
+    for (int64_t i = 0; i < n; i++) {
+        const int v = id == GT_IQ1_S || id == GT_IQ4_NL ? (int)(int8_t)p[i] : (int)p[i];
+        if (id == GT_IQ1_S ? (v < -1 || v > 1) : id == GT_IQ4_NL ? v < -127 : id == GRID_KSIGNS ? 0 : v > 63) return -3;
+    }
+    if (id == GRID_KSIGNS) /* the SIMD kernels recompute the parity bit instead of looking it up */
+        for (int i = 0; i < 128; i++)
+            if (p[i] != (uint8_t)(i | ((__builtin_popcount((unsigned)i) & 1) << 7))) return -3;
+    pthread_mutex_lock(&P.call_mu);
+    int rc = 0;
+    if (id == GT_IQ4_NL) {
+        for (int i = 0; i < 16; i++) g_kv[i] = (int8_t)p[i], g_kvu[i] = (uint8_t)((int)(int8_t)p[i] + 128);
+        g_kv_set = 1;
+    } else if (id == GRID_KSIGNS) {
+        memcpy(g_ksigns, p, 128);
+        for (int i = 0; i < 128; i++) {
+            uint64_t m = 0;
+            for (int j = 0; j < 8; j++) m |= (uint64_t)((p[i] >> j) & 1 ? 0xFF : 0) << (8 * j);
+            g_ksmask[i] = m;
+        }
+        g_ksigns_set = 1;
+    } else {
+        void *buf = NULL;
+        if (posix_memalign(&buf, 64, (size_t)n) != 0) {
+            rc = -4;
+        } else {
+            uint8_t *d = (uint8_t *)buf;
+            for (int64_t i = 0; i < n; i++) d[i] = id == GT_IQ1_S ? (uint8_t)(8 * (int)(int8_t)p[i] + 8) : p[i];
+            void **slot = id == GT_IQ2_XXS ? (void **)&g_iq2xxs : id == GT_IQ2_XS ? (void **)&g_iq2xs
+                        : id == GT_IQ2_S ? (void **)&g_iq2s : id == GT_IQ3_XXS ? (void **)&g_iq3xxs
+                        : id == GT_IQ3_S ? (void **)&g_iq3s : (void **)&g_iq1s;
+            free(*slot); /* no computation runs: public calls hold call_mu */
+            *slot = buf;
+        }
+    }
+    pthread_mutex_unlock(&P.call_mu);
+    return rc;
+}
 
 int64_t k2k_row_bytes(int type, int64_t cols) {
     const tinfo_t *ti = tinfo(type);
@@ -1751,7 +2630,7 @@ int64_t k2k_row_bytes(int type, int64_t cols) {
 int k2k_matmul(int type, const void *w, int64_t rows, int64_t cols, int64_t row_stride, const float *x, int64_t T,
                int64_t ldx, float *y, int64_t ldy) {
     const tinfo_t *ti = tinfo(type);
-    if (!ti) return -1;
+    if (!ti || !grids_ready(type)) return -1;
     if (cols <= 0 || cols % ti->blk || rows < 0 || T < 0 || row_stride < k2k_row_bytes(type, cols)) return -2;
     if (rows == 0 || T == 0) return 0;
     pthread_mutex_lock(&P.call_mu);
@@ -1797,7 +2676,7 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
             const void *const *up, const void *const *down, int tg, int tu, int td, int K, const int32_t *idx,
             const float *wts, float *y, int64_t ldy, int accumulate) {
     const tinfo_t *ig = tinfo(tg), *iu = tinfo(tu), *id = tinfo(td);
-    if (!ig || !iu || !id) return -1;
+    if (!ig || !iu || !id || !grids_ready(tg) || !grids_ready(tu) || !grids_ready(td)) return -1;
     if (hidden <= 0 || inter <= 0 || hidden % ig->blk || hidden % iu->blk || inter % id->blk || T < 0 || K < 0) return -2;
     if (T == 0) return 0;
     for (int64_t i = 0; i < T * K; i++)
