@@ -61,6 +61,18 @@ SUPPORTED_TYPES: tuple[QType, ...] = tuple(_CODECS)
 DEFAULT_CHUNK_WEIGHTS = {"cpu": 1 << 18, "cuda": 1 << 25}
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool kept for the life of the process: the same threads every call, so the allocator's per-thread
+    arenas (and the memory they keep) do not multiply over a long conversion."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="quant")
+    return pool
+
+
 def codec(qtype: QType | int) -> Codec:
     """The codec for qtype; ValueError if unsupported."""
     try:
@@ -174,8 +186,7 @@ def quantize(
     starts = range(0, rows, step)
     with _torch_threads(1 if parallel else threads):
         if parallel:
-            with ThreadPoolExecutor(min(workers, len(starts))) as pool:
-                list(pool.map(one, starts))
+            list(_pool(workers).map(one, starts))
         else:
             for r0 in starts:
                 one(r0)

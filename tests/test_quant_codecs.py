@@ -101,6 +101,7 @@ def test_shapes_chunking_and_input_dtypes(qtype: T) -> None:
     assert ref.shape == (12, codecs.bytes_per_row(qtype, 512)) and ref.dtype == np.uint8
     # chunk boundaries, leading dims and numpy input do not change the bytes
     assert np.array_equal(codecs.quantize(x, qtype, chunk_weights=1000), ref)
+    assert np.array_equal(codecs.quantize(x, qtype, workers=3), ref)  # chunks in a thread pool
     assert np.array_equal(codecs.quantize(x.reshape(3, 4, 512), qtype), ref)
     assert np.array_equal(codecs.quantize(x.numpy(), qtype), ref)
     # bf16 input is quantized from its exact float32 values
