@@ -31,20 +31,30 @@ from k2local.engine import LoadOptions  # noqa: E402
 from k2local.model import KimiK2Model  # noqa: E402
 from offload.planner import build_backend, measure_ram_bandwidth  # noqa: E402
 
-SYNTH = dict(hidden_size=1024, intermediate_size=1408, moe_intermediate_size=512, num_hidden_layers=5,
-             n_routed_experts=32, num_experts_per_tok=8, num_attention_heads=8)
+SHAPES = {
+    # small: per-token fixed costs (Python, attention, small matmuls) weigh as much as expert bytes
+    "small": dict(hidden_size=1024, intermediate_size=1408, moe_intermediate_size=512, num_hidden_layers=5,
+                  n_routed_experts=32, num_experts_per_tok=8, num_attention_heads=8),
+    # k2layer: Kimi K2's real per-layer shapes (hidden 7168, 64 heads, q/kv LoRA 1536/512, experts 2048 wide,
+    # top-8 + 1 shared), 1 dense + 2 MoE layers, 24 experts per layer: expert bytes dominate as in the real model.
+    # The dense layer is made as narrow as an expert so it does not outweigh 2 of K2's 61 layers.
+    "k2layer": dict(hidden_size=7168, intermediate_size=2048, moe_intermediate_size=2048, num_hidden_layers=3,
+                    n_routed_experts=24, num_experts_per_tok=8, num_attention_heads=64, q_lora_rank=1536,
+                    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+}
 
 
-def synthetic_model(workdir: Path, recipe: str) -> tuple[Path, Path]:
-    """A Kimi K2 layout checkpoint with SYNTH's shapes (FP8, random weights) and its GGUF; cached in workdir."""
+def synthetic_model(workdir: Path, recipe: str, shape: str = "small") -> tuple[Path, Path]:
+    """A Kimi K2 layout checkpoint with SHAPES[shape] (FP8, random weights) and its GGUF; cached in workdir."""
     from k2local import tiny  # noqa: PLC0415
     from k2local.convert import convert  # noqa: PLC0415
 
-    tag = "-".join(f"{v}" for v in SYNTH.values())
+    synth = SHAPES[shape]
+    tag = "-".join(f"{v}" for v in synth.values())
     hf = workdir / f"synth-{tag}"
     if not (hf / "model.safetensors.index.json").exists():
         print(f"building synthetic checkpoint {hf} ...", file=sys.stderr)
-        tiny.make_tiny(hf, "kimi_k2", shards=4, overrides=SYNTH)
+        tiny.make_tiny(hf, "kimi_k2", shards=4, overrides=synth)
     gguf = workdir / f"synth-{tag}-{recipe}.gguf"
     if not gguf.exists():
         print(f"converting to {gguf} ({recipe}) ...", file=sys.stderr)
@@ -137,6 +147,7 @@ def main() -> None:
     ap.add_argument("--gguf", type=Path, help="GGUF for llama.cpp and k2local (default: --model if it is one)")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("K2LOCAL_BENCH_DIR", "/tmp/k2local-bench")))
     ap.add_argument("--recipe", default="q4", help="quant recipe for the synthetic model's GGUF")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small", help="synthetic model shapes (see SHAPES)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
     ap.add_argument("--decode", type=int, default=32, help="decoded tokens")
     ap.add_argument("--modes", default="ram,disk", help="k2local placements: ram, disk")
@@ -158,7 +169,7 @@ def main() -> None:
         pass
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.model is None:
-        _, gguf = synthetic_model(args.workdir, args.recipe)
+        _, gguf = synthetic_model(args.workdir, args.recipe, args.shape)
         path = gguf
     else:
         path = args.model
@@ -202,6 +213,9 @@ def main() -> None:
         a, b = ours[0]["tokens"], theirs[0]["tokens"]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         print(f"greedy tokens: k2local and llama.cpp agree on the first {same} of {len(a)}")
+        for key, what in (("decode_tps", "decode"), ("prefill_tps", "prefill")):
+            print(f"k2local ({ours[0]['mode']}) / llama.cpp {what}: {ours[0][key] / theirs[0][key]:.2f}x "
+                  f"({ours[0][key]:.1f} vs {theirs[0][key]:.1f} tok/s)")
     if len(ours) > 1:
         print("k2local placements give the same tokens:", all(r["tokens"] == ours[0]["tokens"] for r in ours))
 
