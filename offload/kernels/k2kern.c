@@ -408,7 +408,6 @@ static uint32_t *g_iq3xxs, *g_iq3s;
 static int8_t g_kv[16];       /* IQ4_NL / IQ4_XS non-linear 4-bit values */
 static uint8_t g_kvu[16];     /* the same + 128 (unsigned, for dpbusd) */
 static uint8_t g_ksigns[128]; /* 7 sign bits + parity as bit 7 */
-static uint64_t g_ksmask[128]; /* the same as 8 byte masks (0xFF: negative), for the AVX2 kernels */
 static int g_kv_set = 0, g_ksigns_set = 0;
 
 static int grids_ready(int type) {
@@ -1030,30 +1029,9 @@ AI T256 int iq_bpb(const int TY) {
 AI T256 int iq_off(const int TY) { return TY == IQD_1S || TY == IQD_1M ? 9 : 64; }
 AI T256 float iq_fac(const int TY) { return TY == IQD_3S ? 1.f : TY == IQD_3XXS ? 0.25f : 0.125f; }
 
-/* 8 (or 4) bytes of 7-bit sign indices -> sign bits (bit 7 of each byte = parity of the other 7, as ksigns) */
-AI T256 uint64_t sign_bytes(uint64_t x) {
-    uint64_t p = x ^ (x >> 4);
-    p ^= p >> 2;
-    p ^= p >> 1;
-    return x | ((p & 0x0101010101010101ULL) << 7);
-}
-/* 32 bits -> 32 bytes, 0xFF where the bit is set */
-AI T256 __m256i bits_to_bytes(uint32_t m) {
-    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                                                      2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
-}
 /* u = 64 + g, or 64 - g where the byte mask m is 0xFF */
 AI T256 __m256i u_masked_256(__m256i g, __m256i m) {
     return _mm256_add_epi8(_mm256_set1_epi8(64), _mm256_sub_epi8(_mm256_xor_si256(g, m), m));
-}
-/* u = 64 + g, or 64 - g where the sign bit is set */
-AI T256 __m256i u_signed_256(__m256i g, uint32_t neg) { return u_masked_256(g, bits_to_bytes(neg)); }
-/* byte masks of four 7-bit sign indices (bits 0..27 of s) */
-AI T256 __m256i ksign_masks(uint32_t s) {
-    return _mm256_set_epi64x((long long)g_ksmask[(s >> 21) & 127], (long long)g_ksmask[(s >> 14) & 127],
-                             (long long)g_ksmask[(s >> 7) & 127], (long long)g_ksmask[s & 127]);
 }
 /* 8 int16 (one per 32 weights) -> 16 int16 (one per 16 weights) */
 AI T256 __m256i dup16(__m128i s8) { return _mm256_set_m128i(_mm_unpackhi_epi16(s8, s8), _mm_unpacklo_epi16(s8, s8)); }
@@ -1114,54 +1092,132 @@ AI T256 __m256i rows4(const uint64_t *tab, uint32_t i0, uint32_t i1, uint32_t i2
     return _mm256_set_epi64x((long long)tab[i3], (long long)tab[i2], (long long)tab[i1], (long long)tab[i0]);
 }
 
-/* weights 32c .. 32c+31 of the block as u bytes */
-AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY) {
+/* Sign bytes of a whole IQ2_XXS / IQ3_XXS block at once: the 8 uint32 words holding four 7-bit sign indices each
+ * (in dword order `pos`, see iq_signs_pos) -> 32 sign bytes (index | parity << 7, as ksigns), one dword per 32
+ * weights.  ~20 vector instructions per block instead of ~12 per 32 weights. */
+AI T256 __m256i ksign_bytes_vec(__m256i d) {
+    const __m256i m7 = _mm256_set1_epi32(0x7F);
+    __m256i x = _mm256_or_si256(_mm256_and_si256(d, m7), _mm256_and_si256(_mm256_slli_epi32(d, 1), _mm256_slli_epi32(m7, 8)));
+    x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(d, 2), _mm256_slli_epi32(m7, 16)));
+    x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(d, 3), _mm256_slli_epi32(m7, 24)));
+    const __m256i plut = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+                                          0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i par = _mm256_xor_si256(_mm256_shuffle_epi8(plut, _mm256_and_si256(x, m4)),
+                                         _mm256_shuffle_epi8(plut, _mm256_and_si256(_mm256_srli_epi16(x, 4), m4)));
+    return _mm256_or_si256(x, par);
+}
+/* the block's sign dwords (IQ2_XXS: odd dwords of its two 32-byte halves; IQ3_XXS: the 8 words at b + 66) */
+AI T256 __m256i iq_signs_vec(const uint8_t *b, const int TY) {
+    if (TY == IQD_2XXS) {
+        const __m256 l0 = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(b + 2)));
+        const __m256 l1 = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(b + 34)));
+        return ksign_bytes_vec(_mm256_castps_si256(_mm256_shuffle_ps(l0, l1, 0xDD))); /* ib 0 1 4 5 | 2 3 6 7 */
+    }
+    if (TY == IQD_3XXS) return ksign_bytes_vec(_mm256_loadu_si256((const __m256i *)(b + 66)));
+    if (TY == IQD_2XS) { /* 7-bit index in the top bits of each uint16: pack to bytes, add the parity bit */
+        const __m256i s0 = _mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(b + 2)), 9);
+        const __m256i s1 = _mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(b + 34)), 9);
+        const __m256i x = _mm256_permute4x64_epi64(_mm256_packus_epi16(s0, s1), 0xD8);
+        const __m256i plut = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+                                              0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        return _mm256_or_si256(x, _mm256_xor_si256(_mm256_shuffle_epi8(plut, _mm256_and_si256(x, m4)),
+                                                   _mm256_shuffle_epi8(plut, _mm256_and_si256(_mm256_srli_epi16(x, 4), m4))));
+    }
+    if (TY == IQD_2S) return _mm256_loadu_si256((const __m256i *)(b + 34)); /* explicit sign bits */
+    if (TY == IQD_3S) return _mm256_loadu_si256((const __m256i *)(b + 74));
+    return _mm256_setzero_si256();
+}
+/* dword of sub-block c in iq_signs_vec's order */
+AI T256 int iq_signs_pos(int c, const int TY) { return TY == IQD_2XXS ? (c & 1) | ((c & 2) << 1) | ((c & 4) >> 1) : c; }
+/* 32 sign bits (dword `pos` of sv) -> 32 bytes, 0xFF where set */
+AI T256 __m256i sign_dword_to_bytes(__m256i sv, int pos) {
+    const __m256i v = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sv, _mm256_set1_epi32(pos)),
+                                          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* IQ1_S / IQ1_M: the block's 32 11-bit grid indices at once (two vectors of 16, stored for the row loads) */
+AI T256 void iq1_index_vec(const uint8_t *b, const int TY, uint16_t *ix) {
+    if (TY == IQD_1S) { /* qs[g] | bits 3 (g % 4) .. +2 of the uint16 qh[g / 4], << 8 */
+        const __m256i hv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 34)));
+        for (int k = 0; k < 2; k++) {
+            const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * k)));
+            const __m256i h = _mm256_shuffle_epi8(hv, k ? _mm256_setr_epi8(8, 9, 8, 9, 8, 9, 8, 9, 10, 11, 10, 11, 10, 11, 10, 11,
+                                                                           12, 13, 12, 13, 12, 13, 12, 13, 14, 15, 14, 15, 14, 15, 14, 15)
+                                                        : _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3,
+                                                                           4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7));
+            /* (h >> 3l) << 8: h * 2^(8 - 3l) for l < 3, h >> 1 for l = 3 */
+            const __m256i lo = _mm256_mullo_epi16(h, _mm256_setr_epi16(256, 32, 4, 0, 256, 32, 4, 0, 256, 32, 4, 0, 256, 32, 4, 0));
+            const __m256i hi = _mm256_srli_epi16(h, 1);
+            const __m256i sh = _mm256_blend_epi16(lo, hi, 0x88);
+            _mm256_store_si256((__m256i *)(ix + 16 * k), _mm256_or_si256(q, _mm256_and_si256(sh, _mm256_set1_epi16(0x700))));
+        }
+    } else { /* IQ1_M: qs[g] | low 3 bits of nibble g % 2 of qh[g / 2], << 8 */
+        const __m128i qh = _mm_loadu_si128((const __m128i *)(b + 32));
+        const __m256i mul = _mm256_setr_epi16(256, 16, 256, 16, 256, 16, 256, 16, 256, 16, 256, 16, 256, 16, 256, 16);
+        for (int k = 0; k < 2; k++) {
+            const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 16 * k)));
+            const __m256i h = _mm256_cvtepu8_epi16(k ? _mm_unpackhi_epi8(qh, qh) : _mm_unpacklo_epi8(qh, qh));
+            const __m256i sh = _mm256_and_si256(_mm256_mullo_epi16(h, mul), _mm256_set1_epi16(0x700));
+            _mm256_store_si256((__m256i *)(ix + 16 * k), _mm256_or_si256(q, sh));
+        }
+        /* per-group offset byte after the 32 indices: 2 for delta +1/8 (bit 3 of the nibble clear), 0 for -1/8 */
+        const __m128i lo = _mm_and_si128(qh, _mm_set1_epi8(0x08)), hi = _mm_and_si128(_mm_srli_epi16(qh, 4), _mm_set1_epi8(0x08));
+        const __m128i two = _mm_set1_epi8(2), z = _mm_setzero_si128();
+        _mm_store_si128((__m128i *)(ix + 32), _mm_and_si128(_mm_cmpeq_epi8(_mm_unpacklo_epi8(lo, hi), z), two));
+        _mm_store_si128((__m128i *)(ix + 40), _mm_and_si128(_mm_cmpeq_epi8(_mm_unpackhi_epi8(lo, hi), z), two));
+    }
+}
+
+/* weights 32c .. 32c+31 of the block as u bytes (sv: iq_signs_vec of the block, ix: iq1_index_vec) */
+AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, const uint16_t *ix) {
     switch (TY) {
     case IQD_2XXS: {
         const uint8_t *q = b + 2 + 8 * c;
         const __m256i g = rows4(g_iq2xxs, q[0], q[1], q[2], q[3]);
-        return u_masked_256(g, ksign_masks(rd32(q + 4)));
+        return u_masked_256(g, sign_dword_to_bytes(sv, iq_signs_pos(c, TY)));
     }
     case IQD_2XS: {
         uint64_t v;
         memcpy(&v, b + 2 + 8 * c, 8);
         const __m256i g = rows4(g_iq2xs, v & 511, (v >> 16) & 511, (v >> 32) & 511, (v >> 48) & 511);
-        const __m256i m = _mm256_set_epi64x((long long)g_ksmask[v >> 57], (long long)g_ksmask[(v >> 41) & 127],
-                                            (long long)g_ksmask[(v >> 25) & 127], (long long)g_ksmask[(v >> 9) & 127]);
-        return u_masked_256(g, m);
+        return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_2S: {
         const uint32_t q = rd32(b + 2 + 4 * c), h = b[66 + c];
         const __m256i g = rows4(g_iq2s, (q & 255) | ((h & 3) << 8), ((q >> 8) & 255) | (((h >> 2) & 3) << 8),
                                 ((q >> 16) & 255) | (((h >> 4) & 3) << 8), (q >> 24) | ((h >> 6) << 8));
-        return u_signed_256(g, rd32(b + 34 + 4 * c));
+        return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_3XXS: {
-        const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * c)));
-        const __m256i g = _mm256_i32gather_epi32((const int *)g_iq3xxs, idx, 4);
-        return u_masked_256(g, ksign_masks(rd32(b + 66 + 4 * c)));
+        const uint8_t *q = b + 2 + 8 * c; /* scalar loads beat vpgatherdd here */
+        const __m256i g = _mm256_setr_epi32((int)g_iq3xxs[q[0]], (int)g_iq3xxs[q[1]], (int)g_iq3xxs[q[2]], (int)g_iq3xxs[q[3]],
+                                            (int)g_iq3xxs[q[4]], (int)g_iq3xxs[q[5]], (int)g_iq3xxs[q[6]], (int)g_iq3xxs[q[7]]);
+        return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_3S: {
-        const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(b[66 + c]), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
-                                            _mm256_set1_epi32(1));
-        const __m256i idx = _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * c))), _mm256_slli_epi32(hi, 8));
-        const __m256i g = _mm256_i32gather_epi32((const int *)g_iq3s, idx, 4);
-        return u_signed_256(g, rd32(b + 74 + 4 * c));
+        const uint8_t *q = b + 2 + 8 * c;
+        const uint32_t h = (uint32_t)b[66 + c] << 8;
+#define K2K_I3S(j) (int)g_iq3s[q[j] | ((h >> (j)) & 256)]
+        const __m256i g = _mm256_setr_epi32(K2K_I3S(0), K2K_I3S(1), K2K_I3S(2), K2K_I3S(3), K2K_I3S(4), K2K_I3S(5), K2K_I3S(6), K2K_I3S(7));
+#undef K2K_I3S
+        return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_1S: {
-        const uint32_t q = rd32(b + 2 + 4 * c), h = rd16(b + 34 + 2 * c);
-        const __m256i g = rows4(g_iq1s, (q & 255) | ((h & 7) << 8), ((q >> 8) & 255) | (((h >> 3) & 7) << 8),
-                                ((q >> 16) & 255) | (((h >> 6) & 7) << 8), (q >> 24) | (((h >> 9) & 7) << 8));
+        const uint32_t h = rd16(b + 34 + 2 * c);
+        const __m256i g = rows4(g_iq1s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
         return _mm256_add_epi8(g, _mm256_set1_epi8((char)(2 - 2 * (h >> 15)))); /* +1/8: + 2, -1/8: + 0 */
     }
     default: { /* IQ1_M */
-        const uint32_t q = rd32(b + 4 * c), h = rd16(b + 32 + 2 * c);
-        const __m256i g = rows4(g_iq1s, (q & 255) | ((h & 7) << 8), ((q >> 8) & 255) | (((h >> 4) & 7) << 8),
-                                ((q >> 16) & 255) | (((h >> 8) & 7) << 8), (q >> 24) | (((h >> 12) & 7) << 8));
-        /* + 2 for delta +1/8 (bit 3 of the group's nibble clear), + 0 for -1/8; (bit - 1) is all ones when clear */
-        const uint64_t p2 = 0x0202020202020202ULL;
-        const __m256i dv = _mm256_set_epi64x((long long)(p2 & (((h >> 15) & 1) - 1ULL)), (long long)(p2 & (((h >> 11) & 1) - 1ULL)),
-                                             (long long)(p2 & (((h >> 7) & 1) - 1ULL)), (long long)(p2 & (((h >> 3) & 1) - 1ULL)));
+        const __m256i g = rows4(g_iq1s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
+        /* the four groups' offset bytes (see iq1_index_vec), each spread over its 8 weights */
+        const __m256i dv = _mm256_shuffle_epi8(_mm256_set1_epi32((int)rd32((const uint8_t *)(ix + 32) + 4 * c)),
+                                               _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                                2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
         return _mm256_add_epi8(g, dv);
     }
     }
@@ -1175,14 +1231,16 @@ AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + (size_t)bpb * i;
         pf_block(pf, i, bpb);
-        const __m256i sc16 = iq_scales(b, TY);
+        const __m256i sc16 = iq_scales(b, TY), sv = iq_signs_vec(b, TY);
+        uint16_t ix[48] __attribute__((aligned(32))); /* IQ1: 32 grid indices (+ IQ1_M: 32 offset bytes) */
+        if (TY == IQD_1S || TY == IQD_1M) iq1_index_vec(b, TY, ix);
         const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
                                  _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
         const float dw = iq_d(b, TY) * iq_fac(TY);
         __m256i sumi[4];
         for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {
-            const __m256i u = iq_chunk_256(b, c, TY), s = pair_scales(half[c / 4], c % 4);
+            const __m256i u = iq_chunk_256(b, c, TY, sv, ix), s = pair_scales(half[c / 4], c % 4);
             for (int t = 0; t < NT; t++) {
                 const __m256i x = _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 32 * c));
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), s));
@@ -1273,22 +1331,6 @@ static inline long long k2k_emu_reduce_add_epi64(__m512i v) {
 #undef _mm512_reduce_add_ps
 #define _mm512_cvtepi32_ps(v) k2k_emu_cvtepi32_ps(v)
 #define _mm512_reduce_add_ps(v) k2k_emu_reduce_add_ps(v)
-static inline __m512i k2k_emu_gather64(__m512i idx, const void *base, int scale) {
-    int64_t ix[8], r[8];
-    _mm512_storeu_si512((void *)ix, idx);
-    for (int k = 0; k < 8; k++) memcpy(&r[k], (const char *)base + ix[k] * scale, 8);
-    return _mm512_loadu_si512((const void *)r);
-}
-static inline __m512i k2k_emu_gather32(__m512i idx, const void *base, int scale) {
-    int32_t ix[16], r[16];
-    _mm512_storeu_si512((void *)ix, idx);
-    for (int k = 0; k < 16; k++) memcpy(&r[k], (const char *)base + (int64_t)ix[k] * scale, 4);
-    return _mm512_loadu_si512((const void *)r);
-}
-#undef _mm512_i64gather_epi64
-#undef _mm512_i32gather_epi32
-#define _mm512_i64gather_epi64(idx, base, scale) k2k_emu_gather64(idx, base, scale)
-#define _mm512_i32gather_epi32(idx, base, scale) k2k_emu_gather32(idx, base, scale)
 #endif
 
 /* permutexvar_epi16 index vectors, loaded from memory (building them with broadcasts/inserts cost
@@ -1701,78 +1743,8 @@ AI T512 void iq4xs_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT
 }
 NT_DISPATCH(iq4xs_512, T512, 4)
 
-/* Grid types: as the AVX2 kernels, 64 weights per vector (dpwssd accumulates the scaled pairs). */
-/* u = 64 + g, or 64 - g where the sign bit is set */
-AI T512 __m512i u_signed_512(__m512i g, uint64_t neg) {
-    const __m512i c64 = _mm512_set1_epi8(64);
-    return _mm512_mask_sub_epi8(_mm512_add_epi8(g, c64), (__mmask64)neg, c64, g);
-}
-
-/* weights 64k .. 64k+63 of the block as u bytes */
-AI T512 __m512i iq_chunk_512(const uint8_t *b, int k, const int TY) {
-    switch (TY) {
-    case IQD_2XXS: {
-        const uint8_t *q = b + 2 + 16 * k;
-        const __m128i ids = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)q), 0x08); /* dwords 0, 2 */
-        const __m512i g = _mm512_i64gather_epi64(_mm512_cvtepu8_epi64(ids), (const void *)g_iq2xxs, 8);
-        const uint64_t s = (uint64_t)(rd32(q + 4) & 0x0FFFFFFF) | ((uint64_t)(rd32(q + 12) & 0x0FFFFFFF) << 28);
-        return u_signed_512(g, sign_bytes(_pdep_u64(s, 0x7F7F7F7F7F7F7F7FULL)));
-    }
-    case IQD_2XS: {
-        const __m128i r = _mm_loadu_si128((const __m128i *)(b + 2 + 16 * k));
-        const __m512i idx = _mm512_and_si512(_mm512_cvtepu16_epi64(r), _mm512_set1_epi64(511));
-        const __m512i g = _mm512_i64gather_epi64(idx, (const void *)g_iq2xs, 8);
-        const __m128i si = _mm_srli_epi16(r, 9);
-        return u_signed_512(g, sign_bytes((uint64_t)_mm_cvtsi128_si64(_mm_packus_epi16(si, si))));
-    }
-    case IQD_2S: {
-        const uint32_t h = rd16(b + 66 + 2 * k);
-        const uint64_t hb = (uint64_t)((h & 0xFF) * 0x01010101u) | ((uint64_t)((h >> 8) * 0x01010101u) << 32);
-        const __m512i hi = _mm512_and_si512(_mm512_srlv_epi64(_mm512_cvtepu8_epi64(_mm_cvtsi64_si128((long long)hb)),
-                                                              _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)), _mm512_set1_epi64(3));
-        const __m512i idx = _mm512_or_si512(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k))), _mm512_slli_epi64(hi, 8));
-        const __m512i g = _mm512_i64gather_epi64(idx, (const void *)g_iq2s, 8);
-        uint64_t s;
-        memcpy(&s, b + 34 + 8 * k, 8);
-        return u_signed_512(g, s);
-    }
-    case IQD_3XXS: {
-        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * k)));
-        const __m512i g = _mm512_i32gather_epi32(idx, (const void *)g_iq3xxs, 4);
-        const uint8_t *ss = b + 66 + 8 * k;
-        const uint64_t s = (uint64_t)(rd32(ss) & 0x0FFFFFFF) | ((uint64_t)(rd32(ss + 4) & 0x0FFFFFFF) << 28);
-        return u_signed_512(g, sign_bytes(_pdep_u64(s, 0x7F7F7F7F7F7F7F7FULL)));
-    }
-    case IQD_3S: {
-        const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * k)));
-        const __m512i idx = _mm512_mask_or_epi32(lo, (__mmask16)rd16(b + 66 + 2 * k), lo, _mm512_set1_epi32(256));
-        const __m512i g = _mm512_i32gather_epi32(idx, (const void *)g_iq3s, 4);
-        uint64_t s;
-        memcpy(&s, b + 74 + 8 * k, 8);
-        return u_signed_512(g, s);
-    }
-    case IQD_1S: {
-        const uint32_t h0 = rd16(b + 34 + 4 * k), h1 = rd16(b + 36 + 4 * k);
-        const __m512i hv = _mm512_setr_epi64(h0, h0, h0, h0, h1, h1, h1, h1);
-        const __m512i hi = _mm512_and_si512(_mm512_srlv_epi64(hv, _mm512_setr_epi64(0, 3, 6, 9, 0, 3, 6, 9)), _mm512_set1_epi64(7));
-        const __m512i idx = _mm512_or_si512(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k))), _mm512_slli_epi64(hi, 8));
-        const __m512i g = _mm512_i64gather_epi64(idx, (const void *)g_iq1s, 8);
-        const uint64_t plus = ~((uint64_t)(h0 >> 15) * 0xFFFFFFFFULL | ((uint64_t)(h1 >> 15) * 0xFFFFFFFFULL) << 32);
-        return _mm512_mask_add_epi8(g, (__mmask64)plus, g, _mm512_set1_epi8(2));
-    }
-    default: { /* IQ1_M */
-        const uint32_t qh = rd32(b + 32 + 4 * k);
-        const uint64_t hb = _pdep_u64(qh, 0x00FF00FF00FF00FFULL) * 0x0101; /* each byte twice */
-        const __m512i hi = _mm512_and_si512(_mm512_srlv_epi64(_mm512_cvtepu8_epi64(_mm_cvtsi64_si128((long long)hb)),
-                                                              _mm512_setr_epi64(0, 4, 0, 4, 0, 4, 0, 4)), _mm512_set1_epi64(7));
-        const __m512i idx = _mm512_or_si512(_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(b + 8 * k))), _mm512_slli_epi64(hi, 8));
-        const __m512i g = _mm512_i64gather_epi64(idx, (const void *)g_iq1s, 8);
-        const uint64_t minus = _pdep_u64(_pext_u32(qh, 0x88888888u), 0x0101010101010101ULL) * 0xFF;
-        return _mm512_mask_add_epi8(g, (__mmask64)~minus, g, _mm512_set1_epi8(2));
-    }
-    }
-}
-
+/* Grid types: the AVX2 decoders (scalar row loads: on the CPUs measured they beat vpgather, which microcode
+ * mitigations made slower still on some Intel parts), two per 64 weights; maddubs + dpwssd on 512 bits. */
 AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
     const int bpb = iq_bpb(TY);
     const __m512i ix0 = IXLOAD(ix_q6, 0), ix1 = IXLOAD(ix_q6, 1), ix2 = IXLOAD(ix_q6, 2), ix3 = IXLOAD(ix_q6, 3);
@@ -1786,8 +1758,12 @@ AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT,
         const __m512i scz = _mm512_castsi256_si512(sc16);
         const __m512i s0 = _mm512_permutexvar_epi16(ix0, scz), s1 = _mm512_permutexvar_epi16(ix1, scz);
         const __m512i s2 = _mm512_permutexvar_epi16(ix2, scz), s3 = _mm512_permutexvar_epi16(ix3, scz);
-        const __m512i u0 = iq_chunk_512(b, 0, TY), u1 = iq_chunk_512(b, 1, TY);
-        const __m512i u2 = iq_chunk_512(b, 2, TY), u3 = iq_chunk_512(b, 3, TY);
+        const __m256i sv = iq_signs_vec(b, TY);
+        uint16_t ix[48] __attribute__((aligned(32)));
+        if (TY == IQD_1S || TY == IQD_1M) iq1_index_vec(b, TY, ix);
+#define K2K_U64(k) _mm512_inserti64x4(_mm512_castsi256_si512(iq_chunk_256(b, 2 * (k), TY, sv, ix)), iq_chunk_256(b, 2 * (k) + 1, TY, sv, ix), 1)
+        const __m512i u0 = K2K_U64(0), u1 = K2K_U64(1), u2 = K2K_U64(2), u3 = K2K_U64(3);
+#undef K2K_U64
         const float dw = iq_d(b, TY) * iq_fac(TY);
         for (int t = 0; t < NT; t++) {
             const int8_t *aq = a[t].q + 256 * i;
@@ -2586,7 +2562,7 @@ int k2k_set_grid(int id, const void *data, int64_t n) {
         const int v = id == GT_IQ1_S || id == GT_IQ4_NL ? (int)(int8_t)p[i] : (int)p[i];
         if (id == GT_IQ1_S ? (v < -1 || v > 1) : id == GT_IQ4_NL ? v < -127 : id == GRID_KSIGNS ? 0 : v > 63) return -3;
     }
-    if (id == GRID_KSIGNS) /* the SIMD kernels recompute the parity bit instead of looking it up */
+    if (id == GRID_KSIGNS) /* the SIMD kernels compute the parity bit instead of looking it up */
         for (int i = 0; i < 128; i++)
             if (p[i] != (uint8_t)(i | ((__builtin_popcount((unsigned)i) & 1) << 7))) return -3;
     pthread_mutex_lock(&P.call_mu);
@@ -2596,11 +2572,6 @@ int k2k_set_grid(int id, const void *data, int64_t n) {
         g_kv_set = 1;
     } else if (id == GRID_KSIGNS) {
         memcpy(g_ksigns, p, 128);
-        for (int i = 0; i < 128; i++) {
-            uint64_t m = 0;
-            for (int j = 0; j < 8; j++) m |= (uint64_t)((p[i] >> j) & 1 ? 0xFF : 0) << (8 * j);
-            g_ksmask[i] = m;
-        }
         g_ksigns_set = 1;
     } else {
         void *buf = NULL;
