@@ -514,22 +514,33 @@ def fused_on_device(entry: ExpertEntry, device: torch.device) -> bool:
     return tq is not None and all(tq.supported(f.qtype) for f in entry.formats) and tq.enabled(device)
 
 
-def fused_swiglu(x: torch.Tensor, entry: ExpertEntry, views: list[torch.Tensor]) -> torch.Tensor:
-    """SiLU(x Wg^T) * (x Wu^T) @ Wd^T with the fused kernels on the expert's byte views (on x's device)."""
+def fused_swiglu(x: torch.Tensor, entry: ExpertEntry, views: list[torch.Tensor],
+                 gate_up: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(x Wg^T) * (x Wu^T) @ Wd^T with the fused kernels on the expert's byte views (on x's device).
+    gate_up: the gate rows' bytes followed by the up rows' (same type): one launch for both, and the down
+    kernel applies SiLU(g) * u as it reads them."""
     tq = _triton_q()
     assert tq is not None
     (fg, (g,)), (fu, (u,)), (fd, (d,)) = entry.matrix_segments(views)
+    if gate_up is not None:
+        return tq.swiglu_qmatmul_gpu(tq.qmatmul_gpu(x, gate_up, fg.qtype, fg.cols), d, fd.qtype, fd.cols)
     h = F.silu(tq.qmatmul_gpu(x, g, fg.qtype, fg.cols)) * tq.qmatmul_gpu(x, u, fu.qtype, fu.cols)
     return tq.qmatmul_gpu(h, d, fd.qtype, fd.cols)
 
 
-def fused_or_dense(x: torch.Tensor, entry: ExpertEntry, views: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _gate_up_fusable(entry: ExpertEntry) -> bool:
+    g, u, d = entry.formats
+    return g.qtype == u.qtype and g.cols == u.cols and g.rows == u.rows == d.cols
+
+
+def fused_or_dense(x: torch.Tensor, entry: ExpertEntry, views: list[torch.Tensor], dtype: torch.dtype,
+                   gate_up: torch.Tensor | None = None) -> torch.Tensor:
     """fused_swiglu; if the kernels fail (say they do not compile for this GPU), warn once, turn them off for the
     process, and compute from matrices dequantized per use instead (same bytes, so same memory)."""
     tq = _triton_q()
     if tq is not None and tq.available(x.device):
         try:
-            return fused_swiglu(x, entry, views)
+            return fused_swiglu(x, entry, views, gate_up)
         except Exception as e:  # noqa: BLE001 (never crash a run over an optional fast path)
             tq.disable(f"{type(e).__name__}: {e}")
     mats = [decode_matrix(f, vs, dtype) for f, vs in entry.matrix_segments(views)]
@@ -561,6 +572,7 @@ class DeviceCache:
         self._raw: dict[Key, list[torch.Tensor]] = {}
         self._dense: dict[Key, list[torch.Tensor]] = {}
         self._fused: set[Key] = set()  # raw ggml bytes computed by the fused kernels
+        self._gate_up: dict[Key, torch.Tensor] = {}  # their gate + up bytes in one buffer (_raw views into it)
         self.counters = CacheCounters()
         self.nbytes = 0
 
@@ -582,7 +594,13 @@ class DeviceCache:
         """Copy one expert in from its CPU byte views (a Lease's views)."""
         entry = self.layout.entry(*key)
         if fused_on_device(entry, self.device):
-            self._raw[key] = [v.to(self.device).contiguous() for v in views]
+            if _gate_up_fusable(entry):  # gate and up rows in one buffer: one kernel launch for both
+                gu = torch.cat([views[0].reshape(-1), views[1].reshape(-1)]).to(self.device)
+                self._gate_up[key] = gu
+                n_g = views[0].numel()
+                self._raw[key] = [gu[:n_g], gu[n_g:], views[2].to(self.device).contiguous()]
+            else:
+                self._raw[key] = [v.to(self.device).contiguous() for v in views]
             self._fused.add(key)
             self.nbytes += entry.nbytes
         elif self.device.type == "cuda" and all(cheap_to_decode(f) for f in entry.formats):
@@ -597,6 +615,7 @@ class DeviceCache:
     def remove(self, key: Key) -> None:
         entry = self.layout.entry(*key)
         self._fused.discard(key)
+        self._gate_up.pop(key, None)
         if key in self._raw:
             del self._raw[key]
             self.nbytes -= entry.nbytes
@@ -615,6 +634,6 @@ class DeviceCache:
     def compute(self, key: Key, x: torch.Tensor) -> torch.Tensor:
         """The expert's unweighted output SiLU(x Wg^T) * (x Wu^T) @ Wd^T for the rows x (on the device)."""
         if key in self._fused:
-            return fused_or_dense(x, self.layout.entry(*key), self._raw[key], self.dtype)
+            return fused_or_dense(x, self.layout.entry(*key), self._raw[key], self.dtype, self._gate_up.get(key))
         g, u, d = self.matrices(key)
         return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)

@@ -1,6 +1,7 @@
 """Fused dequantize-matmul GPU kernels (Triton) on raw GGUF block bytes: y = x @ W^T, W never materialized.
 
     y = qmatmul_gpu(x, w_bytes, qtype, cols)
+    y = swiglu_qmatmul_gpu(gu, w_bytes, qtype, cols)   # (SiLU(g) * u) @ W^T for gu = [g | u]: an expert's down
 
 x: [M, K] (bf16 / fp16 / fp32) on the device; w_bytes: uint8 [N, row_bytes] (or flat), the matrix's rows exactly as
 a GGUF file stores them (ggml block layouts: Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K). Output [M, N] in x's dtype,
@@ -11,7 +12,9 @@ would hold), then multiplied in fp32.
 
 Two kernels: decode-sized batches (M <= 8) use a GEMV-style kernel over blocks of rows, split over K when there
 are few row blocks (fp32 partial sums added afterwards, in a fixed order); larger batches use tl.dot on decoded
-tiles. On a CPU tensor the kernels run only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is
+tiles. Both can apply SiLU(g) * u to their input as they load it, so an expert is two launches: gate and up rows
+stored as one matrix, then the down projection reading [g | u] (plus a partial-sum add where K is split).
+On a CPU tensor the kernels run only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is
 imported), which is how the tests exercise them without a GPU.
 
 Environment: K2LOCAL_TRITON=0 turns the fused path off, =1 turns it on where it can run (CUDA, or CPU under the
@@ -31,7 +34,8 @@ except ImportError:  # pragma: no cover (depends on the environment)
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
-__all__ = ["QTYPES", "available", "disable", "enabled", "qmatmul_gpu", "row_bytes", "supported"]
+__all__ = ["QTYPES", "available", "disable", "enabled", "qmatmul_gpu", "row_bytes", "supported",
+           "swiglu_qmatmul_gpu"]
 
 log = logging.getLogger(__name__)
 
@@ -252,11 +256,26 @@ def _round_to(w, DT: tl.constexpr, RNE_BY_HAND: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+@_jit
+def _load_x(ptrs, mask, up_off, DT: tl.constexpr, SWIGLU: tl.constexpr, INTERPRET: tl.constexpr):
+    """Activations as fp32. SWIGLU: the rows hold [gate | up] (up at +up_off) and the value is SiLU(gate) * up,
+    each step rounded to DT as torch's F.silu(g) * u in that dtype would be."""
+    if SWIGLU:
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(ptrs + up_off, mask=mask, other=0.0).to(tl.float32)
+        s = _round_to(g / (1.0 + tl.exp(-g)), DT, INTERPRET)
+        r = _round_to(s * u, DT, INTERPRET)
+    else:
+        r = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return r
+
+
 @_jit(do_not_specialize=["M", "sb_per_split"])  # vary per call: one compile for all their values
-def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, row_bytes, sb_per_split,
+def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, row_bytes, sb_per_split,
                   QT: tl.constexpr, SB_BYTES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  INTERPRET: tl.constexpr):
-    """out[split, m, n] = sum over this split's super-blocks of x[m, k] * W[n, k] (fp32 partial sums)."""
+                  SWIGLU: tl.constexpr, INTERPRET: tl.constexpr):
+    """out[split, m, n] = sum over this split's super-blocks of x[m, k] * W[n, k] (fp32 sums, stored in out's
+    dtype: the result itself when there is one split)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -277,17 +296,18 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, row_bytes, sb_per_s
             pv = col < K
             w = _deq(b, l[None, :], pv, QT, P)  # [BN, 32]
             w = _round_to(w, x_ptr.dtype.element_ty, INTERPRET)
-            xv = tl.load(xrow + col + l[None, :], mask=mmask & ((col + l[None, :]) < K), other=0.0)
-            acc += xv.to(tl.float32)[:, None, :] * w[None, :, :]
+            xv = _load_x(xrow + col + l[None, :], mmask & ((col + l[None, :]) < K), up_off,
+                         x_ptr.dtype.element_ty, SWIGLU, INTERPRET)  # [BM, 32]
+            acc += xv[:, None, :] * w[None, :, :]
     res = tl.sum(acc, axis=2)
     optr = out_ptr + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(optr, res, mask=mmask & (rn[None, :] < N))
+    tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=mmask & (rn[None, :] < N))
 
 
 @_jit(do_not_specialize=["M"])
-def _qgemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_om, row_bytes,
+def _qgemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, stride_om, row_bytes,
                   QT: tl.constexpr, SB_BYTES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                  PREC: tl.constexpr, SWIGLU: tl.constexpr, INTERPRET: tl.constexpr):
     """out[m, n] = x[m, :] @ W[n, :] with tl.dot on decoded [32, BN] weight tiles. Under the interpreter (whose
     bf16 dot and casts are wrong) the dot is fed fp32 holding the same bf16 values, with the same products."""
     pid_m = tl.program_id(0)  # fastest: programs sharing a weight tile run together (it stays in L2)
@@ -306,17 +326,24 @@ def _qgemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_om, row_byte
             col = sb * 256 + P * 32
             pv = col < K
             w = _deq(b, l[:, None], pv, QT, P)  # [32, BN]
-            xv = tl.load(xrow + col + l[None, :], mask=mmask & ((col + l[None, :]) < K), other=0.0)
+            xptrs = xrow + col + l[None, :]
+            xmask = mmask & ((col + l[None, :]) < K)
             if INTERPRET:
                 w = _round_to(w, x_ptr.dtype.element_ty, True)
-                acc = tl.dot(xv.to(tl.float32), w, acc, input_precision="ieee")
+                xv = _load_x(xptrs, xmask, up_off, x_ptr.dtype.element_ty, SWIGLU, True)
+                acc = tl.dot(xv, w, acc, input_precision="ieee")
             else:
+                if SWIGLU:
+                    xv = _load_x(xptrs, xmask, up_off, x_ptr.dtype.element_ty, True, False)
+                    xv = xv.to(x_ptr.dtype.element_ty)
+                else:
+                    xv = tl.load(xptrs, mask=xmask, other=0.0)
                 acc = tl.dot(xv, w.to(x_ptr.dtype.element_ty), acc, input_precision=PREC)
     optr = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=mmask & (rn[None, :] < N))
 
 
-# ---------------------------------------------------------------------------------------------- entry point
+# ---------------------------------------------------------------------------------------------- entry points
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -332,6 +359,16 @@ def qmatmul_gpu(x: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int) -
 
     x: [..., cols] (leading dims flattened), bf16 / fp16 / fp32. Returns [..., N] in x's dtype (fp32 accumulation).
     Raises ValueError on bad shapes or types, RuntimeError when triton cannot run here."""
+    return _qmatmul(x, w_bytes, qtype, cols, swiglu=False)
+
+
+def swiglu_qmatmul_gpu(gu: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
+    """(SiLU(g) * u) @ W^T where gu = [g | u]: [..., 2 * cols] (a fused gate/up output), without materializing
+    SiLU(g) * u; each step rounded to gu's dtype as torch would. An expert's down projection."""
+    return _qmatmul(gu, w_bytes, qtype, cols, swiglu=True)
+
+
+def _qmatmul(x: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int, swiglu: bool) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("triton is not installed (pip install triton; CUDA builds of torch include it)")
     rb = row_bytes(qtype, cols)
@@ -340,8 +377,9 @@ def qmatmul_gpu(x: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int) -
     if w_bytes.numel() % rb:
         raise ValueError(f"{w_bytes.numel()} bytes is not a whole number of {QTYPES[int(qtype)][0]} rows of "
                          f"{cols} values ({rb} bytes each)")
-    if x.shape[-1] != cols:
-        raise ValueError(f"x has {x.shape[-1]} columns, the weight has {cols}")
+    xcols = 2 * cols if swiglu else cols
+    if x.shape[-1] != xcols:
+        raise ValueError(f"x has {x.shape[-1]} columns, the weight needs {xcols}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
     if x.device != w_bytes.device:
@@ -353,7 +391,7 @@ def qmatmul_gpu(x: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int) -
     if not w.is_contiguous():
         w = w.contiguous()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, cols)
+    x2 = x.reshape(-1, xcols)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
@@ -361,37 +399,30 @@ def qmatmul_gpu(x: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int) -
     sb_bytes = QTYPES[qt][2] * (SB // QTYPES[qt][1])
     if m == 0 or n == 0:
         return x.new_zeros(*lead, n)
+    # the interpreter's fp32 -> bf16 store truncates: there the kernels write fp32 and torch rounds
+    odt = torch.float32 if _INTERPRET else x.dtype
     if m <= GEMV_MAX_M:
-        y = _gemv(x2, w, m, n, cols, rb, qt, sb_bytes)
+        bm = _pow2_at_least(m)
+        nsb = -(-cols // SB)
+        if x2.device.type == "cpu":  # the interpreter: few big programs are fastest
+            bn, split = min(256, _pow2_at_least(n)), 1
+        else:
+            bn = 32 if bm <= 2 else 16  # no register spills for any type on sm_90 (ptxas)
+            want = 4 * _n_sms(x2.device)  # enough programs to keep every SM streaming weights
+            split = max(1, min(nsb, -(-want // -(-n // bn))))
+        per = -(-nsb // split)
+        split = -(-nsb // per)
+        y = torch.empty(split, m, n, dtype=odt if split == 1 else torch.float32, device=x.device)
+        _qgemv_kernel[(triton.cdiv(n, bn), split)](
+            x2, w, y, m, n, cols, x2.stride(0), cols, rb, per, QT=qt, SB_BYTES=sb_bytes, BM=bm, BN=bn,
+            SWIGLU=swiglu, INTERPRET=_INTERPRET, num_warps=4)
+        y = y[0] if split == 1 else y.sum(0)
     else:
-        # the interpreter's fp32 -> bf16 store truncates: it writes fp32 and torch rounds
-        y = torch.empty(m, n, dtype=torch.float32 if _INTERPRET else x.dtype, device=x.device)
+        y = torch.empty(m, n, dtype=odt, device=x.device)
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         bn = 64
         prec = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-        _qgemm_kernel[grid](x2, w, y, m, n, cols, x2.stride(0), y.stride(0), rb, QT=qt, SB_BYTES=sb_bytes,
-                            BM=bm, BN=bn, PREC=prec, INTERPRET=_INTERPRET, num_warps=4)
-        y = y.to(x.dtype)
-    return y.reshape(*lead, n)
-
-
-def _gemv(x2: torch.Tensor, w: torch.Tensor, m: int, n: int, cols: int, rb: int, qt: int,
-          sb_bytes: int) -> torch.Tensor:
-    bm = _pow2_at_least(m)
-    nsb = -(-cols // SB)
-    if x2.device.type == "cpu":  # the interpreter: few big programs are fastest
-        bn, split = min(256, _pow2_at_least(n)), 1
-    else:
-        bn = 32 if bm <= 2 else 16  # no register spills for any type on sm_90 (ptxas)
-        n_blocks = -(-n // bn)
-        want = 4 * _n_sms(x2.device)  # enough programs to keep every SM streaming weights
-        split = max(1, min(nsb, -(-want // n_blocks)))
-    per = -(-nsb // split)
-    split = -(-nsb // per)
-    part = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
-    grid = (triton.cdiv(n, bn), split)
-    _qgemv_kernel[grid](x2, w, part, m, n, cols, x2.stride(0), rb, per, QT=qt, SB_BYTES=sb_bytes, BM=bm, BN=bn,
-                        INTERPRET=_INTERPRET, num_warps=4)
-    y = part[0] if split == 1 else part.sum(0)
-    return y.to(x2.dtype)
+        _qgemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            x2, w, y, m, n, cols, x2.stride(0), cols, y.stride(0), rb, QT=qt, SB_BYTES=sb_bytes, BM=bm, BN=bn,
+            PREC=prec, SWIGLU=swiglu, INTERPRET=_INTERPRET, num_warps=4)
+    return y.to(x.dtype).reshape(*lead, n)
