@@ -50,14 +50,14 @@ KERNELS = """
             for m, dt in [(1, torch.float32), (3, torch.bfloat16), (17, torch.float32), (17, torch.bfloat16)]:
                 x = torch.randn(m, k).to(dt)
                 y = tq.qmatmul_gpu(x, torch.from_numpy(b), int(qt), k)
-                ref = x.float() @ W.to(dt).float().T  # a dequantized matrix in x's dtype, fp32 products
+                ref = x.float() @ W.T  # fp32 products of the exact dequantized values
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 out.append([name, n, k, m, str(dt), list(y.shape), str(y.dtype), err])
                 if k % 256 == 0 and m != 1:  # the down projection reading a [gate | up] row: SiLU(g) * u on load
                     gu = (torch.randn(m, 2 * k) * 2).to(dt)
                     y = tq.swiglu_qmatmul_gpu(gu, torch.from_numpy(b), int(qt), k)
                     h = torch.nn.functional.silu(gu[:, :k]) * gu[:, k:]  # in dt, as the unfused path computes it
-                    ref = h.float() @ W.to(dt).float().T
+                    ref = h.float() @ W.T
                     err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                     out.append([name + "+swiglu", n, k, m, str(dt), list(y.shape), str(y.dtype), err])
     print(json.dumps(out))
@@ -66,15 +66,16 @@ KERNELS = """
 
 def test_kernels_match_dequantize_matmul() -> None:
     """Every type, rows not a multiple of the program's block, 1-2 super-blocks, GEMV (1, 3) and tl.dot (17) batches,
-    fp32 and bf16 activations: the fused product equals gguf-py's dequantize followed by a matmul; with SiLU(g) * u
+    fp32 and bf16 activations: the fused product equals gguf-py's dequantize followed by an fp32 matmul; with SiLU(g) * u
     applied on load (the down projection), it equals torch's SiLU(g) * u followed by the same matmul."""
     rows = run_child(KERNELS)
     types = {"Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
     assert {r[0] for r in rows} == types | {t + "+swiglu" for t in types}
     for name, n, k, m, dt, shape, ydt, err in rows:
         assert shape == [m, n] and ydt == dt, (name, n, k, m, dt)
-        # fp32: only the summation order differs; bf16: the output is rounded to bf16 (<= 2^-8 relative)
-        tol = 2e-6 if dt == "torch.float32" else 5e-3
+        # fp32: only the summation order differs; bf16: the output is rounded to bf16 (<= 2^-8 relative), and tl.dot
+        # (17 rows) takes the weights rounded to bf16
+        tol = 2e-6 if dt == "torch.float32" else 6e-3
         assert err <= tol, (name, n, k, m, dt, err)
 
 

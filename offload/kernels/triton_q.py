@@ -7,8 +7,8 @@ x: [M, K] (bf16 / fp16 / fp32) on the device; w_bytes: uint8 [N, row_bytes] (or 
 a GGUF file stores them (ggml block layouts: Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K). Output [M, N] in x's dtype,
 accumulated in fp32. Each weight block is decoded in registers, 32 columns ("a piece") at a time: a K-quant
 super-block of 256 values is 8 pieces, and every piece covers 32 consecutive columns, so activations are read
-in plain order. Each decoded weight is rounded to x's dtype first (the value a dequantized matrix in x's dtype
-would hold), then multiplied in fp32.
+in plain order. Decoded weights are exact fp32 values; the GEMV multiplies them in fp32, tl.dot takes them
+rounded to x's dtype (the values a dequantized matrix in that dtype holds).
 
 Two kernels: decode-sized batches (M <= 8) use a GEMV-style kernel over blocks of rows, split over K when there
 are few row blocks (fp32 partial sums added afterwards, in a fixed order); larger batches use tl.dot on decoded
@@ -116,6 +116,13 @@ def _jit(fn=None, **kw):
 
 
 @_jit
+def _ufloat(q, OFF: tl.constexpr):
+    """float(q) - OFF for small unsigned integers q (< 2^23), exactly, without an int -> float conversion
+    instruction (quarter rate on NVIDIA GPUs): the bits of 2^23 + q, minus 2^23 + OFF."""
+    return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFF)
+
+
+@_jit
 def _f16(p, pv):
     lo = tl.load(p, mask=pv, other=0).to(tl.uint16)
     hi = tl.load(p + 1, mask=pv, other=0).to(tl.uint16)
@@ -146,7 +153,7 @@ def _deq_q4_k(b, l, pv, P: tl.constexpr):
         q = q & 0xF
     else:
         q = q >> 4
-    return (d * sc) * q.to(tl.float32) - dmin * m
+    return (d * sc) * _ufloat(q, 0) - dmin * m
 
 
 @_jit
@@ -161,7 +168,7 @@ def _deq_q5_k(b, l, pv, P: tl.constexpr):
     else:
         q = q >> 4
     h = (tl.load(b + 16 + l) >> P) & 1
-    return (d * sc) * (q.to(tl.float32) + 16.0 * h.to(tl.float32)) - dmin * m
+    return (d * sc) * _ufloat(q | (h << 4), 0) - dmin * m
 
 
 @_jit
@@ -175,12 +182,11 @@ def _deq_q6_k(b, l, pv, P: tl.constexpr):
     else:
         ql = ql >> 4
     qh = (tl.load(b + 128 + H * 32 + l) >> (2 * Q)) & 3
-    q = (ql | (qh << 4)).to(tl.int32) - 32
     s0 = tl.load(b + 192 + 2 * P).to(tl.int8, bitcast=True).to(tl.float32)
     s1 = tl.load(b + 193 + 2 * P).to(tl.int8, bitcast=True).to(tl.float32)
     sc = tl.where(l < 16, s0, s1)
     d = _f16(b + 208, pv)
-    return (d * sc) * q.to(tl.float32)
+    return (d * sc) * _ufloat(ql | (qh << 4), 32)
 
 
 @_jit
@@ -198,11 +204,10 @@ def _q3_scale(b, T: tl.constexpr):
 def _deq_q3_k(b, l, pv, P: tl.constexpr):
     # block_q3_K: hmask[32], qs[64], scales[12], d; 2-bit q at qs[32 * (P // 4) + l] >> 2 * (P % 4), high bit P
     q2 = (tl.load(b + 32 + (P // 4) * 32 + l) >> (2 * (P % 4))) & 3
-    hb = (tl.load(b + l) >> P) & 1
-    q = q2.to(tl.int32) - 4 * (1 - hb.to(tl.int32))
+    hb = (tl.load(b + l) >> P) & 1  # q = q2 - 4 where the high bit is clear
     sc = tl.where(l < 16, _q3_scale(b, 2 * P), _q3_scale(b, 2 * P + 1))
     d = _f16(b + 108, pv)
-    return (d * sc) * q.to(tl.float32)
+    return (d * sc) * _ufloat(q2 | (hb << 2), 4)
 
 
 @_jit
@@ -212,15 +217,15 @@ def _deq_q2_k(b, l, pv, P: tl.constexpr):
     s = tl.where(l < 16, tl.load(b + 2 * P), tl.load(b + 2 * P + 1))
     d = _f16(b + 80, pv)
     dmin = _f16(b + 82, pv)
-    return (d * (s & 0xF).to(tl.float32)) * q.to(tl.float32) - dmin * (s >> 4).to(tl.float32)
+    return (d * (s & 0xF).to(tl.float32)) * _ufloat(q, 0) - dmin * (s >> 4).to(tl.float32)
 
 
 @_jit
 def _deq_q8_0(b, l, pv, P: tl.constexpr):
     # block_q8_0: d (fp16), qs[32] int8; the super-block is 8 consecutive blocks
     d = _f16(b + 34 * P, pv)
-    q = tl.load(b + 34 * P + 2 + l, mask=pv, other=0).to(tl.int8, bitcast=True)
-    return q.to(tl.float32) * d
+    q = tl.load(b + 34 * P + 2 + l, mask=pv, other=0)  # int8 as uint8: value = (q ^ 0x80) - 128
+    return _ufloat(q ^ 0x80, 128) * d
 
 
 @_jit
@@ -294,8 +299,7 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, row_bytes, 
         for P in tl.static_range(8):
             col = sb * 256 + P * 32
             pv = col < K
-            w = _deq(b, l[None, :], pv, QT, P)  # [BN, 32]
-            w = _round_to(w, x_ptr.dtype.element_ty, INTERPRET)
+            w = _deq(b, l[None, :], pv, QT, P)  # [BN, 32], exact fp32 values (not rounded to x's dtype)
             xv = _load_x(xrow + col + l[None, :], mmask & ((col + l[None, :]) < K), up_off,
                          x_ptr.dtype.element_ty, SWIGLU, INTERPRET)  # [BM, 32]
             acc += xv[:, None, :] * w[None, :, :]
