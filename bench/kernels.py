@@ -16,6 +16,9 @@ What is measured (all in one run, same machine state):
              counted in its bytes (about 1% of the total), time for their math is not subtracted.
   torch      torch's weight-only int8 GEMV (torch._weight_int8pack_mm, bf16 activations) on int8
              matrices of the same shape, as a second reference (GB/s of int8 bytes).
+IQ types (Unsloth's UD-IQ1_S .. UD-IQ4_XS experts) get the same rows; their blocks are random bytes with sane fp16
+scales (every grid index / sign pattern is valid), so both engines do the real lookups.  The grid types are
+compute-bound on small core counts: compare 'k2 l3' (--cache-resident) with the RAM rows to see how far.
 GB/s = weight bytes read / wall time, best of several passes after a warm-up pass.
 Ratios: kernel GB/s / best RAM read GB/s of the run; k2 moe / llama.cpp at each one's best thread count.
 

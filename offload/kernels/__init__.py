@@ -222,9 +222,9 @@ def backend() -> str:
 
 
 def load_error() -> str | None:
-    """Why the compiled library is unavailable, if known."""
+    """Why the compiled library is unavailable, if known (or why some IQ types stay on the fallback)."""
     _load()
-    return _lib_err
+    return _lib_err or ("; ".join(_grid_errors.values()) or None)
 
 
 def library_path() -> str | None:

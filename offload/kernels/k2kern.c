@@ -1140,9 +1140,35 @@ AI T256 __m256i sign_dword_to_bytes(__m256i sv, int pos) {
     return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
-/* IQ1_S / IQ1_M: the block's 32 11-bit grid indices at once (two vectors of 16, stored for the row loads) */
-AI T256 void iq1_index_vec(const uint8_t *b, const int TY, uint16_t *ix) {
-    if (TY == IQD_1S) { /* qs[g] | bits 3 (g % 4) .. +2 of the uint16 qh[g / 4], << 8 */
+/* types whose grid index mixes bits from two places: true when iq_index_vec fills ix */
+AI T256 int iq_has_ix(const int TY) { return TY == IQD_1S || TY == IQD_1M || TY == IQD_2XS || TY == IQD_2S || TY == IQD_3S; }
+
+/* The block's grid indices at once, 16 per vector, stored for the row loads (IQ1_S / IQ1_M / IQ2_XS / IQ2_S: 32,
+ * IQ3_S: 64); a scalar shift-mask-or per index cost more than the row load itself. */
+AI T256 void iq_index_vec(const uint8_t *b, const int TY, uint16_t *ix) {
+    if (TY == IQD_2XS) { /* low 9 bits of each uint16 */
+        for (int k = 0; k < 2; k++)
+            _mm256_store_si256((__m256i *)(ix + 16 * k), _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(b + 2 + 32 * k)),
+                                                                          _mm256_set1_epi16(511)));
+    } else if (TY == IQD_2S) { /* qs[g] | bits 2 (g % 4), +1 of qh[g / 4], << 8 */
+        const __m128i qh = _mm_loadl_epi64((const __m128i *)(b + 66));
+        const __m256i mul = _mm256_setr_epi16(256, 64, 16, 4, 256, 64, 16, 4, 256, 64, 16, 4, 256, 64, 16, 4);
+        for (int k = 0; k < 2; k++) {
+            const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * k)));
+            const __m128i rep = _mm_shuffle_epi8(qh, k ? _mm_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7)
+                                                       : _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+            const __m256i h = _mm256_and_si256(_mm256_mullo_epi16(_mm256_cvtepu8_epi16(rep), mul), _mm256_set1_epi16(0x300));
+            _mm256_store_si256((__m256i *)(ix + 16 * k), _mm256_or_si256(q, h));
+        }
+    } else if (TY == IQD_3S) { /* qs[k] | bit k of the 64-bit qh, << 8 */
+        const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, -32768);
+        for (int k = 0; k < 4; k++) {
+            const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * k)));
+            const __m256i hb = _mm256_and_si256(_mm256_set1_epi16((short)rd16(b + 66 + 2 * k)), bit);
+            const __m256i h = _mm256_and_si256(_mm256_cmpeq_epi16(hb, bit), _mm256_set1_epi16(256));
+            _mm256_store_si256((__m256i *)(ix + 16 * k), _mm256_or_si256(q, h));
+        }
+    } else if (TY == IQD_1S) { /* qs[g] | bits 3 (g % 4) .. +2 of the uint16 qh[g / 4], << 8 */
         const __m256i hv = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 34)));
         for (int k = 0; k < 2; k++) {
             const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * k)));
@@ -1173,7 +1199,7 @@ AI T256 void iq1_index_vec(const uint8_t *b, const int TY, uint16_t *ix) {
     }
 }
 
-/* weights 32c .. 32c+31 of the block as u bytes (sv: iq_signs_vec of the block, ix: iq1_index_vec) */
+/* weights 32c .. 32c+31 of the block as u bytes (sv: iq_signs_vec of the block, ix: iq_index_vec) */
 AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, const uint16_t *ix) {
     switch (TY) {
     case IQD_2XXS: {
@@ -1182,15 +1208,11 @@ AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, 
         return u_masked_256(g, sign_dword_to_bytes(sv, iq_signs_pos(c, TY)));
     }
     case IQD_2XS: {
-        uint64_t v;
-        memcpy(&v, b + 2 + 8 * c, 8);
-        const __m256i g = rows4(g_iq2xs, v & 511, (v >> 16) & 511, (v >> 32) & 511, (v >> 48) & 511);
+        const __m256i g = rows4(g_iq2xs, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_2S: {
-        const uint32_t q = rd32(b + 2 + 4 * c), h = b[66 + c];
-        const __m256i g = rows4(g_iq2s, (q & 255) | ((h & 3) << 8), ((q >> 8) & 255) | (((h >> 2) & 3) << 8),
-                                ((q >> 16) & 255) | (((h >> 4) & 3) << 8), (q >> 24) | ((h >> 6) << 8));
+        const __m256i g = rows4(g_iq2s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_3XXS: {
@@ -1200,11 +1222,9 @@ AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, 
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_3S: {
-        const uint8_t *q = b + 2 + 8 * c;
-        const uint32_t h = (uint32_t)b[66 + c] << 8;
-#define K2K_I3S(j) (int)g_iq3s[q[j] | ((h >> (j)) & 256)]
-        const __m256i g = _mm256_setr_epi32(K2K_I3S(0), K2K_I3S(1), K2K_I3S(2), K2K_I3S(3), K2K_I3S(4), K2K_I3S(5), K2K_I3S(6), K2K_I3S(7));
-#undef K2K_I3S
+        const uint16_t *q = ix + 8 * c;
+        const __m256i g = _mm256_setr_epi32((int)g_iq3s[q[0]], (int)g_iq3s[q[1]], (int)g_iq3s[q[2]], (int)g_iq3s[q[3]],
+                                            (int)g_iq3s[q[4]], (int)g_iq3s[q[5]], (int)g_iq3s[q[6]], (int)g_iq3s[q[7]]);
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_1S: {
@@ -1214,7 +1234,7 @@ AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, 
     }
     default: { /* IQ1_M */
         const __m256i g = rows4(g_iq1s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
-        /* the four groups' offset bytes (see iq1_index_vec), each spread over its 8 weights */
+        /* the four groups' offset bytes (see iq_index_vec), each spread over its 8 weights */
         const __m256i dv = _mm256_shuffle_epi8(_mm256_set1_epi32((int)rd32((const uint8_t *)(ix + 32) + 4 * c)),
                                                _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                                                 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
@@ -1232,8 +1252,8 @@ AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT
         const uint8_t *b = w + (size_t)bpb * i;
         pf_block(pf, i, bpb);
         const __m256i sc16 = iq_scales(b, TY), sv = iq_signs_vec(b, TY);
-        uint16_t ix[48] __attribute__((aligned(32))); /* IQ1: 32 grid indices (+ IQ1_M: 32 offset bytes) */
-        if (TY == IQD_1S || TY == IQD_1M) iq1_index_vec(b, TY, ix);
+        uint16_t ix[64] __attribute__((aligned(32))); /* grid indices (IQ1_M: 32, then 32 offset bytes) */
+        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
         const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
                                  _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
         const float dw = iq_d(b, TY) * iq_fac(TY);
@@ -1759,8 +1779,8 @@ AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT,
         const __m512i s0 = _mm512_permutexvar_epi16(ix0, scz), s1 = _mm512_permutexvar_epi16(ix1, scz);
         const __m512i s2 = _mm512_permutexvar_epi16(ix2, scz), s3 = _mm512_permutexvar_epi16(ix3, scz);
         const __m256i sv = iq_signs_vec(b, TY);
-        uint16_t ix[48] __attribute__((aligned(32)));
-        if (TY == IQD_1S || TY == IQD_1M) iq1_index_vec(b, TY, ix);
+        uint16_t ix[64] __attribute__((aligned(32)));
+        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
 #define K2K_U64(k) _mm512_inserti64x4(_mm512_castsi256_si512(iq_chunk_256(b, 2 * (k), TY, sv, ix)), iq_chunk_256(b, 2 * (k) + 1, TY, sv, ix), 1)
         const __m512i u0 = K2K_U64(0), u1 = K2K_U64(1), u2 = K2K_U64(2), u3 = K2K_U64(3);
 #undef K2K_U64
