@@ -293,7 +293,10 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, row_bytes, 
     nsb = tl.cdiv(K, 256)
     sb0 = pid_k * sb_per_split
     sb1 = tl.minimum(sb0 + sb_per_split, nsb)
-    acc = tl.zeros([BM, BN, 32], dtype=tl.float32)
+    if BM == 1:  # decode of one token: a 2-D accumulator in the weights' own layout
+        acc = tl.zeros([BN, 32], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN, 32], dtype=tl.float32)
     for sb in range(sb0, sb1):
         b = wrow + sb * SB_BYTES
         for P in tl.static_range(8):
@@ -302,8 +305,14 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, row_bytes, 
             w = _deq(b, l[None, :], pv, QT, P)  # [BN, 32], exact fp32 values (not rounded to x's dtype)
             xv = _load_x(xrow + col + l[None, :], mmask & ((col + l[None, :]) < K), up_off,
                          x_ptr.dtype.element_ty, SWIGLU, INTERPRET)  # [BM, 32]
-            acc += xv[:, None, :] * w[None, :, :]
-    res = tl.sum(acc, axis=2)
+            if BM == 1:
+                acc += xv * w
+            else:
+                acc += xv[:, None, :] * w[None, :, :]
+    if BM == 1:
+        res = tl.sum(acc, axis=1)[None, :]
+    else:
+        res = tl.sum(acc, axis=2)
     optr = out_ptr + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
     tl.store(optr, res.to(out_ptr.dtype.element_ty), mask=mmask & (rn[None, :] < N))
 
