@@ -437,5 +437,5 @@ def _qmatmul(x: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int, swig
         prec = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
         _qgemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             x2, w, y, m, n, cols, x2.stride(0), cols, y.stride(0), rb, QT=qt, SB_BYTES=sb_bytes, BM=bm, BN=bn,
-            PREC=prec, SWIGLU=swiglu, INTERPRET=_INTERPRET, num_warps=4)
+            PREC=prec, SWIGLU=swiglu, INTERPRET=_INTERPRET, num_warps=8 if qt == 11 else 4)  # Q3_K: 4 warps spill
     return y.to(x.dtype).reshape(*lead, n)
