@@ -128,7 +128,8 @@ def decode_matrix(fmt: MatrixFormat, views: Sequence[torch.Tensor], dtype: torch
 
 def cheap_to_decode(fmt: MatrixFormat) -> bool:
     """Whether decoding per use costs about one elementwise pass (FP8 block scales, float casts): such experts
-    stay as raw bytes in the device cache; ggml block formats are kept dequantized there (much faster per use)."""
+    stay as raw bytes in the device cache. ggml block formats stay raw only where the fused Triton kernels
+    compute them (offload.kernels.triton_q); otherwise they are kept dequantized there (much faster per use)."""
     return fmt.kind in ("fp8", "float")
 
 
