@@ -8,6 +8,8 @@ bounded whatever the model size; the output is resumable and atomic (quant.gguf_
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import math
@@ -348,6 +350,7 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
                 for chunk in _chunks(p, reader, start_row):
                     _write_rows(writer, chunk.to(dev) if dev is not None else chunk, spec, row, imat)
                     row += chunk.shape[0]
+                    _trim_heap()
                     if progress:
                         progress(spec.name, chunk.numel())
             paths = writer.finish()
@@ -379,6 +382,22 @@ def _write_rows(writer: GGUFStreamWriter, chunk: torch.Tensor, spec: TensorSpec,
         n = min(x.shape[0] - r, (g + 1) * per - (row0 + r))
         writer.write(quantize_rows(x[r:r + n], spec.qtype, w[g], workers=workers))
         r += n
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Give memory freed by the last chunk back to the OS (glibc keeps freed blocks in its per-thread arenas, and
+    their fragmentation would otherwise creep up over a long conversion)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def cpu_workers() -> int:
