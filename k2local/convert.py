@@ -2,9 +2,10 @@
 
 Writes what llama.cpp's own converter writes: its metadata keys, `kv_b_proj` split into `attn_k_b`/`attn_v_b`, routed
 experts stacked into `ffn_*_exps`, the router bias as `exp_probs_b.bias`, sigmoid gating, YaRN keys, a gpt2-style
-vocabulary from the tiktoken ranks with pre-tokenizer `kimi-k2`, and the chat template. Each tensor gets the type its
-recipe picks (k2local.recipes). Streams row chunks (one expert at a time for stacked experts), so peak memory stays
-bounded whatever the model size; the output is resumable and atomic (quant.gguf_file.GGUFStreamWriter).
+vocabulary (from `tiktoken.model`, pre `kimi-k2`, or a DeepSeek-V3 `tokenizer.json`, pre `deepseek-v3`) and the
+chat template. Each tensor gets the type its recipe picks (k2local.recipes). Streams row chunks (experts in row
+chunks too), so peak memory stays bounded whatever the model size; the output is resumable and atomic
+(quant.gguf_file.GGUFStreamWriter).
 """
 from __future__ import annotations
 
