@@ -85,19 +85,9 @@ def make_qkx_quants(
     return _make_qkx_quants_torch(x, w, nmax, rmin, rdelta, nstep, use_mad)
 
 
-def _make_qkx_quants_torch(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    nmax: int,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """make_qkx2_quants / make_qkx3_quants (identical for given weights): asymmetric levels 0..nmax.
-
-    Returns (L [n, S], scale [S], the_min [S]) where x ~= scale * L - the_min.
-    """
+def _make_qkx_quants_torch(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                           use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`make_qkx_quants` in torch ops (any device; the CPU takes the numpy twin `_qkx_np`)."""
     n = x.shape[0]
     xmin = x.amin(0)
     xmax = x.amax(0)
