@@ -315,7 +315,11 @@ def _completion_prompt(backend: Any, prompt: Any) -> tuple[str, list[int]]:
         prompt = prompt[0]
     tok = backend.tokenizer
     if isinstance(prompt, str):
-        return prompt, tok.encode(prompt, allow_special=True)
+        ids = tok.encode(prompt, allow_special=True)
+        bos = getattr(tok, "bos_id", None)
+        if getattr(tok, "add_bos_token", False) and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids  # DeepSeek-V3's tokenizer prepends BOS to a raw prompt (Kimi's never does)
+        return prompt, ids
     if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
         vocab = getattr(tok, "vocab_size", None)
         if any(i < 0 or (vocab is not None and i >= vocab) for i in prompt):

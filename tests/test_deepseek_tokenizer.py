@@ -303,3 +303,21 @@ def test_gguf_metadata_refuses_other_pre_tokenizers(tiny_ds: Path, tmp_path: Pat
     cfg = ModelConfig.from_dict(json.loads((tiny_ds / "config.json").read_text()))
     with pytest.raises(CheckpointError, match="not DeepSeek-V3's"):
         tokenizer_metadata(d, cfg)
+
+
+def test_completions_prompt_gets_bos_like_transformers(tiny_ds: Path, tok: HFTokenizer, tiny_k2: Path) -> None:
+    """/v1/completions with a raw string: DeepSeek's tokenizer prepends BOS (as transformers does), Kimi's does not."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from k2local.server import _completion_prompt
+
+    auto = transformers.AutoTokenizer.from_pretrained(str(tiny_ds))
+    _, ids = _completion_prompt(SimpleNamespace(tokenizer=tok), "Hello world")
+    assert ids == auto("Hello world")["input_ids"] and ids[0] == tok.bos_id
+    _, again = _completion_prompt(SimpleNamespace(tokenizer=tok), "<｜begin▁of▁sentence｜>Hello world")
+    assert again == ids  # an explicit BOS is not doubled
+    kimi = load_tokenizer(tiny_k2)
+    _, kids = _completion_prompt(SimpleNamespace(tokenizer=kimi), "Hello world")
+    assert kids == kimi.encode("Hello world")
