@@ -9,9 +9,13 @@ tensors), torch's CPU float32 sqrt (not always correctly rounded) and C's neares
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
+_POS_ZERO = np.float32(0.0)
+_NEG_ZERO = np.float32(-0.0)
 _MAGIC = 12582912.0  # 1.5 * 2**23: adding it rounds a float32 to an integer in the low mantissa bits
 GROUP_MAX_EPS = float(np.float32(1e-15))
 
@@ -73,8 +77,30 @@ def div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
     return torch.div(a, b)
 
 
+def _on_numpy(t: torch.Tensor) -> bool:
+    """CPU float32 tensors take the numpy versions below (one call instead of a Python loop of torch ops)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def np_seq_sum(a: np.ndarray, axis: int = 0, initial: np.float32 = _POS_ZERO) -> np.ndarray:
+    """`float s = initial; for (i...) s += a[i];` along `axis` of a float32 array, in C order.
+
+    numpy reduces a C-contiguous array along a non-innermost axis row after row: one IEEE float32 addition per
+    element, in index order, no pairwise summation, no wider accumulator; exactly the C loop, in one call. When
+    the reduced axis would become numpy's inner loop (non-contiguous input, or nothing left beside it) numpy sums
+    pairwise, so those cases add row by row here."""
+    if a.flags.c_contiguous and axis != a.ndim - 1 and math.prod(a.shape[axis + 1:]) >= 16:
+        return np.add.reduce(a, axis=axis, initial=initial)
+    acc = np.full(a.shape[:axis] + a.shape[axis + 1:], initial, np.float32)
+    for i in range(a.shape[axis]):
+        np.add(acc, np.take(a, i, axis=axis), out=acc)
+    return acc
+
+
 def seq_sum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """`float s = 0; for (i...) s += t[i];` along `dim`, in C order."""
+    if _on_numpy(t):
+        return torch.from_numpy(np_seq_sum(t.detach().contiguous().numpy(), dim % t.dim(), _POS_ZERO))
     acc = torch.zeros_like(t.select(dim, 0))
     for i in range(t.shape[dim]):
         acc.add_(t.select(dim, i))
@@ -82,16 +108,33 @@ def seq_sum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def seq_sum_from_first(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """`float s = t[0]; for (i = 1...) s += t[i];` along `dim`."""
+    """`float s = t[0]; for (i = 1...) s += t[i];` along `dim` (starting from -0.0 is the same: -0 + x == x)."""
+    if _on_numpy(t):
+        return torch.from_numpy(np_seq_sum(t.detach().contiguous().numpy(), dim % t.dim(), _NEG_ZERO))
     acc = t.select(dim, 0).clone()
     for i in range(1, t.shape[dim]):
         acc.add_(t.select(dim, i))
     return acc
 
 
+def first_absmax_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """first_absmax along axis 0 of a numpy array: C's `if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`."""
+    amax = np.zeros(x.shape[1:], np.float32)
+    xmax = np.zeros(x.shape[1:], np.float32)
+    ax = np.abs(x)
+    for i in range(x.shape[0]):
+        better = ax[i] > amax  # NaN never wins
+        np.copyto(xmax, x[i], where=better)
+        np.copyto(amax, ax[i], where=better)
+    return amax, xmax
+
+
 def first_absmax(x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """C's `amax = 0, max = 0; if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` along dim:
     the first largest |x| and its signed value (NaNs never win; +0 when nothing beats 0)."""
+    if _on_numpy(x):
+        amax, xmax = first_absmax_np(np.moveaxis(x.detach().contiguous().numpy(), dim, 0))
+        return torch.from_numpy(amax), torch.from_numpy(xmax)
     ax = x.abs()
     ax = torch.where(torch.isnan(ax), torch.zeros_like(ax), ax)
     idx = ax.argmax(dim=dim, keepdim=True)  # first maximal index, documented

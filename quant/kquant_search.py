@@ -12,12 +12,9 @@ cache, which makes them several times faster.  Same float32 operations in the sa
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from . import ggml_float
 from .ggml_float import (
     GROUP_MAX_EPS,
     c_max_scan,
@@ -26,8 +23,12 @@ from .ggml_float import (
     f32_add,
     f32_mul,
     first_absmax,
+    first_absmax_np,
     nearest_int,
     nearest_int_clamped,
+    np_seq_sum,
+    seq_sum,
+    seq_sum_from_first,
 )
 
 _NEG_ZERO = np.float32(-0.0)
@@ -36,35 +37,6 @@ _F32 = np.float32
 _MAGIC = np.float32(12582912.0)  # as ggml_float.nearest_int
 _clip = getattr(getattr(np, "_core", None), "umath", np).clip  # the ufunc itself: np.clip's wrapper costs more
 _NP_BLOCK = 1 << 16  # values per numpy block on the CPU (128 KB per work array: the few arrays stay in L2)
-
-
-def np_seq_sum(a: np.ndarray, axis: int = 0, initial: np.float32 = _POS_ZERO) -> np.ndarray:
-    """`float s = initial; for (i...) s += a[i];` along `axis` of a float32 array, in C order.
-
-    numpy reduces a C-contiguous array along a non-innermost axis row after row: one IEEE float32 addition per
-    element, in index order, no pairwise summation, no wider accumulator; exactly the C loop, in one call. When
-    the reduced axis would become numpy's inner loop (non-contiguous input, or nothing left beside it) numpy sums
-    pairwise, so those cases add row by row here."""
-    if a.flags.c_contiguous and axis != a.ndim - 1 and math.prod(a.shape[axis + 1:]) >= 16:
-        return np.add.reduce(a, axis=axis, initial=initial)
-    acc = np.full(a.shape[:axis] + a.shape[axis + 1:], initial, np.float32)
-    for i in range(a.shape[axis]):
-        np.add(acc, np.take(a, i, axis=axis), out=acc)
-    return acc
-
-
-def seq_sum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """ggml_float.seq_sum (`float s = 0; for (i...) s += t[i];` along `dim`), in one numpy call on the CPU."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
-        return ggml_float.seq_sum(t, dim)
-    return torch.from_numpy(np_seq_sum(t.contiguous().numpy(), dim % t.dim(), _POS_ZERO))
-
-
-def seq_sum_from_first(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """`float s = t[0]; for (i = 1...) s += t[i];` along `dim` (starting from -0.0 is the same: -0 + x == x)."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
-        return ggml_float.seq_sum_from_first(t, dim)
-    return torch.from_numpy(np_seq_sum(t.contiguous().numpy(), dim % t.dim(), _NEG_ZERO))
 
 
 def make_qkx_quants(
@@ -271,21 +243,9 @@ def _qkx_np(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
     return L, scale, -np.where(degenerate, xmin0, xmin)
 
 
-def _first_absmax_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml_float.first_absmax along axis 0: C's `if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`."""
-    amax = np.zeros(x.shape[1:], np.float32)
-    xmax = np.zeros(x.shape[1:], np.float32)
-    ax = np.abs(x)
-    for i in range(x.shape[0]):
-        better = ax[i] > amax  # NaN never wins
-        np.copyto(xmax, x[i], where=better)
-        np.copyto(amax, ax[i], where=better)
-    return amax, xmax
-
-
 def _qx_np(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """_make_qx_quants_torch on one numpy block (w = importance or x*x), op for op."""
-    amax, xmax = _first_absmax_np(x)
+    amax, xmax = first_absmax_np(x)
     zero = amax < _F32(GROUP_MAX_EPS)
     wx = np.multiply(w, x)
     t, l = np.empty_like(x), np.empty_like(x)
@@ -423,11 +383,7 @@ def _descend_np(x: np.ndarray, w: np.ndarray, L: np.ndarray, sumlx: np.ndarray, 
 
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_q3_quants with do_rmse=true: returns (L = l + nmax, scale)."""
-    if x.device.type == "cpu":
-        amax_np, xmax_np = _first_absmax_np(x.detach().to(torch.float32).contiguous().numpy())
-        amax, xmax = torch.from_numpy(amax_np), torch.from_numpy(xmax_np)
-    else:
-        amax, xmax = first_absmax(x, 0)
+    amax, xmax = first_absmax(x, 0)
     zero = amax < GROUP_MAX_EPS
     w = x * x
     l = nearest_int_clamped(div(float(-nmax), xmax) * x, -nmax, nmax - 1)

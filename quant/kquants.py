@@ -14,13 +14,14 @@ from .ggml_float import (
     div,
     first_absmax,
     fp16_bytes,
-    positive_max,
     nearest_int,
     nearest_int_clamped,
+    positive_max,
+    seq_sum,
     sqrtf,
     to_fp16,
 )
-from .kquant_search import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants, seq_sum
+from .kquant_search import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants
 
 QK_K = 256
 BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
