@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from offload.cache import CacheCounters
 from offload.expert_layout import ExpertLayout, decode_matrix, decodes_on_gpu
+from offload.experts_dense import swiglu
 from offload.routing_stats import RoutingStats
 from offload.store import DeviceCache, ExpertStore, Key, Lease, fused_on_device, fused_or_dense
 
@@ -30,10 +31,6 @@ try:
     from offload import kernels as _kernels
 except ImportError:  # pragma: no cover (kernels are part of the project; tolerate a partial checkout)
     _kernels = None  # type: ignore[assignment]
-
-
-def swiglu(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
 
 
 class RouterPredictor:

@@ -9,14 +9,17 @@ import torch.nn.functional as F
 from k2local.checkpoint import expert_name
 
 
+def swiglu(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """One expert's unweighted output: down(silu(gate x) * up x) for dense gate, up, down matrices."""
+    return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+
+
 def moe_reference(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, get_expert) -> torch.Tensor:
     """y[t] = sum_k w[t,k] * down(silu(gate x) * up x) for expert idx[t,k]; get_expert(e) -> (gate, up, down)."""
     y = torch.zeros_like(x)
     for e in idx.unique().tolist():
         tok, slot = (idx == e).nonzero(as_tuple=True)
-        g, u, d = get_expert(e)
-        xe = x[tok]
-        out = F.linear(F.silu(F.linear(xe, g)) * F.linear(xe, u), d)
+        out = swiglu(x[tok], *get_expert(e))
         y.index_add_(0, tok, out * w[tok, slot, None])
     return y
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from k2local.errors import CheckpointError
 from offload.cache import CacheCounters, CachePolicy, FrequencyPolicy
 from offload.expert_layout import ExpertEntry, ExpertLayout, cheap_to_decode, decode_matrix
+from offload.experts_dense import swiglu
 
 Key = tuple[int, int]  # (layer, expert)
 ALIGN = 4096  # O_DIRECT needs file offset, length and buffer address aligned to the logical block size
@@ -543,8 +544,7 @@ def fused_or_dense(x: torch.Tensor, entry: ExpertEntry, views: list[torch.Tensor
             return fused_swiglu(x, entry, views, gate_up)
         except Exception as e:  # noqa: BLE001 (never crash a run over an optional fast path)
             tq.disable(f"{type(e).__name__}: {e}")
-    mats = [decode_matrix(f, vs, dtype) for f, vs in entry.matrix_segments(views)]
-    return F.linear(F.silu(F.linear(x, mats[0])) * F.linear(x, mats[1]), mats[2])
+    return swiglu(x, *(decode_matrix(f, vs, dtype) for f, vs in entry.matrix_segments(views)))
 
 
 def device_expert_bytes(entry: ExpertEntry, device: torch.device, dtype: torch.dtype) -> int:
@@ -635,5 +635,4 @@ class DeviceCache:
         """The expert's unweighted output SiLU(x Wg^T) * (x Wu^T) @ Wd^T for the rows x (on the device)."""
         if key in self._fused:
             return fused_or_dense(x, self.layout.entry(*key), self._raw[key], self.dtype, self._gate_up.get(key))
-        g, u, d = self.matrices(key)
-        return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        return swiglu(x, *self.matrices(key))
