@@ -16,7 +16,8 @@ from typing import Any
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from k2local.tokenizer import StreamDecoder, TokenizerError, _read_config, _token_name, _unicode_to_byte, bytes_to_gpt2
+from k2local.tokenizer import (StreamDecoder, TokenizerError, _read_config, _read_json, _token_name, _unicode_to_byte,
+                               bytes_to_gpt2)
 
 __all__ = ["DEEPSEEK_V3_SPLITS", "HFTokenizer", "deepseek_v3_pre_tokenizer", "deepseek_v3_pre_tokenizer_json",
            "pre_tokenizer_name"]
@@ -80,15 +81,6 @@ def _token_bytes(token: str) -> bytes:
         return bytes(table[ch] for ch in token)
     except KeyError:
         return token.encode("utf-8")
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({what}): {e}") from None
 
 
 def _ids(value: Any) -> list[int]:

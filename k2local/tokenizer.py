@@ -138,13 +138,18 @@ def _check_ranks(ranks: Mapping[bytes, int]) -> None:
         raise TokenizerError(f"BPE ranks lack {len(missing)} single-byte tokens (first: {missing[0]:#04x})")
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, what: str = "") -> Any:
+    """A JSON file's value; TokenizerError naming the file when it is missing or not JSON (`what` says what it is)."""
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TokenizerError(f"{path}: not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON: {e}") from None
+        raise TokenizerError(f"{path}: not valid JSON{f' ({what})' if what else ''}: {e}") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg = _read_json(path)
     if not isinstance(cfg, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     return cfg
