@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -212,10 +213,8 @@ class SafetensorsSource:
         dtype = _ST_DTYPES.get(info.dtype)
         if dtype is None:
             raise CheckpointError(f"{info.file}: {name} has unsupported dtype {info.dtype}")
-        shape, numel = info.shape, 1
-        for d in shape:
-            numel *= d
-        if numel * torch.empty((), dtype=dtype).element_size() != info.nbytes:
+        shape = info.shape
+        if math.prod(shape) * dtype.itemsize != info.nbytes:
             raise CheckpointError(f"{info.file}: {name}: {info.nbytes} bytes do not fit shape {list(shape)} "
                                   f"{info.dtype}")
         offset, nbytes = info.offset, info.nbytes
@@ -261,7 +260,8 @@ class SafetensorsSource:
         sname = name + SCALE_SUFFIX
         if sname not in self.weight_map:
             raise CheckpointError(f"{self.path}: FP8 tensor {name} has no {sname}")
-        srows = self._tensor_info(sname).shape[0] if self._tensor_info(sname).shape else 0
+        sshape = self._tensor_info(sname).shape
+        srows = sshape[0] if sshape else 0
         scale = self._read(sname, min(a0 // br, srows), min(-(-r1 // br), srows))
         try:
             return dequantize_fp8_block(self._read(name, a0, r1), scale, self.block, torch.float32)[r0 - a0:]
