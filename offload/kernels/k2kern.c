@@ -1662,8 +1662,13 @@ AI T512 void q8_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
 }
 NT_DISPATCH(q8_0_512, T512, 4)
 
-AI T512 void q4_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+/* Q4_0 (NL = 0) and IQ4_NL (NL = 1): 32-value blocks of nibbles, dpbusd on unsigned bytes. Q4_0 uses the nibble
+ * (value + 8), IQ4_NL looks up the 16-value codebook + 128 (g_kvu) with vpshufb; the offset is taken back with
+ * the block's activation sum. */
+AI T512 void q4_32_512_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int NL) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lut = NL ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)g_kvu)) : _mm256_setzero_si256();
+    const float off = NL ? 128.f : 8.f;
     __m256 acc[4];
     float corr[4] = {0, 0, 0, 0};
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -1671,7 +1676,8 @@ AI T512 void q4_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         const uint8_t *b = w + 18 * i;
         pf_block(pf, i, 18);
         const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
-        const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+        __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+        if (NL) v = _mm256_shuffle_epi8(lut, v);
         const float dw = _cvtsh_ss(rd16(b));
         for (int t = 0; t < NT; t++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
@@ -1683,39 +1689,18 @@ AI T512 void q4_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
     }
     for (int t = 0; t < NT; t++) {
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
-        out[t * os] = hsum128_512(s) - 8.f * corr[t];
+        out[t * os] = hsum128_512(s) - off * corr[t];
     }
+}
+AI T512 void q4_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    q4_32_512_body(w, nb, a, NT, out, os, pf, 0);
 }
 NT_DISPATCH(q4_0_512, T512, 4)
 
 /* ------------------------------------------------------------------ AVX-512 IQ kernels */
 
-/* IQ4_NL: one 32-block per step like Q4_0; the 16-value codebook + 128 (unsigned) through vpshufb, then
- * dpbusd; the +128 is taken back with the block's activation sum. */
 AI T512 void iq4nl_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)g_kvu));
-    __m256 acc[4];
-    float corr[4] = {0, 0, 0, 0};
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int i = 0; i < nb; i++) {
-        const uint8_t *b = w + 18 * i;
-        pf_block(pf, i, 18);
-        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
-        const __m256i v = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4));
-        const float dw = _cvtsh_ss(rd16(b));
-        for (int t = 0; t < NT; t++) {
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
-            __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v, x);
-            const float s = dw * a[t].d[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[t]);
-            corr[t] += s * (float)a[t].bs16[i];
-        }
-    }
-    for (int t = 0; t < NT; t++) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
-        out[t * os] = hsum128_512(s) - 128.f * corr[t];
-    }
+    q4_32_512_body(w, nb, a, NT, out, os, pf, 1);
 }
 NT_DISPATCH(iq4nl_512, T512, 4)
 
