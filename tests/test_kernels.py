@@ -150,6 +150,36 @@ def test_qmatmul_inputs_and_batches():
 
 
 @needs_c
+@pytest.mark.parametrize("layout", range(5))
+def test_activation_quantization_same_bytes_on_every_isa(layout, isas):
+    """The vectorized int8 activation quantization writes exactly the portable version's bytes (values, block
+    scales, block sums; every layout), including round-half-to-even ties, all-zero blocks and outliers."""
+    rng = np.random.default_rng(layout)
+    cols = 1024
+    x = rng.standard_normal(cols).astype(np.float32)
+    x[256:512] = 0.0  # an all-zero block
+    x[600] = 1e6  # one outlier flattens its block
+    # exact ties: with amax 127 every value maps to itself, so k + 0.5 sits exactly halfway
+    x[768:1024] = (np.arange(256) % 64 - 32 + 0.5).astype(np.float32)
+    x[768] = 127.0
+    lib = K._load()
+    n = lib.k2k_act_bytes(cols)
+    out = {}
+    for name in isas:
+        K.set_isa(name)
+        buf = np.zeros(n, np.uint8)
+        assert lib.k2k_quantize_act(x.ctypes.data, cols, layout, buf.ctypes.data) == 0
+        out[name] = buf
+    assert lib.k2k_quantize_act(x.ctypes.data, 1000, layout, out[isas[0]].ctypes.data) == -2  # not whole blocks
+    q = out[isas[0]][:cols].view(np.int8)
+    blk = 32 if layout == 3 else 256
+    assert (q[:cols].reshape(-1, blk) != 0).any(axis=1).tolist() == [b not in range(256 // blk, 512 // blk)
+                                                                     for b in range(cols // blk)]
+    for name in isas[1:]:
+        assert np.array_equal(out[name], out[isas[0]]), name
+
+
+@needs_c
 def test_threads_give_identical_results():
     rng = np.random.default_rng(3)
     rows, cols = 301, 768

@@ -36,7 +36,7 @@ __all__ = [
     "set_prefetch", "supported", "row_bytes", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
 ]
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 _SRC = Path(__file__).with_name("k2kern.c")
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values)
 C_TYPES = {2: "Q4_0", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
@@ -116,6 +116,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "k2k_isa": (i32, []),
         "k2k_isa_hw": (i32, []),
         "k2k_set_isa": (i32, [i32]),
+        "k2k_act_bytes": (i64, [i64]),
+        "k2k_quantize_act": (i32, [fp, i64, i32, vp]),
         "k2k_set_threads": (i32, [i32, i32]),
         "k2k_get_threads": (i32, []),
         "k2k_default_threads": (i32, []),

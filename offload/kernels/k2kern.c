@@ -45,7 +45,7 @@
 #define K2K_X86 0
 #endif
 
-#define K2K_ABI_VERSION 6
+#define K2K_ABI_VERSION 7
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { GT_Q4_0 = 2, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,
@@ -105,8 +105,9 @@ static inline int8_t q8round(float v) {
     return (int8_t)(i > 127 ? 127 : (i < -127 ? -127 : i));
 }
 
-/* quantize columns [c0, c1) (block aligned) of row x into the activation buffer buf */
-static void quantize_act_range(const float *x, int64_t cols, int layout, uint8_t *buf, int64_t c0, int64_t c1) {
+/* quantize columns [c0, c1) (block aligned) of row x into the activation buffer buf (portable reference; the
+ * AVX2 version below writes the same bytes) */
+static void quantize_act_range_gen(const float *x, int64_t cols, int layout, uint8_t *buf, int64_t c0, int64_t c1) {
     act_t a = act_view(buf, cols);
     int8_t *q = (int8_t *)a.q;
     float *d = (float *)a.d;
@@ -147,9 +148,6 @@ static void quantize_act_range(const float *x, int64_t cols, int layout, uint8_t
     }
 }
 
-static void quantize_act(const float *x, int64_t cols, int layout, uint8_t *buf) {
-    quantize_act_range(x, cols, layout, buf, 0, cols);
-}
 
 /* ------------------------------------------------------------------ type table */
 
@@ -1288,6 +1286,69 @@ IQ256(iq3s_avx2, IQD_3S)
 IQ256(iq1s_avx2, IQD_1S)
 IQ256(iq1m_avx2, IQD_1M)
 
+
+/* ------------------------------------------------------------------ AVX2 activation quantization */
+/* 32 floats times id -> 32 int8 in natural order, rounded to nearest-even (as lrintf) and clamped to +-127 */
+AI T256 __m256i q8_round32(const float *x, __m256 id) {
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    __m256i v[4];
+    for (int k = 0; k < 4; k++)
+        v[k] = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), id)), hi), lo);
+    /* the packs work per 128-bit lane: 32-bit groups come out as a0 b0 c0 d0 a1 b1 c1 d1 */
+    const __m256i r = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    return _mm256_permutevar8x32_epi32(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+/* max |x| over n (multiple of 8) floats; NaNs are skipped as fmaxf skips them */
+AI T256 float absmax_avx2(const float *x, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)), m);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+/* sums of the int8 lanes 0..15 and 16..31 (via unsigned sums of q ^ 0x80) */
+AI T256 void sums16(__m256i q, int16_t *s) {
+    const __m256i u = _mm256_sad_epu8(_mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)), _mm256_setzero_si256());
+    s[0] = (int16_t)(_mm256_extract_epi64(u, 0) + _mm256_extract_epi64(u, 1) - 2048);
+    s[1] = (int16_t)(_mm256_extract_epi64(u, 2) + _mm256_extract_epi64(u, 3) - 2048);
+}
+T256 static void quantize_act_range_avx2(const float *x, int64_t cols, int layout, uint8_t *buf, int64_t c0, int64_t c1) {
+    act_t a = act_view(buf, cols);
+    int8_t *q = (int8_t *)a.q;
+    float *d = (float *)a.d;
+    int16_t *bs16 = (int16_t *)a.bs16, *bs32 = (int16_t *)a.bs32;
+    if (layout == LAYOUT_Q8_0) {
+        for (int64_t b = c0 / 32; b < c1 / 32; b++) {
+            const float amax = absmax_avx2(x + 32 * b, 32);
+            const float id = amax > 0.f ? 127.f / amax : 0.f;
+            const __m256i v = q8_round32(x + 32 * b, _mm256_set1_ps(id));
+            _mm256_storeu_si256((__m256i *)(q + 32 * b), v);
+            int16_t s[2];
+            sums16(v, s);
+            d[b] = amax / 127.f;
+            bs16[b] = (int16_t)(s[0] + s[1]);
+        }
+        return;
+    }
+    const int *src = layout_src[layout];
+    for (int64_t b = c0 / 256; b < c1 / 256; b++) {
+        const float *xb = x + 256 * b;
+        const float amax = absmax_avx2(xb, 256);
+        const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        int8_t tmp[256] __attribute__((aligned(32)));
+        for (int j = 0; j < 8; j++) {
+            const __m256i v = q8_round32(xb + 32 * j, id);
+            _mm256_store_si256((__m256i *)(tmp + 32 * j), v);
+            sums16(v, bs16 + 16 * b + 2 * j);
+            bs32[8 * b + j] = (int16_t)(bs16[16 * b + 2 * j] + bs16[16 * b + 2 * j + 1]);
+        }
+        for (int p = 0; p < 16; p++) memcpy(q + 256 * b + 16 * p, tmp + 16 * src[p], 16);
+        d[b] = amax / 127.f;
+    }
+}
+
 /* ------------------------------------------------------------------ AVX-512 VNNI kernels */
 #ifndef K2K_EMULATE_AVX512
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
@@ -1953,6 +2014,22 @@ static kern_t get_kernel(int type) {
     return k;
 }
 
+/* ------------------------------------------------------------------ activation quantization dispatch */
+
+static void quantize_act_range(const float *x, int64_t cols, int layout, uint8_t *buf, int64_t c0, int64_t c1) {
+#if K2K_X86
+    if (g_isa >= ISA_AVX2) {
+        quantize_act_range_avx2(x, cols, layout, buf, c0, c1);
+        return;
+    }
+#endif
+    quantize_act_range_gen(x, cols, layout, buf, c0, c1);
+}
+
+static void quantize_act(const float *x, int64_t cols, int layout, uint8_t *buf) {
+    quantize_act_range(x, cols, layout, buf, 0, cols);
+}
+
 /* ------------------------------------------------------------------ thread pool */
 
 typedef void (*task_fn)(void *ctx, int tid, int nth);
@@ -2594,6 +2671,19 @@ int k2k_set_grid(int id, const void *data, int64_t n) {
     }
     pthread_mutex_unlock(&P.call_mu);
     return rc;
+}
+
+/* Bytes of one token's activation buffer for cols values, and the buffer itself (tests: every ISA must write
+ * the same bytes).  layout: 0 natural, 1 Q4_K/Q5_K 512-bit, 2 Q2_K/Q3_K 512-bit, 3 Q8_0 blocks, 4 IQ4_XS. */
+int64_t k2k_act_bytes(int64_t cols) { return (int64_t)al64(act_bytes(cols)); }
+
+int k2k_quantize_act(const float *x, int64_t cols, int layout, void *buf) {
+    if (layout < 0 || layout > LAYOUT_IQ4X || cols <= 0 || cols % (layout == LAYOUT_Q8_0 ? 32 : 256)) return -2;
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    quantize_act(x, cols, layout, (uint8_t *)buf);
+    pthread_mutex_unlock(&P.call_mu);
+    return 0;
 }
 
 int64_t k2k_row_bytes(int type, int64_t cols) {
