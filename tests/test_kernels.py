@@ -180,6 +180,34 @@ def test_activation_quantization_same_bytes_on_every_isa(layout, isas):
 
 
 @needs_c
+@pytest.mark.parametrize("qt,T", [(Q.Q8_0, 1), (Q.Q8_0, 70), (Q.Q4_K, 3)], ids=lambda v: getattr(v, "name", str(v)))
+def test_per_head_matmul_matches_reference(qt, T, isas):
+    """QHeads (MLA's absorbed k_b / v_b kept quantized): every head's own matrix against its own activations,
+    on every ISA and thread count, also past the kernel's 64-token tile."""
+    rng = np.random.default_rng(int(qt) + T)
+    heads, rows, cols = 5, 48, 512
+    w = make_weights(qt, heads * rows, cols, rng)
+    x = torch.from_numpy(rng.standard_normal((heads, T, cols)).astype(np.float32))
+    wd = dequantize(w, qt).astype(np.float64).reshape(heads, rows, cols)
+    exact = np.stack([quant_act(x[h].numpy(), act_block(qt)) @ wd[h].T for h in range(heads)])
+    mm = K.QHeads(w, int(qt), heads, cols)
+    assert mm.rows == rows
+    before = K.get_threads()
+    try:
+        for name in isas:
+            K.set_isa(name)
+            for n in (1, 3):
+                K.set_threads(n)
+                y = mm(x)
+                assert y.shape == (heads, T, rows)
+                assert rel(y.numpy(), exact) < 2e-5, (name, n)
+    finally:
+        K.set_threads(before)
+    with pytest.raises(ValueError, match="expected"):
+        mm(x[:, :, :256])
+
+
+@needs_c
 def test_threads_give_identical_results():
     rng = np.random.default_rng(3)
     rows, cols = 301, 768

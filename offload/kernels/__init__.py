@@ -33,7 +33,7 @@ import torch
 
 __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
-    "set_prefetch", "supported", "row_bytes", "QMatrix", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
+    "set_prefetch", "supported", "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
 ]
 
 ABI_VERSION = 7
@@ -117,6 +117,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "k2k_isa_hw": (i32, []),
         "k2k_set_isa": (i32, [i32]),
         "k2k_act_bytes": (i64, [i64]),
+        "k2k_matmul_heads": (i32, [i32, vp, i64, i64, i64, i64, i64, fp, i64, fp]),
         "k2k_quantize_act": (i32, [fp, i64, i32, vp]),
         "k2k_set_threads": (i32, [i32, i32]),
         "k2k_get_threads": (i32, []),
@@ -395,6 +396,40 @@ class QMatrix:
         if rc != 0:
             raise RuntimeError(f"k2k_matmul failed ({rc})")
         return y
+
+
+class QHeads:
+    """Per-head quantized matrices W_h [rows, cols] stacked as bytes [heads, rows, row_bytes] (MLA's absorbed
+    k_b / v_b): `x[h] @ W_h.T` for every head in one call."""
+
+    def __init__(self, w: Bytes, qtype: int, heads: int, cols: int):
+        self.w, self.qtype, self.heads, self.cols = _as_u8(w), int(qtype), int(heads), int(cols)
+        self.row_bytes = row_bytes(self.qtype, self.cols)
+        nb = _nbytes(self.w)
+        if nb % (self.heads * self.row_bytes):
+            raise ValueError(f"weight bytes {nb} are not {heads} heads of whole rows of {self.row_bytes} bytes")
+        self.rows = nb // (self.heads * self.row_bytes)
+        self._wp = _ptr(self.w)
+        self._c = available() and supported(self.qtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [heads, T, cols] -> float32 [heads, T, rows]."""
+        if x.dim() != 3 or x.shape[0] != self.heads or x.shape[2] != self.cols:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected [{self.heads}, T, {self.cols}]")
+        x = x.to(torch.float32).contiguous()
+        T = x.shape[1]
+        if not (self._c and not _forced_torch()):
+            return torch.bmm(x, self.dequantize().transpose(1, 2))
+        y = torch.empty(self.heads, T, self.rows, dtype=torch.float32)
+        rc = _lib.k2k_matmul_heads(self.qtype, self._wp, self.heads, self.rows * self.row_bytes, self.rows, self.cols,
+                                   self.row_bytes, x.data_ptr(), T, y.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"k2k_matmul_heads failed ({rc})")
+        return y
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [heads, rows, cols]."""
+        return _dequant_rows(self.w, self.qtype, self.cols, 0, self.heads * self.rows).view(self.heads, self.rows, -1)
 
 
 def qmatmul(x: torch.Tensor, w: Bytes, qtype: int, cols: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
