@@ -205,6 +205,16 @@ class GGUFSource:
         t = self.tensors[key]
         return self._bytes(t), t.qtype, t.shape
 
+    def quantized_kv_b(self, layer: int) -> tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]] | None:
+        """MLA's absorbed per-head matrices as stored: ((k_b bytes [heads * kv_lora, row_bytes], type),
+        (v_b bytes [heads * v_dim, row_bytes], type)); k_b rows run over the no-rope key dims, v_b rows over
+        kv_lora. None for a legacy merged attn_kv_b."""
+        b = f"blk.{layer}."
+        kt, vt = self.tensors.get(b + "attn_k_b.weight"), self.tensors.get(b + "attn_v_b.weight")
+        if kt is None or vt is None:
+            return None
+        return ((self._bytes(kt).reshape(-1, kt.row_bytes), kt.qtype), (self._bytes(vt).reshape(-1, vt.row_bytes), vt.qtype))
+
     def expert_tensor(self, layer: int, proj: str) -> tuple[np.ndarray, int, int, int]:
         """Stacked routed experts of `layer`: (uint8 memmap [n_expert, rows, row_bytes], ggml type, rows, cols)."""
         if proj not in ("gate", "up", "down"):

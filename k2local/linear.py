@@ -100,6 +100,21 @@ def quantized_weight(source, name: str, min_params: int = MIN_QUANT_PARAMS,
     return QuantWeight(data, int(qtype), shape[0], shape[1], dev)
 
 
+def quantized_heads(source, layer: int, heads: int, device: torch.device | str = "cpu") -> tuple:
+    """(k_b, v_b) of MLA's absorbed attention, each as an offload.kernels.QHeads when the source stores it per head
+    in a block type the CPU kernels multiply (GGUF attn_k_b / attn_v_b), else None. Decoding then reads them
+    quantized (Kimi K2 as Q8_0: 0.5 GB per token instead of 2 GB as float32)."""
+    kv = source.quantized_kv_b(layer) if hasattr(source, "quantized_kv_b") else None
+    if torch.device(device).type != "cpu" or kv is None:
+        return None, None
+    from offload.kernels import QHeads  # noqa: PLC0415
+
+    cfg = source.config
+    return tuple(QHeads(np.ascontiguousarray(b), int(qt), heads, cols)
+                 if _multipliable(int(qt), torch.device("cpu")) else None
+                 for (b, qt), cols in zip(kv, (cfg.qk_nope_head_dim, cfg.kv_lora_rank)))
+
+
 def quantized_bytes_per_param(source, cfg) -> float | None:
     """Bytes per weight of the source's stored non-expert matrices (sampled on the last layer's o_proj)."""
     if not hasattr(source, "quantized"):

@@ -6,14 +6,14 @@ code runs with experts in GPU memory, in RAM, or streamed from disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from k2local.checkpoint import WeightSource
 from k2local.config import ModelConfig
-from k2local.linear import MIN_QUANT_PARAMS, QuantWeight, linear, quantized_weight
+from k2local.linear import MIN_QUANT_PARAMS, QuantWeight, linear, quantized_heads, quantized_weight
 
 
 class ExpertBackend(Protocol):
@@ -109,6 +109,10 @@ class LayerWeights:
     router: torch.Tensor | None
     router_bias: torch.Tensor | None
     shared: tuple[Weight, Weight, Weight] | None
+    # w_uk / w_uv kept in their GGUF block type for decoding on the CPU (offload.kernels.QHeads: k_b
+    # [heads, kv_lora, nope], v_b [heads, v, kv_lora]); prefill from empty keeps using the dense form
+    uk_q: Any = None
+    uv_q: Any = None
 
 
 class Router:
@@ -201,6 +205,8 @@ class KimiK2Model:
                 shared=tuple(load_linear(m + f"shared_experts.{w}_proj.weight") for w in ("gate", "up", "down"))
                 if moe and cfg.n_shared_experts else None,
             )
+            if quantized_linear:
+                lw.uk_q, lw.uv_q = quantized_heads(source, i, nh, self.device)
             self.layers.append(lw)
 
     def new_cache(self, capacity: int = 256) -> KVCache:
@@ -239,13 +245,15 @@ class KimiK2Model:
             o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale).transpose(0, 1)
         else:
             # Absorbed form (decode, or new tokens after a cached prefix): attend in the latent space.
-            q_lat = torch.bmm(q_nope.transpose(0, 1), lw.w_uk)  # [h, t, kv_lora]
+            q_lat = torch.bmm(q_nope.transpose(0, 1), lw.w_uk) if lw.uk_q is None else \
+                lw.uk_q(q_nope.transpose(0, 1)).to(x.dtype)  # [h, t, kv_lora]
             scores = (torch.matmul(q_lat, lat.t()) + torch.matmul(q_pe.transpose(0, 1), kpe.t())) * scale
             if t > 1:
                 mask = torch.arange(s, device=x.device)[None, :] > (pos + torch.arange(t, device=x.device))[:, None]
                 scores = scores.masked_fill(mask[None], float("-inf"))
             p = scores.float().softmax(-1).to(x.dtype)
-            o = torch.bmm(torch.matmul(p, lat), lw.w_uv.transpose(1, 2)).transpose(0, 1)  # [t, h, v]
+            pl = torch.matmul(p, lat)  # [h, t, kv_lora]
+            o = (torch.bmm(pl, lw.w_uv.transpose(1, 2)) if lw.uv_q is None else lw.uv_q(pl).to(x.dtype)).transpose(0, 1)
         return linear(o.reshape(t, -1), lw.o_proj)
 
     def _ffn(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
