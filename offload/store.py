@@ -127,6 +127,14 @@ class FileReader:
             self._fds.clear()
 
 
+def _kernels():
+    try:
+        from offload import kernels  # noqa: PLC0415
+    except ImportError:
+        return None
+    return kernels
+
+
 def alloc_aligned(nbytes: int, pin: bool = False) -> tuple[torch.Tensor, bool]:
     """A page-aligned uint8 CPU buffer (pinned if asked and possible); pages are not touched here."""
     raw = None
@@ -144,18 +152,27 @@ def alloc_aligned(nbytes: int, pin: bool = False) -> tuple[torch.Tensor, bool]:
 
 
 class SlotPool:
-    """n fixed-size page-aligned slots, in chunks of about 1 GiB (so no single huge allocation)."""
+    """n fixed-size page-aligned slots, in chunks of about 1 GiB (so no single huge allocation).
 
-    def __init__(self, n_slots: int, slot_bytes: int, pin: bool = False, chunk_bytes: int = 1 << 30):
+    numa: page-interleave the (not yet touched) slot memory across NUMA nodes; None decides from K2LOCAL_NUMA and
+    the machine (offload.kernels.numa_interleave_wanted). Pinned memory is placed by the CUDA driver instead."""
+
+    def __init__(self, n_slots: int, slot_bytes: int, pin: bool = False, chunk_bytes: int = 1 << 30,
+                 numa: bool | None = None):
         self.n_slots = n_slots
         self.slot_bytes = _align_up(max(slot_bytes, 1))
         self.per_chunk = max(1, chunk_bytes // self.slot_bytes)
         self._chunks: list[torch.Tensor] = []
         self.pinned = pin
+        self.numa_nodes = 0  # nodes the slot memory is interleaved over (0: left to the kernel's default policy)
+        kernels = _kernels()
+        interleave = kernels is not None and (kernels.numa_interleave_wanted() if numa is None else numa)
         for start in range(0, n_slots, self.per_chunk):
             k = min(self.per_chunk, n_slots - start)
             buf, ok = alloc_aligned(k * self.slot_bytes, pin)
             self.pinned = self.pinned and ok
+            if interleave and not ok:
+                self.numa_nodes = kernels.interleave_memory(buf)
             self._chunks.append(buf)
         self._np = [c.numpy() for c in self._chunks]
 

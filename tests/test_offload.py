@@ -380,3 +380,50 @@ def test_cuda_placements_match(src) -> None:
             b.close()
         if o.experts_on == "disk":
             assert b.stats()["shipped_to_gpu_bytes"] > 0
+
+
+def _memory_policy(addr: int) -> str | None:
+    """The NUMA policy word of the mapping holding addr (from /proc/self/numa_maps), None if unknown."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        numa = {int(line.split()[0], 16): line.split()[1] for line in Path("/proc/self/numa_maps").read_text().splitlines()}
+    except OSError:
+        return None
+    for line in maps:
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if lo <= addr < hi:
+            return numa.get(lo)
+    return None
+
+
+@pytest.mark.parametrize("numa", [True, False])
+def test_slot_pool_interleaves_expert_memory_across_numa_nodes(numa: bool) -> None:
+    """The RAM tier's slots are page-interleaved over the NUMA nodes (mbind before first touch) when asked; here
+    (one node or more) the kernel then reports an interleave policy for exactly that memory."""
+    from offload import kernels
+    from offload.store import SlotPool
+
+    if not kernels.available() or _memory_policy(torch.empty(1).data_ptr()) is None:
+        pytest.skip("needs the compiled kernels and /proc/self/numa_maps")
+    pool = SlotPool(3, 5 << 20, numa=numa)
+    policy = _memory_policy(pool.tensor(1).data_ptr())
+    if numa:
+        if pool.numa_nodes == 0:
+            pytest.skip("mbind is not permitted here")
+        assert pool.numa_nodes == kernels.numa_nodes()
+        assert policy is not None and policy.startswith("interleave")
+    else:  # (no policy check: freed memory that malloc hands out again keeps the policy it had)
+        assert pool.numa_nodes == 0
+    pool.tensor(1).fill_(7)  # the memory is usable as before
+    assert int(pool.tensor(1)[-1]) == 7
+
+
+def test_numa_interleave_follows_the_machine_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from offload import kernels
+
+    monkeypatch.setenv("K2LOCAL_NUMA", "interleave")
+    assert kernels.numa_interleave_wanted()
+    monkeypatch.setenv("K2LOCAL_NUMA", "off")
+    assert not kernels.numa_interleave_wanted()
+    monkeypatch.delenv("K2LOCAL_NUMA")
+    assert kernels.numa_interleave_wanted() == (kernels.numa_nodes() > 1)

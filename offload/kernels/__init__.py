@@ -33,7 +33,7 @@ import torch
 
 __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
-    "set_prefetch", "supported", "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
+    "set_prefetch", "numa_interleave_wanted", "interleave_memory", "supported", "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
 ]
 
 ABI_VERSION = 7
@@ -117,6 +117,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "k2k_isa_hw": (i32, []),
         "k2k_set_isa": (i32, [i32]),
         "k2k_act_bytes": (i64, [i64]),
+        "k2k_interleave": (i32, [vp, i64]),
         "k2k_matmul_heads": (i32, [i32, vp, i64, i64, i64, i64, i64, fp, i64, fp]),
         "k2k_quantize_act": (i32, [fp, i64, i32, vp]),
         "k2k_set_threads": (i32, [i32, i32]),
@@ -275,10 +276,31 @@ def default_threads() -> int:
 
 
 def numa_nodes() -> int:
-    """NUMA nodes listed in /sys (1 when none).  Expert memory should be page-interleaved across
-    nodes (numactl --interleave=all, or the store's mbind) and threads pinned (set_threads(pin=True))."""
+    """NUMA nodes listed in /sys (1 when none).  The expert store page-interleaves its memory across them
+    (interleave_memory) and threads can be pinned (set_threads(pin=True))."""
     lib = _load()
     return lib.k2k_numa_nodes() if lib is not None else 1
+
+
+def numa_interleave_wanted() -> bool:
+    """Whether expert memory should be page-interleaved across NUMA nodes: K2LOCAL_NUMA=interleave / off, by
+    default when the machine has more than one node."""
+    env = os.environ.get("K2LOCAL_NUMA", "").lower()
+    if env in ("interleave", "on", "1"):
+        return True
+    if env in ("off", "0", "none"):
+        return False
+    return numa_nodes() > 1
+
+
+def interleave_memory(buf: torch.Tensor) -> int:
+    """Page-interleave a CPU buffer whose pages are not touched yet across the NUMA nodes (mbind); returns the
+    node count, or 0 when that is not possible here (no compiled library, no NUMA support)."""
+    lib = _load()
+    if lib is None or buf.numel() == 0:
+        return 0
+    r = lib.k2k_interleave(buf.data_ptr(), buf.numel() * buf.element_size())
+    return max(r, 0)
 
 
 def set_prefetch(nbytes: int | None = None, l2: bool | None = None) -> int:

@@ -38,6 +38,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <dirent.h>
+#include <errno.h>
+#include <sys/syscall.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define K2K_X86 1
@@ -2605,6 +2607,31 @@ int k2k_numa_nodes(void) {
     int r = g_numa_nodes;
     pthread_mutex_unlock(&P.call_mu);
     return r;
+}
+
+/* Page-interleave [addr, addr + len) across the online NUMA nodes (mbind, MPOL_INTERLEAVE) before its pages are
+ * first touched, so expert weights read by threads on every node draw on every node's memory channels.
+ * Returns the number of nodes in the policy, or -errno (-ENOSYS: no NUMA support in this kernel). */
+int k2k_interleave(void *addr, int64_t len) {
+#ifdef SYS_mbind
+    enum { MAXN = 1024, BITS = 8 * sizeof(unsigned long) };
+    int nodes[MAXN];
+    int n = read_cpulist("/sys/devices/system/node/online", nodes, MAXN);
+    if (n <= 0) return -ENOENT;
+    unsigned long mask[MAXN / BITS];
+    memset(mask, 0, sizeof mask);
+    for (int k = 0; k < n; k++)
+        if (nodes[k] >= 0 && nodes[k] < MAXN) mask[nodes[k] / BITS] |= 1UL << (nodes[k] % BITS);
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t a = (uintptr_t)addr & ~(page - 1), end = ((uintptr_t)addr + (uintptr_t)len + page - 1) & ~(page - 1);
+    /* maxnode counts one more than the mask's bits (the kernel drops the last one) */
+    if (syscall(SYS_mbind, a, end - a, 3 /* MPOL_INTERLEAVE */, mask, (unsigned long)MAXN + 1, 0) != 0) return -errno;
+    return n;
+#else
+    (void)addr;
+    (void)len;
+    return -ENOSYS;
+#endif
 }
 
 /* software prefetch distance in bytes (0 disables; < 0 leaves it) and level (0: L1, 1: L2; < 0 leaves it) */
