@@ -253,6 +253,15 @@ def test_single_token_row_pairs_bit_identical(qt, isas):
         K.set_threads(before)
 
 
+@pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")), reason="no C compiler")
+def test_kernels_compile_where_a_compiler_exists():
+    """With a C compiler at hand the library must build and load: a compile error would otherwise turn every
+    kernel test into a skip."""
+    if os.environ.get("K2LOCAL_KERNELS", "").lower() == "torch":
+        pytest.skip("torch fallback forced")
+    assert K.available(), K.load_error()
+
+
 def test_row_bytes_and_support():
     assert K.row_bytes(int(Q.Q4_K), 7168) == 28 * 144
     assert K.row_bytes(int(Q.Q8_0), 64) == 68

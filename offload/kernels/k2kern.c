@@ -1703,24 +1703,62 @@ AI T512 void q6k_512_rows(const uint8_t *w, ptrdiff_t rs, const int NR, int nb, 
 K512_KERNELS(q6k_512, q6k_512_rows, 0)
 
 /* Q8_0: two 34-byte blocks per step, dpbusd on |w| and sign-transferred activations */
+/* The 8 block sums of p[0..3] (each: two 32-value blocks' 8 int32 lane sums, low and high 256 bits), natural order */
+AI T512 __m256i q8_0_sum8(const __m512i p[4]) {
+    /* 32-bit then 64-bit interleaves pair up the lanes of two blocks at a time; after them 128-bit lane k holds
+     * partial sums of blocks (0 2 4 6) for k < 2 and (1 3 5 7) for k >= 2 */
+    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(p[0], p[1]), _mm512_unpackhi_epi32(p[0], p[1]));
+    const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(p[2], p[3]), _mm512_unpackhi_epi32(p[2], p[3]));
+    const __m512i c = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+    const __m256i lo = _mm512_castsi512_si256(c), hi = _mm512_extracti64x4_epi64(c, 1);
+    const __m256i d = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+    return _mm256_permutevar8x32_epi32(d, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* Q8_0: eight 32-value blocks per step. Weights go unsigned (w + 128, the block's activation sum takes the offset
+ * back), each block's dot product is reduced to one int32 and the eight are scaled as one vector. */
 AI T512 void q8_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
     __m256 acc[4];
+    float tail[4] = {0, 0, 0, 0};
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int i = 0; i < nb; i++) {
+    int i = 0;
+    for (; i + 8 <= nb; i += 8) {
         const uint8_t *b = w + 34 * i;
-        pf_block(pf, i, 34);
+        if (pf)
+            for (int k = 0; k < 5; k++) pf_block(pf + 34 * i, k, 64); /* the 272 bytes of the eight blocks */
+        __m512i wq[4];
+        for (int j = 0; j < 4; j++)
+            wq[j] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 68 * j + 2))),
+                                                         _mm256_loadu_si256((const __m256i *)(b + 68 * j + 36)), 1), bias);
+        const __m256 dw = _mm256_cvtph_ps(_mm_setr_epi16((short)rd16(b), (short)rd16(b + 34), (short)rd16(b + 68), (short)rd16(b + 102),
+                                                         (short)rd16(b + 136), (short)rd16(b + 170), (short)rd16(b + 204), (short)rd16(b + 238)));
+        for (int t = 0; t < NT; t++) {
+            const int8_t *x = a[t].q + 32 * i;
+            __m512i p[4];
+            for (int j = 0; j < 4; j++) p[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[j], _mm512_loadu_si512((const void *)(x + 64 * j)));
+            const __m256i off = _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(a[t].bs16 + i))), 7);
+            const __m256 s = _mm256_cvtepi32_ps(_mm256_sub_epi32(q8_0_sum8(p), off));
+            acc[t] = _mm256_fmadd_ps(s, _mm256_mul_ps(dw, _mm256_loadu_ps(a[t].d + i)), acc[t]);
+        }
+    }
+    for (; i < nb; i++) { /* the last nb % 8 blocks */
+        const uint8_t *b = w + 34 * i;
         const __m256i wq = _mm256_loadu_si256((const __m256i *)(b + 2));
         const __m256i aw = _mm256_abs_epi8(wq);
         const float dw = _cvtsh_ss(rd16(b));
         for (int t = 0; t < NT; t++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
-            __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x, wq));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
+            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x, wq));
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+            tail[t] += dw * a[t].d[i] * (float)_mm_cvtsi128_si32(h);
         }
     }
     for (int t = 0; t < NT; t++) {
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
-        out[t * os] = hsum128_512(s);
+        out[t * os] = hsum128_512(s) + tail[t];
     }
 }
 NT_DISPATCH(q8_0_512, T512, 4)
