@@ -491,7 +491,9 @@ def moe_experts(
     bytes; qtypes: one ggml type or (gate, up, down); token_expert_index: int [T, K] into `experts`
     (negative entries are skipped); weights: float [T, K].  accumulate=True adds into `out`.
     threads: if given and different, the pool is resized first (sticky)."""
-    x2 = x.to(torch.float32).contiguous()
+    x2 = x.to(torch.float32)
+    if x2.dim() != 2 or x2.stride(1) != 1:  # rows may be apart (or the same row: stride 0), columns contiguous
+        x2 = x2.contiguous()
     T, hidden = x2.shape
     tg, tu, td = _types3(qtypes)
     idx = np.ascontiguousarray(np.asarray(token_expert_index, dtype=np.int32).reshape(T, -1))
@@ -522,7 +524,7 @@ def moe_experts(
         pg = (ctypes.c_void_p * n)(*[_ptr(e[0]) for e in ws])
         pu = (ctypes.c_void_p * n)(*[_ptr(e[1]) for e in ws])
         pd = (ctypes.c_void_p * n)(*[_ptr(e[2]) for e in ws])
-        rc = _lib.k2k_moe(T, hidden, inter, x2.data_ptr(), hidden, n, pg, pu, pd, tg, tu, td, K,
+        rc = _lib.k2k_moe(T, hidden, inter, x2.data_ptr(), x2.stride(0), n, pg, pu, pd, tg, tu, td, K,
                           idx.ctypes.data, wts.ctypes.data, y.data_ptr(), hidden, int(accumulate))
         if rc != 0:
             raise RuntimeError(f"k2k_moe failed ({rc})")
