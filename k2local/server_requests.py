@@ -11,9 +11,8 @@ from fastapi.responses import JSONResponse
 
 from k2local.sampler import SamplingParams
 from k2local.toolcalls import (
-    ARGUMENT_BEGIN,
-    CALL_BEGIN,
-    SECTION_BEGIN,
+    KIMI,
+    ToolDialect,
     count_tool_calls,
     make_tool_call_id,
 )
@@ -259,19 +258,23 @@ class ToolMode:
     parse: bool = False
     prefix: str = ""  # forced start of the assistant turn (fed to the parser as if the model wrote it)
     id_base: int | None = None  # forced choice: ids are rewritten to functions.NAME:(id_base + i)
+    call_base: int = 0  # tool calls earlier in the conversation: numbers the ids of dialects without ids (DeepSeek)
 
 
-def tool_mode(choice: str, tools: list[dict] | None, messages: list[dict]) -> ToolMode:
+def tool_mode(choice: str, tools: list[dict] | None, messages: list[dict], dialect: ToolDialect | None = None
+              ) -> ToolMode:
+    """The request's tool handling; ``dialect`` (Kimi when None) shapes the forced-choice prefix."""
+    d = dialect or KIMI
     if choice == "none" or not tools:
         return ToolMode()
-    if choice == "auto":
-        return ToolMode(parse=True)
     base = count_tool_calls(messages)
+    if choice == "auto":
+        return ToolMode(parse=True, call_base=base)
     names = [t["function"]["name"] for t in tools]
     name = choice[3:] if choice.startswith("fn:") else (names[0] if len(names) == 1 else None)
-    if name is None:  # 'required' with several tools: the model picks the name after "functions."
-        return ToolMode(True, SECTION_BEGIN + CALL_BEGIN + "functions.", base)
-    return ToolMode(True, SECTION_BEGIN + CALL_BEGIN + make_tool_call_id(name, base) + ARGUMENT_BEGIN, base)
+    if name is None:  # 'required' with several tools: the model picks the name (after "functions." for Kimi)
+        return ToolMode(True, d.forced_prefix(None), base, base)
+    return ToolMode(True, d.forced_prefix(name, make_tool_call_id(name, base)), base, base)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The server's model thread: queued jobs, KV-cache slots with prefix reuse, and the one output path
-(stream decode -> stop strings -> Kimi tool-call parser -> events)."""
+(stream decode -> stop strings -> tool-call parser of the model's dialect -> events)."""
 from __future__ import annotations
 
+import codecs
 import logging
 import queue
 import threading
@@ -19,7 +20,9 @@ from k2local.toolcalls import (
     ToolCallArgsDelta,
     ToolCallStart,
     ToolCallStreamParser,
+    ToolDialect,
     make_tool_call_id,
+    tool_dialect,
 )
 
 log = logging.getLogger("k2local.server")
@@ -76,15 +79,45 @@ class _StopMatcher:
         return out
 
 
+class _KeepDecoder:
+    """A stream decoder that skips special tokens except ``keep`` (tool-call markers flagged special, as
+    DeepSeek-V3's are, must reach the parser)."""
+
+    def __init__(self, tokenizer: Any, keep: frozenset[int]):
+        self.tokenizer, self.keep = tokenizer, keep
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, tok: int) -> str:
+        return self._utf8.decode(self.tokenizer.decode_bytes([tok], skip_special_tokens=tok not in self.keep))
+
+    def flush(self) -> str:
+        out = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return out
+
+
+def _marker_ids(tokenizer: Any, dialect: ToolDialect) -> frozenset[int]:
+    """Ids of the dialect's markers that ``skip_special_tokens`` would drop."""
+    skip = getattr(tokenizer, "skip_ids", None)
+    if not skip:
+        return frozenset()
+    ids = (tokenizer.token_to_id(m) for m in dialect.markers)
+    return frozenset(i for i in ids if i is not None and i in skip)
+
+
 class Output:
-    """Token ids -> text -> stop strings -> tool-call parser -> events. Runs on the worker thread."""
+    """Token ids -> text -> stop strings -> tool-call parser -> events. Runs on the worker thread.
+
+    The parser's dialect (Kimi K2 or DeepSeek-V3 markers) comes from the tokenizer's special tokens."""
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], tools: ToolMode, emit: Callable[[tuple], None]):
-        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        dialect = tool_dialect(tokenizer)
+        keep = _marker_ids(tokenizer, dialect)
+        self.decoder = _KeepDecoder(tokenizer, keep) if keep else tokenizer.stream_decoder(skip_special_tokens=True)
         self.stop = _StopMatcher(stops)
         self.tools = tools
         self.emit = emit
-        self.parser = ToolCallStreamParser() if tools.parse else None
+        self.parser = ToolCallStreamParser(dialect, tools.call_base) if tools.parse else None
         self.content: list[str] = []
         self.calls: list[dict] = []
         if self.parser and tools.prefix:

@@ -86,9 +86,12 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    engine = Engine.load(default_tiny_path(), LoadOptions(max_context=CONTEXT))
+    yield from _serve(default_tiny_path(), "kimi-k2-tiny")
+
+
+def _serve(path: Path, model: str) -> Iterator[Served]:
+    engine = Engine.load(path, LoadOptions(max_context=CONTEXT))
     script = Script(engine.tokenizer)
-    model = "kimi-k2-tiny"
     app = create_app(engine, model, api_key=KEY, _token_source=script)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -306,6 +309,87 @@ def test_forced_tool_choice_named_and_required(served: Served) -> None:
                                                            tool_choice="required"))
     assert finish == "tool_calls" and calls[0]["id"] == "functions.get_weather:1"
     assert json.loads(calls[0]["arguments"]) == {"city": "Rome"}
+
+
+# DeepSeek-V3: the tiny deepseek_v3 checkpoint (tokenizer.json, DeepSeek's tool tokens, flagged special) is served
+# with DeepSeek's tool-call dialect, picked from its tokenizer.
+DS_BEGIN, DS_END, DS_EOS = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜end▁of▁sentence｜>"
+DS_CALL, DS_SEP, DS_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+PARIS = '{"city": "Paris"}'
+
+
+def _ds_call(name: str, args: str) -> str:
+    return f"{DS_CALL}function{DS_SEP}{name}\n```json\n{args}\n```{DS_CALL_END}"
+
+
+@pytest.fixture(scope="module")
+def served_ds(tiny_ds: Path) -> Iterator[Served]:
+    yield from _serve(tiny_ds, "deepseek-v3-tiny")
+
+
+def test_deepseek_tool_call_round_trip(served_ds: Served) -> None:
+    s = served_ds
+    s.script.outputs["call"] = "Let me check." + DS_BEGIN + _ds_call("get_weather", PARIS) + DS_END + DS_EOS
+    s.script.outputs["answer"] = f"It is 21°C in Paris.{DS_EOS}"
+    messages: list = [{"role": "user", "content": "What's the weather in Paris? [[call]]"}]
+    r1 = s.chat(messages, tools=[WEATHER], max_tokens=100)
+    assert "get_weather" in s.script.last_prompt_with("call")
+    c = r1.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Let me check."
+    [call] = c.message.tool_calls
+    assert call.id == "functions.get_weather:0" and call.type == "function"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+    messages.append(c.message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id,
+                     "content": json.dumps({"temp_c": 21, "tag": "[[answer]]"})})
+    r2 = s.chat(messages, tools=[WEATHER], max_tokens=100)
+    assert r2.choices[0].finish_reason == "stop" and not r2.choices[0].message.tool_calls
+    assert r2.choices[0].message.content == "It is 21°C in Paris."
+    seen = s.script.last_prompt_with("answer")  # the checkpoint's own template rendered the call and its result
+    assert (f"<｜Assistant｜>Let me check.{DS_BEGIN}{DS_CALL}function{DS_SEP}get_weather\n"
+            f"{{\"city\": \"Paris\"}}{DS_CALL_END}{DS_END}{DS_EOS}<｜tool▁outputs▁begin｜>") in seen
+    assert "\"temp_c\": 21" in seen.split("<｜tool▁outputs▁begin｜>")[1]
+    # the next call in the conversation is numbered after the first
+    s.script.outputs["again"] = DS_BEGIN + _ds_call("get_weather", "{}") + DS_END + DS_EOS
+    messages.append({"role": "user", "content": "and now? [[again]]"})
+    assert s.chat(messages, tools=[WEATHER], max_tokens=100).choices[0].message.tool_calls[0].id == (
+        "functions.get_weather:1")
+
+
+def test_deepseek_tool_calls_streamed_as_deltas(served_ds: Served) -> None:
+    s = served_ds
+    s.script.outputs["two"] = ("Checking both." + DS_BEGIN + _ds_call("get_weather", '{"city": "Beijing"}')
+                               + _ds_call("get_weather", '{"city": "Shanghai"}') + DS_END + DS_EOS)
+    stream = s.chat([{"role": "user", "content": "Beijing and Shanghai [[two]]"}], tools=[WEATHER],
+                    max_tokens=200, stream=True, stream_options={"include_usage": True})
+    content, calls, finish, usage = collect_stream(stream)
+    assert content == "Checking both." and finish == "tool_calls" and usage.completion_tokens > 0
+    assert [calls[i]["id"] for i in (0, 1)] == ["functions.get_weather:0", "functions.get_weather:1"]
+    assert {calls[i]["name"] for i in (0, 1)} == {"get_weather"}
+    assert [json.loads(calls[i]["arguments"]) for i in (0, 1)] == [{"city": "Beijing"}, {"city": "Shanghai"}]
+    with s.client.chat.completions.stream(model=s.model, max_tokens=200, tools=[WEATHER],
+                                          messages=[{"role": "user", "content": "again [[two]]"}]) as st:
+        final = st.get_final_completion()
+    m = final.choices[0].message
+    assert m.content == "Checking both." and final.choices[0].finish_reason == "tool_calls"
+    assert [json.loads(tc.function.arguments)["city"] for tc in m.tool_calls] == ["Beijing", "Shanghai"]
+    # without tools nothing is parsed: the markers stay in the text, as with Kimi
+    s.script.outputs["notools"] = s.script.outputs["two"]
+    r = s.chat([{"role": "user", "content": "hi [[notools]]"}], max_tokens=200)
+    assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+    assert DS_BEGIN in r.choices[0].message.content
+
+
+def test_deepseek_forced_tool_choice_prefix() -> None:
+    from k2local.server_requests import tool_mode
+    from k2local.toolcalls import DEEPSEEK
+
+    history = [{"role": "assistant", "tool_calls": [{}]}]
+    named = tool_mode("fn:get_weather", [WEATHER], history, DEEPSEEK)
+    assert named.prefix == f"{DS_BEGIN}{DS_CALL}function{DS_SEP}get_weather\n```json\n" and named.id_base == 1
+    assert tool_mode("required", [WEATHER, CLOCK], [], DEEPSEEK).prefix == f"{DS_BEGIN}{DS_CALL}function{DS_SEP}"
+    assert tool_mode("auto", [WEATHER], history, DEEPSEEK).call_base == 1
 
 
 def test_tool_choice_none_hides_tools_and_parses_nothing(served: Served) -> None:

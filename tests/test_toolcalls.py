@@ -1,4 +1,4 @@
-"""Kimi K2 tool calls: batch parsing, streaming (any chunking gives the batch result), formatting."""
+"""Kimi K2 and DeepSeek-V3 tool calls: batch parsing, streaming (any chunking gives the batch result), formatting."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import random
 import pytest
 
 from k2local.toolcalls import (
+    DEEPSEEK,
+    KIMI,
     ContentDelta,
     ToolCall,
     ToolCallArgsDelta,
@@ -17,6 +19,7 @@ from k2local.toolcalls import (
     format_tool_calls,
     parse_tool_calls,
     tool_call_name,
+    tool_dialect,
 )
 
 # FACTS.md §4: two parallel calls (the turn's <|im_end|> is a stop token, so it is not in the text).
@@ -158,3 +161,110 @@ def test_helpers() -> None:
             {"role": "tool", "content": "r"}, {"role": "assistant", "content": "y", "tool_calls": None},
             {"role": "assistant", "tool_calls": [{}]}]
     assert count_tool_calls(msgs) == 3
+
+
+# ------------------------------------------------------------------------------------------ DeepSeek-V3 dialect
+
+DS_BEGIN, DS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL, DS_SEP, DS_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+
+
+def _ds_call(name: str, args: str, fence: bool = True) -> str:
+    body = f"```json\n{args}\n```" if fence else args
+    return f"{DS_CALL}function{DS_SEP}{name}\n{body}{DS_CALL_END}"
+
+
+DS_PARALLEL = DS_BEGIN + _ds_call("get_weather", '{"city": "Beijing"}') + _ds_call(
+    "get_weather", '{"city": "Shanghai"}') + DS_END
+DS_BEIJING = ToolCall("functions.get_weather:0", "get_weather", '{"city": "Beijing"}')
+DS_SHANGHAI = ToolCall("functions.get_weather:1", "get_weather", '{"city": "Shanghai"}')
+
+DS_CASES: list[tuple[str, str | None, list[ToolCall]]] = [
+    (DS_PARALLEL, None, [DS_BEIJING, DS_SHANGHAI]),
+    ("Let me check the weather.\n" + DS_PARALLEL, "Let me check the weather.", [DS_BEIJING, DS_SHANGHAI]),
+    ("Plain text <｜tool▁ca", "Plain text <｜tool▁ca", []),
+    ("Kimi markers are text here: <|tool_call_begin|>", "Kimi markers are text here: <|tool_call_begin|>", []),
+    # k2local's tiny template writes bare JSON (no fence); whitespace around the pieces is tolerated.
+    (DS_BEGIN + _ds_call("get_weather", '{"city": "Beijing"}', fence=False) + DS_END, None, [DS_BEIJING]),
+    ((f"{DS_BEGIN}\n{DS_CALL} function {DS_SEP} get_weather \n\n```json\n  {{\"city\": \"Beijing\"}} \n```\n"
+      f"{DS_CALL_END}\n{DS_END}"), None, [DS_BEIJING]),
+    # Missing section end / final call end / closing fence at end of output.
+    (DS_PARALLEL.removesuffix(DS_END), None, [DS_BEIJING, DS_SHANGHAI]),
+    (DS_PARALLEL.removesuffix(DS_CALL_END + DS_END), None, [DS_BEIJING, DS_SHANGHAI]),
+    (DS_PARALLEL.removesuffix("\n```" + DS_CALL_END + DS_END), None, [DS_BEIJING, DS_SHANGHAI]),
+    # Malformed JSON is passed through as written (clients see the raw text, as with Kimi).
+    (DS_BEGIN + _ds_call("f", '{"a": 1,,') + DS_END, None, [ToolCall("functions.f:0", "f", '{"a": 1,,')]),
+    # A call without a separator or a name is dropped; a name without arguments gets {}; backticks inside JSON.
+    (f"{DS_BEGIN}{DS_CALL}function get_weather{DS_CALL_END}{DS_CALL}function{DS_SEP}\n{DS_CALL_END}"
+     f"{DS_CALL}function{DS_SEP}get_time{DS_CALL_END}" + _ds_call("run", '{"code": "```x```"}') + DS_END + "\nDone.",
+     "Done.", [ToolCall("functions.get_time:0", "get_time", "{}"),
+               ToolCall("functions.run:1", "run", '{"code": "```x```"}')]),
+]
+
+
+def _stream_ds(pieces: list[str]) -> tuple[list[ToolEvent], ToolCallStreamParser]:
+    parser = ToolCallStreamParser(DEEPSEEK)
+    events: list[ToolEvent] = []
+    for p in pieces:
+        events += parser.feed(p)
+    events += parser.finish()
+    return events, parser
+
+
+@pytest.mark.parametrize("text,content,calls", DS_CASES)
+def test_deepseek_parse_and_stream_by_char(text: str, content: str | None, calls: list[ToolCall]) -> None:
+    assert parse_tool_calls(text, DEEPSEEK) == (content, calls)
+    events, parser = _stream_ds(list(text))
+    assert _replay(events) == (content, calls) == (parser.content, parser.tool_calls)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_deepseek_stream_random_chunks(seed: int) -> None:
+    rng = random.Random(seed)
+    text = "Let me look that up. 我来查一下。\n" + DS_PARALLEL
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 30)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    events, _ = _stream_ds(pieces)
+    expected = ("Let me look that up. 我来查一下。", [DS_BEIJING, DS_SHANGHAI])
+    assert _replay(events) == parse_tool_calls(text, DEEPSEEK) == expected
+    for case_text, content, calls in DS_CASES:  # every case, in random chunks
+        cuts = sorted(rng.sample(range(1, len(case_text)), min(len(case_text) - 1, rng.randint(1, 20))))
+        pieces = [case_text[a:b] for a, b in zip([0, *cuts], [*cuts, len(case_text)])]
+        assert _replay(_stream_ds(pieces)[0]) == (content, calls)
+
+
+def test_deepseek_stream_never_leaks_markers_or_fences() -> None:
+    events, _ = _stream_ds(list("Hello" + DS_PARALLEL))
+    contents = [e.text for e in events if isinstance(e, ContentDelta)]
+    assert contents and "".join(contents) == "Hello" and not any("<" in c or "｜" in c for c in contents)
+    args = [e.text for e in events if isinstance(e, ToolCallArgsDelta)]
+    assert not any("`" in a or "json" in a or "｜" in a for a in args)
+    assert [e for e in events if isinstance(e, ToolCallStart)] == [
+        ToolCallStart(0, "functions.get_weather:0", "get_weather"), ToolCallStart(1, "functions.get_weather:1",
+                                                                                  "get_weather")]
+
+
+def test_deepseek_ids_and_format_round_trip() -> None:
+    _, calls = parse_tool_calls(DS_PARALLEL, DEEPSEEK, id_base=3)
+    assert [c.id for c in calls] == ["functions.get_weather:3", "functions.get_weather:4"]
+    assert format_tool_calls([DS_BEIJING, DS_SHANGHAI], dialect=DEEPSEEK) == DS_PARALLEL
+    assert parse_tool_calls(format_tool_calls([{"function": {"name": "f", "arguments": {"q": "é"}}}],
+                                              dialect=DEEPSEEK), DEEPSEEK) == (
+        None, [ToolCall("functions.f:0", "f", '{"q": "é"}')])
+    # forced-choice prefixes end where the model continues
+    assert DEEPSEEK.forced_prefix("f") == f"{DS_BEGIN}{DS_CALL}function{DS_SEP}f\n```json\n"
+    assert DEEPSEEK.forced_prefix(None) == f"{DS_BEGIN}{DS_CALL}function{DS_SEP}"
+    p = ToolCallStreamParser(DEEPSEEK)
+    p.feed(DEEPSEEK.forced_prefix("f") + '{"x": 1}\n```' + DS_CALL_END)
+    p.finish()
+    assert p.tool_calls == [ToolCall("functions.f:0", "f", '{"x": 1}')]
+    assert KIMI.forced_prefix("f", "functions.f:2") == (
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:2<|tool_call_argument_begin|>")
+
+
+def test_dialect_picked_from_tokenizer(tiny_k2, tiny_ds) -> None:
+    from k2local.tokenizer import load_tokenizer
+
+    assert tool_dialect(load_tokenizer(tiny_ds)) is DEEPSEEK
+    assert tool_dialect(load_tokenizer(tiny_k2)) is KIMI
+    assert tool_dialect(None, "deepseek_v3") is DEEPSEEK and tool_dialect() is KIMI
