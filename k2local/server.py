@@ -2,7 +2,7 @@
 
 One worker thread owns the model and runs queued requests one at a time. A small pool of Generators keeps KV
 caches, so a request that continues a cached conversation only prefills its new tokens. Output tokens go through
-one path for every endpoint: stream-decode -> stop strings -> Kimi tool-call parser -> events -> JSON / SSE.
+one path for every endpoint: stream-decode -> stop strings -> tool-call parser (Kimi's or DeepSeek's dialect) -> events -> JSON / SSE.
 A client that disconnects (streaming or not) cancels its request, queued or running.
 """
 from __future__ import annotations
@@ -56,6 +56,7 @@ from k2local.server_requests import (
     want_usage,
 )
 from k2local.server_worker import Done, Job, Output, TokenSource, Worker
+from k2local.toolcalls import tool_dialect
 
 __all__ = ["APIError", "create_app"]
 
@@ -112,7 +113,7 @@ class Server:
 
     def chat_plan(self, messages: list[dict], tools: list[dict] | None, choice: str, params: SamplingParams,
                   stops: list[str]) -> Plan:
-        mode = tool_mode(choice, tools, messages)
+        mode = tool_mode(choice, tools, messages, tool_dialect(self.backend.tokenizer))
         try:
             prompt = self.backend.chat_ids(messages, tools if choice != "none" else None)
         except (ValueError, TypeError, KeyError) as e:  # ChatTemplateError is a ValueError

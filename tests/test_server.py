@@ -381,6 +381,24 @@ def test_deepseek_tool_calls_streamed_as_deltas(served_ds: Served) -> None:
     assert DS_BEGIN in r.choices[0].message.content
 
 
+def test_deepseek_forced_tool_choice_served(served_ds: Served) -> None:
+    """A named or required tool_choice on a DeepSeek model starts the answer inside DeepSeek's own call markers."""
+    s = served_ds
+    s.script.outputs["dsnamed"] = f'{PARIS}\n```{DS_CALL_END}{DS_END}{DS_EOS}'
+    r = s.chat([{"role": "user", "content": "Paris? [[dsnamed]]"}], tools=[WEATHER, CLOCK], max_tokens=50,
+               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert s.script.last_prompt_with("dsnamed").endswith(f"{DS_BEGIN}{DS_CALL}function{DS_SEP}get_weather\n```json\n")
+    [call] = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    s.script.outputs["dsreq"] = f"get_time\n```json\n{{}}\n```{DS_CALL_END}{DS_END}{DS_EOS}"
+    content, calls, finish, _ = collect_stream(s.chat([{"role": "user", "content": "time? [[dsreq]]"}],
+                                                      tools=[WEATHER, CLOCK], max_tokens=50, stream=True,
+                                                      tool_choice="required"))
+    assert s.script.last_prompt_with("dsreq").endswith(f"{DS_BEGIN}{DS_CALL}function{DS_SEP}")
+    assert finish == "tool_calls" and calls[0]["name"] == "get_time" and json.loads(calls[0]["arguments"]) == {}
+
+
 def test_deepseek_forced_tool_choice_prefix() -> None:
     from k2local.server_requests import tool_mode
     from k2local.toolcalls import DEEPSEEK
