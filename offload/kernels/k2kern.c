@@ -224,6 +224,11 @@ static inline uint32_t rd32(const uint8_t *p) {
     memcpy(&v, p, 4);
     return v;
 }
+static inline uint64_t rd64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
 
 /* Q4_K/Q5_K packed 6-bit scales: bytes 0..7 -> scales, 8..15 -> mins */
 static inline void unpack_k4(const uint8_t *s, uint32_t out[4]) {
@@ -402,7 +407,9 @@ static void dot_q6_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float
  * package and hands them over once with k2k_set_grid (a type without its tables is not supported).
  * Stored as rows: 8 bytes (IQ2_*, IQ1_*) or 4 bytes (IQ3_*) per grid index.  IQ2/IQ3 rows hold the grid
  * magnitudes (0..63, checked: 64 +/- g must stay a valid unsigned byte below 128); IQ1 rows hold 8 * g + 8 for
- * g in {-1, 0, 1}, so that 8 * (g +/- 1/8) + 9 = row + 1 +/- 1 is a small unsigned integer. */
+ * g in {-1, 0, 1}, so that 8 * (g +/- 1/8) + 9 = row + 1 +/- 1 is a small unsigned integer.  The IQ2 / IQ3
+ * tables are followed by a second copy of their rows with 64 added to every byte (AVX-512 kernels: 64 + |g|, and
+ * 128 - that is 64 - |g|). */
 static uint64_t *g_iq2xxs, *g_iq2xs, *g_iq2s, *g_iq1s;
 static uint32_t *g_iq3xxs, *g_iq3s;
 static int8_t g_kv[16];       /* IQ4_NL / IQ4_XS non-linear 4-bit values */
@@ -1748,14 +1755,145 @@ AI T512 void iq4xs_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT
 }
 NT_DISPATCH(iq4xs_512, T512, 4)
 
-/* Grid types: the AVX2 decoders (scalar row loads: on the CPUs measured they beat vpgather, which microcode
- * mitigations made slower still on some Intel parts), two per 64 weights; maddubs + dpwssd on 512 bits. */
+/* Grid types, 64 weights per step.  Rows come from the "+64" copy of the IQ2 / IQ3 grids (G = 64 + |g|, see
+ * "IQ codebooks"), so the sign is one masked byte subtract: u = G, or 128 - G where the weight's sign bit is set,
+ * with the 64 sign bits of the step in a mask register (IQ2_S / IQ3_S store them as plain bits; IQ2_XXS /
+ * IQ2_XS / IQ3_XXS as ksign bytes, built for the whole block at once).  IQ1: u = row + 2 on the weights with
+ * delta +1/8 (masked add).  Then maddubs + dpwssd on 512 bits as before. */
+#ifndef K2K_ROWS
+#define K2K_ROWS 1
+#endif
+#ifndef K2K_PIPE
+#define K2K_PIPE 1
+#endif
+#ifndef K2K_XS_SCALAR
+#define K2K_XS_SCALAR 1
+#endif
+/* 8 rows of 8 bytes: scalar loads merged with masked broadcasts (ALU blends instead of shuffle-port inserts) */
+AI T512 __m256i rows4_512(const uint64_t *t, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3) {
+    __m256i v = _mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(t + i0)));
+    v = _mm256_mask_set1_epi64(v, 0x2, (long long)t[i1]);
+    v = _mm256_mask_set1_epi64(v, 0x4, (long long)t[i2]);
+    return _mm256_mask_set1_epi64(v, 0x8, (long long)t[i3]);
+}
+AI T512 __m512i rows8_512(const uint64_t *t, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3, uint32_t i4,
+                          uint32_t i5, uint32_t i6, uint32_t i7) {
+#if K2K_ROWS == 0
+    return _mm512_set_epi64((long long)t[i7], (long long)t[i6], (long long)t[i5], (long long)t[i4], (long long)t[i3],
+                            (long long)t[i2], (long long)t[i1], (long long)t[i0]);
+#else
+    return _mm512_inserti64x4(_mm512_castsi256_si512(rows4_512(t, i0, i1, i2, i3)), rows4_512(t, i4, i5, i6, i7), 1);
+#endif
+}
+#ifndef K2K_IDX64
+#define K2K_IDX64 1
+#endif
+/* Grid indices are read 4 or 8 at a time as one 64-bit word and split with shifts (the empty asm keeps the
+ * compiler from turning that back into one byte / word load per index: loads are the scarcer resource here) */
+AI uint64_t idx_word(const void *p) {
+    uint64_t x;
+    memcpy(&x, p, 8);
+#if K2K_IDX64
+    __asm__("" : "+r"(x));
+#endif
+    return x;
+}
+/* 4 rows of 8 bytes, indices in the W-bit fields of x */
+AI T512 __m256i rows4w_512(const uint64_t *t, uint64_t x, const int W) {
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+    return rows4_512(t, (uint32_t)(x & m), (uint32_t)((x >> W) & m), (uint32_t)((x >> 2 * W) & m), (uint32_t)((x >> 3 * W) & m));
+}
+AI T512 __m512i rows8w_512(const uint64_t *t, uint64_t x0, uint64_t x1, const int W) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(rows4w_512(t, x0, W)), rows4w_512(t, x1, W), 1);
+}
+/* 8 rows of 4 bytes (IQ3), indices in the W-bit fields of x0 (then x1 for W = 16) */
+AI T512 __m256i rows8d_512(const uint32_t *t, uint64_t x0, uint64_t x1, const int W) {
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+#define K2K_Q(j) (uint32_t)(W == 8 ? (x0 >> (8 * (j))) & m : ((j) < 4 ? x0 >> (16 * (j)) : x1 >> (16 * ((j) - 4))) & m)
+    __m256i v = _mm256_castsi128_si256(_mm_cvtsi32_si128((int)t[K2K_Q(0)]));
+    v = _mm256_mask_set1_epi32(v, 0x02, (int)t[K2K_Q(1)]);
+    v = _mm256_mask_set1_epi32(v, 0x04, (int)t[K2K_Q(2)]);
+    v = _mm256_mask_set1_epi32(v, 0x08, (int)t[K2K_Q(3)]);
+    v = _mm256_mask_set1_epi32(v, 0x10, (int)t[K2K_Q(4)]);
+    v = _mm256_mask_set1_epi32(v, 0x20, (int)t[K2K_Q(5)]);
+    v = _mm256_mask_set1_epi32(v, 0x40, (int)t[K2K_Q(6)]);
+    return _mm256_mask_set1_epi32(v, 0x80, (int)t[K2K_Q(7)]);
+#undef K2K_Q
+}
+/* 16 IQ3 rows: indices bytes at q8 (IQ3_XXS) or uint16 at q16 (IQ3_S) */
+AI T512 __m512i rows16d_512(const uint32_t *t, const uint8_t *q8, const uint16_t *q16) {
+    __m256i lo, hi;
+    if (q8) {
+        lo = rows8d_512(t, idx_word(q8), 0, 8), hi = rows8d_512(t, idx_word(q8 + 8), 0, 8);
+    } else {
+        lo = rows8d_512(t, idx_word(q16), idx_word(q16 + 4), 16), hi = rows8d_512(t, idx_word(q16 + 8), idx_word(q16 + 12), 16);
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+AI T512 __m512i rows8ix_512(const uint64_t *t, const uint16_t *ix) { return rows8w_512(t, idx_word(ix), idx_word(ix + 4), 16); }
+
+/* the 64 sign bits of step k (weights 64k .. 64k+63); sq: the block's ksign bytes (iq_signs_vec) */
+AI T512 __mmask64 iq_smask_512(const uint8_t *b, int k, const int TY, const uint64_t *sq) {
+    if (TY == IQD_2S) return (__mmask64)rd64(b + 34 + 8 * k);
+    if (TY == IQD_3S) return (__mmask64)rd64(b + 74 + 8 * k);
+    if (TY == IQD_2XXS) return (__mmask64)sq[k == 1 ? 2 : k == 2 ? 1 : k]; /* iq_signs_pos order */
+    return (__mmask64)sq[k];
+}
+/* weights 64k .. 64k+63 of the block as u bytes */
+AI T512 __m512i iq_chunk_512(const uint8_t *b, int k, const int TY, const uint64_t *sq, const uint16_t *ix) {
+    const __m512i c128 = _mm512_set1_epi8((char)128), two = _mm512_set1_epi8(2);
+    __m512i g;
+    switch (TY) {
+    case IQD_2XXS: {
+        const uint8_t *q = b + 2 + 16 * k;
+        g = rows8w_512(g_iq2xxs + 256, idx_word(q), idx_word(q + 8), 8);
+        break;
+    }
+    case IQD_2XS: {
+#if K2K_XS_SCALAR
+        const uint8_t *q = b + 2 + 16 * k;
+        const uint64_t m9 = 0x01FF01FF01FF01FFULL;
+        g = rows8w_512(g_iq2xs + 512, idx_word(q) & m9, idx_word(q + 8) & m9, 16);
+#else
+        g = rows8ix_512(g_iq2xs + 512, ix + 8 * k);
+#endif
+        break;
+    }
+    case IQD_2S: g = rows8ix_512(g_iq2s + 1024, ix + 8 * k); break;
+    case IQD_3XXS: g = rows16d_512(g_iq3xxs + 256, b + 2 + 16 * k, NULL); break;
+    case IQD_3S: g = rows16d_512(g_iq3s + 512, NULL, ix + 16 * k); break;
+    case IQD_1S: {
+        g = rows8ix_512(g_iq1s, ix + 8 * k);
+        /* +2 on the 32 weights of each sub-block whose delta is +1/8 (bit 15 of its qh clear) */
+        const uint64_t m = (rd16(b + 34 + 4 * k) >> 15 ? 0 : 0xFFFFFFFFULL) | (rd16(b + 36 + 4 * k) >> 15 ? 0 : 0xFFFFFFFF00000000ULL);
+        return _mm512_mask_add_epi8(g, (__mmask64)m, g, two);
+    }
+    default: { /* IQ1_M: +2 on the 8 weights of each group whose nibble has bit 3 clear */
+        g = rows8ix_512(g_iq1s, ix + 8 * k);
+        const uint64_t plus = _pdep_u64(~_pext_u32(rd32(b + 32 + 4 * k), 0x88888888u) & 0xFF, 0x0101010101010101ULL) * 0xFF;
+        return _mm512_mask_add_epi8(g, (__mmask64)plus, g, two);
+    }
+    }
+    return _mm512_mask_sub_epi8(g, iq_smask_512(b, k, TY, sq), c128, g);
+}
+
+/* A block's ksign bytes and grid indices, stored one block ahead of their use (a load right after the vector store
+ * it reads from waits for the store: much slower than a load from L1) */
+AI T512 void iq_prep_512(const uint8_t *b, const int TY, uint64_t *sq, uint16_t *ix) {
+    if (TY == IQD_2XXS || TY == IQD_2XS || TY == IQD_3XXS) _mm256_store_si256((__m256i *)sq, iq_signs_vec(b, TY));
+    if (iq_has_ix(TY) && !(K2K_XS_SCALAR && TY == IQD_2XS)) iq_index_vec(b, TY, ix);
+}
 AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
     const int bpb = iq_bpb(TY);
     const __m512i ix0 = IXLOAD(ix_q6, 0), ix1 = IXLOAD(ix_q6, 1), ix2 = IXLOAD(ix_q6, 2), ix3 = IXLOAD(ix_q6, 3);
     const __m256i offv = _mm256_set1_epi32(iq_off(TY));
     __m512 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+#if K2K_PIPE
+    uint64_t sqb[2][4] __attribute__((aligned(32)));
+    uint16_t ixb[2][64] __attribute__((aligned(32)));
+    if (nb > 0) iq_prep_512(w, TY, sqb[0], ixb[0]);
+#endif
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + (size_t)bpb * i;
         pf_block(pf, i, bpb);
@@ -1763,12 +1901,20 @@ AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT,
         const __m512i scz = _mm512_castsi256_si512(sc16);
         const __m512i s0 = _mm512_permutexvar_epi16(ix0, scz), s1 = _mm512_permutexvar_epi16(ix1, scz);
         const __m512i s2 = _mm512_permutexvar_epi16(ix2, scz), s3 = _mm512_permutexvar_epi16(ix3, scz);
-        const __m256i sv = iq_signs_vec(b, TY);
+#if K2K_PIPE
+        const uint64_t *sq = sqb[i & 1];
+        const uint16_t *ix = ixb[i & 1];
+#else
+        uint64_t sq[4] __attribute__((aligned(32)));
+        if (TY == IQD_2XXS || TY == IQD_2XS || TY == IQD_3XXS) _mm256_store_si256((__m256i *)sq, iq_signs_vec(b, TY));
         uint16_t ix[64] __attribute__((aligned(32)));
-        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
-#define K2K_U64(k) _mm512_inserti64x4(_mm512_castsi256_si512(iq_chunk_256(b, 2 * (k), TY, sv, ix)), iq_chunk_256(b, 2 * (k) + 1, TY, sv, ix), 1)
-        const __m512i u0 = K2K_U64(0), u1 = K2K_U64(1), u2 = K2K_U64(2), u3 = K2K_U64(3);
-#undef K2K_U64
+        if (iq_has_ix(TY) && !(K2K_XS_SCALAR && TY == IQD_2XS)) iq_index_vec(b, TY, ix);
+#endif
+        const __m512i u0 = iq_chunk_512(b, 0, TY, sq, ix), u1 = iq_chunk_512(b, 1, TY, sq, ix);
+        const __m512i u2 = iq_chunk_512(b, 2, TY, sq, ix), u3 = iq_chunk_512(b, 3, TY, sq, ix);
+#if K2K_PIPE
+        if (i + 1 < nb) iq_prep_512(b + bpb, TY, sqb[(i + 1) & 1], ixb[(i + 1) & 1]);
+#endif
         const float dw = iq_d(b, TY) * iq_fac(TY);
         for (int t = 0; t < NT; t++) {
             const int8_t *aq = a[t].q + 256 * i;
@@ -2580,11 +2726,14 @@ int k2k_set_grid(int id, const void *data, int64_t n) {
         g_ksigns_set = 1;
     } else {
         void *buf = NULL;
-        if (posix_memalign(&buf, 64, (size_t)n) != 0) {
+        const int plus64 = id != GT_IQ1_S; /* IQ2 / IQ3 grids: the rows, then the rows + 64 */
+        if (posix_memalign(&buf, 64, (size_t)n * (plus64 ? 2 : 1)) != 0) {
             rc = -4;
         } else {
             uint8_t *d = (uint8_t *)buf;
             for (int64_t i = 0; i < n; i++) d[i] = id == GT_IQ1_S ? (uint8_t)(8 * (int)(int8_t)p[i] + 8) : p[i];
+            if (plus64)
+                for (int64_t i = 0; i < n; i++) d[n + i] = (uint8_t)(p[i] + 64);
             void **slot = id == GT_IQ2_XXS ? (void **)&g_iq2xxs : id == GT_IQ2_XS ? (void **)&g_iq2xs
                         : id == GT_IQ2_S ? (void **)&g_iq2s : id == GT_IQ3_XXS ? (void **)&g_iq3xxs
                         : id == GT_IQ3_S ? (void **)&g_iq3s : (void **)&g_iq1s;
