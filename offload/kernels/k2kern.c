@@ -1095,8 +1095,56 @@ AI T256 float iq_d(const uint8_t *b, const int TY) {
 }
 
 /* four 8-byte grid rows */
+#ifndef K2K_IDX64
+#define K2K_IDX64 1
+#endif
+/* Grid indices are read 4 or 8 at a time as one 64-bit word and split with shifts (the empty asm keeps the
+ * compiler from turning that back into one byte / word load per index: loads are the scarcer resource here) */
+AI uint64_t idx_word(const void *p) {
+    uint64_t x;
+    memcpy(&x, p, 8);
+#if K2K_IDX64
+    __asm__("" : "+r"(x));
+#endif
+    return x;
+}
+#ifndef K2K_ROWS2
+#define K2K_ROWS2 0
+#endif
+#ifndef K2K_IX256
+#define K2K_IX256 1
+#endif
+/* four 8-byte grid rows: broadcast loads merged with vpblendd (ALU) rather than vpinsrq / vinserti128 (shuffles) */
 AI T256 __m256i rows4(const uint64_t *tab, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3) {
+#if K2K_ROWS2
+    const __m256i a = _mm256_blend_epi32(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(tab + i0))),
+                                         _mm256_set1_epi64x((long long)tab[i1]), 0x0C);
+    const __m256i c = _mm256_blend_epi32(_mm256_set1_epi64x((long long)tab[i2]), _mm256_set1_epi64x((long long)tab[i3]), 0xC0);
+    return _mm256_blend_epi32(a, c, 0xF0);
+#else
     return _mm256_set_epi64x((long long)tab[i3], (long long)tab[i2], (long long)tab[i1], (long long)tab[i0]);
+#endif
+}
+/* the same, indices in the W-bit fields of x */
+AI T256 __m256i rows4x(const uint64_t *tab, uint64_t x, const int W) {
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+    return rows4(tab, (uint32_t)(x & m), (uint32_t)((x >> W) & m), (uint32_t)((x >> 2 * W) & m), (uint32_t)((x >> 3 * W) & m));
+}
+/* four rows with the indices at ix */
+AI T256 __m256i rows4ix(const uint64_t *tab, const uint16_t *ix) {
+#if K2K_IX256
+    return rows4x(tab, idx_word(ix), 16);
+#else
+    return rows4(tab, ix[0], ix[1], ix[2], ix[3]);
+#endif
+}
+/* eight 4-byte grid rows (IQ3), indices in the W-bit fields of x0 (then x1 for W = 16) */
+AI T256 __m256i rows8dx(const uint32_t *t, uint64_t x0, uint64_t x1, const int W) {
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+#define K2K_Q(j) (uint32_t)(W == 8 ? (x0 >> (8 * (j))) & m : ((j) < 4 ? x0 >> (16 * (j)) : x1 >> (16 * ((j) - 4))) & m)
+    return _mm256_setr_epi32((int)t[K2K_Q(0)], (int)t[K2K_Q(1)], (int)t[K2K_Q(2)], (int)t[K2K_Q(3)], (int)t[K2K_Q(4)],
+                             (int)t[K2K_Q(5)], (int)t[K2K_Q(6)], (int)t[K2K_Q(7)]);
+#undef K2K_Q
 }
 
 /* Sign bytes of a whole IQ2_XXS / IQ3_XXS block at once: the 8 uint32 words holding four 7-bit sign indices each
@@ -1215,11 +1263,11 @@ AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, 
         return u_masked_256(g, sign_dword_to_bytes(sv, iq_signs_pos(c, TY)));
     }
     case IQD_2XS: {
-        const __m256i g = rows4(g_iq2xs, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
+        const __m256i g = rows4ix(g_iq2xs, ix + 4 * c);
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_2S: {
-        const __m256i g = rows4(g_iq2s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
+        const __m256i g = rows4ix(g_iq2s, ix + 4 * c);
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_3XXS: {
@@ -1229,18 +1277,16 @@ AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, 
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_3S: {
-        const uint16_t *q = ix + 8 * c;
-        const __m256i g = _mm256_setr_epi32((int)g_iq3s[q[0]], (int)g_iq3s[q[1]], (int)g_iq3s[q[2]], (int)g_iq3s[q[3]],
-                                            (int)g_iq3s[q[4]], (int)g_iq3s[q[5]], (int)g_iq3s[q[6]], (int)g_iq3s[q[7]]);
+        const __m256i g = rows8dx(g_iq3s, idx_word(ix + 8 * c), idx_word(ix + 8 * c + 4), 16);
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_1S: {
         const uint32_t h = rd16(b + 34 + 2 * c);
-        const __m256i g = rows4(g_iq1s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
+        const __m256i g = rows4ix(g_iq1s, ix + 4 * c);
         return _mm256_add_epi8(g, _mm256_set1_epi8((char)(2 - 2 * (h >> 15)))); /* +1/8: + 2, -1/8: + 0 */
     }
     default: { /* IQ1_M */
-        const __m256i g = rows4(g_iq1s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
+        const __m256i g = rows4ix(g_iq1s, ix + 4 * c);
         /* the four groups' offset bytes (see iq_index_vec), each spread over its 8 weights */
         const __m256i dv = _mm256_shuffle_epi8(_mm256_set1_epi32((int)rd32((const uint8_t *)(ix + 32) + 4 * c)),
                                                _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
@@ -1255,12 +1301,14 @@ AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT
     const __m256i offv = _mm256_set1_epi32(iq_off(TY));
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    uint16_t ixb[2][64] __attribute__((aligned(32))); /* grid indices (IQ1_M: 32, then 32 offset bytes), */
+    if (iq_has_ix(TY) && nb > 0) iq_index_vec(w, TY, ixb[0]);  /* stored one block ahead (see iq_prep_512) */
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + (size_t)bpb * i;
         pf_block(pf, i, bpb);
         const __m256i sc16 = iq_scales(b, TY), sv = iq_signs_vec(b, TY);
-        uint16_t ix[64] __attribute__((aligned(32))); /* grid indices (IQ1_M: 32, then 32 offset bytes) */
-        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
+        const uint16_t *ix = ixb[i & 1];
+        if (iq_has_ix(TY) && i + 1 < nb) iq_index_vec(b + bpb, TY, ixb[(i + 1) & 1]);
         const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
                                  _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
         const float dw = iq_d(b, TY) * iq_fac(TY);
@@ -1785,25 +1833,27 @@ AI T512 __m512i rows8_512(const uint64_t *t, uint32_t i0, uint32_t i1, uint32_t 
     return _mm512_inserti64x4(_mm512_castsi256_si512(rows4_512(t, i0, i1, i2, i3)), rows4_512(t, i4, i5, i6, i7), 1);
 #endif
 }
-#ifndef K2K_IDX64
-#define K2K_IDX64 1
-#endif
-/* Grid indices are read 4 or 8 at a time as one 64-bit word and split with shifts (the empty asm keeps the
- * compiler from turning that back into one byte / word load per index: loads are the scarcer resource here) */
-AI uint64_t idx_word(const void *p) {
-    uint64_t x;
-    memcpy(&x, p, 8);
-#if K2K_IDX64
-    __asm__("" : "+r"(x));
-#endif
-    return x;
-}
 /* 4 rows of 8 bytes, indices in the W-bit fields of x */
 AI T512 __m256i rows4w_512(const uint64_t *t, uint64_t x, const int W) {
     const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
     return rows4_512(t, (uint32_t)(x & m), (uint32_t)((x >> W) & m), (uint32_t)((x >> 2 * W) & m), (uint32_t)((x >> 3 * W) & m));
 }
 AI T512 __m512i rows8w_512(const uint64_t *t, uint64_t x0, uint64_t x1, const int W) {
+#if K2K_ROWS == 0
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+    return rows8_512(t, (uint32_t)(x0 & m), (uint32_t)((x0 >> W) & m), (uint32_t)((x0 >> 2 * W) & m), (uint32_t)((x0 >> 3 * W) & m),
+                     (uint32_t)(x1 & m), (uint32_t)((x1 >> W) & m), (uint32_t)((x1 >> 2 * W) & m), (uint32_t)((x1 >> 3 * W) & m));
+#elif K2K_ROWS == 2
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+    __m512i v = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(t + (x0 & m))));
+    v = _mm512_mask_set1_epi64(v, 0x02, (long long)t[(x0 >> W) & m]);
+    v = _mm512_mask_set1_epi64(v, 0x04, (long long)t[(x0 >> 2 * W) & m]);
+    v = _mm512_mask_set1_epi64(v, 0x08, (long long)t[(x0 >> 3 * W) & m]);
+    v = _mm512_mask_set1_epi64(v, 0x10, (long long)t[x1 & m]);
+    v = _mm512_mask_set1_epi64(v, 0x20, (long long)t[(x1 >> W) & m]);
+    v = _mm512_mask_set1_epi64(v, 0x40, (long long)t[(x1 >> 2 * W) & m]);
+    return _mm512_mask_set1_epi64(v, 0x80, (long long)t[(x1 >> 3 * W) & m]);
+#endif
     return _mm512_inserti64x4(_mm512_castsi256_si512(rows4w_512(t, x0, W)), rows4w_512(t, x1, W), 1);
 }
 /* 8 rows of 4 bytes (IQ3), indices in the W-bit fields of x0 (then x1 for W = 16) */
