@@ -1095,35 +1095,17 @@ AI T256 float iq_d(const uint8_t *b, const int TY) {
 }
 
 /* four 8-byte grid rows */
-#ifndef K2K_IDX64
-#define K2K_IDX64 1
-#endif
 /* Grid indices are read 4 or 8 at a time as one 64-bit word and split with shifts (the empty asm keeps the
  * compiler from turning that back into one byte / word load per index: loads are the scarcer resource here) */
 AI uint64_t idx_word(const void *p) {
     uint64_t x;
     memcpy(&x, p, 8);
-#if K2K_IDX64
     __asm__("" : "+r"(x));
-#endif
     return x;
 }
-#ifndef K2K_ROWS2
-#define K2K_ROWS2 0
-#endif
-#ifndef K2K_IX256
-#define K2K_IX256 1
-#endif
-/* four 8-byte grid rows: broadcast loads merged with vpblendd (ALU) rather than vpinsrq / vinserti128 (shuffles) */
+/* four 8-byte grid rows */
 AI T256 __m256i rows4(const uint64_t *tab, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3) {
-#if K2K_ROWS2
-    const __m256i a = _mm256_blend_epi32(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(tab + i0))),
-                                         _mm256_set1_epi64x((long long)tab[i1]), 0x0C);
-    const __m256i c = _mm256_blend_epi32(_mm256_set1_epi64x((long long)tab[i2]), _mm256_set1_epi64x((long long)tab[i3]), 0xC0);
-    return _mm256_blend_epi32(a, c, 0xF0);
-#else
     return _mm256_set_epi64x((long long)tab[i3], (long long)tab[i2], (long long)tab[i1], (long long)tab[i0]);
-#endif
 }
 /* the same, indices in the W-bit fields of x */
 AI T256 __m256i rows4x(const uint64_t *tab, uint64_t x, const int W) {
@@ -1132,11 +1114,7 @@ AI T256 __m256i rows4x(const uint64_t *tab, uint64_t x, const int W) {
 }
 /* four rows with the indices at ix */
 AI T256 __m256i rows4ix(const uint64_t *tab, const uint16_t *ix) {
-#if K2K_IX256
     return rows4x(tab, idx_word(ix), 16);
-#else
-    return rows4(tab, ix[0], ix[1], ix[2], ix[3]);
-#endif
 }
 /* eight 4-byte grid rows (IQ3), indices in the W-bit fields of x0 (then x1 for W = 16) */
 AI T256 __m256i rows8dx(const uint32_t *t, uint64_t x0, uint64_t x1, const int W) {
@@ -1808,30 +1786,17 @@ NT_DISPATCH(iq4xs_512, T512, 4)
  * with the 64 sign bits of the step in a mask register (IQ2_S / IQ3_S store them as plain bits; IQ2_XXS /
  * IQ2_XS / IQ3_XXS as ksign bytes, built for the whole block at once).  IQ1: u = row + 2 on the weights with
  * delta +1/8 (masked add).  Then maddubs + dpwssd on 512 bits as before. */
-#ifndef K2K_ROWS
-#define K2K_ROWS 1
-#endif
-#ifndef K2K_PIPE
-#define K2K_PIPE 1
-#endif
-#ifndef K2K_XS_SCALAR
-#define K2K_XS_SCALAR 1
-#endif
-/* 8 rows of 8 bytes: scalar loads merged with masked broadcasts (ALU blends instead of shuffle-port inserts) */
+/* 4 / 8 rows of 8 bytes: scalar loads merged with masked broadcasts (ALU blends; measured faster than vpinsrq /
+ * vinserti128 and than vpgatherqq) */
 AI T512 __m256i rows4_512(const uint64_t *t, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3) {
     __m256i v = _mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(t + i0)));
-    v = _mm256_mask_set1_epi64(v, 0x2, (long long)t[i1]);
-    v = _mm256_mask_set1_epi64(v, 0x4, (long long)t[i2]);
-    return _mm256_mask_set1_epi64(v, 0x8, (long long)t[i3]);
+    v = _mm256_mask_blend_epi64(0x2, v, _mm256_set1_epi64x((long long)t[i1]));
+    v = _mm256_mask_blend_epi64(0x4, v, _mm256_set1_epi64x((long long)t[i2]));
+    return _mm256_mask_blend_epi64(0x8, v, _mm256_set1_epi64x((long long)t[i3]));
 }
 AI T512 __m512i rows8_512(const uint64_t *t, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3, uint32_t i4,
                           uint32_t i5, uint32_t i6, uint32_t i7) {
-#if K2K_ROWS == 0
-    return _mm512_set_epi64((long long)t[i7], (long long)t[i6], (long long)t[i5], (long long)t[i4], (long long)t[i3],
-                            (long long)t[i2], (long long)t[i1], (long long)t[i0]);
-#else
     return _mm512_inserti64x4(_mm512_castsi256_si512(rows4_512(t, i0, i1, i2, i3)), rows4_512(t, i4, i5, i6, i7), 1);
-#endif
 }
 /* 4 rows of 8 bytes, indices in the W-bit fields of x */
 AI T512 __m256i rows4w_512(const uint64_t *t, uint64_t x, const int W) {
@@ -1839,21 +1804,6 @@ AI T512 __m256i rows4w_512(const uint64_t *t, uint64_t x, const int W) {
     return rows4_512(t, (uint32_t)(x & m), (uint32_t)((x >> W) & m), (uint32_t)((x >> 2 * W) & m), (uint32_t)((x >> 3 * W) & m));
 }
 AI T512 __m512i rows8w_512(const uint64_t *t, uint64_t x0, uint64_t x1, const int W) {
-#if K2K_ROWS == 0
-    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
-    return rows8_512(t, (uint32_t)(x0 & m), (uint32_t)((x0 >> W) & m), (uint32_t)((x0 >> 2 * W) & m), (uint32_t)((x0 >> 3 * W) & m),
-                     (uint32_t)(x1 & m), (uint32_t)((x1 >> W) & m), (uint32_t)((x1 >> 2 * W) & m), (uint32_t)((x1 >> 3 * W) & m));
-#elif K2K_ROWS == 2
-    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
-    __m512i v = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(t + (x0 & m))));
-    v = _mm512_mask_set1_epi64(v, 0x02, (long long)t[(x0 >> W) & m]);
-    v = _mm512_mask_set1_epi64(v, 0x04, (long long)t[(x0 >> 2 * W) & m]);
-    v = _mm512_mask_set1_epi64(v, 0x08, (long long)t[(x0 >> 3 * W) & m]);
-    v = _mm512_mask_set1_epi64(v, 0x10, (long long)t[x1 & m]);
-    v = _mm512_mask_set1_epi64(v, 0x20, (long long)t[(x1 >> W) & m]);
-    v = _mm512_mask_set1_epi64(v, 0x40, (long long)t[(x1 >> 2 * W) & m]);
-    return _mm512_mask_set1_epi64(v, 0x80, (long long)t[(x1 >> 3 * W) & m]);
-#endif
     return _mm512_inserti64x4(_mm512_castsi256_si512(rows4w_512(t, x0, W)), rows4w_512(t, x1, W), 1);
 }
 /* 8 rows of 4 bytes (IQ3), indices in the W-bit fields of x0 (then x1 for W = 16) */
@@ -1861,13 +1811,13 @@ AI T512 __m256i rows8d_512(const uint32_t *t, uint64_t x0, uint64_t x1, const in
     const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
 #define K2K_Q(j) (uint32_t)(W == 8 ? (x0 >> (8 * (j))) & m : ((j) < 4 ? x0 >> (16 * (j)) : x1 >> (16 * ((j) - 4))) & m)
     __m256i v = _mm256_castsi128_si256(_mm_cvtsi32_si128((int)t[K2K_Q(0)]));
-    v = _mm256_mask_set1_epi32(v, 0x02, (int)t[K2K_Q(1)]);
-    v = _mm256_mask_set1_epi32(v, 0x04, (int)t[K2K_Q(2)]);
-    v = _mm256_mask_set1_epi32(v, 0x08, (int)t[K2K_Q(3)]);
-    v = _mm256_mask_set1_epi32(v, 0x10, (int)t[K2K_Q(4)]);
-    v = _mm256_mask_set1_epi32(v, 0x20, (int)t[K2K_Q(5)]);
-    v = _mm256_mask_set1_epi32(v, 0x40, (int)t[K2K_Q(6)]);
-    return _mm256_mask_set1_epi32(v, 0x80, (int)t[K2K_Q(7)]);
+    v = _mm256_mask_blend_epi32(0x02, v, _mm256_set1_epi32((int)t[K2K_Q(1)]));
+    v = _mm256_mask_blend_epi32(0x04, v, _mm256_set1_epi32((int)t[K2K_Q(2)]));
+    v = _mm256_mask_blend_epi32(0x08, v, _mm256_set1_epi32((int)t[K2K_Q(3)]));
+    v = _mm256_mask_blend_epi32(0x10, v, _mm256_set1_epi32((int)t[K2K_Q(4)]));
+    v = _mm256_mask_blend_epi32(0x20, v, _mm256_set1_epi32((int)t[K2K_Q(5)]));
+    v = _mm256_mask_blend_epi32(0x40, v, _mm256_set1_epi32((int)t[K2K_Q(6)]));
+    return _mm256_mask_blend_epi32(0x80, v, _mm256_set1_epi32((int)t[K2K_Q(7)]));
 #undef K2K_Q
 }
 /* 16 IQ3 rows: indices bytes at q8 (IQ3_XXS) or uint16 at q16 (IQ3_S) */
@@ -1900,13 +1850,9 @@ AI T512 __m512i iq_chunk_512(const uint8_t *b, int k, const int TY, const uint64
         break;
     }
     case IQD_2XS: {
-#if K2K_XS_SCALAR
-        const uint8_t *q = b + 2 + 16 * k;
+        const uint8_t *q = b + 2 + 16 * k; /* low 9 bits of each uint16 */
         const uint64_t m9 = 0x01FF01FF01FF01FFULL;
         g = rows8w_512(g_iq2xs + 512, idx_word(q) & m9, idx_word(q + 8) & m9, 16);
-#else
-        g = rows8ix_512(g_iq2xs + 512, ix + 8 * k);
-#endif
         break;
     }
     case IQD_2S: g = rows8ix_512(g_iq2s + 1024, ix + 8 * k); break;
@@ -1931,7 +1877,7 @@ AI T512 __m512i iq_chunk_512(const uint8_t *b, int k, const int TY, const uint64
  * it reads from waits for the store: much slower than a load from L1) */
 AI T512 void iq_prep_512(const uint8_t *b, const int TY, uint64_t *sq, uint16_t *ix) {
     if (TY == IQD_2XXS || TY == IQD_2XS || TY == IQD_3XXS) _mm256_store_si256((__m256i *)sq, iq_signs_vec(b, TY));
-    if (iq_has_ix(TY) && !(K2K_XS_SCALAR && TY == IQD_2XS)) iq_index_vec(b, TY, ix);
+    if (iq_has_ix(TY) && TY != IQD_2XS) iq_index_vec(b, TY, ix);
 }
 AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
     const int bpb = iq_bpb(TY);
@@ -1939,11 +1885,9 @@ AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT,
     const __m256i offv = _mm256_set1_epi32(iq_off(TY));
     __m512 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
-#if K2K_PIPE
     uint64_t sqb[2][4] __attribute__((aligned(32)));
     uint16_t ixb[2][64] __attribute__((aligned(32)));
     if (nb > 0) iq_prep_512(w, TY, sqb[0], ixb[0]);
-#endif
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + (size_t)bpb * i;
         pf_block(pf, i, bpb);
@@ -1951,20 +1895,11 @@ AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT,
         const __m512i scz = _mm512_castsi256_si512(sc16);
         const __m512i s0 = _mm512_permutexvar_epi16(ix0, scz), s1 = _mm512_permutexvar_epi16(ix1, scz);
         const __m512i s2 = _mm512_permutexvar_epi16(ix2, scz), s3 = _mm512_permutexvar_epi16(ix3, scz);
-#if K2K_PIPE
         const uint64_t *sq = sqb[i & 1];
         const uint16_t *ix = ixb[i & 1];
-#else
-        uint64_t sq[4] __attribute__((aligned(32)));
-        if (TY == IQD_2XXS || TY == IQD_2XS || TY == IQD_3XXS) _mm256_store_si256((__m256i *)sq, iq_signs_vec(b, TY));
-        uint16_t ix[64] __attribute__((aligned(32)));
-        if (iq_has_ix(TY) && !(K2K_XS_SCALAR && TY == IQD_2XS)) iq_index_vec(b, TY, ix);
-#endif
         const __m512i u0 = iq_chunk_512(b, 0, TY, sq, ix), u1 = iq_chunk_512(b, 1, TY, sq, ix);
         const __m512i u2 = iq_chunk_512(b, 2, TY, sq, ix), u3 = iq_chunk_512(b, 3, TY, sq, ix);
-#if K2K_PIPE
         if (i + 1 < nb) iq_prep_512(b + bpb, TY, sqb[(i + 1) & 1], ixb[(i + 1) & 1]);
-#endif
         const float dw = iq_d(b, TY) * iq_fac(TY);
         for (int t = 0; t < NT; t++) {
             const int8_t *aq = a[t].q + 256 * i;
