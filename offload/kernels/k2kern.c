@@ -409,7 +409,8 @@ static void dot_q6_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float
  * magnitudes (0..63, checked: 64 +/- g must stay a valid unsigned byte below 128); IQ1 rows hold 8 * g + 8 for
  * g in {-1, 0, 1}, so that 8 * (g +/- 1/8) + 9 = row + 1 +/- 1 is a small unsigned integer.  The IQ2 / IQ3
  * tables are followed by a second copy of their rows with 64 added to every byte (AVX-512 kernels: 64 + |g|, and
- * 128 - that is 64 - |g|). */
+ * 128 - that is 64 - |g|); the IQ3 ones then by the same + 64 bytes as four planes (byte p of row r at
+ * rows * p + r) for in-register lookups. */
 static uint64_t *g_iq2xxs, *g_iq2xs, *g_iq2s, *g_iq1s;
 static uint32_t *g_iq3xxs, *g_iq3s;
 static int8_t g_kv[16];       /* IQ4_NL / IQ4_XS non-linear 4-bit values */
@@ -1324,6 +1325,8 @@ IQ256(iq1m_avx2, IQD_1M)
 /* ------------------------------------------------------------------ AVX-512 VNNI kernels */
 #ifndef K2K_EMULATE_AVX512
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
+/* + AVX512_VBMI (vpermb / vpermi2b), for the kernels picked only where the CPU reports it */
+#define T512V __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c,bmi2")))
 #else
 /* Test builds only (-DK2K_EMULATE_AVX512 -mavx2 -mfma -mf16c -mbmi2, tests/test_kernels.py): the AVX-512 kernels
  * compiled against SIMDe's portable implementations of the intrinsics, so that CPUs without AVX-512 can check
@@ -1332,6 +1335,7 @@ IQ256(iq1m_avx2, IQD_1M)
 #include <simde/x86/avx512.h>
 #include <simde/x86/gfni.h>
 #define T512 T256
+#define T512V T256
 #undef _mm512_madd_epi16 /* SIMDe 0.7.4's alias takes 4 arguments */
 #define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
 #undef _mm512_zextsi256_si512
@@ -1928,6 +1932,84 @@ IQ512(iq3s_512, IQD_3S)
 IQ512(iq1s_512, IQD_1S)
 IQ512(iq1m_512, IQD_1M)
 
+/* IQ3_XXS / IQ3_S with AVX512_VBMI: the 256 / 512-row grid (+64) held as four 256 / 512-byte planes (byte p of
+ * every row, see "IQ codebooks") and looked up with vpermi2b, 64 indices per 2 (IQ3_S: 4) lookups and blends,
+ * instead of 64 scalar row loads.  The
+ * four planes are interleaved back into rows with two rounds of in-lane unpacks; the indices are pre-permuted
+ * (transposing 4-row groups) so that the unpacks leave rows 16k .. 16k+15 in vector k. */
+static const uint8_t iq3_vperm[64] __attribute__((aligned(64))) = {
+     0,  1,  2,  3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,  4,  5,  6,  7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+     8,  9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+AI T512V void iq3_vbmi_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
+    const int S = TY == IQD_3S, bpb = iq_bpb(TY); /* IQ3_S: 512 rows, index bit 8 from the qh bits at b + 66 */
+    const uint8_t *pl = S ? (const uint8_t *)(g_iq3s + 1024) : (const uint8_t *)(g_iq3xxs + 512); /* after rows, rows + 64 */
+    const __m512i ix0 = IXLOAD(ix_q6, 0), ix1 = IXLOAD(ix_q6, 1), ix2 = IXLOAD(ix_q6, 2), ix3 = IXLOAD(ix_q6, 3);
+    const __m512i perm = _mm512_load_si512((const void *)iq3_vperm), c128 = _mm512_set1_epi8((char)128);
+    const __m256i offv = _mm256_set1_epi32(64);
+    __m512 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    uint64_t sqb[2][4] __attribute__((aligned(32)));
+    if (nb > 0 && !S) _mm256_store_si256((__m256i *)sqb[0], iq_signs_vec(w, TY));
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + (size_t)bpb * i;
+        pf_block(pf, i, bpb);
+        const __m256i sc16 = iq_scales(b, TY);
+        const __m512i scz = _mm512_castsi256_si512(sc16);
+        const __m512i s0 = _mm512_permutexvar_epi16(ix0, scz), s1 = _mm512_permutexvar_epi16(ix1, scz);
+        const __m512i s2 = _mm512_permutexvar_epi16(ix2, scz), s3 = _mm512_permutexvar_epi16(ix3, scz);
+        const uint64_t *sq = sqb[i & 1]; /* (IQ3_S: plain sign bits at b + 74) */
+        const __m512i ixp = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512((const void *)(b + 2)));
+        const __mmask64 hi = _mm512_movepi8_mask(ixp);
+        __m512i P[4];
+        if (S) {
+            const __mmask64 h8 = _mm512_movepi8_mask(_mm512_permutexvar_epi8(perm, _mm512_movm_epi8((__mmask64)rd64(b + 66))));
+            for (int p = 0; p < 4; p++) {
+                const __m512i *T = (const __m512i *)(pl + 512 * p);
+                const __m512i lo = _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(_mm512_load_si512(T), ixp, _mm512_load_si512(T + 1)),
+                                                          _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), ixp, _mm512_load_si512(T + 3)));
+                const __m512i up = _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(_mm512_load_si512(T + 4), ixp, _mm512_load_si512(T + 5)),
+                                                          _mm512_permutex2var_epi8(_mm512_load_si512(T + 6), ixp, _mm512_load_si512(T + 7)));
+                P[p] = _mm512_mask_blend_epi8(h8, lo, up);
+            }
+        } else {
+            for (int p = 0; p < 4; p++) {
+                const __m512i *T = (const __m512i *)(pl + 256 * p);
+                P[p] = _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(_mm512_load_si512(T), ixp, _mm512_load_si512(T + 1)),
+                                              _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), ixp, _mm512_load_si512(T + 3)));
+            }
+        }
+        const __m512i l01 = _mm512_unpacklo_epi8(P[0], P[1]), h01 = _mm512_unpackhi_epi8(P[0], P[1]);
+        const __m512i l23 = _mm512_unpacklo_epi8(P[2], P[3]), h23 = _mm512_unpackhi_epi8(P[2], P[3]);
+        __m512i u0 = _mm512_unpacklo_epi16(l01, l23), u1 = _mm512_unpackhi_epi16(l01, l23);
+        __m512i u2 = _mm512_unpacklo_epi16(h01, h23), u3 = _mm512_unpackhi_epi16(h01, h23);
+        u0 = _mm512_mask_sub_epi8(u0, (__mmask64)(S ? rd64(b + 74) : sq[0]), c128, u0);
+        u1 = _mm512_mask_sub_epi8(u1, (__mmask64)(S ? rd64(b + 82) : sq[1]), c128, u1);
+        u2 = _mm512_mask_sub_epi8(u2, (__mmask64)(S ? rd64(b + 90) : sq[2]), c128, u2);
+        u3 = _mm512_mask_sub_epi8(u3, (__mmask64)(S ? rd64(b + 98) : sq[3]), c128, u3);
+        if (!S && i + 1 < nb) _mm256_store_si256((__m256i *)sqb[(i + 1) & 1], iq_signs_vec(b + bpb, TY));
+        const float dw = iq_d(b, TY) * iq_fac(TY);
+        for (int t = 0; t < NT; t++) {
+            const int8_t *aq = a[t].q + 256 * i;
+            __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(u0, _mm512_load_si512((const void *)aq)), s0);
+            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u1, _mm512_load_si512((const void *)(aq + 64))), s1);
+            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u2, _mm512_load_si512((const void *)(aq + 128))), s2);
+            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u3, _mm512_load_si512((const void *)(aq + 192))), s3);
+            const __m256i c = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            s = _mm512_sub_epi32(s, _mm512_zextsi256_si512(_mm256_mullo_epi32(c, offv)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dw * a[t].d[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = _mm512_reduce_add_ps(acc[t]);
+}
+AI T512V void iq3xxs_vbmi_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    iq3_vbmi_body(w, nb, a, NT, out, os, pf, IQD_3XXS);
+}
+NT_DISPATCH(iq3xxs_vbmi, T512V, 4)
+AI T512V void iq3s_vbmi_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    iq3_vbmi_body(w, nb, a, NT, out, os, pf, IQD_3S);
+}
+NT_DISPATCH(iq3s_vbmi, T512V, 4)
+
 /* streaming read used by the bandwidth probe */
 T512 static uint64_t read_sum_512(const uint8_t *p, size_t n) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
@@ -1980,6 +2062,7 @@ typedef struct {
 } kern_t;
 
 static int g_isa_hw = -1, g_isa = -1;
+static int g_vbmi = 0; /* AVX512_VBMI (IQ3 kernels at ISA level avx512-vnni-gfni) */
 
 static int detect_isa(void) {
 #ifdef K2K_EMULATE_AVX512
@@ -2001,6 +2084,11 @@ static int detect_isa(void) {
 static void isa_init(void) {
     if (g_isa_hw >= 0) return;
     g_isa_hw = detect_isa();
+#ifdef K2K_EMULATE_AVX512
+    g_vbmi = 1;
+#elif K2K_X86
+    g_vbmi = g_isa_hw >= ISA_AVX512 && __builtin_cpu_supports("avx512vbmi");
+#endif
     g_isa = g_isa_hw;
     const char *e = getenv("K2LOCAL_ISA");
     if (e) {
@@ -2021,6 +2109,8 @@ static kern_t get_kernel(int type) {
         case GT_Q4_K: k.fn = q4k_512g; k.fn2 = q4k_512g_r2; k.layout = LAYOUT_P64; return k;
         case GT_Q5_K: k.fn = q5k_512g; k.fn2 = q5k_512g_r2; k.layout = LAYOUT_P64; return k;
         case GT_Q6_K: k.fn = q6k_512g; k.fn2 = q6k_512g_r2; return k;
+        case GT_IQ3_XXS: if (g_vbmi) { k.fn = iq3xxs_vbmi; return k; } break;
+        case GT_IQ3_S: if (g_vbmi) { k.fn = iq3s_vbmi; return k; } break;
         }
     }
     if (g_isa >= ISA_AVX512) {
@@ -2712,13 +2802,16 @@ int k2k_set_grid(int id, const void *data, int64_t n) {
     } else {
         void *buf = NULL;
         const int plus64 = id != GT_IQ1_S; /* IQ2 / IQ3 grids: the rows, then the rows + 64 */
-        if (posix_memalign(&buf, 64, (size_t)n * (plus64 ? 2 : 1)) != 0) {
+        const int planes = id == GT_IQ3_XXS || id == GT_IQ3_S; /* then (IQ3) byte p of each row + 64, p = 0..3 */
+        if (posix_memalign(&buf, 64, (size_t)n * (planes ? 3 : plus64 ? 2 : 1)) != 0) {
             rc = -4;
         } else {
             uint8_t *d = (uint8_t *)buf;
             for (int64_t i = 0; i < n; i++) d[i] = id == GT_IQ1_S ? (uint8_t)(8 * (int)(int8_t)p[i] + 8) : p[i];
             if (plus64)
                 for (int64_t i = 0; i < n; i++) d[n + i] = (uint8_t)(p[i] + 64);
+            if (planes)
+                for (int64_t i = 0; i < n; i++) d[2 * n + n / 4 * (i % 4) + i / 4] = (uint8_t)(p[i] + 64);
             void **slot = id == GT_IQ2_XXS ? (void **)&g_iq2xxs : id == GT_IQ2_XS ? (void **)&g_iq2xs
                         : id == GT_IQ2_S ? (void **)&g_iq2s : id == GT_IQ3_XXS ? (void **)&g_iq3xxs
                         : id == GT_IQ3_S ? (void **)&g_iq3s : (void **)&g_iq1s;
