@@ -224,6 +224,11 @@ static inline uint32_t rd32(const uint8_t *p) {
     memcpy(&v, p, 4);
     return v;
 }
+static inline uint64_t rd64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
 
 /* Q4_K/Q5_K packed 6-bit scales: bytes 0..7 -> scales, 8..15 -> mins */
 static inline void unpack_k4(const uint8_t *s, uint32_t out[4]) {
@@ -402,7 +407,10 @@ static void dot_q6_k_gen(const uint8_t *w, int nb, const act_t *a, int nt, float
  * package and hands them over once with k2k_set_grid (a type without its tables is not supported).
  * Stored as rows: 8 bytes (IQ2_*, IQ1_*) or 4 bytes (IQ3_*) per grid index.  IQ2/IQ3 rows hold the grid
  * magnitudes (0..63, checked: 64 +/- g must stay a valid unsigned byte below 128); IQ1 rows hold 8 * g + 8 for
- * g in {-1, 0, 1}, so that 8 * (g +/- 1/8) + 9 = row + 1 +/- 1 is a small unsigned integer. */
+ * g in {-1, 0, 1}, so that 8 * (g +/- 1/8) + 9 = row + 1 +/- 1 is a small unsigned integer.  The IQ2 / IQ3
+ * tables are followed by a second copy of their rows with 64 added to every byte (AVX-512 kernels: 64 + |g|, and
+ * 128 - that is 64 - |g|); the IQ3 ones then by the same + 64 bytes as four planes (byte p of row r at
+ * rows * p + r) for in-register lookups. */
 static uint64_t *g_iq2xxs, *g_iq2xs, *g_iq2s, *g_iq1s;
 static uint32_t *g_iq3xxs, *g_iq3s;
 static int8_t g_kv[16];       /* IQ4_NL / IQ4_XS non-linear 4-bit values */
@@ -1088,8 +1096,34 @@ AI T256 float iq_d(const uint8_t *b, const int TY) {
 }
 
 /* four 8-byte grid rows */
+/* Grid indices are read 4 or 8 at a time as one 64-bit word and split with shifts (the empty asm keeps the
+ * compiler from turning that back into one byte / word load per index: loads are the scarcer resource here) */
+AI uint64_t idx_word(const void *p) {
+    uint64_t x;
+    memcpy(&x, p, 8);
+    __asm__("" : "+r"(x));
+    return x;
+}
+/* four 8-byte grid rows */
 AI T256 __m256i rows4(const uint64_t *tab, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3) {
     return _mm256_set_epi64x((long long)tab[i3], (long long)tab[i2], (long long)tab[i1], (long long)tab[i0]);
+}
+/* the same, indices in the W-bit fields of x */
+AI T256 __m256i rows4x(const uint64_t *tab, uint64_t x, const int W) {
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+    return rows4(tab, (uint32_t)(x & m), (uint32_t)((x >> W) & m), (uint32_t)((x >> 2 * W) & m), (uint32_t)((x >> 3 * W) & m));
+}
+/* four rows with the indices at ix */
+AI T256 __m256i rows4ix(const uint64_t *tab, const uint16_t *ix) {
+    return rows4x(tab, idx_word(ix), 16);
+}
+/* eight 4-byte grid rows (IQ3), indices in the W-bit fields of x0 (then x1 for W = 16) */
+AI T256 __m256i rows8dx(const uint32_t *t, uint64_t x0, uint64_t x1, const int W) {
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+#define K2K_Q(j) (uint32_t)(W == 8 ? (x0 >> (8 * (j))) & m : ((j) < 4 ? x0 >> (16 * (j)) : x1 >> (16 * ((j) - 4))) & m)
+    return _mm256_setr_epi32((int)t[K2K_Q(0)], (int)t[K2K_Q(1)], (int)t[K2K_Q(2)], (int)t[K2K_Q(3)], (int)t[K2K_Q(4)],
+                             (int)t[K2K_Q(5)], (int)t[K2K_Q(6)], (int)t[K2K_Q(7)]);
+#undef K2K_Q
 }
 
 /* Sign bytes of a whole IQ2_XXS / IQ3_XXS block at once: the 8 uint32 words holding four 7-bit sign indices each
@@ -1208,11 +1242,11 @@ AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, 
         return u_masked_256(g, sign_dword_to_bytes(sv, iq_signs_pos(c, TY)));
     }
     case IQD_2XS: {
-        const __m256i g = rows4(g_iq2xs, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
+        const __m256i g = rows4ix(g_iq2xs, ix + 4 * c);
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_2S: {
-        const __m256i g = rows4(g_iq2s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
+        const __m256i g = rows4ix(g_iq2s, ix + 4 * c);
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_3XXS: {
@@ -1222,18 +1256,16 @@ AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, 
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_3S: {
-        const uint16_t *q = ix + 8 * c;
-        const __m256i g = _mm256_setr_epi32((int)g_iq3s[q[0]], (int)g_iq3s[q[1]], (int)g_iq3s[q[2]], (int)g_iq3s[q[3]],
-                                            (int)g_iq3s[q[4]], (int)g_iq3s[q[5]], (int)g_iq3s[q[6]], (int)g_iq3s[q[7]]);
+        const __m256i g = rows8dx(g_iq3s, idx_word(ix + 8 * c), idx_word(ix + 8 * c + 4), 16);
         return u_masked_256(g, sign_dword_to_bytes(sv, c));
     }
     case IQD_1S: {
         const uint32_t h = rd16(b + 34 + 2 * c);
-        const __m256i g = rows4(g_iq1s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
+        const __m256i g = rows4ix(g_iq1s, ix + 4 * c);
         return _mm256_add_epi8(g, _mm256_set1_epi8((char)(2 - 2 * (h >> 15)))); /* +1/8: + 2, -1/8: + 0 */
     }
     default: { /* IQ1_M */
-        const __m256i g = rows4(g_iq1s, ix[4 * c], ix[4 * c + 1], ix[4 * c + 2], ix[4 * c + 3]);
+        const __m256i g = rows4ix(g_iq1s, ix + 4 * c);
         /* the four groups' offset bytes (see iq_index_vec), each spread over its 8 weights */
         const __m256i dv = _mm256_shuffle_epi8(_mm256_set1_epi32((int)rd32((const uint8_t *)(ix + 32) + 4 * c)),
                                                _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
@@ -1248,12 +1280,14 @@ AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT
     const __m256i offv = _mm256_set1_epi32(iq_off(TY));
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    uint16_t ixb[2][64] __attribute__((aligned(32))); /* grid indices (IQ1_M: 32, then 32 offset bytes), */
+    if (iq_has_ix(TY) && nb > 0) iq_index_vec(w, TY, ixb[0]);  /* stored one block ahead (see iq_prep_512) */
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + (size_t)bpb * i;
         pf_block(pf, i, bpb);
         const __m256i sc16 = iq_scales(b, TY), sv = iq_signs_vec(b, TY);
-        uint16_t ix[64] __attribute__((aligned(32))); /* grid indices (IQ1_M: 32, then 32 offset bytes) */
-        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
+        const uint16_t *ix = ixb[i & 1];
+        if (iq_has_ix(TY) && i + 1 < nb) iq_index_vec(b + bpb, TY, ixb[(i + 1) & 1]);
         const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
                                  _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
         const float dw = iq_d(b, TY) * iq_fac(TY);
@@ -1354,6 +1388,8 @@ T256 static void quantize_act_range_avx2(const float *x, int64_t cols, int layou
 /* ------------------------------------------------------------------ AVX-512 VNNI kernels */
 #ifndef K2K_EMULATE_AVX512
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
+/* + AVX512_VBMI (vpermb / vpermi2b), for the kernels picked only where the CPU reports it */
+#define T512V __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c,bmi2")))
 #else
 /* Test builds only (-DK2K_EMULATE_AVX512 -mavx2 -mfma -mf16c -mbmi2, tests/test_kernels.py): the AVX-512 kernels
  * compiled against SIMDe's portable implementations of the intrinsics, so that CPUs without AVX-512 can check
@@ -1362,6 +1398,7 @@ T256 static void quantize_act_range_avx2(const float *x, int64_t cols, int layou
 #include <simde/x86/avx512.h>
 #include <simde/x86/gfni.h>
 #define T512 T256
+#define T512V T256
 #undef _mm512_madd_epi16 /* SIMDe 0.7.4's alias takes 4 arguments */
 #define _mm512_madd_epi16(a, b) simde_mm512_madd_epi16(a, b)
 #undef _mm512_zextsi256_si512
@@ -1849,14 +1886,113 @@ AI T512 void iq4xs_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT
 }
 NT_DISPATCH(iq4xs_512, T512, 4)
 
-/* Grid types: the AVX2 decoders (scalar row loads: on the CPUs measured they beat vpgather, which microcode
- * mitigations made slower still on some Intel parts), two per 64 weights; maddubs + dpwssd on 512 bits. */
+/* Grid types, 64 weights per step.  Rows come from the "+64" copy of the IQ2 / IQ3 grids (G = 64 + |g|, see
+ * "IQ codebooks"), so the sign is one masked byte subtract: u = G, or 128 - G where the weight's sign bit is set,
+ * with the 64 sign bits of the step in a mask register (IQ2_S / IQ3_S store them as plain bits; IQ2_XXS /
+ * IQ2_XS / IQ3_XXS as ksign bytes, built for the whole block at once).  IQ1: u = row + 2 on the weights with
+ * delta +1/8 (masked add).  Then maddubs + dpwssd on 512 bits as before. */
+/* 4 / 8 rows of 8 bytes: scalar loads merged with masked broadcasts (ALU blends; measured faster than vpinsrq /
+ * vinserti128 and than vpgatherqq) */
+AI T512 __m256i rows4_512(const uint64_t *t, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3) {
+    __m256i v = _mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(t + i0)));
+    v = _mm256_mask_blend_epi64(0x2, v, _mm256_set1_epi64x((long long)t[i1]));
+    v = _mm256_mask_blend_epi64(0x4, v, _mm256_set1_epi64x((long long)t[i2]));
+    return _mm256_mask_blend_epi64(0x8, v, _mm256_set1_epi64x((long long)t[i3]));
+}
+AI T512 __m512i rows8_512(const uint64_t *t, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3, uint32_t i4,
+                          uint32_t i5, uint32_t i6, uint32_t i7) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(rows4_512(t, i0, i1, i2, i3)), rows4_512(t, i4, i5, i6, i7), 1);
+}
+/* 4 rows of 8 bytes, indices in the W-bit fields of x */
+AI T512 __m256i rows4w_512(const uint64_t *t, uint64_t x, const int W) {
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+    return rows4_512(t, (uint32_t)(x & m), (uint32_t)((x >> W) & m), (uint32_t)((x >> 2 * W) & m), (uint32_t)((x >> 3 * W) & m));
+}
+AI T512 __m512i rows8w_512(const uint64_t *t, uint64_t x0, uint64_t x1, const int W) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(rows4w_512(t, x0, W)), rows4w_512(t, x1, W), 1);
+}
+/* 8 rows of 4 bytes (IQ3), indices in the W-bit fields of x0 (then x1 for W = 16) */
+AI T512 __m256i rows8d_512(const uint32_t *t, uint64_t x0, uint64_t x1, const int W) {
+    const uint64_t m = W == 8 ? 0xFF : 0xFFFF;
+#define K2K_Q(j) (uint32_t)(W == 8 ? (x0 >> (8 * (j))) & m : ((j) < 4 ? x0 >> (16 * (j)) : x1 >> (16 * ((j) - 4))) & m)
+    __m256i v = _mm256_castsi128_si256(_mm_cvtsi32_si128((int)t[K2K_Q(0)]));
+    v = _mm256_mask_blend_epi32(0x02, v, _mm256_set1_epi32((int)t[K2K_Q(1)]));
+    v = _mm256_mask_blend_epi32(0x04, v, _mm256_set1_epi32((int)t[K2K_Q(2)]));
+    v = _mm256_mask_blend_epi32(0x08, v, _mm256_set1_epi32((int)t[K2K_Q(3)]));
+    v = _mm256_mask_blend_epi32(0x10, v, _mm256_set1_epi32((int)t[K2K_Q(4)]));
+    v = _mm256_mask_blend_epi32(0x20, v, _mm256_set1_epi32((int)t[K2K_Q(5)]));
+    v = _mm256_mask_blend_epi32(0x40, v, _mm256_set1_epi32((int)t[K2K_Q(6)]));
+    return _mm256_mask_blend_epi32(0x80, v, _mm256_set1_epi32((int)t[K2K_Q(7)]));
+#undef K2K_Q
+}
+/* 16 IQ3 rows: indices bytes at q8 (IQ3_XXS) or uint16 at q16 (IQ3_S) */
+AI T512 __m512i rows16d_512(const uint32_t *t, const uint8_t *q8, const uint16_t *q16) {
+    __m256i lo, hi;
+    if (q8) {
+        lo = rows8d_512(t, idx_word(q8), 0, 8), hi = rows8d_512(t, idx_word(q8 + 8), 0, 8);
+    } else {
+        lo = rows8d_512(t, idx_word(q16), idx_word(q16 + 4), 16), hi = rows8d_512(t, idx_word(q16 + 8), idx_word(q16 + 12), 16);
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+AI T512 __m512i rows8ix_512(const uint64_t *t, const uint16_t *ix) { return rows8w_512(t, idx_word(ix), idx_word(ix + 4), 16); }
+
+/* the 64 sign bits of step k (weights 64k .. 64k+63); sq: the block's ksign bytes (iq_signs_vec) */
+AI T512 __mmask64 iq_smask_512(const uint8_t *b, int k, const int TY, const uint64_t *sq) {
+    if (TY == IQD_2S) return (__mmask64)rd64(b + 34 + 8 * k);
+    if (TY == IQD_3S) return (__mmask64)rd64(b + 74 + 8 * k);
+    if (TY == IQD_2XXS) return (__mmask64)sq[k == 1 ? 2 : k == 2 ? 1 : k]; /* iq_signs_pos order */
+    return (__mmask64)sq[k];
+}
+/* weights 64k .. 64k+63 of the block as u bytes */
+AI T512 __m512i iq_chunk_512(const uint8_t *b, int k, const int TY, const uint64_t *sq, const uint16_t *ix) {
+    const __m512i c128 = _mm512_set1_epi8((char)128), two = _mm512_set1_epi8(2);
+    __m512i g;
+    switch (TY) {
+    case IQD_2XXS: {
+        const uint8_t *q = b + 2 + 16 * k;
+        g = rows8w_512(g_iq2xxs + 256, idx_word(q), idx_word(q + 8), 8);
+        break;
+    }
+    case IQD_2XS: {
+        const uint8_t *q = b + 2 + 16 * k; /* low 9 bits of each uint16 */
+        const uint64_t m9 = 0x01FF01FF01FF01FFULL;
+        g = rows8w_512(g_iq2xs + 512, idx_word(q) & m9, idx_word(q + 8) & m9, 16);
+        break;
+    }
+    case IQD_2S: g = rows8ix_512(g_iq2s + 1024, ix + 8 * k); break;
+    case IQD_3XXS: g = rows16d_512(g_iq3xxs + 256, b + 2 + 16 * k, NULL); break;
+    case IQD_3S: g = rows16d_512(g_iq3s + 512, NULL, ix + 16 * k); break;
+    case IQD_1S: {
+        g = rows8ix_512(g_iq1s, ix + 8 * k);
+        /* +2 on the 32 weights of each sub-block whose delta is +1/8 (bit 15 of its qh clear) */
+        const uint64_t m = (rd16(b + 34 + 4 * k) >> 15 ? 0 : 0xFFFFFFFFULL) | (rd16(b + 36 + 4 * k) >> 15 ? 0 : 0xFFFFFFFF00000000ULL);
+        return _mm512_mask_add_epi8(g, (__mmask64)m, g, two);
+    }
+    default: { /* IQ1_M: +2 on the 8 weights of each group whose nibble has bit 3 clear */
+        g = rows8ix_512(g_iq1s, ix + 8 * k);
+        const uint64_t plus = _pdep_u64(~_pext_u32(rd32(b + 32 + 4 * k), 0x88888888u) & 0xFF, 0x0101010101010101ULL) * 0xFF;
+        return _mm512_mask_add_epi8(g, (__mmask64)plus, g, two);
+    }
+    }
+    return _mm512_mask_sub_epi8(g, iq_smask_512(b, k, TY, sq), c128, g);
+}
+
+/* A block's ksign bytes and grid indices, stored one block ahead of their use (a load right after the vector store
+ * it reads from waits for the store: much slower than a load from L1) */
+AI T512 void iq_prep_512(const uint8_t *b, const int TY, uint64_t *sq, uint16_t *ix) {
+    if (TY == IQD_2XXS || TY == IQD_2XS || TY == IQD_3XXS) _mm256_store_si256((__m256i *)sq, iq_signs_vec(b, TY));
+    if (iq_has_ix(TY) && TY != IQD_2XS) iq_index_vec(b, TY, ix);
+}
 AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
     const int bpb = iq_bpb(TY);
     const __m512i ix0 = IXLOAD(ix_q6, 0), ix1 = IXLOAD(ix_q6, 1), ix2 = IXLOAD(ix_q6, 2), ix3 = IXLOAD(ix_q6, 3);
     const __m256i offv = _mm256_set1_epi32(iq_off(TY));
     __m512 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    uint64_t sqb[2][4] __attribute__((aligned(32)));
+    uint16_t ixb[2][64] __attribute__((aligned(32)));
+    if (nb > 0) iq_prep_512(w, TY, sqb[0], ixb[0]);
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + (size_t)bpb * i;
         pf_block(pf, i, bpb);
@@ -1864,12 +2000,11 @@ AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT,
         const __m512i scz = _mm512_castsi256_si512(sc16);
         const __m512i s0 = _mm512_permutexvar_epi16(ix0, scz), s1 = _mm512_permutexvar_epi16(ix1, scz);
         const __m512i s2 = _mm512_permutexvar_epi16(ix2, scz), s3 = _mm512_permutexvar_epi16(ix3, scz);
-        const __m256i sv = iq_signs_vec(b, TY);
-        uint16_t ix[64] __attribute__((aligned(32)));
-        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
-#define K2K_U64(k) _mm512_inserti64x4(_mm512_castsi256_si512(iq_chunk_256(b, 2 * (k), TY, sv, ix)), iq_chunk_256(b, 2 * (k) + 1, TY, sv, ix), 1)
-        const __m512i u0 = K2K_U64(0), u1 = K2K_U64(1), u2 = K2K_U64(2), u3 = K2K_U64(3);
-#undef K2K_U64
+        const uint64_t *sq = sqb[i & 1];
+        const uint16_t *ix = ixb[i & 1];
+        const __m512i u0 = iq_chunk_512(b, 0, TY, sq, ix), u1 = iq_chunk_512(b, 1, TY, sq, ix);
+        const __m512i u2 = iq_chunk_512(b, 2, TY, sq, ix), u3 = iq_chunk_512(b, 3, TY, sq, ix);
+        if (i + 1 < nb) iq_prep_512(b + bpb, TY, sqb[(i + 1) & 1], ixb[(i + 1) & 1]);
         const float dw = iq_d(b, TY) * iq_fac(TY);
         for (int t = 0; t < NT; t++) {
             const int8_t *aq = a[t].q + 256 * i;
@@ -1897,6 +2032,84 @@ IQ512(iq3xxs_512, IQD_3XXS)
 IQ512(iq3s_512, IQD_3S)
 IQ512(iq1s_512, IQD_1S)
 IQ512(iq1m_512, IQD_1M)
+
+/* IQ3_XXS / IQ3_S with AVX512_VBMI: the 256 / 512-row grid (+64) held as four 256 / 512-byte planes (byte p of
+ * every row, see "IQ codebooks") and looked up with vpermi2b, 64 indices per 2 (IQ3_S: 4) lookups and blends,
+ * instead of 64 scalar row loads.  The
+ * four planes are interleaved back into rows with two rounds of in-lane unpacks; the indices are pre-permuted
+ * (transposing 4-row groups) so that the unpacks leave rows 16k .. 16k+15 in vector k. */
+static const uint8_t iq3_vperm[64] __attribute__((aligned(64))) = {
+     0,  1,  2,  3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,  4,  5,  6,  7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+     8,  9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+AI T512V void iq3_vbmi_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
+    const int S = TY == IQD_3S, bpb = iq_bpb(TY); /* IQ3_S: 512 rows, index bit 8 from the qh bits at b + 66 */
+    const uint8_t *pl = S ? (const uint8_t *)(g_iq3s + 1024) : (const uint8_t *)(g_iq3xxs + 512); /* after rows, rows + 64 */
+    const __m512i ix0 = IXLOAD(ix_q6, 0), ix1 = IXLOAD(ix_q6, 1), ix2 = IXLOAD(ix_q6, 2), ix3 = IXLOAD(ix_q6, 3);
+    const __m512i perm = _mm512_load_si512((const void *)iq3_vperm), c128 = _mm512_set1_epi8((char)128);
+    const __m256i offv = _mm256_set1_epi32(64);
+    __m512 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    uint64_t sqb[2][4] __attribute__((aligned(32)));
+    if (nb > 0 && !S) _mm256_store_si256((__m256i *)sqb[0], iq_signs_vec(w, TY));
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + (size_t)bpb * i;
+        pf_block(pf, i, bpb);
+        const __m256i sc16 = iq_scales(b, TY);
+        const __m512i scz = _mm512_castsi256_si512(sc16);
+        const __m512i s0 = _mm512_permutexvar_epi16(ix0, scz), s1 = _mm512_permutexvar_epi16(ix1, scz);
+        const __m512i s2 = _mm512_permutexvar_epi16(ix2, scz), s3 = _mm512_permutexvar_epi16(ix3, scz);
+        const uint64_t *sq = sqb[i & 1]; /* (IQ3_S: plain sign bits at b + 74) */
+        const __m512i ixp = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512((const void *)(b + 2)));
+        const __mmask64 hi = _mm512_movepi8_mask(ixp);
+        __m512i P[4];
+        if (S) {
+            const __mmask64 h8 = _mm512_movepi8_mask(_mm512_permutexvar_epi8(perm, _mm512_movm_epi8((__mmask64)rd64(b + 66))));
+            for (int p = 0; p < 4; p++) {
+                const __m512i *T = (const __m512i *)(pl + 512 * p);
+                const __m512i lo = _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(_mm512_load_si512(T), ixp, _mm512_load_si512(T + 1)),
+                                                          _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), ixp, _mm512_load_si512(T + 3)));
+                const __m512i up = _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(_mm512_load_si512(T + 4), ixp, _mm512_load_si512(T + 5)),
+                                                          _mm512_permutex2var_epi8(_mm512_load_si512(T + 6), ixp, _mm512_load_si512(T + 7)));
+                P[p] = _mm512_mask_blend_epi8(h8, lo, up);
+            }
+        } else {
+            for (int p = 0; p < 4; p++) {
+                const __m512i *T = (const __m512i *)(pl + 256 * p);
+                P[p] = _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(_mm512_load_si512(T), ixp, _mm512_load_si512(T + 1)),
+                                              _mm512_permutex2var_epi8(_mm512_load_si512(T + 2), ixp, _mm512_load_si512(T + 3)));
+            }
+        }
+        const __m512i l01 = _mm512_unpacklo_epi8(P[0], P[1]), h01 = _mm512_unpackhi_epi8(P[0], P[1]);
+        const __m512i l23 = _mm512_unpacklo_epi8(P[2], P[3]), h23 = _mm512_unpackhi_epi8(P[2], P[3]);
+        __m512i u0 = _mm512_unpacklo_epi16(l01, l23), u1 = _mm512_unpackhi_epi16(l01, l23);
+        __m512i u2 = _mm512_unpacklo_epi16(h01, h23), u3 = _mm512_unpackhi_epi16(h01, h23);
+        u0 = _mm512_mask_sub_epi8(u0, (__mmask64)(S ? rd64(b + 74) : sq[0]), c128, u0);
+        u1 = _mm512_mask_sub_epi8(u1, (__mmask64)(S ? rd64(b + 82) : sq[1]), c128, u1);
+        u2 = _mm512_mask_sub_epi8(u2, (__mmask64)(S ? rd64(b + 90) : sq[2]), c128, u2);
+        u3 = _mm512_mask_sub_epi8(u3, (__mmask64)(S ? rd64(b + 98) : sq[3]), c128, u3);
+        if (!S && i + 1 < nb) _mm256_store_si256((__m256i *)sqb[(i + 1) & 1], iq_signs_vec(b + bpb, TY));
+        const float dw = iq_d(b, TY) * iq_fac(TY);
+        for (int t = 0; t < NT; t++) {
+            const int8_t *aq = a[t].q + 256 * i;
+            __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(u0, _mm512_load_si512((const void *)aq)), s0);
+            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u1, _mm512_load_si512((const void *)(aq + 64))), s1);
+            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u2, _mm512_load_si512((const void *)(aq + 128))), s2);
+            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u3, _mm512_load_si512((const void *)(aq + 192))), s3);
+            const __m256i c = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            s = _mm512_sub_epi32(s, _mm512_zextsi256_si512(_mm256_mullo_epi32(c, offv)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dw * a[t].d[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = _mm512_reduce_add_ps(acc[t]);
+}
+AI T512V void iq3xxs_vbmi_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    iq3_vbmi_body(w, nb, a, NT, out, os, pf, IQD_3XXS);
+}
+NT_DISPATCH(iq3xxs_vbmi, T512V, 4)
+AI T512V void iq3s_vbmi_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    iq3_vbmi_body(w, nb, a, NT, out, os, pf, IQD_3S);
+}
+NT_DISPATCH(iq3s_vbmi, T512V, 4)
 
 /* streaming read used by the bandwidth probe */
 T512 static uint64_t read_sum_512(const uint8_t *p, size_t n) {
@@ -1950,6 +2163,7 @@ typedef struct {
 } kern_t;
 
 static int g_isa_hw = -1, g_isa = -1;
+static int g_vbmi = 0; /* AVX512_VBMI (IQ3 kernels at ISA level avx512-vnni-gfni) */
 
 static int detect_isa(void) {
 #ifdef K2K_EMULATE_AVX512
@@ -1971,6 +2185,11 @@ static int detect_isa(void) {
 static void isa_init(void) {
     if (g_isa_hw >= 0) return;
     g_isa_hw = detect_isa();
+#ifdef K2K_EMULATE_AVX512
+    g_vbmi = 1;
+#elif K2K_X86
+    g_vbmi = g_isa_hw >= ISA_AVX512 && __builtin_cpu_supports("avx512vbmi");
+#endif
     g_isa = g_isa_hw;
     const char *e = getenv("K2LOCAL_ISA");
     if (e) {
@@ -1991,6 +2210,8 @@ static kern_t get_kernel(int type) {
         case GT_Q4_K: k.fn = q4k_512g; k.fn2 = q4k_512g_r2; k.layout = LAYOUT_P64; return k;
         case GT_Q5_K: k.fn = q5k_512g; k.fn2 = q5k_512g_r2; k.layout = LAYOUT_P64; return k;
         case GT_Q6_K: k.fn = q6k_512g; k.fn2 = q6k_512g_r2; return k;
+        case GT_IQ3_XXS: if (g_vbmi) { k.fn = iq3xxs_vbmi; return k; } break;
+        case GT_IQ3_S: if (g_vbmi) { k.fn = iq3s_vbmi; return k; } break;
         }
     }
     if (g_isa >= ISA_AVX512) {
@@ -2732,11 +2953,17 @@ int k2k_set_grid(int id, const void *data, int64_t n) {
         g_ksigns_set = 1;
     } else {
         void *buf = NULL;
-        if (posix_memalign(&buf, 64, (size_t)n) != 0) {
+        const int plus64 = id != GT_IQ1_S; /* IQ2 / IQ3 grids: the rows, then the rows + 64 */
+        const int planes = id == GT_IQ3_XXS || id == GT_IQ3_S; /* then (IQ3) byte p of each row + 64, p = 0..3 */
+        if (posix_memalign(&buf, 64, (size_t)n * (planes ? 3 : plus64 ? 2 : 1)) != 0) {
             rc = -4;
         } else {
             uint8_t *d = (uint8_t *)buf;
             for (int64_t i = 0; i < n; i++) d[i] = id == GT_IQ1_S ? (uint8_t)(8 * (int)(int8_t)p[i] + 8) : p[i];
+            if (plus64)
+                for (int64_t i = 0; i < n; i++) d[n + i] = (uint8_t)(p[i] + 64);
+            if (planes)
+                for (int64_t i = 0; i < n; i++) d[2 * n + n / 4 * (i % 4) + i / 4] = (uint8_t)(p[i] + 64);
             void **slot = id == GT_IQ2_XXS ? (void **)&g_iq2xxs : id == GT_IQ2_XS ? (void **)&g_iq2xs
                         : id == GT_IQ2_S ? (void **)&g_iq2s : id == GT_IQ3_XXS ? (void **)&g_iq3xxs
                         : id == GT_IQ3_S ? (void **)&g_iq3s : (void **)&g_iq1s;
