@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from offload.cache import CacheCounters
 from offload.expert_layout import ExpertLayout, decode_matrix, decodes_on_gpu
 from offload.experts_dense import swiglu
+from offload.threads import decode_step, torch_threads
 from offload.routing_stats import RoutingStats
 from offload.store import DeviceCache, ExpertStore, Key, Lease, fused_on_device, fused_or_dense
 
@@ -104,6 +105,10 @@ class OffloadExperts:
     @torch.inference_mode()
     def forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """y[t] = sum_k w[t,k] * Expert_{idx[t,k]}(x[t]); x [T, H] on the compute device."""
+        with torch_threads(1 if decode_step(x.shape[0]) else 0):  # the kernels' pool does the work
+            return self._forward(layer, x, idx, w)
+
+    def _forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         T = x.shape[0]
         if layer == self._first_layer:
