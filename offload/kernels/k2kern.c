@@ -1984,6 +1984,23 @@ AI T512 void iq_prep_512(const uint8_t *b, const int TY, uint64_t *sq, uint16_t 
     if (TY == IQD_2XXS || TY == IQD_2XS || TY == IQD_3XXS) _mm256_store_si256((__m256i *)sq, iq_signs_vec(b, TY));
     if (iq_has_ix(TY) && TY != IQD_2XS) iq_index_vec(b, TY, ix);
 }
+/* One decoded IQ block (256 unsigned weights u0..u3 = value + offset, int16 sub-block scales s0..s3 / sc16) against
+ * NT tokens: the offset comes back out through the activations' 16-value sums. */
+AI T512 void iq_dot_tokens_512(__m512i u0, __m512i u1, __m512i u2, __m512i u3, __m512i s0, __m512i s1, __m512i s2,
+                               __m512i s3, __m256i sc16, __m256i offv, float dw, const act_t *a, int i, const int NT,
+                               __m512 *acc) {
+    for (int t = 0; t < NT; t++) {
+        const int8_t *aq = a[t].q + 256 * i;
+        __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(u0, _mm512_load_si512((const void *)aq)), s0);
+        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u1, _mm512_load_si512((const void *)(aq + 64))), s1);
+        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u2, _mm512_load_si512((const void *)(aq + 128))), s2);
+        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u3, _mm512_load_si512((const void *)(aq + 192))), s3);
+        const __m256i c = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+        s = _mm512_sub_epi32(s, _mm512_zextsi256_si512(_mm256_mullo_epi32(c, offv)));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dw * a[t].d[i]), acc[t]);
+    }
+}
+
 AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
     const int bpb = iq_bpb(TY);
     const __m512i ix0 = IXLOAD(ix_q6, 0), ix1 = IXLOAD(ix_q6, 1), ix2 = IXLOAD(ix_q6, 2), ix3 = IXLOAD(ix_q6, 3);
@@ -2006,16 +2023,7 @@ AI T512 void iq_512_body(const uint8_t *w, int nb, const act_t *a, const int NT,
         const __m512i u2 = iq_chunk_512(b, 2, TY, sq, ix), u3 = iq_chunk_512(b, 3, TY, sq, ix);
         if (i + 1 < nb) iq_prep_512(b + bpb, TY, sqb[(i + 1) & 1], ixb[(i + 1) & 1]);
         const float dw = iq_d(b, TY) * iq_fac(TY);
-        for (int t = 0; t < NT; t++) {
-            const int8_t *aq = a[t].q + 256 * i;
-            __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(u0, _mm512_load_si512((const void *)aq)), s0);
-            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u1, _mm512_load_si512((const void *)(aq + 64))), s1);
-            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u2, _mm512_load_si512((const void *)(aq + 128))), s2);
-            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u3, _mm512_load_si512((const void *)(aq + 192))), s3);
-            const __m256i c = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
-            s = _mm512_sub_epi32(s, _mm512_zextsi256_si512(_mm256_mullo_epi32(c, offv)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dw * a[t].d[i]), acc[t]);
-        }
+        iq_dot_tokens_512(u0, u1, u2, u3, s0, s1, s2, s3, sc16, offv, dw, a, i, NT, acc);
     }
     for (int t = 0; t < NT; t++) out[t * os] = _mm512_reduce_add_ps(acc[t]);
 }
@@ -2089,16 +2097,7 @@ AI T512V void iq3_vbmi_body(const uint8_t *w, int nb, const act_t *a, const int 
         u3 = _mm512_mask_sub_epi8(u3, (__mmask64)(S ? rd64(b + 98) : sq[3]), c128, u3);
         if (!S && i + 1 < nb) _mm256_store_si256((__m256i *)sqb[(i + 1) & 1], iq_signs_vec(b + bpb, TY));
         const float dw = iq_d(b, TY) * iq_fac(TY);
-        for (int t = 0; t < NT; t++) {
-            const int8_t *aq = a[t].q + 256 * i;
-            __m512i s = _mm512_madd_epi16(_mm512_maddubs_epi16(u0, _mm512_load_si512((const void *)aq)), s0);
-            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u1, _mm512_load_si512((const void *)(aq + 64))), s1);
-            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u2, _mm512_load_si512((const void *)(aq + 128))), s2);
-            s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u3, _mm512_load_si512((const void *)(aq + 192))), s3);
-            const __m256i c = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
-            s = _mm512_sub_epi32(s, _mm512_zextsi256_si512(_mm256_mullo_epi32(c, offv)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dw * a[t].d[i]), acc[t]);
-        }
+        iq_dot_tokens_512(u0, u1, u2, u3, s0, s1, s2, s3, sc16, offv, dw, a, i, NT, acc);
     }
     for (int t = 0; t < NT; t++) out[t * os] = _mm512_reduce_add_ps(acc[t]);
 }
