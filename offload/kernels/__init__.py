@@ -384,55 +384,22 @@ def _torch_matmul(x: torch.Tensor, w, qtype: int, cols: int, rows: int, chunk_ro
     return y
 
 
-class QMatrix:
-    """A quantized weight W [rows, cols] (ggml blocks of qtype) checked once, for many `x @ W.T` calls.
-
-    Model weights are multiplied a few hundred times per decoded token; binding them saves the per-call
-    validation and pointer lookups (about 5 us a call, measured here)."""
-
-    def __init__(self, w: Bytes, qtype: int, cols: int):
-        self.w, self.qtype, self.cols = _as_u8(w), int(qtype), int(cols)
-        self.row_bytes = row_bytes(self.qtype, self.cols)
-        nb = _nbytes(self.w)
-        if nb % self.row_bytes:
-            raise ValueError(f"weight bytes {nb} are not a multiple of the row size {self.row_bytes}")
-        self.rows = nb // self.row_bytes
-        self._wp = _ptr(self.w)
-        self._c = available() and supported(self.qtype)
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: float32 [T, cols] -> float32 [T, rows] (into out when given: contiguous float32 [T, rows])."""
-        T = x.shape[0]
-        if x.dim() != 2 or x.shape[1] != self.cols:
-            raise ValueError(f"x has shape {tuple(x.shape)}, expected [T, {self.cols}]")
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        if not (self._c and not _forced_torch()):
-            y = _torch_matmul(x, self.w, self.qtype, self.cols, self.rows)
-            return y if out is None else out.copy_(y)
-        y = torch.empty(T, self.rows, dtype=torch.float32) if out is None else out
-        if out is not None and (y.shape != (T, self.rows) or y.dtype != torch.float32 or not y.is_contiguous()):
-            raise ValueError("out must be a contiguous float32 [T, rows] tensor")
-        rc = _lib.k2k_matmul(self.qtype, self._wp, self.rows, self.cols, self.row_bytes, x.data_ptr(), T, self.cols,
-                             y.data_ptr(), self.rows)
-        if rc != 0:
-            raise RuntimeError(f"k2k_matmul failed ({rc})")
-        return y
-
-
 class QHeads:
     """Per-head quantized matrices W_h [rows, cols] stacked as bytes [heads, rows, row_bytes] (MLA's absorbed
-    k_b / v_b): `x[h] @ W_h.T` for every head in one call."""
+    k_b / v_b), checked once: `x[h] @ W_h.T` for every head in one call."""
 
     def __init__(self, w: Bytes, qtype: int, heads: int, cols: int):
         self.w, self.qtype, self.heads, self.cols = _as_u8(w), int(qtype), int(heads), int(cols)
         self.row_bytes = row_bytes(self.qtype, self.cols)
         nb = _nbytes(self.w)
         if nb % (self.heads * self.row_bytes):
-            raise ValueError(f"weight bytes {nb} are not {heads} heads of whole rows of {self.row_bytes} bytes")
+            raise ValueError(f"weight bytes {nb} are not a multiple of {self.heads} row(s) of {self.row_bytes} bytes")
         self.rows = nb // (self.heads * self.row_bytes)
         self._wp = _ptr(self.w)
         self._c = available() and supported(self.qtype)
+
+    def _compiled(self) -> bool:
+        return self._c and not _forced_torch()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [heads, T, cols] -> float32 [heads, T, rows]."""
@@ -440,7 +407,7 @@ class QHeads:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected [{self.heads}, T, {self.cols}]")
         x = x.to(torch.float32).contiguous()
         T = x.shape[1]
-        if not (self._c and not _forced_torch()):
+        if not self._compiled():
             return torch.bmm(x, self.dequantize().transpose(1, 2))
         y = torch.empty(self.heads, T, self.rows, dtype=torch.float32)
         rc = _lib.k2k_matmul_heads(self.qtype, self._wp, self.heads, self.rows * self.row_bytes, self.rows, self.cols,
@@ -452,6 +419,35 @@ class QHeads:
     def dequantize(self) -> torch.Tensor:
         """float32 [heads, rows, cols]."""
         return _dequant_rows(self.w, self.qtype, self.cols, 0, self.heads * self.rows).view(self.heads, self.rows, -1)
+
+
+class QMatrix(QHeads):
+    """One quantized weight W [rows, cols] (ggml blocks of qtype) checked once, for many `x @ W.T` calls.
+
+    Model weights are multiplied a few hundred times per decoded token; binding them saves the per-call
+    validation and pointer lookups (about 5 us a call, measured here)."""
+
+    def __init__(self, w: Bytes, qtype: int, cols: int):
+        super().__init__(w, qtype, 1, cols)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """x: float32 [T, cols] -> float32 [T, rows] (into out when given: contiguous float32 [T, rows])."""
+        T = x.shape[0]
+        if x.dim() != 2 or x.shape[1] != self.cols:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected [T, {self.cols}]")
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        if not self._compiled():
+            y = _torch_matmul(x, self.w, self.qtype, self.cols, self.rows)
+            return y if out is None else out.copy_(y)
+        y = torch.empty(T, self.rows, dtype=torch.float32) if out is None else out
+        if out is not None and (y.shape != (T, self.rows) or y.dtype != torch.float32 or not y.is_contiguous()):
+            raise ValueError("out must be a contiguous float32 [T, rows] tensor")
+        rc = _lib.k2k_matmul(self.qtype, self._wp, self.rows, self.cols, self.row_bytes, x.data_ptr(), T, self.cols,
+                             y.data_ptr(), self.rows)
+        if rc != 0:
+            raise RuntimeError(f"k2k_matmul failed ({rc})")
+        return y
 
 
 def qmatmul(x: torch.Tensor, w: Bytes, qtype: int, cols: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
