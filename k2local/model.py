@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from k2local.checkpoint import WeightSource
 from k2local.config import ModelConfig
 from k2local.linear import MIN_QUANT_PARAMS, QuantWeight, linear, quantized_heads, quantized_weight
-from offload.threads import PARALLEL_ATTENTION_MACS, decode_step, torch_threads
+from offload.threads import PARALLEL_ATTENTION_MACS, decode_step, full_threads, torch_threads
 
 
 class ExpertBackend(Protocol):
@@ -249,7 +249,7 @@ class KimiK2Model:
             q_lat = torch.bmm(q_nope.transpose(0, 1), lw.w_uk) if lw.uk_q is None else \
                 lw.uk_q(q_nope.transpose(0, 1)).to(x.dtype)  # [h, t, kv_lora]
             long = nh * t * s * cfg.kv_lora_rank > PARALLEL_ATTENTION_MACS
-            with torch_threads(getattr(self, "_pool", 0) if long else 0):  # a decode step runs torch at 1 thread
+            with torch_threads(full_threads() if long else 0):  # a decode step runs torch at 1 thread
                 scores = (torch.matmul(q_lat, lat.t()) + torch.matmul(q_pe.transpose(0, 1), kpe.t())) * scale
                 if t > 1:
                     mask = torch.arange(s, device=x.device)[None, :] > (pos + torch.arange(t, device=x.device))[:, None]
@@ -281,7 +281,6 @@ class KimiK2Model:
         """Run tokens `ids` at positions pos.. (default: the cache length); returns fp32 logits [T, vocab]."""
         ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
         t = ids_t.shape[0]
-        self._pool = torch.get_num_threads()  # what attention over a long context gets back (see _attention)
         with torch_threads(1 if self.device.type == "cpu" and decode_step(t) else 0):
             return self._forward(ids_t, cache, cache.length if pos is None else pos, last_only)
 

@@ -8,6 +8,7 @@ torch's full pool.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -16,19 +17,38 @@ import torch
 # attention work (multiply-adds per layer) above which torch's full pool pays off again during decoding
 PARALLEL_ATTENTION_MACS = 1 << 24
 
+_local = threading.local()  # .outer: this thread's stack of pool sizes outside its active torch_threads blocks
+
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the block with torch's intra-op pool at n threads (n <= 0: unchanged), then restore it."""
     prev = torch.get_num_threads()
-    if n <= 0 or n == prev:
-        yield
-        return
-    torch.set_num_threads(n)
+    outer = _stack()
+    outer.append(prev)
     try:
-        yield
+        if n <= 0 or n == prev:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(prev)
     finally:
-        torch.set_num_threads(prev)
+        outer.pop()
+
+
+def _stack() -> list[int]:
+    if not hasattr(_local, "outer"):
+        _local.outer = []
+    return _local.outer
+
+
+def full_threads() -> int:
+    """torch's pool size before this thread's outermost active torch_threads block narrowed it."""
+    outer = _stack()
+    return outer[0] if outer else torch.get_num_threads()
 
 
 def decode_step(tokens: int) -> bool:

@@ -10,14 +10,18 @@ import torch
 from k2local.checkpoint import open_checkpoint
 from k2local.model import KimiK2Model
 from offload.experts_dense import DenseExperts
-from offload.threads import torch_threads
+from offload.threads import full_threads, torch_threads
 
 
 def test_torch_threads_sets_and_restores() -> None:
     before = torch.get_num_threads()
     with torch_threads(1):
         assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+        assert full_threads() == before  # what a block that needs the whole pool asks for
+        with torch_threads(full_threads()):
+            assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before and full_threads() == before
     with pytest.raises(RuntimeError):
         with torch_threads(1):
             raise RuntimeError("boom")
