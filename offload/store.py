@@ -22,6 +22,11 @@ from offload.cache import CacheCounters, CachePolicy, FrequencyPolicy
 from offload.expert_layout import ExpertEntry, ExpertLayout, cheap_to_decode, decode_matrix
 from offload.experts_dense import swiglu
 
+try:  # the compiled kernels place expert memory on NUMA nodes; without them the kernel's default policy applies
+    from offload import kernels as _kernels
+except ImportError:  # pragma: no cover
+    _kernels = None  # type: ignore[assignment]
+
 Key = tuple[int, int]  # (layer, expert)
 ALIGN = 4096  # O_DIRECT needs file offset, length and buffer address aligned to the logical block size
 
@@ -127,14 +132,6 @@ class FileReader:
             self._fds.clear()
 
 
-def _kernels():
-    try:
-        from offload import kernels  # noqa: PLC0415
-    except ImportError:
-        return None
-    return kernels
-
-
 def alloc_aligned(nbytes: int, pin: bool = False) -> tuple[torch.Tensor, bool]:
     """A page-aligned uint8 CPU buffer (pinned if asked and possible); pages are not touched here."""
     raw = None
@@ -165,14 +162,13 @@ class SlotPool:
         self._chunks: list[torch.Tensor] = []
         self.pinned = pin
         self.numa_nodes = 0  # nodes the slot memory is interleaved over (0: left to the kernel's default policy)
-        kernels = _kernels()
-        interleave = kernels is not None and (kernels.numa_interleave_wanted() if numa is None else numa)
+        interleave = _kernels is not None and (_kernels.numa_interleave_wanted() if numa is None else numa)
         for start in range(0, n_slots, self.per_chunk):
             k = min(self.per_chunk, n_slots - start)
             buf, ok = alloc_aligned(k * self.slot_bytes, pin)
             self.pinned = self.pinned and ok
             if interleave and not ok:
-                self.numa_nodes = kernels.interleave_memory(buf)
+                self.numa_nodes = _kernels.interleave_memory(buf)
             self._chunks.append(buf)
         self._np = [c.numpy() for c in self._chunks]
 
