@@ -127,8 +127,10 @@ def llama_runner(gguf: Path, args: argparse.Namespace, ids: list[int]) -> tuple[
         import llama_cpp  # noqa: PLC0415
     except ImportError:
         return {"engine": "llama.cpp", "mode": "not installed (pip install llama-cpp-python)"}
+    # the YaRN betas llama.cpp does not read from the GGUF: without them its rope differs from the checkpoint's
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(ids) + args.decode + 8, n_threads=args.threads,
-                          n_threads_batch=args.threads, n_gpu_layers=0, n_batch=max(32, len(ids)), verbose=False)
+                          n_threads_batch=args.threads, n_gpu_layers=0, n_batch=max(32, len(ids)), verbose=False,
+                          **open_checkpoint(gguf).config.llama_cpp_overrides)
     n_vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:

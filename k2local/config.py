@@ -132,6 +132,15 @@ class ModelConfig:
         return rs
 
     @property
+    def llama_cpp_overrides(self) -> dict[str, float]:
+        """Keyword arguments for llama_cpp.Llama that this model needs at load time: llama.cpp's deepseek2 loader
+        does not read the YaRN betas from the GGUF (it would use 32/1 where Kimi K2 says 1/1)."""
+        rs = self._yarn()
+        if rs is None:
+            return {}
+        return {"yarn_beta_fast": float(rs.get("beta_fast") or 32), "yarn_beta_slow": float(rs.get("beta_slow") or 1)}
+
+    @property
     def softmax_scale(self) -> float:
         """Attention scale: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN."""
         scale = self.qk_head_dim ** -0.5

@@ -79,14 +79,10 @@ def llama_quantize(src: Path, dst: Path, ftype: int, pure: bool = False) -> None
 
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits for every position. YaRN betas passed explicitly: llama.cpp's deepseek2 loader does not
-    read yarn_beta_fast/slow from the GGUF and would use 32/1 where Kimi K2's config says 1/1."""
+    """llama.cpp's logits for every position (YaRN betas passed explicitly: see Config.llama_cpp_overrides)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    cfg = open_checkpoint(path).config
-    rs = cfg.rope_scaling or {}
     llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False, type_k=0, type_v=0,
-                          yarn_beta_fast=float(rs.get("beta_fast", 32.0)),
-                          yarn_beta_slow=float(rs.get("beta_slow", 1.0)))
+                          **open_checkpoint(path).config.llama_cpp_overrides)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
