@@ -1456,9 +1456,6 @@ static inline long long k2k_emu_reduce_add_epi64(__m512i v) {
 /* permutexvar_epi16 index vectors, loaded from memory (building them with broadcasts/inserts cost
  * ~60 instructions per kernel call, i.e. per weight row: a lot next to 8 blocks of a down row) */
 #define K2K_I8(x) x, x, x, x, x, x, x, x
-#define K2K_I16(x) K2K_I8(x), K2K_I8(x)
-static const int16_t ix_p45[4][32] __attribute__((aligned(64))) = {
-    {K2K_I16(0), K2K_I16(2)}, {K2K_I16(1), K2K_I16(3)}, {K2K_I16(4), K2K_I16(6)}, {K2K_I16(5), K2K_I16(7)}};
 static const int16_t ix_q23[4][32] __attribute__((aligned(64))) = {
     {K2K_I8(0), K2K_I8(1), K2K_I8(8), K2K_I8(9)},
     {K2K_I8(2), K2K_I8(3), K2K_I8(10), K2K_I8(11)},
@@ -1502,6 +1499,26 @@ AI T512 float hsum128_512(__m128 s) {
     return _mm_cvtss_f32(s);
 }
 
+/* Q4_K / Q5_K packed 6-bit scales -> 16 bytes (8 scales, 8 mins) as unpack_k4 writes them, in the vector unit:
+ * the dwords are arranged as [u0, u2, u1, u2] and [0, u0, 0, u1] by two byte shuffles, then shifted and masked
+ * (8 instructions instead of ~20 scalar ones and the inserts that move them into a register).  Reads s .. s+15
+ * (the 12 scale bytes and the first 4 of what follows in the block). */
+AI T512 __m128i k4_scales_512(const uint8_t *s) {
+    const __m128i x = _mm_loadu_si128((const __m128i *)s);
+    const __m128i a = _mm_shuffle_epi8(x, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i lo = _mm_and_si128(_mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 0, 4)),
+                                     _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    const __m128i h = _mm_shuffle_epi8(x, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    return _mm_or_si128(lo, _mm_and_si128(_mm_srli_epi32(h, 2), _mm_set1_epi8(0x30)));
+}
+/* byte-shuffle masks that widen those scale bytes to int16 lanes (high byte zeroed) for dpwssd: applied to the 16
+ * bytes broadcast to all four 128-bit lanes, mask k gives scale 2k - (k & 1) in the low 256 bits and the one two
+ * further in the high 256 (the P64 layout's sub-blocks); a vpshufb each instead of a cvt and a cross-lane vpermw */
+#define K2K_W8(j) j, -1, j, -1, j, -1, j, -1, j, -1, j, -1, j, -1, j, -1
+#define K2K_W16(j) K2K_W8(j), K2K_W8(j)
+static const int8_t wb_p45[4][64] __attribute__((aligned(64))) = {
+    {K2K_W16(0), K2K_W16(2)}, {K2K_W16(1), K2K_W16(3)}, {K2K_W16(4), K2K_W16(6)}, {K2K_W16(5), K2K_W16(7)}};
+
 /* The K-quant bodies below take NR weight rows (1 or 2; row r at w + r * rs, its result at out[t * os + r])
  * and NT tokens.  Per row the arithmetic is exactly that of NR = 1 (same integer sums, same float
  * operation order), so pairing rows never changes a result bit; a pair shares the activation loads,
@@ -1511,7 +1528,7 @@ AI T512 float hsum128_512(__m128 s) {
 AI T512 void q45k_512_rows(const uint8_t *w, ptrdiff_t rs, const int NR, int nb, const act_t *a, const int NT, float *out,
                            ptrdiff_t os, const uint8_t *pf0, const uint8_t *pf1, const int five, const int gf) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), b4 = _mm512_set1_epi8(0x10), g_hi4 = GF_M(4, 4);
-    const __m512i ix0 = IXLOAD(ix_p45, 0), ix1 = IXLOAD(ix_p45, 1), ix2 = IXLOAD(ix_p45, 2), ix3 = IXLOAD(ix_p45, 3);
+    const __m512i wb0 = IXLOAD(wb_p45, 0), wb1 = IXLOAD(wb_p45, 1), wb2 = IXLOAD(wb_p45, 2), wb3 = IXLOAD(wb_p45, 3);
     const int bpb = five ? 176 : 144;
     __m512 acc[2][4];
     __m128 accm[2][4];
@@ -1525,11 +1542,11 @@ AI T512 void q45k_512_rows(const uint8_t *w, ptrdiff_t rs, const int NR, int nb,
             const uint8_t *b = w + r * rs + (size_t)bpb * i;
             pf_block(r ? pf1 : pf0, i, bpb);
             const uint8_t *qs = b + (five ? 48 : 16);
-            const __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales(b + 4));
-            const __m512i smz = _mm512_castsi256_si512(sm16);
-            sc[r][0] = _mm512_permutexvar_epi16(ix0, smz), sc[r][1] = _mm512_permutexvar_epi16(ix1, smz);
-            sc[r][2] = _mm512_permutexvar_epi16(ix2, smz), sc[r][3] = _mm512_permutexvar_epi16(ix3, smz);
-            mins[r] = _mm256_extracti128_si256(sm16, 1);
+            const __m128i s8 = k4_scales_512(b + 4);
+            const __m512i sbc = _mm512_broadcast_i32x4(s8);
+            sc[r][0] = _mm512_shuffle_epi8(sbc, wb0), sc[r][1] = _mm512_shuffle_epi8(sbc, wb1);
+            sc[r][2] = _mm512_shuffle_epi8(sbc, wb2), sc[r][3] = _mm512_shuffle_epi8(sbc, wb3);
+            mins[r] = _mm_unpackhi_epi8(s8, _mm_setzero_si128());
             dd[r] = h2x2_512(b);
             const __m512i q0 = _mm512_loadu_si512((const void *)qs), q1 = _mm512_loadu_si512((const void *)(qs + 64));
             v[r][0] = _mm512_and_si512(q0, m4), v[r][2] = _mm512_and_si512(q1, m4);
