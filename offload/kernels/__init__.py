@@ -18,6 +18,7 @@ Environment:
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import os
@@ -332,6 +333,7 @@ def supported(qtype: int) -> bool:
     return lib is None or bool(lib.k2k_supported(int(qtype)))
 
 
+@functools.cache
 def _block(qtype: int) -> tuple[int, int]:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -357,6 +359,16 @@ def _as_u8(w: Bytes) -> np.ndarray | torch.Tensor:
     if not w.flags.c_contiguous:
         w = np.ascontiguousarray(w)
     return w.view(np.uint8)
+
+
+def _addr(w: Bytes, keep: list) -> tuple[int, int]:
+    """(address, byte size) of w's bytes, without making a uint8 view of a contiguous CPU tensor (a MoE call takes
+    24 per layer); a copy made to get contiguous bytes is appended to `keep`, which must outlive the address."""
+    if type(w) is torch.Tensor and w.is_contiguous() and w.device.type == "cpu":
+        return w.data_ptr(), w.nbytes
+    a = _as_u8(w)
+    keep.append(a)
+    return _ptr(a), _nbytes(a)
 
 
 def _ptr(a: np.ndarray | torch.Tensor) -> int:
@@ -499,27 +511,29 @@ def moe_experts(
         raise ValueError("weights and token_expert_index shapes differ")
     if idx.size and idx.max() >= len(experts):
         raise ValueError("expert index out of range")
-    ws = [tuple(_as_u8(m) for m in e) for e in experts]
+    n = len(experts)
+    keep: list = []
+    addrs = [_addr(m, keep) for e in experts for m in e]  # gate, up, down of expert 0, then expert 1, ...
+    if len(addrs) != 3 * n:
+        raise ValueError("each expert must be (gate, up, down)")
     rg = row_bytes(tg, hidden)
-    inter = _nbytes(ws[0][0]) // rg if ws else 0
-    rd = row_bytes(td, inter) if ws else 0
-    for g, u, d in ws:
-        if _nbytes(g) != inter * rg or _nbytes(u) != inter * row_bytes(tu, hidden) or _nbytes(d) != hidden * rd:
-            raise ValueError("expert byte sizes do not match [inter, hidden] / [hidden, inter] shapes")
+    inter = addrs[0][1] // rg if n else 0
+    sizes = (inter * rg, inter * row_bytes(tu, hidden), hidden * row_bytes(td, inter)) if n else ()
+    if any(addrs[i][1] != sizes[i % 3] for i in range(3 * n)):
+        raise ValueError("expert byte sizes do not match [inter, hidden] / [hidden, inter] shapes")
     y = out if out is not None else torch.zeros(T, hidden, dtype=torch.float32)
     if y.shape != (T, hidden) or y.dtype != torch.float32 or not y.is_contiguous():
         raise ValueError("out must be a contiguous float32 [T, hidden] tensor")
-    if not ws:
+    if not n:
         if not accumulate:
             y.zero_()
         return y
     if available() and all(supported(t) for t in (tg, tu, td)):
         if threads and threads != _lib.k2k_get_threads():
             _lib.k2k_set_threads(int(threads), 0)
-        n = len(ws)
-        pg = (ctypes.c_void_p * n)(*[_ptr(e[0]) for e in ws])
-        pu = (ctypes.c_void_p * n)(*[_ptr(e[1]) for e in ws])
-        pd = (ctypes.c_void_p * n)(*[_ptr(e[2]) for e in ws])
+        pg = (ctypes.c_void_p * n)(*[a for a, _ in addrs[0::3]])
+        pu = (ctypes.c_void_p * n)(*[a for a, _ in addrs[1::3]])
+        pd = (ctypes.c_void_p * n)(*[a for a, _ in addrs[2::3]])
         rc = _lib.k2k_moe(T, hidden, inter, x2.data_ptr(), x2.stride(0), n, pg, pu, pd, tg, tu, td, K,
                           idx.ctypes.data, wts.ctypes.data, y.data_ptr(), hidden, int(accumulate))
         if rc != 0:
@@ -532,7 +546,7 @@ def moe_experts(
     for e in np.unique(idx[idx >= 0]):
         tok, slot = np.nonzero(idx == e)
         xe = x2[torch.from_numpy(tok)]
-        g, u, d = ws[int(e)]
+        g, u, d = (_as_u8(m) for m in experts[int(e)])
         h = torch.nn.functional.silu(_torch_matmul(xe, g, tg, hidden, inter)) * _torch_matmul(xe, u, tu, hidden, inter)
         ye = _torch_matmul(h, d, td, inter, hidden) * torch.from_numpy(wts[tok, slot]).unsqueeze(1)
         y.index_add_(0, torch.from_numpy(tok).long(), ye)
