@@ -7,6 +7,7 @@ float matrix.
 """
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import struct
@@ -61,7 +62,7 @@ class ExpertEntry:
     segments: tuple[Segment, ...]
     formats: tuple[MatrixFormat, MatrixFormat, MatrixFormat]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.segments)
 

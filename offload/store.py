@@ -223,8 +223,7 @@ class Lease:
     def __init__(self, store: "ExpertStore", key: Key, slot: int, tier: str):
         self._store, self.key, self.slot, self.tier = store, key, slot, tier
         self.entry = store.layout.entry(*key)
-        base = store.pool.tensor(slot)
-        self.views = [base[o:o + n] for o, n in store.plan(key).data]
+        self.views = store.slot_views(slot, store.plan(key).data)
 
     def matrices(self, dtype: torch.dtype) -> list[torch.Tensor]:
         """gate, up, down dequantized to `dtype` (on the CPU)."""
@@ -256,6 +255,7 @@ class ExpertStore:
         keys = list(keys) if keys is not None else layout.keys()
         self.keys = keys
         self._plans = {k: plan_slot(layout.entry(*k)) for k in layout.keys()}
+        self._views: dict[tuple[int, tuple], tuple[torch.Tensor, ...]] = {}
         slot_bytes = max((self._plans[k].size for k in keys), default=ALIGN)
         self.all_resident = n_slots is None or n_slots >= len(keys)
         n = len(keys) if self.all_resident else max(1, int(n_slots or 1))
@@ -286,6 +286,15 @@ class ExpertStore:
 
     def plan(self, key: Key) -> SlotPlan:
         return self._plans[key]
+
+    def slot_views(self, slot: int, data: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, ...]:
+        """Byte views of `slot` at the (offset, nbytes) ranges `data`: made once per slot and plan shape (experts of a
+        layer share one), since a decode step leases ~8 experts per layer and slicing cost ~3 us a lease."""
+        v = self._views.get((slot, data))
+        if v is None:
+            base = self.pool.tensor(slot)
+            v = self._views[(slot, data)] = tuple(base[o:o + n] for o, n in data)
+        return v
 
     def is_resident(self, key: Key) -> bool:
         with self._cv:
