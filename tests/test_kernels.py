@@ -208,6 +208,37 @@ def test_per_head_matmul_matches_reference(qt, T, isas):
 
 
 @needs_c
+@pytest.mark.parametrize("cols", [32, 64, 128])
+def test_short_q8_0_rows_one_token(cols, isas):
+    """Rows of 1-4 Q8_0 blocks (MLA's k_b has 128 columns) for one token, on every ISA: right, and bit-identical
+    however the rows are split between threads and heads (the short-row kernel takes several rows per step)."""
+    rng = np.random.default_rng(cols)
+    heads, rows = 3, 45  # odd: the last step of each head is partial
+    w = make_weights(Q.Q8_0, heads * rows, cols, rng)
+    x = torch.from_numpy(rng.standard_normal((heads, 1, cols)).astype(np.float32))
+    wd = dequantize(w, Q.Q8_0).astype(np.float64).reshape(heads, rows, cols)
+    exact = np.stack([quant_act(x[h].numpy(), 32) @ wd[h].T for h in range(heads)])
+    mm = K.QHeads(w, int(Q.Q8_0), heads, cols)
+    before = K.get_threads()
+    try:
+        for name in isas:
+            K.set_isa(name)
+            K.set_threads(1)
+            y1 = mm(x)
+            assert rel(y1.numpy(), exact) < 2e-5, name
+            for h in range(heads):  # one head as its own matrix, then rows one at a time
+                one = K.qmatmul(x[h], w[h * rows:(h + 1) * rows], int(Q.Q8_0), cols)
+                assert torch.equal(one, y1[h]), name
+                assert torch.equal(torch.cat([K.qmatmul(x[h], w[h * rows + r:h * rows + r + 1], int(Q.Q8_0), cols)
+                                              for r in range(rows)], 1), y1[h]), name
+            for n in (2, 3):
+                K.set_threads(n)
+                assert torch.equal(mm(x), y1), (name, n)
+    finally:
+        K.set_threads(before)
+
+
+@needs_c
 def test_threads_give_identical_results():
     rng = np.random.default_rng(3)
     rows, cols = 301, 768
@@ -545,6 +576,10 @@ def test_avx512_kernels_emulated(qt, emulated_avx512):
                 lib.k2k_set_pairs(pairs)
                 assert rel(_lib_matmul(lib, x, w, qt, cols), exact) < 2e-5, (level, pairs, T)
     lib.k2k_set_pairs(0)
+    if qt == Q.Q8_0:  # the short-row kernel (rows of 4 blocks, one token)
+        w = make_weights(qt, rows, 128, rng)
+        x = rng.standard_normal((1, 128)).astype(np.float32)
+        assert rel(_lib_matmul(lib, x, w, qt, 128), quant_act(x, 32) @ dequantize(w, qt).astype(np.float64).T) < 2e-5
 
 
 def test_avx512_moe_emulated(emulated_avx512):
