@@ -84,7 +84,7 @@ def isas():
 
 @needs_c
 @pytest.mark.parametrize("qt", C_TYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("T", [1, 5, 20])  # 20: the many-token (prefill) kernels where a type has one
 def test_qmatmul_matches_dequant_reference(qt, T, isas):
     rng = np.random.default_rng(int(qt) * 10 + T)
     rows, cols = 37, 512
@@ -576,10 +576,11 @@ def test_avx512_kernels_emulated(qt, emulated_avx512):
                 lib.k2k_set_pairs(pairs)
                 assert rel(_lib_matmul(lib, x, w, qt, cols), exact) < 2e-5, (level, pairs, T)
     lib.k2k_set_pairs(0)
-    if qt == Q.Q8_0:  # the short-row kernel (rows of 4 blocks, one token)
-        w = make_weights(qt, rows, 128, rng)
-        x = rng.standard_normal((1, 128)).astype(np.float32)
-        assert rel(_lib_matmul(lib, x, w, qt, 128), quant_act(x, 32) @ dequantize(w, qt).astype(np.float64).T) < 2e-5
+    if qt == Q.Q8_0:  # the short-row kernel (rows of 4 blocks, one token) and the many-token one
+        for T, c in ((1, 128), (20, 256)):
+            w = make_weights(qt, rows, c, rng)
+            x = rng.standard_normal((T, c)).astype(np.float32)
+            assert rel(_lib_matmul(lib, x, w, qt, c), quant_act(x, 32) @ dequantize(w, qt).astype(np.float64).T) < 2e-5
 
 
 def test_avx512_moe_emulated(emulated_avx512):
