@@ -2790,6 +2790,10 @@ static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
 /* ------------------------------------------------------------------ matmul */
 
 #define MAXNT 64 /* tokens per kernel call; larger batches loop */
+#ifndef RUN_ROWS
+#define RUN_ROWS 16 /* rows per block when tokens come in several tiles (run_rows); 8-32 about the same */
+#endif
+#define RUN_TILE 4 /* tokens per kernel call there: the kernels' own tile */
 #define PREQUANT_MAX 65536 /* quantize activations in the calling thread up to this many values */
 
 /* Rows [r0, r1) of w.  The prefetch stream runs g_pfd bytes ahead and, past r1, continues into
@@ -2800,6 +2804,25 @@ static inline void run_rows(const kern_t *k, const uint8_t *w, int64_t row_strid
     const int64_t pfd = g_pfd;
     const int pairs = nt == 1 && k->fn2 && !g_no_pairs;
     if (nt == 1 && k->fnr && k->fnr(w + r0 * row_stride, (ptrdiff_t)row_stride, r1 - r0, nb, acts, out)) return;
+    if (nt > RUN_TILE) {
+        /* More tokens than a kernel call takes: a few rows at a time, each tile of tokens over those rows, so the
+         * tile's activations stay in L1 while the rows are read again from it (row by row with all tiles read
+         * every token's activations per row, from L2 once they outgrow L1).  One core, Q4_K / Q2_K [2048 x 7168] at
+         * 8-64 tokens: 1.3-1.5x (Q4_K at 21 tokens 89 -> 135 GMAC/s), [7168 x 2048] 1.0-1.3x; same bits. */
+        for (int64_t rb = r0; rb < r1; rb += RUN_ROWS) {
+            const int64_t re = rb + RUN_ROWS < r1 ? rb + RUN_ROWS : r1;
+            for (int t0 = 0; t0 < nt; t0 += RUN_TILE)
+                for (int64_t r = rb; r < re; r++) {
+                    const uint8_t *row = w + r * row_stride, *pf = NULL;
+                    if (t0 == 0 && pfd > 0) {
+                        pf = row + pfd;
+                        if (pf >= end) pf = next ? next + (pf - end) : NULL;
+                    }
+                    k->fn(row, nb, acts + t0, nt - t0 < RUN_TILE ? nt - t0 : RUN_TILE, out + t0 * os + (r - r0), os, pf);
+                }
+        }
+        return;
+    }
     for (int64_t r = r0; r < r1;) {
         const uint8_t *row = w + r * row_stride, *pf = NULL, *pf1 = NULL;
         if (pfd > 0) {
