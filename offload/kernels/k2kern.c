@@ -714,6 +714,37 @@ AI T256 __m256i one_scale(__m256i half_bcast, int k) {
         }                                                                                                  \
     }
 
+/* As NT_DISPATCH with TILE 4, but each token count gets its own (not inlined) function: in one function the
+ * compiler's register choices for one count spilled the constants of another (Q3_K T=1 5% slower with the
+ * 3- and 4-token loops beside it). */
+#define NT_DISPATCH4_SPLIT(name, ATTR)                                                                         \
+    ATTR static __attribute__((noinline)) void name##_1(const uint8_t *w, int nb, const act_t *a, float *out,     \
+                                                        ptrdiff_t os, const uint8_t *pf) {                        \
+        name##_nt(w, nb, a, 1, out, os, pf);                                                                      \
+    }                                                                                                             \
+    ATTR static __attribute__((noinline)) void name##_2(const uint8_t *w, int nb, const act_t *a, float *out,     \
+                                                        ptrdiff_t os, const uint8_t *pf) {                        \
+        name##_nt(w, nb, a, 2, out, os, pf);                                                                      \
+    }                                                                                                             \
+    ATTR static __attribute__((noinline)) void name##_3(const uint8_t *w, int nb, const act_t *a, float *out,     \
+                                                        ptrdiff_t os, const uint8_t *pf) {                        \
+        name##_nt(w, nb, a, 3, out, os, pf);                                                                      \
+    }                                                                                                             \
+    ATTR static __attribute__((noinline)) void name##_4(const uint8_t *w, int nb, const act_t *a, float *out,     \
+                                                        ptrdiff_t os, const uint8_t *pf) {                        \
+        name##_nt(w, nb, a, 4, out, os, pf);                                                                      \
+    }                                                                                                             \
+    ATTR static void name(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,             \
+                          const uint8_t *pf) {                                                                    \
+        for (int t0 = 0; t0 < nt; t0 += 4, pf = NULL) {                                                           \
+            const int n = nt - t0 < 4 ? nt - t0 : 4;                                                              \
+            if (n == 4) name##_4(w, nb, a + t0, out + t0 * os, os, pf);                                           \
+            else if (n == 1) name##_1(w, nb, a + t0, out + t0 * os, os, pf);                                      \
+            else if (n == 2) name##_2(w, nb, a + t0, out + t0 * os, os, pf);                                      \
+            else name##_3(w, nb, a + t0, out + t0 * os, os, pf);                                                  \
+        }                                                                                                         \
+    }
+
 AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 acc[4];
@@ -803,68 +834,125 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
 }
 NT_DISPATCH(q5k_avx2, T256, 2)
 
-/* Q2_K (signed=0) and Q3_K (signed=1) share the 2-bit plane walk. */
-AI T256 void q23k_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int three) {
-    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(0x0F), bit2 = _mm256_set1_epi8(4);
-    const int bpb = three ? 110 : 84;
-    __m256 acc[4], accm[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm256_setzero_ps();
+/* vpshufb masks for the 2-bit K-quants: mask k spreads scale byte 2k over the int16 lanes of the low 128 half and
+ * byte 2k+1 over the high half (the 16 scale bytes broadcast to both halves), for plane k = 4n + j (sub-blocks
+ * 8n + 2j, 8n + 2j + 1).  LO: byte zero-extended; HI: byte in the high half of the int16 (256 x the signed byte,
+ * a sign-extension for free). */
+#define K2K_SPL(a) a, -128, a, -128, a, -128, a, -128, a, -128, a, -128, a, -128, a, -128
+#define K2K_SPH(a) -128, a, -128, a, -128, a, -128, a, -128, a, -128, a, -128, a, -128, a
+static const int8_t sc2_lo_mask[8][32] __attribute__((aligned(32))) = {
+    {K2K_SPL(0), K2K_SPL(1)},   {K2K_SPL(2), K2K_SPL(3)},   {K2K_SPL(4), K2K_SPL(5)},   {K2K_SPL(6), K2K_SPL(7)},
+    {K2K_SPL(8), K2K_SPL(9)},   {K2K_SPL(10), K2K_SPL(11)}, {K2K_SPL(12), K2K_SPL(13)}, {K2K_SPL(14), K2K_SPL(15)}};
+static const int8_t sc2_hi_mask[8][32] __attribute__((aligned(32))) = {
+    {K2K_SPH(0), K2K_SPH(1)},   {K2K_SPH(2), K2K_SPH(3)},   {K2K_SPH(4), K2K_SPH(5)},   {K2K_SPH(6), K2K_SPH(7)},
+    {K2K_SPH(8), K2K_SPH(9)},   {K2K_SPH(10), K2K_SPH(11)}, {K2K_SPH(12), K2K_SPH(13)}, {K2K_SPH(14), K2K_SPH(15)}};
+#undef K2K_SPL
+#undef K2K_SPH
+AI T256 __m256i sc2_lo(__m256i sc, int k) { return _mm256_shuffle_epi8(sc, _mm256_load_si256((const __m256i *)sc2_lo_mask[k])); }
+AI T256 __m256i sc2_hi(__m256i sc, int k) { return _mm256_shuffle_epi8(sc, _mm256_load_si256((const __m256i *)sc2_hi_mask[k])); }
+/* fp16 at p broadcast to 8 floats */
+AI T256 __m256 h2f_bc256(const uint8_t *p) { return _mm256_cvtph_ps(_mm_set1_epi16((short)rd16(p))); }
+
+/* Q2_K: planes 0..2 stay in place (q & 3 << 2j = 4^j v, at most 48: maddubs cannot saturate), plane 3 is shifted
+ * down, and the scales take 16 / 4^j (16 for plane 3; one vpmullw per block on the scale bytes, at most 240), so
+ * every product is 16 x the true one; the mins come 16 x as well (high nibble masked in place), and 1/16 is applied
+ * once at the end.  Each 32 weights' int16 scale pair is one vpshufb of the scale bytes. */
+AI T256 void q2k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    const __m256i m3 = _mm256_set1_epi8(3), mC = _mm256_set1_epi8(0x0C), m30 = _mm256_set1_epi8(0x30), m4 = _mm256_set1_epi8(0x0F);
+    /* int16 lane k of the scale bytes holds sub-blocks 2k, 2k+1, plane k % 4 */
+    const __m256i pmul = _mm256_setr_epi16(16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16);
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++) {
-        const uint8_t *b = w + bpb * i;
-        pf_block(pf, i, bpb);
-        __m256i sc16, mn16;
-        float dw, dmw;
-        if (three) {
-            sc16 = _mm256_cvtepi8_epi16(q3_scales(b));
-            mn16 = sc16;
-            dw = h2f_256(b + 108);
-            dmw = 4.f * dw;
-        } else {
-            __m128i raw = _mm_loadu_si128((const __m128i *)b);
-            sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm256_castsi256_si128(m4)));
-            mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm256_castsi256_si128(m4)));
-            dw = h2f_256(b + 80);
-            dmw = h2f_256(b + 82);
-        }
-        const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
-                                 _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
-        const uint8_t *qs = three ? b + 32 : b + 16;
-        const __m256i hm = three ? _mm256_loadu_si256((const __m256i *)b) : _mm256_setzero_si256();
+        const uint8_t *b = w + 84 * i;
+        pf_block(pf, i, 84);
+        const __m128i raw = _mm_loadu_si128((const __m128i *)b);
+        const __m256i sc = _mm256_mullo_epi16(_mm256_and_si256(_mm256_broadcastsi128_si256(raw), m4), pmul);
+        const __m256i mn = _mm256_and_si256(_mm256_cvtepu8_epi16(raw), _mm256_set1_epi16(0xF0)); /* 16 x min */
+        const __m256 dw = h2f_bc256(b + 80), dmw = h2f_bc256(b + 82);
         __m256i sumi[4];
-        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
         for (int n = 0; n < 2; n++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * n));
-            for (int j = 0; j < 4; j++) {
-                __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m3);
-                if (three) {
-                    const int bit = 4 * n + j;
-                    __m256i h = bit <= 2 ? _mm256_slli_epi16(hm, 2 - bit) : _mm256_srli_epi16(hm, bit - 2);
-                    v = _mm256_or_si256(v, _mm256_and_si256(h, bit2));
-                }
-                const __m256i s = pair_scales(half[n], j);
-                for (int t = 0; t < NT; t++) {
-                    const int8_t *aq = a[t].q + 256 * i + 128 * n + 32 * j;
-                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)aq)), s));
-                }
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
+            const __m256i v[4] = {_mm256_and_si256(q, m3), _mm256_and_si256(q, mC), _mm256_and_si256(q, m30),
+                                  _mm256_and_si256(_mm256_srli_epi16(q, 6), m3)};
+            __m256i s[4];
+            for (int j = 0; j < 4; j++) s[j] = sc2_lo(sc, 4 * n + j);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *aq = a[t].q + 256 * i + 128 * n;
+                __m256i p[4];
+                for (int j = 0; j < 4; j++)
+                    p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(aq + 32 * j))), s[j]);
+                const __m256i g = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
+                sumi[t] = n ? _mm256_add_epi32(sumi[t], g) : g;
             }
         }
         for (int t = 0; t < NT; t++) {
-            const float da = a[t].d[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(dw * da), acc[t]);
-            __m256i pm = _mm256_madd_epi16(mn16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
-            accm[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_set1_ps(dmw * da), accm[t]);
+            const __m256i pm = _mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            const __m256 f = _mm256_fmsub_ps(_mm256_cvtepi32_ps(sumi[t]), dw, _mm256_mul_ps(_mm256_cvtepi32_ps(pm), dmw));
+            acc[t] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(a[t].d + i), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) out[t * os] = hsum256(_mm256_sub_ps(acc[t], accm[t]));
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]) * (1.f / 16.f);
 }
-AI T256 void q2k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
-    q23k_avx2_body(w, nb, a, NT, out, os, pf, 0);
+
+/* Q3_K scales as q3_scales, in both 128 halves */
+AI T256 __m256i q3_scales_bc(const uint8_t *b) {
+    const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(b + 94)));
+    const __m256i lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, _mm256_setr_epi8(2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                                                                  2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5, 6, 7, 8, 9)),
+                                                         _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4)),
+                                        _mm256_set1_epi8(0x0F));
+    const __m256i h = _mm256_shuffle_epi8(x, _mm256_setr_epi8(10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13,
+                                                              10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13));
+    const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_sllv_epi32(h, _mm256_setr_epi32(4, 2, 0, 0, 4, 2, 0, 0)),
+                                                          _mm256_setr_epi32(0, 0, 0, 2, 0, 0, 0, 2)),
+                                        _mm256_set1_epi8(0x30));
+    return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
 }
+
+/* Q3_K: weights as unsigned 0..7 (2-bit plane | high bit << 2, 4 too many), signed scales as 256 x int16 straight
+ * from one vpshufb (sc2_hi), so the block sum is 256 x the true one; the -4 offset is integer too (1024 x scales
+ * against the activation sums per 16) and leaves the block as one int32 vector. */
 AI T256 void q3k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
-    q23k_avx2_body(w, nb, a, NT, out, os, pf, 1);
+    const __m256i m3 = _mm256_set1_epi8(3), bit2 = _mm256_set1_epi8(4);
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 110 * i;
+        pf_block(pf, i, 110);
+        const __m256i sc = q3_scales_bc(b);
+        const __m256i sck = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(sc)), 10); /* -32768 .. 31744 */
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+        const __m256 dw = h2f_bc256(b + 108);
+        __m256i sumi[4];
+        for (int n = 0; n < 2; n++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
+            __m256i v[4], s[4];
+            for (int j = 0; j < 4; j++) {
+                const int bit = 4 * n + j;
+                const __m256i h = bit <= 2 ? _mm256_slli_epi16(hm, 2 - bit) : _mm256_srli_epi16(hm, bit - 2);
+                v[j] = _mm256_or_si256(_mm256_and_si256(j ? _mm256_srli_epi16(q, 2 * j) : q, m3), _mm256_and_si256(h, bit2));
+                s[j] = sc2_hi(sc, 4 * n + j);
+            }
+            for (int t = 0; t < NT; t++) {
+                const int8_t *aq = a[t].q + 256 * i + 128 * n;
+                __m256i p[4];
+                for (int j = 0; j < 4; j++)
+                    p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(aq + 32 * j))), s[j]);
+                const __m256i g = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
+                sumi[t] = n ? _mm256_add_epi32(sumi[t], g) : g;
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const __m256i pm = _mm256_madd_epi16(sck, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[t], pm)), dw);
+            acc[t] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(a[t].d + i), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]) * (1.f / 256.f);
 }
-NT_DISPATCH(q2k_avx2, T256, 2)
-NT_DISPATCH(q3k_avx2, T256, 2)
+NT_DISPATCH4_SPLIT(q2k_avx2, T256)
+NT_DISPATCH4_SPLIT(q3k_avx2, T256)
 
 AI T256 void q6k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
