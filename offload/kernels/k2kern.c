@@ -662,6 +662,8 @@ AI T256 float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 AI T256 float h2f_256(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
+/* fp16 at p broadcast to 8 floats */
+AI T256 __m256 h2f_bc256(const uint8_t *p) { return _mm256_cvtph_ps(_mm_set1_epi16((short)rd16(p))); }
 
 /* Q4_K/Q5_K scales (bytes 0..7) and mins (8..15), in a register (no store-forwarding stall) */
 AI T256 __m128i k4_scales(const uint8_t *s) {
@@ -698,6 +700,29 @@ AI T256 __m256i pair_scales(__m256i half_bcast, int j) {
 /* broadcast int16 scale k (k in 0..7 of the 128 half) to all 16 lanes */
 AI T256 __m256i one_scale(__m256i half_bcast, int k) {
     return _mm256_shuffle_epi8(half_bcast, _mm256_set1_epi16((short)((2 * k) | ((2 * k + 1) << 8))));
+}
+
+/* Q4_K/Q5_K scales (bytes 0..7) and mins (8..15) as k4_scales, in both 128 halves, unpacked in SIMD from one load
+ * of the 12 packed bytes s (reads s .. s + 15): dwords (s0-3, s8-11, s4-7, s8-11) shifted right by (0, 0, 0, 4) and
+ * masked to 6 / 4 / 6 / 4 bits, or'ed with bits 6-7 of (-, s0-3, -, s4-7) moved to 4-5 (8 instructions instead of
+ * ~13 scalar ones and four inserts). */
+AI T256 __m256i k4_scales_bc(const uint8_t *s) {
+    const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)s));
+    const __m256i lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(x, _mm256_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                                                                  0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11)),
+                                                         _mm256_setr_epi32(0, 0, 0, 4, 0, 0, 0, 4)),
+                                        _mm256_setr_epi32(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F));
+    const __m256i h = _mm256_shuffle_epi8(x, _mm256_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7,
+                                                              -1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    return _mm256_or_si256(lo, _mm256_and_si256(_mm256_srli_epi32(h, 2), _mm256_set1_epi8(0x30)));
+}
+/* unsigned scale byte k (of each 128 half) zero-extended to all 16 int16 lanes */
+AI T256 __m256i one_scale_u8(__m256i bytes_bcast, int k) {
+    return _mm256_shuffle_epi8(bytes_bcast, _mm256_set1_epi16((short)(k | 0x8000)));
+}
+/* the mins (bytes 8..15 of k4_scales_bc) as 8 int16 */
+AI T256 __m128i k4_mins16(__m256i sm) {
+    return _mm_shuffle_epi8(_mm256_castsi256_si128(sm), _mm_setr_epi8(8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1));
 }
 
 /* Kernels are written for a compile-time token count NT (always_inline + constant folding keeps
@@ -748,21 +773,20 @@ AI T256 __m256i one_scale(__m256i half_bcast, int k) {
 AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 acc[4];
-    __m128 accm[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps();
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + 144 * i;
         pf_block(pf, i, 144);
-        const __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales(b + 4));
-        const __m256i scb = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
-        const __m128i mins = _mm256_extracti128_si256(sm16, 1);
-        const float dw = h2f_256(b), dmw = h2f_256(b + 2);
+        const __m256i scb = k4_scales_bc(b + 4);
+        const __m128i mins = k4_mins16(scb);
+        const __m256 dw = h2f_bc256(b);
+        const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
         __m256i sumi[4];
         for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
             const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            const __m256i s0 = one_scale(scb, 2 * j), s1 = one_scale(scb, 2 * j + 1);
+            const __m256i s0 = one_scale_u8(scb, 2 * j), s1 = one_scale_u8(scb, 2 * j + 1);
             for (int t = 0; t < NT; t++) {
                 const int8_t *aq = a[t].q + 256 * i + 64 * j;
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
@@ -771,32 +795,28 @@ AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
             }
         }
         for (int t = 0; t < NT; t++) {
-            const float da = a[t].d[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(dw * da), acc[t]);
-            __m128i pm = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(a[t].bs32 + 8 * i)));
-            accm[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(pm), _mm_set1_ps(dmw * da), accm[t]);
+            /* one accumulator: the mins' 4 products go in as the zeroed-upper low half */
+            const __m256 da = _mm256_broadcast_ss(a[t].d + i);
+            const __m128i pm = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(a[t].bs32 + 8 * i)));
+            const __m256 f = _mm256_fmsub_ps(_mm256_cvtepi32_ps(sumi[t]), dw, _mm256_zextps128_ps256(_mm_mul_ps(_mm_cvtepi32_ps(pm), dmw)));
+            acc[t] = _mm256_fmadd_ps(f, da, acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) {
-        __m256 m = _mm256_castps128_ps256(accm[t]);
-        m = _mm256_insertf128_ps(m, _mm_setzero_ps(), 1);
-        out[t * os] = hsum256(_mm256_sub_ps(acc[t], m));
-    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
-NT_DISPATCH(q4k_avx2, T256, 2)
+NT_DISPATCH4_SPLIT(q4k_avx2, T256)
 
 AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
     __m256 acc[4];
-    __m128 accm[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps();
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + 176 * i;
         pf_block(pf, i, 176);
-        const __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales(b + 4));
-        const __m256i scb = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
-        const __m128i mins = _mm256_extracti128_si256(sm16, 1);
-        const float dw = h2f_256(b), dmw = h2f_256(b + 2);
+        const __m256i scb = k4_scales_bc(b + 4);
+        const __m128i mins = k4_mins16(scb);
+        const __m256 dw = h2f_bc256(b);
+        const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
         __m256i sumi[4];
         for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
@@ -812,7 +832,7 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
             }
             const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_and_si256(hlo, b4));
             const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), _mm256_and_si256(hhi, b4));
-            const __m256i s0 = one_scale(scb, 2 * j), s1 = one_scale(scb, 2 * j + 1);
+            const __m256i s0 = one_scale_u8(scb, 2 * j), s1 = one_scale_u8(scb, 2 * j + 1);
             for (int t = 0; t < NT; t++) {
                 const int8_t *aq = a[t].q + 256 * i + 64 * j;
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
@@ -821,18 +841,16 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
             }
         }
         for (int t = 0; t < NT; t++) {
-            const float da = a[t].d[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(dw * da), acc[t]);
-            __m128i pm = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(a[t].bs32 + 8 * i)));
-            accm[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(pm), _mm_set1_ps(dmw * da), accm[t]);
+            /* one accumulator: the mins' 4 products go in as the zeroed-upper low half */
+            const __m256 da = _mm256_broadcast_ss(a[t].d + i);
+            const __m128i pm = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)(a[t].bs32 + 8 * i)));
+            const __m256 f = _mm256_fmsub_ps(_mm256_cvtepi32_ps(sumi[t]), dw, _mm256_zextps128_ps256(_mm_mul_ps(_mm_cvtepi32_ps(pm), dmw)));
+            acc[t] = _mm256_fmadd_ps(f, da, acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) {
-        __m256 m = _mm256_insertf128_ps(_mm256_castps128_ps256(accm[t]), _mm_setzero_ps(), 1);
-        out[t * os] = hsum256(_mm256_sub_ps(acc[t], m));
-    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
-NT_DISPATCH(q5k_avx2, T256, 2)
+NT_DISPATCH4_SPLIT(q5k_avx2, T256)
 
 /* vpshufb masks for the 2-bit K-quants: mask k spreads scale byte 2k over the int16 lanes of the low 128 half and
  * byte 2k+1 over the high half (the 16 scale bytes broadcast to both halves), for plane k = 4n + j (sub-blocks
@@ -850,8 +868,6 @@ static const int8_t sc2_hi_mask[8][32] __attribute__((aligned(32))) = {
 #undef K2K_SPH
 AI T256 __m256i sc2_lo(__m256i sc, int k) { return _mm256_shuffle_epi8(sc, _mm256_load_si256((const __m256i *)sc2_lo_mask[k])); }
 AI T256 __m256i sc2_hi(__m256i sc, int k) { return _mm256_shuffle_epi8(sc, _mm256_load_si256((const __m256i *)sc2_hi_mask[k])); }
-/* fp16 at p broadcast to 8 floats */
-AI T256 __m256 h2f_bc256(const uint8_t *p) { return _mm256_cvtph_ps(_mm_set1_epi16((short)rd16(p))); }
 
 /* Q2_K: planes 0..2 stay in place (q & 3 << 2j = 4^j v, at most 48: maddubs cannot saturate), plane 3 is shifted
  * down, and the scales take 16 / 4^j (16 for plane 3; one vpmullw per block on the scale bytes, at most 240), so
