@@ -778,9 +778,6 @@ AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         const uint8_t *b = w + 144 * i;
         pf_block(pf, i, 144);
         const __m256i scb = k4_scales_bc(b + 4);
-        const __m128i mins = k4_mins16(scb);
-        const __m256 dw = h2f_bc256(b);
-        const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
         __m256i sumi[4];
         for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
@@ -794,6 +791,9 @@ AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
             }
         }
+        const __m128i mins = k4_mins16(scb);
+        const __m256 dw = h2f_bc256(b);
+        const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
         for (int t = 0; t < NT; t++) {
             /* one accumulator: the mins' 4 products go in as the zeroed-upper low half */
             const __m256 da = _mm256_broadcast_ss(a[t].d + i);
@@ -814,9 +814,6 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         const uint8_t *b = w + 176 * i;
         pf_block(pf, i, 176);
         const __m256i scb = k4_scales_bc(b + 4);
-        const __m128i mins = k4_mins16(scb);
-        const __m256 dw = h2f_bc256(b);
-        const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
         __m256i sumi[4];
         for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
@@ -840,6 +837,9 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
             }
         }
+        const __m128i mins = k4_mins16(scb);
+        const __m256 dw = h2f_bc256(b);
+        const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
         for (int t = 0; t < NT; t++) {
             /* one accumulator: the mins' 4 products go in as the zeroed-upper low half */
             const __m256 da = _mm256_broadcast_ss(a[t].d + i);
@@ -884,24 +884,24 @@ AI T256 void q2k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         pf_block(pf, i, 84);
         const __m128i raw = _mm_loadu_si128((const __m128i *)b);
         const __m256i sc = _mm256_mullo_epi16(_mm256_and_si256(_mm256_broadcastsi128_si256(raw), m4), pmul);
-        const __m256i mn = _mm256_and_si256(_mm256_cvtepu8_epi16(raw), _mm256_set1_epi16(0xF0)); /* 16 x min */
-        const __m256 dw = h2f_bc256(b + 80), dmw = h2f_bc256(b + 82);
-        __m256i sumi[4];
+        __m256i sumi[4], e[4];
         for (int n = 0; n < 2; n++) {
             const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * n));
-            const __m256i v[4] = {_mm256_and_si256(q, m3), _mm256_and_si256(q, mC), _mm256_and_si256(q, m30),
-                                  _mm256_and_si256(_mm256_srli_epi16(q, 6), m3)};
-            __m256i s[4];
-            for (int j = 0; j < 4; j++) s[j] = sc2_lo(sc, 4 * n + j);
-            for (int t = 0; t < NT; t++) {
-                const int8_t *aq = a[t].q + 256 * i + 128 * n;
-                __m256i p[4];
-                for (int j = 0; j < 4; j++)
-                    p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(aq + 32 * j))), s[j]);
-                const __m256i g = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
-                sumi[t] = n ? _mm256_add_epi32(sumi[t], g) : g;
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = j == 0 ? _mm256_and_si256(q, m3) : j == 1 ? _mm256_and_si256(q, mC)
+                                : j == 2 ? _mm256_and_si256(q, m30) : _mm256_and_si256(_mm256_srli_epi16(q, 6), m3);
+                const __m256i s = sc2_lo(sc, 4 * n + j);
+                for (int t = 0; t < NT; t++) { /* sums as a tree: ((p0 + p1) + (p2 + p3)) per 128 (the source order
+                                                * is the schedule: computing all planes first spilled) */
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j))), s);
+                    if (j == 0 || j == 2) e[t] = p;
+                    else if (j == 1) sumi[t] = n ? _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p)) : _mm256_add_epi32(e[t], p);
+                    else sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p));
+                }
             }
         }
+        const __m256i mn = _mm256_and_si256(_mm256_cvtepu8_epi16(raw), _mm256_set1_epi16(0xF0)); /* 16 x min */
+        const __m256 dw = h2f_bc256(b + 80), dmw = h2f_bc256(b + 82);
         for (int t = 0; t < NT; t++) {
             const __m256i pm = _mm256_madd_epi16(mn, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
             const __m256 f = _mm256_fmsub_ps(_mm256_cvtepi32_ps(sumi[t]), dw, _mm256_mul_ps(_mm256_cvtepi32_ps(pm), dmw));
@@ -937,28 +937,25 @@ AI T256 void q3k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         const uint8_t *b = w + 110 * i;
         pf_block(pf, i, 110);
         const __m256i sc = q3_scales_bc(b);
-        const __m256i sck = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(sc)), 10); /* -32768 .. 31744 */
         const __m256i hm = _mm256_loadu_si256((const __m256i *)b);
-        const __m256 dw = h2f_bc256(b + 108);
-        __m256i sumi[4];
+        __m256i sumi[4], e[4];
         for (int n = 0; n < 2; n++) {
             const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
-            __m256i v[4], s[4];
             for (int j = 0; j < 4; j++) {
                 const int bit = 4 * n + j;
                 const __m256i h = bit <= 2 ? _mm256_slli_epi16(hm, 2 - bit) : _mm256_srli_epi16(hm, bit - 2);
-                v[j] = _mm256_or_si256(_mm256_and_si256(j ? _mm256_srli_epi16(q, 2 * j) : q, m3), _mm256_and_si256(h, bit2));
-                s[j] = sc2_hi(sc, 4 * n + j);
-            }
-            for (int t = 0; t < NT; t++) {
-                const int8_t *aq = a[t].q + 256 * i + 128 * n;
-                __m256i p[4];
-                for (int j = 0; j < 4; j++)
-                    p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(aq + 32 * j))), s[j]);
-                const __m256i g = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
-                sumi[t] = n ? _mm256_add_epi32(sumi[t], g) : g;
+                const __m256i v = _mm256_or_si256(_mm256_and_si256(j ? _mm256_srli_epi16(q, 2 * j) : q, m3), _mm256_and_si256(h, bit2));
+                const __m256i s = sc2_hi(sc, 4 * n + j);
+                for (int t = 0; t < NT; t++) { /* as Q2_K */
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j))), s);
+                    if (j == 0 || j == 2) e[t] = p;
+                    else if (j == 1) sumi[t] = n ? _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p)) : _mm256_add_epi32(e[t], p);
+                    else sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p));
+                }
             }
         }
+        const __m256i sck = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(sc)), 10); /* -32768 .. 31744 */
+        const __m256 dw = h2f_bc256(b + 108);
         for (int t = 0; t < NT; t++) {
             const __m256i pm = _mm256_madd_epi16(sck, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
             const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[t], pm)), dw);
@@ -970,23 +967,23 @@ AI T256 void q3k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
 NT_DISPATCH4_SPLIT(q2k_avx2, T256)
 NT_DISPATCH4_SPLIT(q3k_avx2, T256)
 
+/* Q6_K: weights unsigned 0..63; the -32 offset is integer too (32 x scales against the activation sums per 16),
+ * so each block leaves one int32 vector and one accumulator per token. */
 AI T256 void q6k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
-    __m256 acc[4], accm[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm256_setzero_ps();
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + 210 * i;
         pf_block(pf, i, 210);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
-        const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
-                                 _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
-        const float dw = h2f_256(b + 208);
+        const __m256i half[2] = {_mm256_permute4x64_epi64(sc16, 0x44), _mm256_permute4x64_epi64(sc16, 0xEE)};
         __m256i sumi[4];
-        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
         for (int n = 0; n < 2; n++) {
             const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * n));
             const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32));
             const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
+            __m256i e[4];
             for (int k = 0; k < 4; k++) {
                 __m256i lo = (k & 1) ? l1 : l0;
                 lo = (k & 2) ? _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4) : _mm256_and_si256(lo, m4);
@@ -997,24 +994,25 @@ AI T256 void q6k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
                 case 2: h = qh; break;
                 default: h = _mm256_srli_epi16(qh, 2); break;
                 }
-                const __m256i v = _mm256_or_si256(lo, _mm256_and_si256(h, m30));
-                const __m256i s = pair_scales(half[n], k);
-                for (int t = 0; t < NT; t++) {
-                    const int8_t *aq = a[t].q + 256 * i + 128 * n + 32 * k;
-                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)aq)), s));
+                const __m256i v = _mm256_or_si256(lo, _mm256_and_si256(h, m30)), s = pair_scales(half[n], k);
+                for (int t = 0; t < NT; t++) { /* sums as a tree: ((p0 + p1) + (p2 + p3)) per 128 */
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * k))), s);
+                    if (k == 0 || k == 2) e[t] = p;
+                    else if (k == 1) sumi[t] = n ? _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p)) : _mm256_add_epi32(e[t], p);
+                    else sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p));
                 }
             }
         }
+        const __m256i sc32 = _mm256_slli_epi16(sc16, 5); /* |32 s| <= 4096 */
+        const __m256 dw = h2f_bc256(b + 208);
         for (int t = 0; t < NT; t++) {
-            const float da = a[t].d[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(dw * da), acc[t]);
-            __m256i pm = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
-            accm[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pm), _mm256_set1_ps(32.f * dw * da), accm[t]);
+            const __m256i pm = _mm256_madd_epi16(sc32, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[t], pm)), _mm256_mul_ps(dw, _mm256_broadcast_ss(a[t].d + i)), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) out[t * os] = hsum256(_mm256_sub_ps(acc[t], accm[t]));
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
-NT_DISPATCH(q6k_avx2, T256, 2)
+NT_DISPATCH4_SPLIT(q6k_avx2, T256)
 
 /* Q8_0: |w| against the activations with w's sign (maddubs, madd), one fmadd per block; U accumulators per token
  * in turn (4 at one token, else 2): with one, the fmadd latency chain was the limit (T=1 8.3 -> 6.4 ns per 256).
