@@ -941,17 +941,27 @@ AI T256 void q3k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         __m256i sumi[4], e[4];
         for (int n = 0; n < 2; n++) {
             const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * n));
+            __m256i v[4], s[4];
             for (int j = 0; j < 4; j++) {
                 const int bit = 4 * n + j;
                 const __m256i h = bit <= 2 ? _mm256_slli_epi16(hm, 2 - bit) : _mm256_srli_epi16(hm, bit - 2);
-                const __m256i v = _mm256_or_si256(_mm256_and_si256(j ? _mm256_srli_epi16(q, 2 * j) : q, m3), _mm256_and_si256(h, bit2));
-                const __m256i s = sc2_hi(sc, 4 * n + j);
+                v[j] = _mm256_or_si256(_mm256_and_si256(j ? _mm256_srli_epi16(q, 2 * j) : q, m3), _mm256_and_si256(h, bit2));
+                s[j] = sc2_hi(sc, 4 * n + j);
+                if (NT >= 3) continue; /* 3-4 tokens: all four planes first (the other order spilled there) */
                 for (int t = 0; t < NT; t++) { /* as Q2_K */
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j))), s);
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j))), s[j]);
                     if (j == 0 || j == 2) e[t] = p;
                     else if (j == 1) sumi[t] = n ? _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p)) : _mm256_add_epi32(e[t], p);
                     else sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p));
                 }
+            }
+            for (int t = 0; t < NT && NT >= 3; t++) {
+                const int8_t *aq = a[t].q + 256 * i + 128 * n;
+                __m256i p[4];
+                for (int j = 0; j < 4; j++)
+                    p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(aq + 32 * j))), s[j]);
+                const __m256i g = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
+                sumi[t] = n ? _mm256_add_epi32(sumi[t], g) : g;
             }
         }
         const __m256i sck = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(sc)), 10); /* -32768 .. 31744 */
