@@ -777,13 +777,16 @@ AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + 144 * i;
         pf_block(pf, i, 144);
-        const __m256i scb = k4_scales_bc(b + 4);
+        /* one token: SIMD unpack; more: the scalar one (GPR ports, idle while the vector ones are the limit) */
+        const __m256i sm16 = NT == 1 ? _mm256_setzero_si256() : _mm256_cvtepu8_epi16(k4_scales(b + 4));
+        const __m256i scb = NT == 1 ? k4_scales_bc(b + 4) : _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
         __m256i sumi[4];
         for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
             const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            const __m256i s0 = one_scale_u8(scb, 2 * j), s1 = one_scale_u8(scb, 2 * j + 1);
+            const __m256i s0 = NT == 1 ? one_scale_u8(scb, 2 * j) : one_scale(scb, 2 * j);
+            const __m256i s1 = NT == 1 ? one_scale_u8(scb, 2 * j + 1) : one_scale(scb, 2 * j + 1);
             for (int t = 0; t < NT; t++) {
                 const int8_t *aq = a[t].q + 256 * i + 64 * j;
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
@@ -791,7 +794,7 @@ AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
             }
         }
-        const __m128i mins = k4_mins16(scb);
+        const __m128i mins = NT == 1 ? k4_mins16(scb) : _mm256_extracti128_si256(sm16, 1);
         const __m256 dw = h2f_bc256(b);
         const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
         for (int t = 0; t < NT; t++) {
@@ -813,7 +816,9 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + 176 * i;
         pf_block(pf, i, 176);
-        const __m256i scb = k4_scales_bc(b + 4);
+        /* one token: SIMD unpack; more: the scalar one (GPR ports, idle while the vector ones are the limit) */
+        const __m256i sm16 = NT == 1 ? _mm256_setzero_si256() : _mm256_cvtepu8_epi16(k4_scales(b + 4));
+        const __m256i scb = NT == 1 ? k4_scales_bc(b + 4) : _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
         __m256i sumi[4];
         for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
@@ -829,7 +834,8 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
             }
             const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_and_si256(hlo, b4));
             const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), _mm256_and_si256(hhi, b4));
-            const __m256i s0 = one_scale_u8(scb, 2 * j), s1 = one_scale_u8(scb, 2 * j + 1);
+            const __m256i s0 = NT == 1 ? one_scale_u8(scb, 2 * j) : one_scale(scb, 2 * j);
+            const __m256i s1 = NT == 1 ? one_scale_u8(scb, 2 * j + 1) : one_scale(scb, 2 * j + 1);
             for (int t = 0; t < NT; t++) {
                 const int8_t *aq = a[t].q + 256 * i + 64 * j;
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
@@ -837,7 +843,7 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
             }
         }
-        const __m128i mins = k4_mins16(scb);
+        const __m128i mins = NT == 1 ? k4_mins16(scb) : _mm256_extracti128_si256(sm16, 1);
         const __m256 dw = h2f_bc256(b);
         const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
         for (int t = 0; t < NT; t++) {
