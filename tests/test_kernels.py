@@ -684,3 +684,19 @@ def test_iq_gguf_decodes_same_tokens_as_torch(iq_gguf, monkeypatch):
     assert c_toks == t_toks
     # the C kernels quantize activations to 8 bits (as llama.cpp does): logits close, not equal
     assert (c_logits - t_logits).abs().max() < 0.05 * t_logits.abs().max()
+
+
+@needs_c
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5])
+def test_q8_0_block_counts_off_the_unroll(T, isas):
+    """Q8_0 rows of 1..7 blocks (the AVX2 kernel walks 4 or 2 blocks per step, then the rest one by one)."""
+    rng = np.random.default_rng(300 + T)
+    for nblk in range(1, 8):
+        rows, cols = 11, 32 * nblk
+        w = make_weights(Q.Q8_0, rows, cols, rng)
+        x = rng.standard_normal((T, cols)).astype(np.float32)
+        exact = quant_act(x, 32) @ dequantize(w, Q.Q8_0).astype(np.float64).T
+        for name in isas:
+            K.set_isa(name)
+            y = K.qmatmul(torch.from_numpy(x), w, int(Q.Q8_0), cols).numpy()
+            assert rel(y, exact) < 2e-5, (name, nblk)
