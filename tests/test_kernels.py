@@ -369,6 +369,25 @@ def test_moe_experts_matches_reference(types, hidden, inter, T, isas):
 
 
 @needs_c
+@needs_c
+def test_moe_one_row_given_k_times_as_a_stride_0_view(isas):
+    """A decode step passes one token's row K times (one output row per routed expert) as a stride-0 view, which the
+    kernel quantizes once: same bits as K real copies, on every ISA, and with differing gate/up layouts."""
+    rng = np.random.default_rng(9)
+    hidden, inter, E = 512, 256, 4
+    for types in ((Q.Q4_K,) * 3, (Q.Q4_K, Q.Q2_K, Q.Q6_K)):
+        experts = [tuple(make_weights(t, r, c, rng) for t, (r, c) in zip(types, ((inter, hidden), (inter, hidden),
+                                                                               (hidden, inter)))) for _ in range(E)]
+        row = torch.from_numpy(rng.standard_normal((1, hidden)).astype(np.float32))
+        idx = np.arange(E, dtype=np.int32).reshape(E, 1)
+        ones = np.ones((E, 1), dtype=np.float32)
+        for name in isas:
+            K.set_isa(name)
+            view = K.moe_experts(row.expand(E, hidden), experts, [int(t) for t in types], idx, ones)
+            copies = K.moe_experts(row.repeat(E, 1), experts, [int(t) for t in types], idx, ones)
+            assert torch.equal(view, copies), name
+
+
 def test_moe_experts_accumulate_and_empty():
     rng = np.random.default_rng(5)
     hidden, inter = 256, 256

@@ -3076,7 +3076,8 @@ typedef struct {
     const int *pair_tok;  /* pair -> token */
     const float *pair_w;  /* pair -> routing weight */
     uint8_t *xa_g, *xa_u; /* per token activation buffers (hidden) */
-    size_t xab;
+    size_t xab, xas;      /* bytes of one buffer; bytes between tokens' buffers (0: every token is the same row) */
+    int64_t Tq;           /* distinct rows to quantize: T, or 1 when x's row stride is 0 */
     float *h;             /* [npairs, inter] */
     uint8_t *ha;          /* per pair activation buffers (inter) */
     size_t hab;
@@ -3097,9 +3098,9 @@ static void moe_task(void *vctx, int tid, int nth) {
     int sense = 0;
     /* phase 0: quantize x per token for gate (and up if its layout differs) */
     if (!c->prequant) {
-        for (int64_t t = tid; t < c->T; t += nth) {
-            quantize_act(c->x + t * c->ldx, c->hidden, c->kg.layout, c->xa_g + t * c->xab);
-            if (c->xa_u != c->xa_g) quantize_act(c->x + t * c->ldx, c->hidden, c->ku.layout, c->xa_u + t * c->xab);
+        for (int64_t t = tid; t < c->Tq; t += nth) {
+            quantize_act(c->x + t * c->ldx, c->hidden, c->kg.layout, c->xa_g + t * c->xas);
+            if (c->xa_u != c->xa_g) quantize_act(c->x + t * c->ldx, c->hidden, c->ku.layout, c->xa_u + t * c->xas);
         }
         pool_barrier(nth, &sense);
     }
@@ -3117,8 +3118,8 @@ static void moe_task(void *vctx, int tid, int nth) {
             int nt = c->slot_off[s + 1] - p0 < MAXNT ? c->slot_off[s + 1] - p0 : MAXNT;
             for (int k = 0; k < nt; k++) {
                 int t = c->pair_tok[p0 + k];
-                ag[k] = act_view(c->xa_g + (size_t)t * c->xab, c->hidden);
-                au[k] = act_view(c->xa_u + (size_t)t * c->xab, c->hidden);
+                ag[k] = act_view(c->xa_g + (size_t)t * c->xas, c->hidden);
+                au[k] = act_view(c->xa_u + (size_t)t * c->xas, c->hidden);
             }
             float *g = tmp, *u = tmp + (size_t)MAXNT * c->chunk1;
             run_rows(&c->kg, c->gate[e], c->rs_g, c->nb_h, r0, r1, ag, nt, g, (ptrdiff_t)c->chunk1, c->up[e] + r0 * c->rs_u);
@@ -3491,6 +3492,10 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
     for (int64_t i = 0; i < T * K; i++) np += idx[i] >= 0;
     const int nth = P.nth;
     c.xab = al64(act_bytes(hidden));
+    /* one token's row given K times as a stride-0 view (a decode step: one output row per routed expert) is
+     * quantized once */
+    c.Tq = ldx == 0 ? 1 : T;
+    c.xas = ldx == 0 ? 0 : c.xab;
     c.hab = al64(act_bytes(inter));
     c.nspans = (int)((inter + SPAN - 1) / SPAN);
     c.chunk1 = pick_chunk((np ? np : 1) * inter, nth, 8, 128);
@@ -3505,7 +3510,7 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
     const size_t o_pair_tok = off; off += al64(sizeof(int) * (size_t)(np + 1));
     const size_t o_pair_w = off; off += al64(sizeof(float) * (size_t)(np + 1));
     const size_t o_first = off; off += al64(sizeof(int) * (size_t)nexp);
-    const size_t o_xa = off; off += c.xab * (size_t)T * (diff_layout ? 2 : 1);
+    const size_t o_xa = off; off += c.xab * (size_t)c.Tq * (diff_layout ? 2 : 1);
     const size_t o_h = off; off += al64(sizeof(float) * (size_t)(np * inter));
     const size_t o_ha = off; off += c.hab * (size_t)np;
     const size_t o_span = off; off += al64(sizeof(int) * (size_t)(np * c.nspans + 1));
@@ -3556,17 +3561,17 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
     c.pair_tok = pair_tok;
     c.pair_w = pair_w;
     c.xa_g = base + o_xa;
-    c.xa_u = diff_layout ? base + o_xa + c.xab * (size_t)T : c.xa_g;
+    c.xa_u = diff_layout ? base + o_xa + c.xab * (size_t)c.Tq : c.xa_g;
     c.h = (float *)(base + o_h);
     c.ha = base + o_ha;
     c.span_done = (_Atomic int *)(base + o_span);
     for (int64_t i = 0; i < np * c.nspans; i++) atomic_store(&c.span_done[i], 0);
     c.tmp = (float *)(base + o_tmp);
-    c.prequant = nth <= 1 || T * hidden <= PREQUANT_MAX;
+    c.prequant = nth <= 1 || c.Tq * hidden <= PREQUANT_MAX;
     if (c.prequant)
-        for (int64_t t = 0; t < T; t++) {
-            quantize_act(x + t * ldx, hidden, c.kg.layout, c.xa_g + t * c.xab);
-            if (diff_layout) quantize_act(x + t * ldx, hidden, c.ku.layout, c.xa_u + t * c.xab);
+        for (int64_t t = 0; t < c.Tq; t++) {
+            quantize_act(x + t * ldx, hidden, c.kg.layout, c.xa_g + t * c.xas);
+            if (diff_layout) quantize_act(x + t * ldx, hidden, c.ku.layout, c.xa_u + t * c.xas);
         }
     atomic_store(&c.next1, 0);
     atomic_store(&c.next2, 0);
