@@ -20,7 +20,7 @@ from gguf.quants import dequantize, quantize
 from offload import kernels as K
 
 IQ_TYPES = [Q.IQ4_XS, Q.IQ4_NL, Q.IQ2_XXS, Q.IQ3_XXS, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_S]
-C_TYPES = [Q.Q4_0, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K] + IQ_TYPES
+C_TYPES = [Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K] + IQ_TYPES
 # byte offsets of the fp16 super-block scales (d, dmin) inside one block (IQ1_M: spread over nibbles, see below)
 _SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
                   **{q: (0,) for q in IQ_TYPES if q != Q.IQ1_M}, Q.IQ1_M: ()}
@@ -31,7 +31,7 @@ needs_c = pytest.mark.skipif(not K.available(), reason=f"compiled kernels unavai
 def make_weights(qt: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Valid quantized rows: real quantization for the legacy types, random blocks with sane fp16
     scales for K-quants (every bit pattern of quants and packed sub-scales is a valid block)."""
-    if qt in (Q.Q8_0, Q.Q4_0, Q.Q5_0):
+    if qt in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
         return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
     blk, nbytes = GGML_QUANT_SIZES[qt]
     b = rng.integers(0, 256, (rows * cols // blk, nbytes), dtype=np.uint8)
@@ -48,7 +48,7 @@ def make_weights(qt: Q, rows: int, cols: int, rng: np.random.Generator) -> np.nd
 
 
 def act_block(qt: int) -> int:
-    return 32 if qt in (Q.Q8_0, Q.Q4_0, Q.IQ4_NL) else 256
+    return 32 if qt in (Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.IQ4_NL) else 256
 
 
 def quant_act(x: np.ndarray, blk: int) -> np.ndarray:
@@ -298,7 +298,7 @@ def test_row_bytes_and_support():
     assert K.row_bytes(int(Q.Q8_0), 64) == 68
     with pytest.raises(ValueError):
         K.row_bytes(int(Q.Q4_K), 100)
-    assert all(K.supported(int(q)) for q in C_TYPES) and not K.supported(int(Q.Q5_0))
+    assert all(K.supported(int(q)) for q in C_TYPES) and not K.supported(int(Q.Q4_1))
     assert K.row_bytes(int(Q.IQ2_XXS), 7168) == 28 * 66 and K.row_bytes(int(Q.IQ4_NL), 64) == 36
     assert K.isa() in ("avx512-vnni-gfni", "avx512-vnni", "avx2", "generic", "torch")
     assert K.numa_nodes() >= 1 and K.default_threads() >= 1
@@ -429,12 +429,12 @@ def test_torch_fallback_matches_float_reference(monkeypatch):
 
 
 def test_types_without_c_kernel_use_fallback():
-    """Q5_0 has no compiled kernel: qmatmul still answers (through gguf dequantization)."""
+    """Q4_1 has no compiled kernel: qmatmul still answers (through gguf dequantization)."""
     rng = np.random.default_rng(7)
-    w = make_weights(Q.Q5_0, 5, 64, rng)
+    w = make_weights(Q.Q4_1, 5, 64, rng)
     x = rng.standard_normal((1, 64)).astype(np.float32)
-    y = K.qmatmul(torch.from_numpy(x), w, int(Q.Q5_0), 64)
-    assert rel(y.numpy(), x.astype(np.float64) @ dequantize(w, Q.Q5_0).astype(np.float64).T) < 1e-5
+    y = K.qmatmul(torch.from_numpy(x), w, int(Q.Q4_1), 64)
+    assert rel(y.numpy(), x.astype(np.float64) @ dequantize(w, Q.Q4_1).astype(np.float64).T) < 1e-5
 
 
 @needs_c

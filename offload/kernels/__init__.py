@@ -40,7 +40,7 @@ __all__ = [
 ABI_VERSION = 7
 _SRC = Path(__file__).with_name("k2kern.c")
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values)
-C_TYPES = {2: "Q4_0", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
+C_TYPES = {2: "Q4_0", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
            16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
            23: "IQ4_XS", 29: "IQ1_M"}
 _GRID_KSIGNS = 256  # k2k_set_grid id of the IQ sign table

@@ -50,7 +50,7 @@
 #define K2K_ABI_VERSION 7
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
-enum { GT_Q4_0 = 2, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,
+enum { GT_Q4_0 = 2, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,
        GT_IQ2_XXS = 16, GT_IQ2_XS = 17, GT_IQ3_XXS = 18, GT_IQ1_S = 19, GT_IQ4_NL = 20, GT_IQ3_S = 21, GT_IQ2_S = 22,
        GT_IQ4_XS = 23, GT_IQ1_M = 29 };
 /* k2k_set_grid id of the 128-entry sign table shared by IQ2_XXS / IQ2_XS / IQ3_XXS */
@@ -189,7 +189,7 @@ typedef struct {
     int type, blk, bytes;
 } tinfo_t;
 static const tinfo_t TYPES[] = {
-    {GT_Q4_0, 32, 18}, {GT_Q8_0, 32, 34}, {GT_Q2_K, 256, 84}, {GT_Q3_K, 256, 110},
+    {GT_Q4_0, 32, 18}, {GT_Q5_0, 32, 22}, {GT_Q5_1, 32, 24}, {GT_Q8_0, 32, 34}, {GT_Q2_K, 256, 84}, {GT_Q3_K, 256, 110},
     {GT_Q4_K, 256, 144}, {GT_Q5_K, 256, 176}, {GT_Q6_K, 256, 210},
     {GT_IQ2_XXS, 256, 66}, {GT_IQ2_XS, 256, 74}, {GT_IQ3_XXS, 256, 98}, {GT_IQ1_S, 256, 50}, {GT_IQ4_NL, 32, 18},
     {GT_IQ3_S, 256, 110}, {GT_IQ2_S, 256, 82}, {GT_IQ4_XS, 256, 136}, {GT_IQ1_M, 256, 56},
@@ -263,6 +263,36 @@ static void dot_q4_0_gen(const uint8_t *w, int nb, const act_t *a, int nt, float
         }
         out[t * os] = acc;
     }
+}
+
+/* Q5_0 (22-byte blocks: d, 32 high bits, 16 bytes of nibbles; value d * (q - 16)) and Q5_1 (24 bytes: d, m, the
+ * same; value d * q + m): the 32-value fallbacks of Q4_K / Q5_K for rows not a multiple of 256 (Moonlight's 1408) */
+static void dot_q5_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const int one) {
+    const int bpb = one ? 24 : 22, hq = one ? 4 : 2;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.f;
+        for (int i = 0; i < nb; i++) {
+            const uint8_t *b = w + bpb * i;
+            const uint32_t qh = rd32(b + hq);
+            const int8_t *q = a[t].q + 32 * i;
+            int s = 0;
+            for (int l = 0; l < 16; l++)
+                s += ((b[hq + 4 + l] & 0xF) | (((qh >> l) & 1) << 4)) * q[l] +
+                     ((b[hq + 4 + l] >> 4) | (((qh >> (l + 16)) & 1) << 4)) * q[l + 16];
+            const float dd = fp16_to_f32(rd16(b)) * a[t].d[i];
+            acc += one ? dd * (float)s + fp16_to_f32(rd16(b + 2)) * a[t].d[i] * (float)a[t].bs16[i]
+                       : dd * (float)(s - 16 * a[t].bs16[i]);
+        }
+        out[t * os] = acc;
+    }
+}
+static void dot_q5_0_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    dot_q5_gen(w, nb, a, nt, out, os, 0);
+}
+static void dot_q5_1_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
+    (void)pf;
+    dot_q5_gen(w, nb, a, nt, out, os, 1);
 }
 
 static void dot_q8_0_gen(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf) {
@@ -2125,26 +2155,29 @@ T512 static void q8_0_512_gemm(const uint8_t *w, ptrdiff_t rs, int64_t nrows, in
 /* Q4_0 (NL = 0) and IQ4_NL (NL = 1): 32-value blocks of nibbles, dpbusd on unsigned bytes. Q4_0 uses the nibble
  * (value + 8), IQ4_NL looks up the 16-value codebook + 128 (g_kvu) with vpshufb; the offset is taken back with
  * the block's activation sum. */
-AI T512 void q4_32_512_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int NL) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
+AI T512 void q4_32_512_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int KIND) {
+    const int NL = KIND == 1, Q5 = KIND >= 2, M = KIND == 3; /* IQ4_NL; Q5_0 / Q5_1: 5th bit from qh; Q5_1: + m */
+    const int bpb = KIND == 3 ? 24 : KIND == 2 ? 22 : 18, qs = Q5 ? (M ? 8 : 6) : 2;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(16);
     const __m256i lut = NL ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)g_kvu)) : _mm256_setzero_si256();
-    const float off = NL ? 128.f : 8.f;
+    const float off = M ? -1.f : NL ? 128.f : KIND == 2 ? 16.f : 8.f; /* Q5_1: the correction is + m * sum(x) */
     __m256 acc[4];
     float corr[4] = {0, 0, 0, 0};
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++) {
-        const uint8_t *b = w + 18 * i;
-        pf_block(pf, i, 18);
-        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
+        const uint8_t *b = w + bpb * i;
+        pf_block(pf, i, bpb);
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + qs));
         __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
         if (NL) v = _mm256_shuffle_epi8(lut, v);
-        const float dw = _cvtsh_ss(rd16(b));
+        if (Q5) v = _mm256_or_si256(v, _mm256_maskz_mov_epi8((__mmask32)rd32(b + qs - 4), b16)); /* bit j -> 16 */
+        const float dw = _cvtsh_ss(rd16(b)), mw = M ? _cvtsh_ss(rd16(b + 2)) : 0.f;
         for (int t = 0; t < NT; t++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
             __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), v, x);
             const float s = dw * a[t].d[i];
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[t]);
-            corr[t] += s * (float)a[t].bs16[i];
+            corr[t] += (M ? mw * a[t].d[i] : s) * (float)a[t].bs16[i];
         }
     }
     for (int t = 0; t < NT; t++) {
@@ -2156,6 +2189,14 @@ AI T512 void q4_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
     q4_32_512_body(w, nb, a, NT, out, os, pf, 0);
 }
 NT_DISPATCH(q4_0_512, T512, 4)
+AI T512 void q5_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    q4_32_512_body(w, nb, a, NT, out, os, pf, 2);
+}
+NT_DISPATCH(q5_0_512, T512, 4)
+AI T512 void q5_1_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    q4_32_512_body(w, nb, a, NT, out, os, pf, 3);
+}
+NT_DISPATCH(q5_1_512, T512, 4)
 
 /* ------------------------------------------------------------------ AVX-512 IQ kernels */
 
@@ -2537,7 +2578,8 @@ static void isa_init(void) {
 
 static kern_t get_kernel(int type) {
     kern_t k = {NULL, LAYOUT_NAT, NULL, NULL, NULL, NULL, 0, 0};
-    int k_layout = (type == GT_Q8_0 || type == GT_Q4_0 || type == GT_IQ4_NL) ? LAYOUT_Q8_0 : LAYOUT_NAT;
+    int k_layout = (type == GT_Q8_0 || type == GT_Q4_0 || type == GT_Q5_0 || type == GT_Q5_1 || type == GT_IQ4_NL)
+                       ? LAYOUT_Q8_0 : LAYOUT_NAT;
     k.layout = k_layout;
 #if K2K_X86
     if (g_isa == ISA_AVX512G) {
@@ -2554,6 +2596,8 @@ static kern_t get_kernel(int type) {
     if (g_isa >= ISA_AVX512) {
         switch (type) {
         case GT_Q4_0: k.fn = q4_0_512; return k;
+        case GT_Q5_0: k.fn = q5_0_512; return k;
+        case GT_Q5_1: k.fn = q5_1_512; return k;
         case GT_Q8_0:
             k.fn = q8_0_512, k.fnr = q8_0_512_short, k.fng = q8_0_512_gemm, k.fnp = q8_0_512_pack, k.xbytes = Q8G_XBYTES;
             k.gtok = 15; /* the vector's 16th lane is used by the kernel itself */
@@ -2599,6 +2643,8 @@ static kern_t get_kernel(int type) {
 #endif
     switch (type) {
     case GT_Q4_0: k.fn = dot_q4_0_gen; break;
+    case GT_Q5_0: k.fn = dot_q5_0_gen; break;
+    case GT_Q5_1: k.fn = dot_q5_1_gen; break;
     case GT_Q8_0: k.fn = dot_q8_0_gen; break;
     case GT_Q2_K: k.fn = dot_q2_k_gen; break;
     case GT_Q3_K: k.fn = dot_q3_k_gen; break;
