@@ -2198,6 +2198,45 @@ AI T512 void q5_1_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
 }
 NT_DISPATCH(q5_1_512, T512, 4)
 
+/* Q5_0 / Q5_1 on AVX2 (placed here beside the AVX-512 ones; T256 code): the 5th bits spread to bytes with one
+ * byte shuffle, a bit mask and a compare; maddubs of the 0..31 values cannot saturate (2 * 31 * 127) */
+AI T256 void q5_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int M) {
+    const int bpb = M ? 24 : 22, qs = M ? 8 : 6;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const float off = M ? -1.f : 16.f; /* Q5_0: value q - 16; Q5_1: + m * sum(x) */
+    __m256 acc[4];
+    float corr[4] = {0, 0, 0, 0};
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + bpb * i;
+        pf_block(pf, i, bpb);
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + qs));
+        const __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)rd32(b + qs - 4)), spread);
+        const __m256i h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit), b16);
+        const __m256i v = _mm256_or_si256(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4), h);
+        const float dw = _cvtsh_ss(rd16(b)), mw = M ? _cvtsh_ss(rd16(b + 2)) : 0.f;
+        for (int t = 0; t < NT; t++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), ones);
+            const float s = dw * a[t].d[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[t]);
+            corr[t] += (M ? mw * a[t].d[i] : s) * (float)a[t].bs16[i];
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]) - off * corr[t];
+}
+AI T256 void q5_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    q5_avx2_body(w, nb, a, NT, out, os, pf, 0);
+}
+NT_DISPATCH(q5_0_avx2, T256, 4)
+AI T256 void q5_1_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+    q5_avx2_body(w, nb, a, NT, out, os, pf, 1);
+}
+NT_DISPATCH(q5_1_avx2, T256, 4)
+
 /* ------------------------------------------------------------------ AVX-512 IQ kernels */
 
 AI T512 void iq4nl_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
@@ -2629,6 +2668,8 @@ static kern_t get_kernel(int type) {
         case GT_IQ1_S: k.fn = iq1s_avx2; return k;
         case GT_IQ1_M: k.fn = iq1m_avx2; return k;
         case GT_Q4_0: k.fn = q4_0_avx2; return k;
+        case GT_Q5_0: k.fn = q5_0_avx2; return k;
+        case GT_Q5_1: k.fn = q5_1_avx2; return k;
         case GT_Q8_0:
             k.fn = q8_0_avx2;
             if (g_avxvnni) k.fng = q8_0_vnni_gemm, k.fnp = q8_0_vnni_pack, k.xbytes = Q8V_XBYTES, k.gtok = 7;
