@@ -1503,7 +1503,8 @@ AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, 
     }
 }
 
-AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
+AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY,
+                          const int VN) {
     const int bpb = iq_bpb(TY);
     const __m256i offv = _mm256_set1_epi32(iq_off(TY));
     __m256 acc[4];
@@ -1525,8 +1526,16 @@ AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT
             const __m256i u = iq_chunk_256(b, c, TY, sv, ix), s = pair_scales(half[c / 4], c % 4);
             for (int t = 0; t < NT; t++) {
                 const __m256i x = _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 32 * c));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), s));
+                sumi[t] = dpwssd_v(sumi[t], _mm256_maddubs_epi16(u, x), s, VN);
             }
+        }
+        if (VN) { /* the offset as one more vpdpwssd: -OFF x scales (|.| <= 31 x 64) against the sums per 16 */
+            const __m256i nso = _mm256_mullo_epi16(sc16, _mm256_set1_epi16((short)-iq_off(TY)));
+            for (int t = 0; t < NT; t++) {
+                const __m256i s = dpwssd_v(sumi[t], nso, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)), VN);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
+            }
+            continue;
         }
         for (int t = 0; t < NT; t++) {
             const __m256i cr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
@@ -1536,19 +1545,19 @@ AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
-#define IQ256(name, TY)                                                                                            \
-    AI T256 void name##_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,         \
+#define IQ256(name, TY, ATTR, VN)                                                                                  \
+    AI ATTR void name##_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,         \
                            const uint8_t *pf) {                                                                     \
-        iq_avx2_body(w, nb, a, NT, out, os, pf, TY);                                                                \
+        iq_avx2_body(w, nb, a, NT, out, os, pf, TY, VN);                                                            \
     }                                                                                                               \
-    NT_DISPATCH(name, T256, 4)
-IQ256(iq2xxs_avx2, IQD_2XXS)
-IQ256(iq2xs_avx2, IQD_2XS)
-IQ256(iq2s_avx2, IQD_2S)
-IQ256(iq3xxs_avx2, IQD_3XXS)
-IQ256(iq3s_avx2, IQD_3S)
-IQ256(iq1s_avx2, IQD_1S)
-IQ256(iq1m_avx2, IQD_1M)
+    NT_DISPATCH(name, ATTR, 4)
+IQ256(iq2xxs_avx2, IQD_2XXS, T256, 0)
+IQ256(iq2xs_avx2, IQD_2XS, T256, 0)
+IQ256(iq2s_avx2, IQD_2S, T256, 0)
+IQ256(iq3xxs_avx2, IQD_3XXS, T256, 0)
+IQ256(iq3s_avx2, IQD_3S, T256, 0)
+IQ256(iq1s_avx2, IQD_1S, T256, 0)
+IQ256(iq1m_avx2, IQD_1M, T256, 0)
 
 
 /* ------------------------------------------------------------------ AVX2 activation quantization */
@@ -1641,6 +1650,13 @@ NT_DISPATCH4_SPLIT(q8_0_vnni, TVNNI)
 NT_DISPATCH(q4_0_vnni, TVNNI, 2)
 NT_DISPATCH(iq4nl_vnni, TVNNI, 2)
 NT_DISPATCH(iq4xs_vnni, TVNNI, 2)
+IQ256(iq2xxs_vnni, IQD_2XXS, TVNNI, 1)
+IQ256(iq2xs_vnni, IQD_2XS, TVNNI, 1)
+IQ256(iq2s_vnni, IQD_2S, TVNNI, 1)
+IQ256(iq3xxs_vnni, IQD_3XXS, TVNNI, 1)
+IQ256(iq3s_vnni, IQD_3S, TVNNI, 1)
+IQ256(iq1s_vnni, IQD_1S, TVNNI, 1)
+IQ256(iq1m_vnni, IQD_1M, TVNNI, 1)
 
 static void q8_0_vnni_pack(const act_t *a, int nt, int nb, uint8_t *X);
 TVNNI static void q8_0_vnni_gemm(const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const uint8_t *X, int nt,
@@ -2681,6 +2697,13 @@ static kern_t get_kernel(int type) {
         }
     } else if (g_isa == ISA_AVX2 && g_avxvnni) {
         switch (type) {
+        case GT_IQ2_XXS: k.fn = iq2xxs_vnni; return k;
+        case GT_IQ2_XS: k.fn = iq2xs_vnni; return k;
+        case GT_IQ2_S: k.fn = iq2s_vnni; return k;
+        case GT_IQ3_XXS: k.fn = iq3xxs_vnni; return k;
+        case GT_IQ3_S: k.fn = iq3s_vnni; return k;
+        case GT_IQ1_S: k.fn = iq1s_vnni; return k;
+        case GT_IQ1_M: k.fn = iq1m_vnni; return k;
         case GT_IQ4_NL: k.fn = iq4nl_vnni; return k;
         case GT_IQ4_XS: k.fn = iq4xs_vnni; k.layout = LAYOUT_IQ4X; return k;
         case GT_Q4_0: k.fn = q4_0_vnni; return k;
