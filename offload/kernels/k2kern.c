@@ -812,11 +812,12 @@ AI T256 void q4k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
             const __m256i s1 = NT == 1 ? one_scale_u8(scb, 2 * j + 1) : one_scale(scb, 2 * j + 1);
             for (int t = 0; t < NT; t++) {
                 const int8_t *aq = a[t].q + 256 * i + 64 * j;
-                if (VN) { /* two chains (low, high nibbles), summed after the block */
+                if (VN) { /* 1-2 tokens: two chains (low, high nibbles), summed after the block; 3-4: one (fewer registers) */
                     const __m256i m0 = _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq));
                     const __m256i m1 = _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(aq + 32)));
                     sumi[t] = j ? dpwssd_v(sumi[t], m0, s0, VN) : _mm256_madd_epi16(m0, s0);
-                    sumh[t] = j ? dpwssd_v(sumh[t], m1, s1, VN) : _mm256_madd_epi16(m1, s1);
+                    if (NT >= 3) sumi[t] = dpwssd_v(sumi[t], m1, s1, VN);
+                    else sumh[t] = j ? dpwssd_v(sumh[t], m1, s1, VN) : _mm256_madd_epi16(m1, s1);
                     continue;
                 }
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
@@ -824,7 +825,7 @@ AI T256 void q4k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
             }
         }
-        for (int t = 0; t < NT && VN; t++) sumi[t] = _mm256_add_epi32(sumi[t], sumh[t]);
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], sumh[t]);
         const __m128i mins = NT == 1 ? k4_mins16(scb) : _mm256_extracti128_si256(sm16, 1);
         const __m256 dw = h2f_bc256(b);
         const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
@@ -871,11 +872,12 @@ AI T256 void q5k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
             const __m256i s1 = NT == 1 ? one_scale_u8(scb, 2 * j + 1) : one_scale(scb, 2 * j + 1);
             for (int t = 0; t < NT; t++) {
                 const int8_t *aq = a[t].q + 256 * i + 64 * j;
-                if (VN) { /* two chains (low, high nibbles), summed after the block */
+                if (VN) { /* 1-2 tokens: two chains (low, high nibbles), summed after the block; 3-4: one (fewer registers) */
                     const __m256i m0 = _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq));
                     const __m256i m1 = _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(aq + 32)));
                     sumi[t] = j ? dpwssd_v(sumi[t], m0, s0, VN) : _mm256_madd_epi16(m0, s0);
-                    sumh[t] = j ? dpwssd_v(sumh[t], m1, s1, VN) : _mm256_madd_epi16(m1, s1);
+                    if (NT >= 3) sumi[t] = dpwssd_v(sumi[t], m1, s1, VN);
+                    else sumh[t] = j ? dpwssd_v(sumh[t], m1, s1, VN) : _mm256_madd_epi16(m1, s1);
                     continue;
                 }
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
@@ -883,7 +885,7 @@ AI T256 void q5k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
             }
         }
-        for (int t = 0; t < NT && VN; t++) sumi[t] = _mm256_add_epi32(sumi[t], sumh[t]);
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], sumh[t]);
         const __m128i mins = NT == 1 ? k4_mins16(scb) : _mm256_extracti128_si256(sm16, 1);
         const __m256 dw = h2f_bc256(b);
         const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
@@ -943,8 +945,8 @@ AI T256 void q2k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
                 for (int t = 0; t < NT; t++) { /* sums as a tree: ((p0 + p1) + (p2 + p3)) per 128 (the source order
                                                 * is the schedule: computing all planes first spilled) */
                     const __m256i m = _mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j)));
-                    if (VN) { /* two chains (planes 0-1, 2-3), summed after the block */
-                        if (j < 2) sumi[t] = n || j ? dpwssd_v(sumi[t], m, s, VN) : _mm256_madd_epi16(m, s);
+                    if (VN) { /* 1-2 tokens: two chains (planes 0-1, 2-3), summed after the block; 3-4: one */
+                        if (j < 2 || NT >= 3) sumi[t] = n || j ? dpwssd_v(sumi[t], m, s, VN) : _mm256_madd_epi16(m, s);
                         else e[t] = n || j == 3 ? dpwssd_v(e[t], m, s, VN) : _mm256_madd_epi16(m, s);
                         continue;
                     }
@@ -955,7 +957,7 @@ AI T256 void q2k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
                 }
             }
         }
-        for (int t = 0; t < NT && VN; t++) sumi[t] = _mm256_add_epi32(sumi[t], e[t]);
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], e[t]);
         const __m256i mn = _mm256_and_si256(_mm256_cvtepu8_epi16(raw), _mm256_set1_epi16(0xF0)); /* 16 x min */
         const __m256 dw = h2f_bc256(b + 80), dmw = h2f_bc256(b + 82);
         for (int t = 0; t < NT; t++) {
@@ -1007,8 +1009,8 @@ AI T256 void q3k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
                 if (NT >= 3) continue; /* 3-4 tokens: all four planes first (the other order spilled there) */
                 for (int t = 0; t < NT; t++) { /* as Q2_K */
                     const __m256i m = _mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j)));
-                    if (VN) { /* two chains (planes 0-1, 2-3), summed after the block */
-                        if (j < 2) sumi[t] = n || j ? dpwssd_v(sumi[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
+                    if (VN) { /* 1-2 tokens: two chains (planes 0-1, 2-3), summed after the block; 3-4: one */
+                        if (j < 2 || NT >= 3) sumi[t] = n || j ? dpwssd_v(sumi[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
                         else e[t] = n || j == 3 ? dpwssd_v(e[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
                         continue;
                     }
@@ -1023,7 +1025,7 @@ AI T256 void q3k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
                 __m256i p[4];
                 for (int j = 0; j < 4 && VN; j++) { /* as above */
                     const __m256i m = _mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(aq + 32 * j)));
-                    if (j < 2) sumi[t] = n || j ? dpwssd_v(sumi[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
+                    if (j < 2 || NT >= 3) sumi[t] = n || j ? dpwssd_v(sumi[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
                     else e[t] = n || j == 3 ? dpwssd_v(e[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
                 }
                 if (VN) continue;
@@ -1033,7 +1035,7 @@ AI T256 void q3k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
                 sumi[t] = n ? _mm256_add_epi32(sumi[t], g) : g;
             }
         }
-        for (int t = 0; t < NT && VN; t++) sumi[t] = _mm256_add_epi32(sumi[t], e[t]);
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], e[t]);
         const __m256i sck = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(sc)), 10); /* -32768 .. 31744 */
         const __m256 dw = h2f_bc256(b + 108);
         for (int t = 0; t < NT; t++) {
@@ -1079,8 +1081,8 @@ AI T256 void q6k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
                 const __m256i v = _mm256_or_si256(lo, _mm256_and_si256(h, m30)), s = pair_scales(half[n], k);
                 for (int t = 0; t < NT; t++) { /* sums as a tree: ((p0 + p1) + (p2 + p3)) per 128 */
                     const __m256i m = _mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * k)));
-                    if (VN) { /* two chains (k 0-1, 2-3), summed after the block */
-                        if (k < 2) sumi[t] = n || k ? dpwssd_v(sumi[t], m, s, VN) : _mm256_madd_epi16(m, s);
+                    if (VN) { /* 1-2 tokens: two chains (k 0-1, 2-3), summed after the block; 3-4: one */
+                        if (k < 2 || NT >= 3) sumi[t] = n || k ? dpwssd_v(sumi[t], m, s, VN) : _mm256_madd_epi16(m, s);
                         else e[t] = n || k == 3 ? dpwssd_v(e[t], m, s, VN) : _mm256_madd_epi16(m, s);
                         continue;
                     }
@@ -1091,7 +1093,7 @@ AI T256 void q6k_body(const uint8_t *w, int nb, const act_t *a, const int NT, fl
                 }
             }
         }
-        for (int t = 0; t < NT && VN; t++) sumi[t] = _mm256_add_epi32(sumi[t], e[t]);
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], e[t]);
         const __m256i sc32 = _mm256_slli_epi16(sc16, 5); /* |32 s| <= 4096 */
         const __m256 dw = h2f_bc256(b + 208);
         for (int t = 0; t < NT; t++) {
