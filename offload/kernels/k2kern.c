@@ -727,15 +727,20 @@ AI T256 __m128i k4_mins16(__m256i sm) {
 
 /* acc + the int16 pair products of a and b: one vpdpwssd where VN (AVX-VNNI), else vpmaddwd + vpaddd.  The VNNI
  * builtins, not the intrinsics: GCC will not inline the avxvnni intrinsic into these T256 bodies even on the dead
- * branch, while a builtin is only checked where it is expanded (the TVNNI instantiations, VN = 1). */
+ * branch, while a builtin is only checked where it is expanded (the TVNNI instantiations, VN = 1).  Unoptimized
+ * builds keep the dead branch, so there the VNNI variants use the AVX2 instructions (same results). */
 AI T256 __m256i dpwssd_v(__m256i acc, __m256i a, __m256i b, const int VN) {
+#ifdef __OPTIMIZE__
     if (VN) return (__m256i)__builtin_ia32_vpdpwssd_v8si((__v8si)acc, (__v8si)a, (__v8si)b);
+#endif
     return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
 }
 /* the dword sums of 4 products of unsigned u and signed s bytes, where no pair sum saturates int16: one vpdpbusd
  * where VN, else vpmaddubsw + vpmaddwd with ones */
 AI T256 __m256i dpbusd_v(__m256i u, __m256i s, const int VN) {
+#ifdef __OPTIMIZE__
     if (VN) return (__m256i)__builtin_ia32_vpdpbusd_v8si((__v8si)_mm256_setzero_si256(), (__v8si)u, (__v8si)s);
+#endif
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
