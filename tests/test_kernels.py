@@ -719,3 +719,52 @@ def test_q8_0_block_counts_off_the_unroll(T, isas):
             K.set_isa(name)
             y = K.qmatmul(torch.from_numpy(x), w, int(Q.Q8_0), cols).numpy()
             assert rel(y, exact) < 2e-5, (name, nblk)
+
+
+@needs_c
+@pytest.mark.parametrize("qt", C_TYPES, ids=lambda q: q.name)
+def test_avx2_level_with_and_without_avxvnni(qt, isas):
+    """The AVX2-level kernels with AVX-VNNI (vpdpbusd / vpdpwssd) and without: same integer sums, same float order,
+    so the same bits; both against the reference (the "on" part only where the CPU has AVX-VNNI)."""
+    if "avx2" not in isas:
+        pytest.skip("no AVX2")
+    rng = np.random.default_rng(400 + int(qt))
+    rows, cols = 37, 512
+    w = make_weights(qt, rows, cols, rng)
+    wd = dequantize(w, qt).astype(np.float64)
+    K.set_isa("avx2")
+    had = K.set_avxvnni(None)
+    modes = [False] + ([True] if K.set_avxvnni(True) else [])
+    try:
+        for T in (1, 2, 3, 4, 5, 9, 20):
+            x = rng.standard_normal((T, cols)).astype(np.float32)
+            x[0, :64] *= 100.0  # large activations in one block
+            exact = quant_act(x, act_block(qt)) @ wd.T
+            ys = []
+            for on in modes:
+                assert K.set_avxvnni(on) == on
+                y = K.qmatmul(torch.from_numpy(x), w, int(qt), cols).numpy()
+                assert rel(y, exact) < 2e-5, (on, T)
+                ys.append(y)
+            if len(ys) == 2 and T <= 4:  # above, Q8_0's many-token kernel exists only with AVX-VNNI
+                assert np.array_equal(ys[0], ys[1]), T
+        for case in MOE_CASES:
+            if qt not in case[0]:
+                continue
+            types, hidden, inter, T = case
+            experts = [(make_weights(types[0], inter, hidden, rng), make_weights(types[1], inter, hidden, rng),
+                        make_weights(types[2], hidden, inter, rng)) for _ in range(4)]
+            x = rng.standard_normal((T, hidden)).astype(np.float32)
+            idx = np.stack([rng.choice(4, 2, replace=False) for _ in range(T)]).astype(np.int32)
+            wts = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)
+            exact = moe_reference(x, experts, types, idx, wts, hidden, inter, emulate=True)
+            ys = []
+            for on in modes:
+                K.set_avxvnni(on)
+                y = K.moe_experts(torch.from_numpy(x), experts, [int(t) for t in types], idx, wts).numpy()
+                assert rel(y, exact) < 2e-3, (on, case)
+                ys.append(y)
+            if len(ys) == 2:
+                assert rel(ys[1], ys[0]) < 1e-5, case
+    finally:
+        K.set_avxvnni(had)

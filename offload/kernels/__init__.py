@@ -34,10 +34,10 @@ import torch
 
 __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
-    "set_prefetch", "numa_interleave_wanted", "interleave_memory", "supported", "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
+    "set_prefetch", "set_avxvnni", "numa_interleave_wanted", "interleave_memory", "supported", "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
 ]
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 _SRC = Path(__file__).with_name("k2kern.c")
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values)
 C_TYPES = {2: "Q4_0", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
@@ -128,6 +128,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "k2k_supported": (i32, [i32]),
         "k2k_set_prefetch": (i32, [i32, i32]),
         "k2k_set_pairs": (i32, [i32]),
+        "k2k_set_avxvnni": (i32, [i32]),
         "k2k_row_bytes": (i64, [i32, i64]),
         "k2k_matmul": (i32, [i32, vp, i64, i64, i64, fp, i64, i64, fp, i64]),
         "k2k_moe": (i32, [i64, i64, i64, fp, i64, i32, vp, vp, vp, i32, i32, i32, i32, vp, fp, fp, i64, i32]),
@@ -322,6 +323,15 @@ def set_row_pairs(on: bool | None = None) -> bool:
     if lib is None:
         return False
     return bool(lib.k2k_set_pairs(-1 if on is None else int(bool(on))))
+
+
+def set_avxvnni(on: bool | None = None) -> bool:
+    """Whether the AVX2-level kernels use AVX-VNNI (vpdpbusd / vpdpwssd; same results).  On by default where
+    the CPU has it (K2LOCAL_AVXVNNI=0 turns it off); it can only be on there.  None keeps the setting; returns it."""
+    lib = _load()
+    if lib is None:
+        return False
+    return bool(lib.k2k_set_avxvnni(-1 if on is None else int(bool(on))))
 
 
 def supported(qtype: int) -> bool:

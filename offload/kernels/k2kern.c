@@ -47,7 +47,7 @@
 #define K2K_X86 0
 #endif
 
-#define K2K_ABI_VERSION 7
+#define K2K_ABI_VERSION 8
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { GT_Q4_0 = 2, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,
@@ -755,6 +755,33 @@ AI T256 __m128i k4_mins16(__m256i sm) {
     return _mm_shuffle_epi8(_mm256_castsi256_si128(sm), _mm_setr_epi8(8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1));
 }
 
+/* acc + the int16 pair products of a and b: one vpdpwssd where VN (AVX-VNNI), else vpmaddwd + vpaddd.  The VNNI
+ * builtins, not the intrinsics: GCC will not inline the avxvnni intrinsic into these T256 bodies even on the dead
+ * branch, while a builtin is only checked where it is expanded (the TVNNI instantiations, VN = 1).  Unoptimized
+ * builds keep the dead branch, so there the VNNI variants use the AVX2 instructions (same results). */
+AI T256 __m256i dpwssd_v(__m256i acc, __m256i a, __m256i b, const int VN) {
+#ifdef __OPTIMIZE__
+    if (VN) return (__m256i)__builtin_ia32_vpdpwssd_v8si((__v8si)acc, (__v8si)a, (__v8si)b);
+#endif
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+}
+/* the dword sums of 4 products of unsigned u and signed s bytes, where no pair sum saturates int16: one vpdpbusd
+ * where VN, else vpmaddubsw + vpmaddwd with ones */
+AI T256 __m256i dpbusd_v(__m256i u, __m256i s, const int VN) {
+#ifdef __OPTIMIZE__
+    if (VN) return (__m256i)__builtin_ia32_vpdpbusd_v8si((__v8si)_mm256_setzero_si256(), (__v8si)u, (__v8si)s);
+#endif
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* The bodies below take VN (0: AVX2, 1: AVX-VNNI, same integer sums) and get a T256 and (in the AVX-VNNI section)
+ * a TVNNI instantiation through this wrapper. */
+#define NT_BODY(name, body, ATTR, VN)                                                                             \
+    AI ATTR void name##_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,      \
+                           const uint8_t *pf) {                                                                   \
+        body(w, nb, a, NT, out, os, pf, VN);                                                                      \
+    }
+
 /* Kernels are written for a compile-time token count NT (always_inline + constant folding keeps
  * the per-token accumulators in registers); this wrapper walks the tokens in tiles of TILE. */
 #define NT_DISPATCH(name, ATTR, TILE)                                                                  \
@@ -800,7 +827,8 @@ AI T256 __m128i k4_mins16(__m256i sm) {
         }                                                                                                         \
     }
 
-AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+AI T256 void q4k_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+           const int VN) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -810,8 +838,8 @@ AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         /* one token: SIMD unpack; more: the scalar one (GPR ports, idle while the vector ones are the limit) */
         const __m256i sm16 = NT == 1 ? _mm256_setzero_si256() : _mm256_cvtepu8_epi16(k4_scales(b + 4));
         const __m256i scb = NT == 1 ? k4_scales_bc(b + 4) : _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
-        __m256i sumi[4];
-        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        __m256i sumi[4], sumh[4];
+        for (int t = 0; t < NT && !VN; t++) sumi[t] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * j));
             const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
@@ -819,11 +847,20 @@ AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
             const __m256i s1 = NT == 1 ? one_scale_u8(scb, 2 * j + 1) : one_scale(scb, 2 * j + 1);
             for (int t = 0; t < NT; t++) {
                 const int8_t *aq = a[t].q + 256 * i + 64 * j;
+                if (VN) { /* 1-2 tokens: two chains (low, high nibbles), summed after the block; 3-4: one (fewer registers) */
+                    const __m256i m0 = _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq));
+                    const __m256i m1 = _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(aq + 32)));
+                    sumi[t] = j ? dpwssd_v(sumi[t], m0, s0, VN) : _mm256_madd_epi16(m0, s0);
+                    if (NT >= 3) sumi[t] = dpwssd_v(sumi[t], m1, s1, VN);
+                    else sumh[t] = j ? dpwssd_v(sumh[t], m1, s1, VN) : _mm256_madd_epi16(m1, s1);
+                    continue;
+                }
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
                 __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(aq + 32))), s1);
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
             }
         }
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], sumh[t]);
         const __m128i mins = NT == 1 ? k4_mins16(scb) : _mm256_extracti128_si256(sm16, 1);
         const __m256 dw = h2f_bc256(b);
         const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
@@ -837,9 +874,11 @@ AI T256 void q4k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
+NT_BODY(q4k_avx2, q4k_body, T256, 0)
 NT_DISPATCH4_SPLIT(q4k_avx2, T256)
 
-AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+AI T256 void q5k_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+           const int VN) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -850,8 +889,8 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         const __m256i sm16 = NT == 1 ? _mm256_setzero_si256() : _mm256_cvtepu8_epi16(k4_scales(b + 4));
         const __m256i scb = NT == 1 ? k4_scales_bc(b + 4) : _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
-        __m256i sumi[4];
-        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        __m256i sumi[4], sumh[4];
+        for (int t = 0; t < NT && !VN; t++) sumi[t] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i q = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * j));
             __m256i hlo, hhi;
@@ -868,11 +907,20 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
             const __m256i s1 = NT == 1 ? one_scale_u8(scb, 2 * j + 1) : one_scale(scb, 2 * j + 1);
             for (int t = 0; t < NT; t++) {
                 const int8_t *aq = a[t].q + 256 * i + 64 * j;
+                if (VN) { /* 1-2 tokens: two chains (low, high nibbles), summed after the block; 3-4: one (fewer registers) */
+                    const __m256i m0 = _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq));
+                    const __m256i m1 = _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(aq + 32)));
+                    sumi[t] = j ? dpwssd_v(sumi[t], m0, s0, VN) : _mm256_madd_epi16(m0, s0);
+                    if (NT >= 3) sumi[t] = dpwssd_v(sumi[t], m1, s1, VN);
+                    else sumh[t] = j ? dpwssd_v(sumh[t], m1, s1, VN) : _mm256_madd_epi16(m1, s1);
+                    continue;
+                }
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)aq)), s0);
                 __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(aq + 32))), s1);
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p0, p1));
             }
         }
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], sumh[t]);
         const __m128i mins = NT == 1 ? k4_mins16(scb) : _mm256_extracti128_si256(sm16, 1);
         const __m256 dw = h2f_bc256(b);
         const __m128 dmw = _mm256_castps256_ps128(h2f_bc256(b + 2));
@@ -886,6 +934,7 @@ AI T256 void q5k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
+NT_BODY(q5k_avx2, q5k_body, T256, 0)
 NT_DISPATCH4_SPLIT(q5k_avx2, T256)
 
 /* vpshufb masks for the 2-bit K-quants: mask k spreads scale byte 2k over the int16 lanes of the low 128 half and
@@ -909,7 +958,8 @@ AI T256 __m256i sc2_hi(__m256i sc, int k) { return _mm256_shuffle_epi8(sc, _mm25
  * down, and the scales take 16 / 4^j (16 for plane 3; one vpmullw per block on the scale bytes, at most 240), so
  * every product is 16 x the true one; the mins come 16 x as well (high nibble masked in place), and 1/16 is applied
  * once at the end.  Each 32 weights' int16 scale pair is one vpshufb of the scale bytes. */
-AI T256 void q2k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+AI T256 void q2k_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+           const int VN) {
     const __m256i m3 = _mm256_set1_epi8(3), mC = _mm256_set1_epi8(0x0C), m30 = _mm256_set1_epi8(0x30), m4 = _mm256_set1_epi8(0x0F);
     /* int16 lane k of the scale bytes holds sub-blocks 2k, 2k+1, plane k % 4 */
     const __m256i pmul = _mm256_setr_epi16(16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, 16);
@@ -929,13 +979,20 @@ AI T256 void q2k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
                 const __m256i s = sc2_lo(sc, 4 * n + j);
                 for (int t = 0; t < NT; t++) { /* sums as a tree: ((p0 + p1) + (p2 + p3)) per 128 (the source order
                                                 * is the schedule: computing all planes first spilled) */
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j))), s);
+                    const __m256i m = _mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j)));
+                    if (VN) { /* 1-2 tokens: two chains (planes 0-1, 2-3), summed after the block; 3-4: one */
+                        if (j < 2 || NT >= 3) sumi[t] = n || j ? dpwssd_v(sumi[t], m, s, VN) : _mm256_madd_epi16(m, s);
+                        else e[t] = n || j == 3 ? dpwssd_v(e[t], m, s, VN) : _mm256_madd_epi16(m, s);
+                        continue;
+                    }
+                    const __m256i p = _mm256_madd_epi16(m, s);
                     if (j == 0 || j == 2) e[t] = p;
                     else if (j == 1) sumi[t] = n ? _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p)) : _mm256_add_epi32(e[t], p);
                     else sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p));
                 }
             }
         }
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], e[t]);
         const __m256i mn = _mm256_and_si256(_mm256_cvtepu8_epi16(raw), _mm256_set1_epi16(0xF0)); /* 16 x min */
         const __m256 dw = h2f_bc256(b + 80), dmw = h2f_bc256(b + 82);
         for (int t = 0; t < NT; t++) {
@@ -965,7 +1022,8 @@ AI T256 __m256i q3_scales_bc(const uint8_t *b) {
 /* Q3_K: weights as unsigned 0..7 (2-bit plane | high bit << 2, 4 too many), signed scales as 256 x int16 straight
  * from one vpshufb (sc2_hi), so the block sum is 256 x the true one; the -4 offset is integer too (1024 x scales
  * against the activation sums per 16) and leaves the block as one int32 vector. */
-AI T256 void q3k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+AI T256 void q3k_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+           const int VN) {
     const __m256i m3 = _mm256_set1_epi8(3), bit2 = _mm256_set1_epi8(4);
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -985,7 +1043,13 @@ AI T256 void q3k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
                 s[j] = sc2_hi(sc, 4 * n + j);
                 if (NT >= 3) continue; /* 3-4 tokens: all four planes first (the other order spilled there) */
                 for (int t = 0; t < NT; t++) { /* as Q2_K */
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j))), s[j]);
+                    const __m256i m = _mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * j)));
+                    if (VN) { /* 1-2 tokens: two chains (planes 0-1, 2-3), summed after the block; 3-4: one */
+                        if (j < 2 || NT >= 3) sumi[t] = n || j ? dpwssd_v(sumi[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
+                        else e[t] = n || j == 3 ? dpwssd_v(e[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
+                        continue;
+                    }
+                    const __m256i p = _mm256_madd_epi16(m, s[j]);
                     if (j == 0 || j == 2) e[t] = p;
                     else if (j == 1) sumi[t] = n ? _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p)) : _mm256_add_epi32(e[t], p);
                     else sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p));
@@ -994,12 +1058,19 @@ AI T256 void q3k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
             for (int t = 0; t < NT && NT >= 3; t++) {
                 const int8_t *aq = a[t].q + 256 * i + 128 * n;
                 __m256i p[4];
+                for (int j = 0; j < 4 && VN; j++) { /* as above */
+                    const __m256i m = _mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(aq + 32 * j)));
+                    if (j < 2 || NT >= 3) sumi[t] = n || j ? dpwssd_v(sumi[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
+                    else e[t] = n || j == 3 ? dpwssd_v(e[t], m, s[j], VN) : _mm256_madd_epi16(m, s[j]);
+                }
+                if (VN) continue;
                 for (int j = 0; j < 4; j++)
                     p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(v[j], _mm256_load_si256((const __m256i *)(aq + 32 * j))), s[j]);
                 const __m256i g = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
                 sumi[t] = n ? _mm256_add_epi32(sumi[t], g) : g;
             }
         }
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], e[t]);
         const __m256i sck = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(sc)), 10); /* -32768 .. 31744 */
         const __m256 dw = h2f_bc256(b + 108);
         for (int t = 0; t < NT; t++) {
@@ -1010,12 +1081,15 @@ AI T256 void q3k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]) * (1.f / 256.f);
 }
+NT_BODY(q2k_avx2, q2k_body, T256, 0)
+NT_BODY(q3k_avx2, q3k_body, T256, 0)
 NT_DISPATCH4_SPLIT(q2k_avx2, T256)
 NT_DISPATCH4_SPLIT(q3k_avx2, T256)
 
 /* Q6_K: weights unsigned 0..63; the -32 offset is integer too (32 x scales against the activation sums per 16),
  * so each block leaves one int32 vector and one accumulator per token. */
-AI T256 void q6k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+AI T256 void q6k_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+           const int VN) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -1024,12 +1098,11 @@ AI T256 void q6k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         pf_block(pf, i, 210);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
         const __m256i half[2] = {_mm256_permute4x64_epi64(sc16, 0x44), _mm256_permute4x64_epi64(sc16, 0xEE)};
-        __m256i sumi[4];
+        __m256i sumi[4], e[4];
         for (int n = 0; n < 2; n++) {
             const __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * n));
             const __m256i l1 = _mm256_loadu_si256((const __m256i *)(b + 64 * n + 32));
             const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * n));
-            __m256i e[4];
             for (int k = 0; k < 4; k++) {
                 __m256i lo = (k & 1) ? l1 : l0;
                 lo = (k & 2) ? _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4) : _mm256_and_si256(lo, m4);
@@ -1042,13 +1115,20 @@ AI T256 void q6k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
                 }
                 const __m256i v = _mm256_or_si256(lo, _mm256_and_si256(h, m30)), s = pair_scales(half[n], k);
                 for (int t = 0; t < NT; t++) { /* sums as a tree: ((p0 + p1) + (p2 + p3)) per 128 */
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * k))), s);
+                    const __m256i m = _mm256_maddubs_epi16(v, _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 128 * n + 32 * k)));
+                    if (VN) { /* 1-2 tokens: two chains (k 0-1, 2-3), summed after the block; 3-4: one */
+                        if (k < 2 || NT >= 3) sumi[t] = n || k ? dpwssd_v(sumi[t], m, s, VN) : _mm256_madd_epi16(m, s);
+                        else e[t] = n || k == 3 ? dpwssd_v(e[t], m, s, VN) : _mm256_madd_epi16(m, s);
+                        continue;
+                    }
+                    const __m256i p = _mm256_madd_epi16(m, s);
                     if (k == 0 || k == 2) e[t] = p;
                     else if (k == 1) sumi[t] = n ? _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p)) : _mm256_add_epi32(e[t], p);
                     else sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(e[t], p));
                 }
             }
         }
+        for (int t = 0; t < NT && VN && NT < 3; t++) sumi[t] = _mm256_add_epi32(sumi[t], e[t]);
         const __m256i sc32 = _mm256_slli_epi16(sc16, 5); /* |32 s| <= 4096 */
         const __m256 dw = h2f_bc256(b + 208);
         for (int t = 0; t < NT; t++) {
@@ -1058,6 +1138,7 @@ AI T256 void q6k_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
+NT_BODY(q6k_avx2, q6k_body, T256, 0)
 NT_DISPATCH4_SPLIT(q6k_avx2, T256)
 
 /* Q8_0: |w| against the activations with w's sign (maddubs, madd), one fmadd per block, four blocks per step: their
@@ -1065,8 +1146,8 @@ NT_DISPATCH4_SPLIT(q6k_avx2, T256)
  * block instead of a scalar convert, multiply and broadcast), and 4 (one token) or 2 accumulators per token in turn
  * (with one, the fmadd latency chain was the limit: T=1 8.0 -> 6.2 ns per 256, then 5.5 with the vector scales).
  * (Reducing the four blocks with vphaddd to one fmadd per four blocks, the AVX-512 idea, gained only 5%.) */
-AI T256 void q8_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
-    const __m256i ones = _mm256_set1_epi16(1);
+AI T256 void q8_0_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+           const int VN) {
     __m256 acc[4][4];
     for (int t = 0; t < NT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = _mm256_setzero_ps();
     int i = 0;
@@ -1087,7 +1168,7 @@ AI T256 void q8_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT
             const __m256i aw = _mm256_sign_epi8(wq, wq);
             for (int t = 0; t < NT; t++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * (i + k)));
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, wq)), ones);
+                const __m256i p = dpbusd_v(aw, _mm256_sign_epi8(x, wq), VN);
                 const int u = NT == 1 ? k : k & 1; /* 4 accumulators at one token, else 2 */
                 acc[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(f[t], _mm256_set1_epi32(k)), acc[t][u]);
             }
@@ -1100,16 +1181,18 @@ AI T256 void q8_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT
         const float dw = h2f_256(b);
         for (int t = 0; t < NT; t++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
-            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, wq)), ones);
+            __m256i p = dpbusd_v(aw, _mm256_sign_epi8(x, wq), VN);
             acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a[t].d[i]), acc[t][0]);
         }
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3])));
 }
+NT_BODY(q8_0_avx2, q8_0_body, T256, 0)
 NT_DISPATCH4_SPLIT(q8_0_avx2, T256)
 
-AI T256 void q4_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
-    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+AI T256 void q4_0_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+           const int VN) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256 acc[4];
     float corr[4] = {0, 0, 0, 0};
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -1121,7 +1204,7 @@ AI T256 void q4_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT
         const float dw = h2f_256(b);
         for (int t = 0; t < NT; t++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
-            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), ones);
+            __m256i p = dpbusd_v(v, x, VN);
             const float s = dw * a[t].d[i];
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[t]);
             corr[t] += s * (float)a[t].bs16[i];
@@ -1129,13 +1212,15 @@ AI T256 void q4_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]) - 8.f * corr[t];
 }
+NT_BODY(q4_0_avx2, q4_0_body, T256, 0)
 NT_DISPATCH(q4_0_avx2, T256, 2)
 
 /* ------------------------------------------------------------------ AVX2 IQ kernels */
 
 /* IQ4_NL: codebook lookup with vpshufb; maddubs on |v| and the activations with v's sign */
-AI T256 void iq4nl_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
-    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+AI T256 void iq4nl_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+           const int VN) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)g_kv));
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -1148,12 +1233,13 @@ AI T256 void iq4nl_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int N
         const float dw = h2f_256(b);
         for (int t = 0; t < NT; t++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
-            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(x, v)), ones);
+            __m256i p = dpbusd_v(av, _mm256_sign_epi8(x, v), VN);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
+NT_BODY(iq4nl_avx2, iq4nl_body, T256, 0)
 NT_DISPATCH(iq4nl_avx2, T256, 2)
 
 /* IQ4_XS 8 six-bit scales - 32 as int8 (low 8 bytes) */
@@ -1166,7 +1252,8 @@ AI T256 __m128i iq4xs_scales8(const uint8_t *b) {
 }
 
 /* IQ4_XS with LAYOUT_IQ4X activations (32 packed bytes = 2 sub-blocks: lo nibbles, then hi nibbles 64 further) */
-AI T256 void iq4xs_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
+AI T256 void iq4xs_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+           const int VN) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)g_kv));
     __m256 acc[4];
@@ -1190,7 +1277,8 @@ AI T256 void iq4xs_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int N
                 const __m256i pl = _mm256_maddubs_epi16(al, _mm256_sign_epi8(xl, vl));
                 const __m256i ph = _mm256_maddubs_epi16(ah, _mm256_sign_epi8(xh, vh));
                 /* each pair sum is up to 2 * 127 * 127: add after widening */
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(pl, s), _mm256_madd_epi16(ph, s)));
+                if (VN) sumi[t] = dpwssd_v(dpwssd_v(sumi[t], pl, s, VN), ph, s, VN);
+                else sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(pl, s), _mm256_madd_epi16(ph, s)));
             }
         }
         for (int t = 0; t < NT; t++)
@@ -1198,6 +1286,7 @@ AI T256 void iq4xs_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int N
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
+NT_BODY(iq4xs_avx2, iq4xs_body, T256, 0)
 NT_DISPATCH(iq4xs_avx2, T256, 2)
 
 /* Grid types (IQ2_*, IQ3_*, IQ1_*): each 32 weights become unsigned bytes u = OFF + (signed integer weight):
@@ -1451,7 +1540,8 @@ AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, 
     }
 }
 
-AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY) {
+AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int TY,
+                          const int VN) {
     const int bpb = iq_bpb(TY);
     const __m256i offv = _mm256_set1_epi32(iq_off(TY));
     __m256 acc[4];
@@ -1473,8 +1563,16 @@ AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT
             const __m256i u = iq_chunk_256(b, c, TY, sv, ix), s = pair_scales(half[c / 4], c % 4);
             for (int t = 0; t < NT; t++) {
                 const __m256i x = _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 32 * c));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), s));
+                sumi[t] = dpwssd_v(sumi[t], _mm256_maddubs_epi16(u, x), s, VN);
             }
+        }
+        if (VN) { /* the offset as one more vpdpwssd: -OFF x scales (|.| <= 31 x 64) against the sums per 16 */
+            const __m256i nso = _mm256_mullo_epi16(sc16, _mm256_set1_epi16((short)-iq_off(TY)));
+            for (int t = 0; t < NT; t++) {
+                const __m256i s = dpwssd_v(sumi[t], nso, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)), VN);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
+            }
+            continue;
         }
         for (int t = 0; t < NT; t++) {
             const __m256i cr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
@@ -1484,19 +1582,19 @@ AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT
     }
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
-#define IQ256(name, TY)                                                                                            \
-    AI T256 void name##_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,         \
+#define IQ256(name, TY, ATTR, VN)                                                                                  \
+    AI ATTR void name##_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,         \
                            const uint8_t *pf) {                                                                     \
-        iq_avx2_body(w, nb, a, NT, out, os, pf, TY);                                                                \
+        iq_avx2_body(w, nb, a, NT, out, os, pf, TY, VN);                                                            \
     }                                                                                                               \
-    NT_DISPATCH(name, T256, 4)
-IQ256(iq2xxs_avx2, IQD_2XXS)
-IQ256(iq2xs_avx2, IQD_2XS)
-IQ256(iq2s_avx2, IQD_2S)
-IQ256(iq3xxs_avx2, IQD_3XXS)
-IQ256(iq3s_avx2, IQD_3S)
-IQ256(iq1s_avx2, IQD_1S)
-IQ256(iq1m_avx2, IQD_1M)
+    NT_DISPATCH(name, ATTR, 4)
+IQ256(iq2xxs_avx2, IQD_2XXS, T256, 0)
+IQ256(iq2xs_avx2, IQD_2XS, T256, 0)
+IQ256(iq2s_avx2, IQD_2S, T256, 0)
+IQ256(iq3xxs_avx2, IQD_3XXS, T256, 0)
+IQ256(iq3s_avx2, IQD_3S, T256, 0)
+IQ256(iq1s_avx2, IQD_1S, T256, 0)
+IQ256(iq1m_avx2, IQD_1M, T256, 0)
 
 
 /* ------------------------------------------------------------------ AVX2 activation quantization */
@@ -1567,7 +1665,36 @@ T256 static void quantize_act_range_avx2(const float *x, int64_t cols, int layou
  * for the AVX2 per-row kernel; 1.2x at 10 tokens. */
 #define TVNNI __attribute__((target("avx2,fma,f16c,bmi2,avxvnni")))
 #define Q8V_XBYTES (8 * 32 + 32)
-static int g_avxvnni = 0; /* set by isa_init */
+static int g_avxvnni_hw = 0; /* the CPU has AVX-VNNI (isa_init) */
+static int g_avxvnni = 0;    /* and it is used: isa_init (off with K2LOCAL_AVXVNNI=0), k2k_set_avxvnni */
+
+/* the AVX2 per-row kernels with vpdpwssd / vpdpbusd (the same bodies, VN = 1) */
+NT_BODY(q4k_vnni, q4k_body, TVNNI, 1)
+NT_BODY(q5k_vnni, q5k_body, TVNNI, 1)
+NT_BODY(q2k_vnni, q2k_body, TVNNI, 1)
+NT_BODY(q3k_vnni, q3k_body, TVNNI, 1)
+NT_BODY(q6k_vnni, q6k_body, TVNNI, 1)
+NT_BODY(q8_0_vnni, q8_0_body, TVNNI, 1)
+NT_BODY(q4_0_vnni, q4_0_body, TVNNI, 1)
+NT_BODY(iq4nl_vnni, iq4nl_body, TVNNI, 1)
+NT_BODY(iq4xs_vnni, iq4xs_body, TVNNI, 1)
+NT_DISPATCH4_SPLIT(q4k_vnni, TVNNI)
+NT_DISPATCH4_SPLIT(q5k_vnni, TVNNI)
+NT_DISPATCH4_SPLIT(q2k_vnni, TVNNI)
+NT_DISPATCH4_SPLIT(q3k_vnni, TVNNI)
+NT_DISPATCH4_SPLIT(q6k_vnni, TVNNI)
+NT_DISPATCH4_SPLIT(q8_0_vnni, TVNNI)
+NT_DISPATCH(q4_0_vnni, TVNNI, 2)
+NT_DISPATCH(iq4nl_vnni, TVNNI, 2)
+NT_DISPATCH(iq4xs_vnni, TVNNI, 2)
+IQ256(iq2xxs_vnni, IQD_2XXS, TVNNI, 1)
+IQ256(iq2xs_vnni, IQD_2XS, TVNNI, 1)
+IQ256(iq2s_vnni, IQD_2S, TVNNI, 1)
+IQ256(iq3xxs_vnni, IQD_3XXS, TVNNI, 1)
+IQ256(iq3s_vnni, IQD_3S, TVNNI, 1)
+IQ256(iq1s_vnni, IQD_1S, TVNNI, 1)
+IQ256(iq1m_vnni, IQD_1M, TVNNI, 1)
+
 static void q8_0_vnni_pack(const act_t *a, int nt, int nb, uint8_t *X);
 TVNNI static void q8_0_vnni_gemm(const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const uint8_t *X, int nt,
                                  float *out, ptrdiff_t os) {
@@ -2605,7 +2732,9 @@ static void isa_init(void) {
     g_vbmi = 1;
 #elif K2K_X86
     g_vbmi = g_isa_hw >= ISA_AVX512 && __builtin_cpu_supports("avx512vbmi");
-    g_avxvnni = g_isa_hw >= ISA_AVX2 && __builtin_cpu_supports("avxvnni");
+    g_avxvnni_hw = g_isa_hw >= ISA_AVX2 && __builtin_cpu_supports("avxvnni");
+    const char *ev = getenv("K2LOCAL_AVXVNNI");
+    g_avxvnni = g_avxvnni_hw && !(ev && !strcmp(ev, "0"));
 #endif
     g_isa = g_isa_hw;
     const char *e = getenv("K2LOCAL_ISA");
@@ -2656,7 +2785,29 @@ static kern_t get_kernel(int type) {
         case GT_IQ1_S: k.fn = iq1s_512; return k;
         case GT_IQ1_M: k.fn = iq1m_512; return k;
         }
-    } else if (g_isa == ISA_AVX2) {
+    } else if (g_isa == ISA_AVX2 && g_avxvnni) {
+        switch (type) {
+        case GT_IQ2_XXS: k.fn = iq2xxs_vnni; return k;
+        case GT_IQ2_XS: k.fn = iq2xs_vnni; return k;
+        case GT_IQ2_S: k.fn = iq2s_vnni; return k;
+        case GT_IQ3_XXS: k.fn = iq3xxs_vnni; return k;
+        case GT_IQ3_S: k.fn = iq3s_vnni; return k;
+        case GT_IQ1_S: k.fn = iq1s_vnni; return k;
+        case GT_IQ1_M: k.fn = iq1m_vnni; return k;
+        case GT_IQ4_NL: k.fn = iq4nl_vnni; return k;
+        case GT_IQ4_XS: k.fn = iq4xs_vnni; k.layout = LAYOUT_IQ4X; return k;
+        case GT_Q4_0: k.fn = q4_0_vnni; return k;
+        case GT_Q8_0:
+            k.fn = q8_0_vnni, k.fng = q8_0_vnni_gemm, k.fnp = q8_0_vnni_pack, k.xbytes = Q8V_XBYTES, k.gtok = 7;
+            return k;
+        case GT_Q2_K: k.fn = q2k_vnni; return k;
+        case GT_Q3_K: k.fn = q3k_vnni; return k;
+        case GT_Q4_K: k.fn = q4k_vnni; return k;
+        case GT_Q5_K: k.fn = q5k_vnni; return k;
+        case GT_Q6_K: k.fn = q6k_vnni; return k;
+        }
+    }
+    if (g_isa == ISA_AVX2) {
         switch (type) {
         case GT_IQ4_NL: k.fn = iq4nl_avx2; return k;
         case GT_IQ4_XS: k.fn = iq4xs_avx2; k.layout = LAYOUT_IQ4X; return k;
@@ -2670,10 +2821,7 @@ static kern_t get_kernel(int type) {
         case GT_Q4_0: k.fn = q4_0_avx2; return k;
         case GT_Q5_0: k.fn = q5_0_avx2; return k;
         case GT_Q5_1: k.fn = q5_1_avx2; return k;
-        case GT_Q8_0:
-            k.fn = q8_0_avx2;
-            if (g_avxvnni) k.fng = q8_0_vnni_gemm, k.fnp = q8_0_vnni_pack, k.xbytes = Q8V_XBYTES, k.gtok = 7;
-            return k;
+        case GT_Q8_0: k.fn = q8_0_avx2; return k;
         case GT_Q2_K: k.fn = q2k_avx2; return k;
         case GT_Q3_K: k.fn = q3k_avx2; return k;
         case GT_Q4_K: k.fn = q4k_avx2; return k;
@@ -3385,6 +3533,20 @@ int k2k_set_pairs(int on) {
     ensure_init();
     if (on >= 0) g_no_pairs = !on;
     int r = !g_no_pairs;
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
+/* AVX-VNNI kernels at the AVX2 level: 1 on (where the CPU has it), 0 off, < 0 leaves it; returns the setting in effect */
+int k2k_set_avxvnni(int on) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+#if K2K_X86
+    if (on >= 0) g_avxvnni = on && g_avxvnni_hw;
+    int r = g_avxvnni;
+#else
+    int r = 0 * on;
+#endif
     pthread_mutex_unlock(&P.call_mu);
     return r;
 }
