@@ -1,4 +1,4 @@
-"""CPU expert kernels on ggml-quantized bytes (Q4_0, Q8_0, Q2_K..Q6_K and the IQ types), with a torch fallback.
+"""CPU expert kernels on ggml-quantized bytes (Q4_0, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K and the IQ types), with a torch fallback.
 
 The compiled part is a plain C shared library (``k2kern.c``) called through ctypes, which
 releases the GIL.  It is found, in order: as the optional extension built by ``setup.py``
@@ -11,6 +11,7 @@ installed gguf package and handed to the library once, when it is loaded (``k2k_
 Environment:
   K2LOCAL_KERNELS=torch   force the torch fallback (dequantize row chunks with gguf + matmul)
   K2LOCAL_ISA=generic|avx2|avx512   cap the instruction set used by the C kernels
+  K2LOCAL_AVXVNNI=0       at the AVX2 level, do not use AVX-VNNI (vpdpbusd / vpdpwssd) even where the CPU has it
   K2LOCAL_THREADS=n, K2LOCAL_PIN=1  initial thread count (default: physical cores) / pinning
   K2LOCAL_SPIN_US=us      how long idle workers spin before sleeping (default 300)
   K2LOCAL_PREFETCH=bytes, K2LOCAL_PREFETCH_L2=1   software prefetch distance (0: off) / into L2
