@@ -24,7 +24,6 @@ from k2local.toolcalls import (
     make_tool_call_id,
     tool_dialect,
 )
-from offload.threads import quiet_signals
 
 log = logging.getLogger("k2local.server")
 MIN_COPY_PREFIX = 16  # shared prompt tokens worth copying from another conversation's KV cache
@@ -233,7 +232,6 @@ class Worker:
         self.thread.join(timeout=30)
 
     def _loop(self) -> None:
-        quiet_signals()  # Ctrl-C / SIGTERM go to the server's main thread
         while True:
             job = self.jobs.get()
             if job is None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from offload.cache import CacheCounters
 from offload.expert_layout import ExpertLayout, decode_matrix, decodes_on_gpu
 from offload.experts_dense import swiglu
-from offload.threads import decode_step, quiet_signals, torch_threads
+from offload.threads import decode_step, torch_threads
 from offload.routing_stats import RoutingStats
 from offload.store import DeviceCache, ExpertStore, Key, Lease, fused_on_device, fused_or_dense
 
@@ -176,7 +176,7 @@ class OffloadExperts:
     def begin(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> Future:
         """Start `forward` on a worker thread (so the caller can run the shared expert meanwhile); .result()."""
         if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="k2-moe", initializer=quiet_signals)
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="k2-moe")
         return self._worker.submit(self.forward, layer, x, idx, w)
 
     # ------------------------------------------------------------------ host experts
@@ -348,7 +348,6 @@ class OffloadExperts:
     # ------------------------------------------------------------------ prefetch
     def _prefetch_loop(self) -> None:
         assert self._prefetch_q is not None
-        quiet_signals()
         while True:
             item = self._prefetch_q.get()
             if item is None:

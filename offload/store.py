@@ -21,7 +21,6 @@ from k2local.errors import CheckpointError
 from offload.cache import CacheCounters, CachePolicy, FrequencyPolicy
 from offload.expert_layout import ExpertEntry, ExpertLayout, cheap_to_decode, decode_matrix
 from offload.experts_dense import swiglu
-from offload.threads import quiet_signals
 
 try:  # the compiled kernels place expert memory on NUMA nodes; without them the kernel's default policy applies
     from offload import kernels as _kernels
@@ -202,7 +201,6 @@ class _IOPool:
         self._q.put((prio, next(self._seq), fn))
 
     def _run(self) -> None:
-        quiet_signals()
         while True:
             _, _, fn = self._q.get()
             if fn is None:

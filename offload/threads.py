@@ -8,7 +8,6 @@ torch's full pool.
 """
 from __future__ import annotations
 
-import signal
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -55,12 +54,3 @@ def full_threads() -> int:
 def decode_step(tokens: int) -> bool:
     """Whether CPU work for `tokens` new tokens is a decoding step, best run with torch at one thread."""
     return tokens <= 4
-
-
-def quiet_signals() -> None:
-    """Block the asynchronous signals in the calling (worker) thread, so that the kernel delivers a Ctrl-C to the main
-    thread, where Python handles it: one that lands on a worker is only noticed once the main thread runs Python
-    again, which it does not while blocked in readline at the chat prompt."""
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-                                                  signal.SIGWINCH, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2})

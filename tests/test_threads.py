@@ -2,7 +2,6 @@
 does the heavy work), and restored afterwards."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -62,25 +61,3 @@ def test_cpu_decode_runs_torch_at_one_thread(tiny_k2: Path) -> None:
         assert torch.allclose(step, full, atol=1e-5) and ref.shape[0] == 12
     finally:
         torch.set_num_threads(before)
-
-
-def test_worker_threads_leave_signals_to_the_main_thread() -> None:
-    """Our worker threads block the asynchronous signals, so that a Ctrl-C reaches the main thread (where Python
-    handles it); the main thread's own mask is untouched."""
-    import signal
-
-    from offload.threads import quiet_signals
-
-    if not hasattr(signal, "pthread_sigmask"):
-        pytest.skip("no pthread_sigmask")
-    got: list = []
-
-    def worker() -> None:
-        quiet_signals()
-        got.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
-
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert signal.SIGINT in got[0] and signal.SIGTERM in got[0]
-    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

@@ -33,7 +33,6 @@
 #include <stdio.h>
 #include <math.h>
 #include <pthread.h>
-#include <signal.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
@@ -2923,13 +2922,6 @@ static void pin_self(int tid) {
 
 static void *worker_main(void *arg) {
     worker_t *me = (worker_t *)arg;
-    /* Signals are the host program's: a SIGINT the kernel picks this thread for never reaches e.g. Python's main
-     * thread blocked in readline (Ctrl-C at the chat prompt was lost). Faults stay deliverable. */
-    sigset_t async;
-    sigfillset(&async);
-    sigdelset(&async, SIGSEGV), sigdelset(&async, SIGBUS), sigdelset(&async, SIGFPE), sigdelset(&async, SIGILL);
-    sigdelset(&async, SIGABRT), sigdelset(&async, SIGTRAP);
-    pthread_sigmask(SIG_BLOCK, &async, NULL);
     pin_self(me->tid);
     uint64_t seen = me->gen0;
     for (;;) {
