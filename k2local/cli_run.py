@@ -300,6 +300,10 @@ def _chat(session: ChatSession, json_out: bool, random_weights: bool) -> None:
               "/help for commands · Ctrl-D to exit", soft_wrap=True)
     if random_weights:
         con.print("(random weights: expect gibberish)", style="yellow")
+    # An interactive chat wants Ctrl-C even when it was started with SIGINT ignored (Python then leaves it ignored:
+    # e.g. a background job of a non-interactive shell, as a CI script may be): only the answer's own handler
+    # (_turn) got it, and a Ctrl-C at the prompt did nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rl = _setup_readline()
     asm = LineAssembler()
     try:
