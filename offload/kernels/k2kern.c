@@ -2114,10 +2114,19 @@ AI T512 __m256i q8_0_sum8(const __m512i p[4]) {
     return _mm256_permutevar8x32_epi32(d, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+/* Eight Q8_0 blocks at b: their quants + 128 (unsigned, for dpbusd) as four 64-byte vectors, and their scales */
+AI T512 __m256 q8_0_load8(const uint8_t *b, __m512i wq[4]) {
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    for (int j = 0; j < 4; j++)
+        wq[j] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 68 * j + 2))),
+                                                     _mm256_loadu_si256((const __m256i *)(b + 68 * j + 36)), 1), bias);
+    return _mm256_cvtph_ps(_mm_setr_epi16((short)rd16(b), (short)rd16(b + 34), (short)rd16(b + 68), (short)rd16(b + 102),
+                                          (short)rd16(b + 136), (short)rd16(b + 170), (short)rd16(b + 204), (short)rd16(b + 238)));
+}
+
 /* Q8_0: eight 32-value blocks per step. Weights go unsigned (w + 128, the block's activation sum takes the offset
  * back), each block's dot product is reduced to one int32 and the eight are scaled as one vector. */
 AI T512 void q8_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
-    const __m512i bias = _mm512_set1_epi8((char)0x80);
     __m256 acc[4];
     float tail[4] = {0, 0, 0, 0};
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -2127,11 +2136,7 @@ AI T512 void q8_0_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
         if (pf)
             for (int k = 0; k < 5; k++) pf_block(pf + 34 * i, k, 64); /* the 272 bytes of the eight blocks */
         __m512i wq[4];
-        for (int j = 0; j < 4; j++)
-            wq[j] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 68 * j + 2))),
-                                                         _mm256_loadu_si256((const __m256i *)(b + 68 * j + 36)), 1), bias);
-        const __m256 dw = _mm256_cvtph_ps(_mm_setr_epi16((short)rd16(b), (short)rd16(b + 34), (short)rd16(b + 68), (short)rd16(b + 102),
-                                                         (short)rd16(b + 136), (short)rd16(b + 170), (short)rd16(b + 204), (short)rd16(b + 238)));
+        const __m256 dw = q8_0_load8(b, wq);
         for (int t = 0; t < NT; t++) {
             const int8_t *x = a[t].q + 32 * i;
             __m512i p[4];
@@ -2169,7 +2174,6 @@ NT_DISPATCH(q8_0_512, T512, 4)
  * row: Kimi K2's k_b per layer (64 heads x 512 rows x 128) took 612 us on one core, this 142-169 us. */
 T512 static int q8_0_512_short(const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const act_t *a, float *out) {
     if ((nb != 1 && nb != 2 && nb != 4) || rs != 34 * nb) return 0;
-    const __m512i bias = _mm512_set1_epi8((char)0x80);
     int8_t xr[256] __attribute__((aligned(64)));
     int32_t offr[8];
     float dxr[8];
@@ -2192,13 +2196,8 @@ T512 static int q8_0_512_short(const uint8_t *w, ptrdiff_t rs, int64_t nrows, in
             b = tail;
         }
         __m512i p[4];
-        for (int j = 0; j < 4; j++)
-            p[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(_mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b + 68 * j + 2))),
-                _mm256_loadu_si256((const __m256i *)(b + 68 * j + 36)), 1), bias), xv[j]);
-        const __m256 dw = _mm256_cvtph_ps(_mm_setr_epi16((short)rd16(b), (short)rd16(b + 34), (short)rd16(b + 68),
-                                                         (short)rd16(b + 102), (short)rd16(b + 136), (short)rd16(b + 170),
-                                                         (short)rd16(b + 204), (short)rd16(b + 238)));
+        const __m256 dw = q8_0_load8(b, p);
+        for (int j = 0; j < 4; j++) p[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), p[j], xv[j]);
         const __m256 s = _mm256_cvtepi32_ps(_mm256_sub_epi32(q8_0_sum8(p), off));
         __m256 v = _mm256_mul_ps(s, _mm256_mul_ps(dw, dx)); /* lane j: block j's share of its row */
         if (nb >= 2) v = _mm256_hadd_ps(v, v);              /* [01 23 01 23 | 45 67 45 67] */
@@ -2427,10 +2426,6 @@ AI T512 __m256i rows4_512(const uint64_t *t, uint32_t i0, uint32_t i1, uint32_t 
     v = _mm256_mask_blend_epi64(0x2, v, _mm256_set1_epi64x((long long)t[i1]));
     v = _mm256_mask_blend_epi64(0x4, v, _mm256_set1_epi64x((long long)t[i2]));
     return _mm256_mask_blend_epi64(0x8, v, _mm256_set1_epi64x((long long)t[i3]));
-}
-AI T512 __m512i rows8_512(const uint64_t *t, uint32_t i0, uint32_t i1, uint32_t i2, uint32_t i3, uint32_t i4,
-                          uint32_t i5, uint32_t i6, uint32_t i7) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(rows4_512(t, i0, i1, i2, i3)), rows4_512(t, i4, i5, i6, i7), 1);
 }
 /* 4 rows of 8 bytes, indices in the W-bit fields of x */
 AI T512 __m256i rows4w_512(const uint64_t *t, uint64_t x, const int W) {
