@@ -229,9 +229,9 @@ class HFTokenizer:
             out = self._bytes[token_id] = _token_bytes(tok) if tok is not None else b""
         return out
 
-    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
-        """A new :class:`StreamDecoder` over this tokenizer."""
-        return StreamDecoder(self, skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens: bool = False, keep: Iterable[int] = ()) -> StreamDecoder:
+        """A new :class:`StreamDecoder` over this tokenizer (``keep``: special ids kept even when skipping)."""
+        return StreamDecoder(self, skip_special_tokens, keep)
 
     # -- vocabulary ----------------------------------------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 (stream decode -> stop strings -> tool-call parser of the model's dialect -> events)."""
 from __future__ import annotations
 
-import codecs
 import logging
 import queue
 import threading
@@ -79,23 +78,6 @@ class _StopMatcher:
         return out
 
 
-class _KeepDecoder:
-    """A stream decoder that skips special tokens except ``keep`` (tool-call markers flagged special, as
-    DeepSeek-V3's are, must reach the parser)."""
-
-    def __init__(self, tokenizer: Any, keep: frozenset[int]):
-        self.tokenizer, self.keep = tokenizer, keep
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, tok: int) -> str:
-        return self._utf8.decode(self.tokenizer.decode_bytes([tok], skip_special_tokens=tok not in self.keep))
-
-    def flush(self) -> str:
-        out = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
-        return out
-
-
 def _marker_ids(tokenizer: Any, dialect: ToolDialect) -> frozenset[int]:
     """Ids of the dialect's markers that ``skip_special_tokens`` would drop."""
     skip = getattr(tokenizer, "skip_ids", None)
@@ -112,8 +94,7 @@ class Output:
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], tools: ToolMode, emit: Callable[[tuple], None]):
         dialect = tool_dialect(tokenizer)
-        keep = _marker_ids(tokenizer, dialect)
-        self.decoder = _KeepDecoder(tokenizer, keep) if keep else tokenizer.stream_decoder(skip_special_tokens=True)
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True, keep=_marker_ids(tokenizer, dialect))
         self.stop = _StopMatcher(stops)
         self.tools = tools
         self.emit = emit

@@ -392,9 +392,9 @@ class Tokenizer:
         self._check_ids([token_id])
         return self._enc.decode_single_token_bytes(token_id)
 
-    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
-        """A new :class:`StreamDecoder` over this tokenizer."""
-        return StreamDecoder(self, skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens: bool = False, keep: Iterable[int] = ()) -> StreamDecoder:
+        """A new :class:`StreamDecoder` over this tokenizer (``keep``: special ids kept even when skipping)."""
+        return StreamDecoder(self, skip_special_tokens, keep)
 
     # -- vocabulary ----------------------------------------------------------------------------------------------------
 
@@ -457,17 +457,24 @@ class StreamDecoder:
     """Turns token ids into text pieces incrementally without splitting UTF-8 multi-byte characters.
 
     ``feed`` returns only complete characters; incomplete trailing bytes wait for the next ids. ``flush`` emits
-    whatever is left (invalid bytes as U+FFFD).
+    whatever is left (invalid bytes as U+FFFD). With ``skip_special_tokens``, the special ids in ``keep`` still come
+    through (tool-call markers flagged special, as DeepSeek-V3's are, must reach the tool-call parser).
     """
 
-    def __init__(self, tokenizer: Tokenizer | HFTokenizer, skip_special_tokens: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer | HFTokenizer, skip_special_tokens: bool = False,
+                 keep: Iterable[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._skip = frozenset(tokenizer.skip_ids) - frozenset(keep) if skip_special_tokens and keep else None
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, ids: int | Iterable[int]) -> str:
         """Add one id or several; return the newly complete text (possibly "")."""
-        data = self.tokenizer.decode_bytes([ids] if isinstance(ids, int) else ids, self.skip_special_tokens)
+        ids = [ids] if isinstance(ids, int) else ids
+        if self._skip is not None:  # skipping all special ids but those kept
+            data = self.tokenizer.decode_bytes([i for i in ids if i not in self._skip])
+        else:
+            data = self.tokenizer.decode_bytes(ids, self.skip_special_tokens)
         return self._utf8.decode(data)
 
     def flush(self) -> str:

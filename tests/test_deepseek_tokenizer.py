@@ -123,6 +123,20 @@ def test_stream_decoder_multibyte(tok: HFTokenizer) -> None:
     assert "".join(pieces) == text.replace(EOS, "") and "" in pieces and not any("\ufffd" in p for p in pieces)
 
 
+def test_stream_decoder_keeps_chosen_special_tokens(tok: HFTokenizer) -> None:
+    """Skipping special tokens except those kept: DeepSeek-V3's tool-call markers are special, and the server's
+    tool-call parser must see them while EOS is still dropped."""
+    text = "<｜tool▁calls▁begin｜>x<｜tool▁calls▁end｜>" + EOS
+    ids = tok.encode(text)
+    marker = tok.token_to_id("<｜tool▁calls▁begin｜>")
+    assert marker in tok.skip_ids and tok.eos_id in tok.skip_ids
+    end = tok.token_to_id("<｜tool▁calls▁end｜>")
+    dec = tok.stream_decoder(skip_special_tokens=True, keep={marker, end})
+    assert "".join([dec.feed(i) for i in ids] + [dec.flush()]) == text.replace(EOS, "")
+    plain = tok.stream_decoder(skip_special_tokens=True)
+    assert "".join([plain.feed(i) for i in ids] + [plain.flush()]) == "x"
+
+
 def test_ids_equal_transformers(tiny_ds: Path, tok: HFTokenizer) -> None:
     transformers = pytest.importorskip("transformers")
     auto = transformers.AutoTokenizer.from_pretrained(str(tiny_ds))
