@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import httpx
 import openai
@@ -236,13 +237,22 @@ def test_stop_strings(served: Served) -> None:
 
 # -------------------------------------------------------------------------------------------- tool calls
 
-def test_tool_call_round_trip(served: Served) -> None:
-    served.script.outputs["call"] = CALL_TEXT
-    served.script.outputs["answer"] = "It is 21°C in Paris.<|im_end|>"
+class RoundTrip(NamedTuple):
+    r1: Any  # the response with the tool call
+    r2: Any  # the answer after the tool result
+    messages: list  # the conversation so far (user, assistant call, tool result)
+    first_prompt: str  # what the model saw for each turn
+    seen: str
+
+
+def _weather_round_trip(s: Served, call_text: str, answer_text: str) -> RoundTrip:
+    """A tool round trip in the model's own format: the model answers "Let me check." and calls get_weather(Paris)
+    (call_text), gets the result, then answers (answer_text). Checks what the client sees; returns the responses,
+    the conversation and the prompts of the two turns for the format's own checks."""
+    s.script.outputs["call"] = call_text
+    s.script.outputs["answer"] = answer_text
     messages: list = [{"role": "user", "content": "What's the weather in Paris? [[call]]"}]
-    r1 = served.chat(messages, tools=[WEATHER], max_tokens=100)
-    first_prompt = served.script.last_prompt_with("call")
-    assert "<|im_system|>tool_declare<|im_middle|>" in first_prompt and "get_weather" in first_prompt
+    r1 = s.chat(messages, tools=[WEATHER], max_tokens=100)
     c = r1.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content == "Let me check."
     [call] = c.message.tool_calls
@@ -252,10 +262,15 @@ def test_tool_call_round_trip(served: Served) -> None:
     messages.append(c.message.model_dump(exclude_none=True))
     messages.append({"role": "tool", "tool_call_id": call.id,
                      "content": json.dumps({"temp_c": 21, "tag": "[[answer]]"})})
-    r2 = served.chat(messages, tools=[WEATHER], max_tokens=100)
+    r2 = s.chat(messages, tools=[WEATHER], max_tokens=100)
     assert r2.choices[0].finish_reason == "stop" and not r2.choices[0].message.tool_calls
     assert r2.choices[0].message.content == "It is 21°C in Paris."
-    seen = served.script.last_prompt_with("answer")
+    return RoundTrip(r1, r2, messages, s.script.last_prompt_with("call"), s.script.last_prompt_with("answer"))
+
+
+def test_tool_call_round_trip(served: Served) -> None:
+    r1, r2, _, first_prompt, seen = _weather_round_trip(served, CALL_TEXT, "It is 21°C in Paris.<|im_end|>")
+    assert "<|im_system|>tool_declare<|im_middle|>" in first_prompt and "get_weather" in first_prompt
     assert ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
             "{\"city\": \"Paris\"}<|tool_call_end|><|tool_calls_section_end|>") in seen
     assert "functions.get_weather:0" in seen.split("<|tool_calls_section_end|>")[1]  # the result names the call
@@ -263,15 +278,21 @@ def test_tool_call_round_trip(served: Served) -> None:
     assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens  # conversation prefix reused
 
 
-def test_tool_calls_streamed_as_deltas(served: Served) -> None:
-    served.script.outputs["two"] = TWO_CALLS
-    stream = served.chat([{"role": "user", "content": "Beijing and Shanghai [[two]]"}], tools=[WEATHER],
-                         max_tokens=200, stream=True, stream_options={"include_usage": True})
-    content, calls, finish, usage = collect_stream(stream)
-    assert content == "" and finish == "tool_calls" and usage.completion_tokens > 0
+def _two_calls_streamed(s: Served, two_calls: str, content: str) -> None:
+    """The model's output two_calls (content, then get_weather for Beijing and Shanghai in the model's format)
+    streamed: the content and two calls with numbered ids arrive as deltas."""
+    s.script.outputs["two"] = two_calls
+    stream = s.chat([{"role": "user", "content": "Beijing and Shanghai [[two]]"}], tools=[WEATHER],
+                    max_tokens=200, stream=True, stream_options={"include_usage": True})
+    got, calls, finish, usage = collect_stream(stream)
+    assert got == content and finish == "tool_calls" and usage.completion_tokens > 0
     assert [calls[i]["id"] for i in (0, 1)] == ["functions.get_weather:0", "functions.get_weather:1"]
     assert {calls[i]["name"] for i in (0, 1)} == {"get_weather"}
     assert [json.loads(calls[i]["arguments"]) for i in (0, 1)] == [{"city": "Beijing"}, {"city": "Shanghai"}]
+
+
+def test_tool_calls_streamed_as_deltas(served: Served) -> None:
+    _two_calls_streamed(served, TWO_CALLS, "")
     # the openai package's own stream accumulator agrees
     with served.client.chat.completions.stream(model=served.model, max_tokens=200, tools=[WEATHER],
                                                messages=[{"role": "user", "content": "again [[two]]"}]) as s:
@@ -329,24 +350,11 @@ def served_ds(tiny_ds: Path) -> Iterator[Served]:
 
 def test_deepseek_tool_call_round_trip(served_ds: Served) -> None:
     s = served_ds
-    s.script.outputs["call"] = "Let me check." + DS_BEGIN + _ds_call("get_weather", PARIS) + DS_END + DS_EOS
-    s.script.outputs["answer"] = f"It is 21°C in Paris.{DS_EOS}"
-    messages: list = [{"role": "user", "content": "What's the weather in Paris? [[call]]"}]
-    r1 = s.chat(messages, tools=[WEATHER], max_tokens=100)
-    assert "get_weather" in s.script.last_prompt_with("call")
-    c = r1.choices[0]
-    assert c.finish_reason == "tool_calls" and c.message.content == "Let me check."
-    [call] = c.message.tool_calls
-    assert call.id == "functions.get_weather:0" and call.type == "function"
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
-
-    messages.append(c.message.model_dump(exclude_none=True))
-    messages.append({"role": "tool", "tool_call_id": call.id,
-                     "content": json.dumps({"temp_c": 21, "tag": "[[answer]]"})})
-    r2 = s.chat(messages, tools=[WEATHER], max_tokens=100)
-    assert r2.choices[0].finish_reason == "stop" and not r2.choices[0].message.tool_calls
-    assert r2.choices[0].message.content == "It is 21°C in Paris."
-    seen = s.script.last_prompt_with("answer")  # the checkpoint's own template rendered the call and its result
+    _, _, messages, first_prompt, seen = _weather_round_trip(
+        s, "Let me check." + DS_BEGIN + _ds_call("get_weather", PARIS) + DS_END + DS_EOS,
+        f"It is 21°C in Paris.{DS_EOS}")
+    assert "get_weather" in first_prompt
+    # the checkpoint's own template rendered the call and its result
     assert (f"<｜Assistant｜>Let me check.{DS_BEGIN}{DS_CALL}function{DS_SEP}get_weather\n"
             f"{{\"city\": \"Paris\"}}{DS_CALL_END}{DS_END}{DS_EOS}<｜tool▁outputs▁begin｜>") in seen
     assert "\"temp_c\": 21" in seen.split("<｜tool▁outputs▁begin｜>")[1]
@@ -359,15 +367,8 @@ def test_deepseek_tool_call_round_trip(served_ds: Served) -> None:
 
 def test_deepseek_tool_calls_streamed_as_deltas(served_ds: Served) -> None:
     s = served_ds
-    s.script.outputs["two"] = ("Checking both." + DS_BEGIN + _ds_call("get_weather", '{"city": "Beijing"}')
-                               + _ds_call("get_weather", '{"city": "Shanghai"}') + DS_END + DS_EOS)
-    stream = s.chat([{"role": "user", "content": "Beijing and Shanghai [[two]]"}], tools=[WEATHER],
-                    max_tokens=200, stream=True, stream_options={"include_usage": True})
-    content, calls, finish, usage = collect_stream(stream)
-    assert content == "Checking both." and finish == "tool_calls" and usage.completion_tokens > 0
-    assert [calls[i]["id"] for i in (0, 1)] == ["functions.get_weather:0", "functions.get_weather:1"]
-    assert {calls[i]["name"] for i in (0, 1)} == {"get_weather"}
-    assert [json.loads(calls[i]["arguments"]) for i in (0, 1)] == [{"city": "Beijing"}, {"city": "Shanghai"}]
+    _two_calls_streamed(s, "Checking both." + DS_BEGIN + _ds_call("get_weather", '{"city": "Beijing"}')
+                        + _ds_call("get_weather", '{"city": "Shanghai"}') + DS_END + DS_EOS, "Checking both.")
     with s.client.chat.completions.stream(model=s.model, max_tokens=200, tools=[WEATHER],
                                           messages=[{"role": "user", "content": "again [[two]]"}]) as st:
         final = st.get_final_completion()

@@ -106,13 +106,16 @@ def test_stream_one_char_equals_batch(text: str, content: str | None, calls: lis
     assert _replay(events) == batch == (parser.content, parser.tool_calls)
 
 
+def _random_pieces(text: str, rng: random.Random, most: int = 30) -> list[str]:
+    """text cut at 1..most random places (fewer for a short text)."""
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, most))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_stream_random_chunks_equals_batch(seed: int) -> None:
-    rng = random.Random(seed)
     text = "Let me look that up. 我来查一下。\n" + PARALLEL
-    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 30)))
-    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-    events, parser = _stream(pieces)
+    events, parser = _stream(_random_pieces(text, random.Random(seed)))
     assert _replay(events) == parse_tool_calls(text) == ("Let me look that up. 我来查一下。", [BEIJING, SHANGHAI])
 
 
@@ -176,22 +179,20 @@ def _ds_call(name: str, args: str, fence: bool = True) -> str:
 
 DS_PARALLEL = DS_BEGIN + _ds_call("get_weather", '{"city": "Beijing"}') + _ds_call(
     "get_weather", '{"city": "Shanghai"}') + DS_END
-DS_BEIJING = ToolCall("functions.get_weather:0", "get_weather", '{"city": "Beijing"}')
-DS_SHANGHAI = ToolCall("functions.get_weather:1", "get_weather", '{"city": "Shanghai"}')
 
 DS_CASES: list[tuple[str, str | None, list[ToolCall]]] = [
-    (DS_PARALLEL, None, [DS_BEIJING, DS_SHANGHAI]),
-    ("Let me check the weather.\n" + DS_PARALLEL, "Let me check the weather.", [DS_BEIJING, DS_SHANGHAI]),
+    (DS_PARALLEL, None, [BEIJING, SHANGHAI]),
+    ("Let me check the weather.\n" + DS_PARALLEL, "Let me check the weather.", [BEIJING, SHANGHAI]),
     ("Plain text <｜tool▁ca", "Plain text <｜tool▁ca", []),
     ("Kimi markers are text here: <|tool_call_begin|>", "Kimi markers are text here: <|tool_call_begin|>", []),
     # k2local's tiny template writes bare JSON (no fence); whitespace around the pieces is tolerated.
-    (DS_BEGIN + _ds_call("get_weather", '{"city": "Beijing"}', fence=False) + DS_END, None, [DS_BEIJING]),
+    (DS_BEGIN + _ds_call("get_weather", '{"city": "Beijing"}', fence=False) + DS_END, None, [BEIJING]),
     ((f"{DS_BEGIN}\n{DS_CALL} function {DS_SEP} get_weather \n\n```json\n  {{\"city\": \"Beijing\"}} \n```\n"
-      f"{DS_CALL_END}\n{DS_END}"), None, [DS_BEIJING]),
+      f"{DS_CALL_END}\n{DS_END}"), None, [BEIJING]),
     # Missing section end / final call end / closing fence at end of output.
-    (DS_PARALLEL.removesuffix(DS_END), None, [DS_BEIJING, DS_SHANGHAI]),
-    (DS_PARALLEL.removesuffix(DS_CALL_END + DS_END), None, [DS_BEIJING, DS_SHANGHAI]),
-    (DS_PARALLEL.removesuffix("\n```" + DS_CALL_END + DS_END), None, [DS_BEIJING, DS_SHANGHAI]),
+    (DS_PARALLEL.removesuffix(DS_END), None, [BEIJING, SHANGHAI]),
+    (DS_PARALLEL.removesuffix(DS_CALL_END + DS_END), None, [BEIJING, SHANGHAI]),
+    (DS_PARALLEL.removesuffix("\n```" + DS_CALL_END + DS_END), None, [BEIJING, SHANGHAI]),
     # Malformed JSON is passed through as written (clients see the raw text, as with Kimi).
     (DS_BEGIN + _ds_call("f", '{"a": 1,,') + DS_END, None, [ToolCall("functions.f:0", "f", '{"a": 1,,')]),
     # A call without a separator or a name is dropped; a name without arguments gets {}; backticks inside JSON.
@@ -222,15 +223,11 @@ def test_deepseek_parse_and_stream_by_char(text: str, content: str | None, calls
 def test_deepseek_stream_random_chunks(seed: int) -> None:
     rng = random.Random(seed)
     text = "Let me look that up. 我来查一下。\n" + DS_PARALLEL
-    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 30)))
-    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-    events, _ = _stream_ds(pieces)
-    expected = ("Let me look that up. 我来查一下。", [DS_BEIJING, DS_SHANGHAI])
+    events, _ = _stream_ds(_random_pieces(text, rng))
+    expected = ("Let me look that up. 我来查一下。", [BEIJING, SHANGHAI])
     assert _replay(events) == parse_tool_calls(text, DEEPSEEK) == expected
     for case_text, content, calls in DS_CASES:  # every case, in random chunks
-        cuts = sorted(rng.sample(range(1, len(case_text)), min(len(case_text) - 1, rng.randint(1, 20))))
-        pieces = [case_text[a:b] for a, b in zip([0, *cuts], [*cuts, len(case_text)])]
-        assert _replay(_stream_ds(pieces)[0]) == (content, calls)
+        assert _replay(_stream_ds(_random_pieces(case_text, rng, 20))[0]) == (content, calls)
 
 
 def test_deepseek_stream_never_leaks_markers_or_fences() -> None:
@@ -247,7 +244,7 @@ def test_deepseek_stream_never_leaks_markers_or_fences() -> None:
 def test_deepseek_ids_and_format_round_trip() -> None:
     _, calls = parse_tool_calls(DS_PARALLEL, DEEPSEEK, id_base=3)
     assert [c.id for c in calls] == ["functions.get_weather:3", "functions.get_weather:4"]
-    assert format_tool_calls([DS_BEIJING, DS_SHANGHAI], dialect=DEEPSEEK) == DS_PARALLEL
+    assert format_tool_calls([BEIJING, SHANGHAI], dialect=DEEPSEEK) == DS_PARALLEL
     assert parse_tool_calls(format_tool_calls([{"function": {"name": "f", "arguments": {"q": "é"}}}],
                                               dialect=DEEPSEEK), DEEPSEEK) == (
         None, [ToolCall("functions.f:0", "f", '{"q": "é"}')])
