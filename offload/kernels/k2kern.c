@@ -1190,30 +1190,54 @@ AI T256 void q8_0_body(const uint8_t *w, int nb, const act_t *a, const int NT, f
 NT_BODY(q8_0_avx2, q8_0_body, T256, 0)
 NT_DISPATCH4_SPLIT(q8_0_avx2, T256)
 
-AI T256 void q4_0_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
-           const int VN) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
+/* Q4_0 (KIND 0; value q - 8), Q5_0 (2; 5th bit from qh, value q - 16) and Q5_1 (3; value q + m / d): 32-value blocks
+ * of unsigned 0..31 values dotted with dpbusd_v (no int16 pair sum can saturate: 2 * 31 * 127), the offset taken
+ * back with the activation block sums; the 5th bits are spread to bytes with one byte shuffle, a mask and a compare */
+AI T256 void q4_32_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf,
+                        const int KIND, const int VN) {
+    const int Q5 = KIND >= 2, M = KIND == 3, bpb = M ? 24 : Q5 ? 22 : 18, qs = M ? 8 : Q5 ? 6 : 2;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(16);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const float off = M ? -1.f : Q5 ? 16.f : 8.f; /* Q5_1: the correction is + m * sum(x) */
     __m256 acc[4];
     float corr[4] = {0, 0, 0, 0};
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++) {
-        const uint8_t *b = w + 18 * i;
-        pf_block(pf, i, 18);
-        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
-        const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
-        const float dw = h2f_256(b);
+        const uint8_t *b = w + bpb * i;
+        pf_block(pf, i, bpb);
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + qs));
+        __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4);
+        if (Q5) {
+            const __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)rd32(b + qs - 4)), spread);
+            v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit), b16));
+        }
+        const float dw = h2f_256(b), mw = M ? h2f_256(b + 2) : 0.f;
         for (int t = 0; t < NT; t++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
             __m256i p = dpbusd_v(v, x, VN);
             const float s = dw * a[t].d[i];
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[t]);
-            corr[t] += s * (float)a[t].bs16[i];
+            corr[t] += (M ? mw * a[t].d[i] : s) * (float)a[t].bs16[i];
         }
     }
-    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]) - 8.f * corr[t];
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]) - off * corr[t];
 }
+#define Q4_32_BODY(name, KIND)                                                                                     \
+    AI T256 void name(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,             \
+                      const uint8_t *pf, const int VN) {                                                            \
+        q4_32_body(w, nb, a, NT, out, os, pf, KIND, VN);                                                            \
+    }
+Q4_32_BODY(q4_0_body, 0)
+Q4_32_BODY(q5_0_body, 2)
+Q4_32_BODY(q5_1_body, 3)
 NT_BODY(q4_0_avx2, q4_0_body, T256, 0)
 NT_DISPATCH(q4_0_avx2, T256, 2)
+NT_BODY(q5_0_avx2, q5_0_body, T256, 0)
+NT_DISPATCH(q5_0_avx2, T256, 4)
+NT_BODY(q5_1_avx2, q5_1_body, T256, 0)
+NT_DISPATCH(q5_1_avx2, T256, 4)
 
 /* ------------------------------------------------------------------ AVX2 IQ kernels */
 
@@ -1676,6 +1700,8 @@ NT_BODY(q3k_vnni, q3k_body, TVNNI, 1)
 NT_BODY(q6k_vnni, q6k_body, TVNNI, 1)
 NT_BODY(q8_0_vnni, q8_0_body, TVNNI, 1)
 NT_BODY(q4_0_vnni, q4_0_body, TVNNI, 1)
+NT_BODY(q5_0_vnni, q5_0_body, TVNNI, 1)
+NT_BODY(q5_1_vnni, q5_1_body, TVNNI, 1)
 NT_BODY(iq4nl_vnni, iq4nl_body, TVNNI, 1)
 NT_BODY(iq4xs_vnni, iq4xs_body, TVNNI, 1)
 NT_DISPATCH4_SPLIT(q4k_vnni, TVNNI)
@@ -1685,6 +1711,8 @@ NT_DISPATCH4_SPLIT(q3k_vnni, TVNNI)
 NT_DISPATCH4_SPLIT(q6k_vnni, TVNNI)
 NT_DISPATCH4_SPLIT(q8_0_vnni, TVNNI)
 NT_DISPATCH(q4_0_vnni, TVNNI, 2)
+NT_DISPATCH(q5_0_vnni, TVNNI, 4)
+NT_DISPATCH(q5_1_vnni, TVNNI, 4)
 NT_DISPATCH(iq4nl_vnni, TVNNI, 2)
 NT_DISPATCH(iq4xs_vnni, TVNNI, 2)
 IQ256(iq2xxs_vnni, IQD_2XXS, TVNNI, 1)
@@ -2324,45 +2352,6 @@ AI T512 void q5_1_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT,
 }
 NT_DISPATCH(q5_1_512, T512, 4)
 
-/* Q5_0 / Q5_1 on AVX2 (placed here beside the AVX-512 ones; T256 code): the 5th bits spread to bytes with one
- * byte shuffle, a bit mask and a compare; maddubs of the 0..31 values cannot saturate (2 * 31 * 127) */
-AI T256 void q5_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf, const int M) {
-    const int bpb = M ? 24 : 22, qs = M ? 8 : 6;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    const float off = M ? -1.f : 16.f; /* Q5_0: value q - 16; Q5_1: + m * sum(x) */
-    __m256 acc[4];
-    float corr[4] = {0, 0, 0, 0};
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int i = 0; i < nb; i++) {
-        const uint8_t *b = w + bpb * i;
-        pf_block(pf, i, bpb);
-        const __m128i q = _mm_loadu_si128((const __m128i *)(b + qs));
-        const __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)rd32(b + qs - 4)), spread);
-        const __m256i h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit), b16);
-        const __m256i v = _mm256_or_si256(_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4), h);
-        const float dw = _cvtsh_ss(rd16(b)), mw = M ? _cvtsh_ss(rd16(b + 2)) : 0.f;
-        for (int t = 0; t < NT; t++) {
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * i));
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), ones);
-            const float s = dw * a[t].d[i];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s), acc[t]);
-            corr[t] += (M ? mw * a[t].d[i] : s) * (float)a[t].bs16[i];
-        }
-    }
-    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]) - off * corr[t];
-}
-AI T256 void q5_0_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
-    q5_avx2_body(w, nb, a, NT, out, os, pf, 0);
-}
-NT_DISPATCH(q5_0_avx2, T256, 4)
-AI T256 void q5_1_avx2_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
-    q5_avx2_body(w, nb, a, NT, out, os, pf, 1);
-}
-NT_DISPATCH(q5_1_avx2, T256, 4)
-
 /* ------------------------------------------------------------------ AVX-512 IQ kernels */
 
 AI T512 void iq4nl_512_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, const uint8_t *pf) {
@@ -2792,6 +2781,8 @@ static kern_t get_kernel(int type) {
         case GT_IQ4_NL: k.fn = iq4nl_vnni; return k;
         case GT_IQ4_XS: k.fn = iq4xs_vnni; k.layout = LAYOUT_IQ4X; return k;
         case GT_Q4_0: k.fn = q4_0_vnni; return k;
+        case GT_Q5_0: k.fn = q5_0_vnni; return k;
+        case GT_Q5_1: k.fn = q5_1_vnni; return k;
         case GT_Q8_0:
             k.fn = q8_0_vnni, k.fng = q8_0_vnni_gemm, k.fnp = q8_0_vnni_pack, k.xbytes = Q8V_XBYTES, k.gtok = 7;
             return k;
