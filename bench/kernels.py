@@ -61,7 +61,7 @@ from offload import kernels as K  # noqa: E402
 HIDDEN, INTER, TOPK = 7168, 2048, 8
 K2_WEIGHTS_PER_TOKEN = 8 * 60 * 3 * HIDDEN * INTER  # routed-expert weights read per decoded token
 SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,),
-                 Q.Q4_0: (0,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,), Q.IQ3_XXS: (0,), Q.IQ3_S: (0,), Q.IQ2_XXS: (0,),
+                 Q.Q4_0: (0,), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,), Q.IQ3_XXS: (0,), Q.IQ3_S: (0,), Q.IQ2_XXS: (0,),
                  Q.IQ2_XS: (0,), Q.IQ2_S: (0,), Q.IQ1_S: (0,), Q.IQ1_M: ()}  # IQ1_M: see set_scales
 
 
