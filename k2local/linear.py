@@ -28,16 +28,16 @@ class QuantWeight:
         host = np.ascontiguousarray(data).reshape(rows, -1)  # copied out of the file mapping
         self.data: np.ndarray | torch.Tensor = host if self.device.type == "cpu" else \
             torch.from_numpy(host).to(self.device)
-        self._mm: tuple | None = None  # (data, the CPU kernels' matrix bound to it), made at the first call
+        self._mm = None  # the CPU kernels' matrix bound to data (offload.kernels.QMatrix), made at the first call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.shape
         if isinstance(self.data, np.ndarray):
-            if self._mm is None or self._mm[0] is not self.data:
+            if self._mm is None:
                 from offload.kernels import QMatrix  # noqa: PLC0415
 
-                self._mm = (self.data, QMatrix(self.data, self.qtype, cols))
-            y = self._mm[1](x.reshape(-1, cols))
+                self._mm = QMatrix(self.data, self.qtype, cols)
+            y = self._mm(x.reshape(-1, cols))
             return (y if x.dtype == torch.float32 else y.to(x.dtype)).reshape(*x.shape[:-1], rows)
         from quant.codecs import dequantize  # noqa: PLC0415
 
