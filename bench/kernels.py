@@ -57,14 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
 
 from offload import kernels as K  # noqa: E402
+from quant import random_blocks  # noqa: E402
 
 HIDDEN, INTER, TOPK = 7168, 2048, 8
 K2_WEIGHTS_PER_TOKEN = 8 * 60 * 3 * HIDDEN * INTER  # routed-expert weights read per decoded token
-SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,),
-                 Q.Q4_0: (0,), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,), Q.IQ3_XXS: (0,), Q.IQ3_S: (0,), Q.IQ2_XXS: (0,),
-                 Q.IQ2_XS: (0,), Q.IQ2_S: (0,), Q.IQ1_S: (0,), Q.IQ1_M: ()}  # IQ1_M: see set_scales
-
-
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
@@ -95,17 +91,10 @@ def fill_random(a: np.ndarray, seed: int = 0) -> None:
 
 
 def set_scales(a: np.ndarray, qt: Q) -> None:
-    """Give every block sane fp16 super-block scales (quants stay random: valid for every type)."""
+    """Give every block of the flat buffer the fp16 super-block scale(s) 0.01 (quants stay random: valid for every
+    type)."""
     nbytes = GGML_QUANT_SIZES[qt][1]
-    blocks = a[: a.size // nbytes * nbytes].reshape(-1, nbytes)
-    h = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
-    for off in SCALE_OFFSETS[qt]:
-        blocks[:, off] = h[0]
-        blocks[:, off + 1] = h[1]
-    if qt == Q.IQ1_M:  # the fp16 scale is spread over the top nibbles of the four uint16 at bytes 48..55
-        d = int(np.frombuffer(h.tobytes(), dtype=np.uint16)[0])
-        for k in range(4):
-            blocks[:, 49 + 2 * k] = (blocks[:, 49 + 2 * k] & 0x0F) | (((d >> (4 * k)) & 0xF) << 4)
+    random_blocks.set_scales(a[: a.size // nbytes * nbytes].reshape(-1, nbytes), qt, 0.01)
 
 
 class Experts:

@@ -14,37 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-from gguf.quants import dequantize, quantize
+from gguf.constants import GGMLQuantizationType as Q
+from gguf.quants import dequantize
 
 from offload import kernels as K
+from quant.random_blocks import SCALE_OFFSETS, random_blocks
 
 IQ_TYPES = [Q.IQ4_XS, Q.IQ4_NL, Q.IQ2_XXS, Q.IQ3_XXS, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_S]
 C_TYPES = [Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K] + IQ_TYPES
-# byte offsets of the fp16 super-block scales (d, dmin) inside one block (IQ1_M: spread over nibbles, see below)
-_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
-                  **{q: (0,) for q in IQ_TYPES if q != Q.IQ1_M}, Q.IQ1_M: ()}
-
 needs_c = pytest.mark.skipif(not K.available(), reason=f"compiled kernels unavailable: {K.load_error()}")
-
-
-def make_weights(qt: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Valid quantized rows: real quantization for the legacy types, random blocks with sane fp16
-    scales for K-quants (every bit pattern of quants and packed sub-scales is a valid block)."""
-    if qt in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
-        return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
-    blk, nbytes = GGML_QUANT_SIZES[qt]
-    b = rng.integers(0, 256, (rows * cols // blk, nbytes), dtype=np.uint8)
-    for off in _SCALE_OFFSETS[qt] or (None,):
-        d = rng.uniform(0.002, 0.03, b.shape[0]).astype(np.float16)
-        d[::7] *= -1  # negative super-block scales are legal too
-        if off is not None:
-            b[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
-        else:  # IQ1_M: fp16 scale in the top nibbles of the four uint16 at bytes 48..55
-            dv = d.view(np.uint16)
-            for k in range(4):
-                b[:, 49 + 2 * k] = (b[:, 49 + 2 * k] & 0x0F) | (((dv >> (4 * k)) & 0xF) << 4).astype(np.uint8)
-    return b.reshape(rows, -1)
 
 
 def act_block(qt: int) -> int:
@@ -88,7 +66,7 @@ def isas():
 def test_qmatmul_matches_dequant_reference(qt, T, isas):
     rng = np.random.default_rng(int(qt) * 10 + T)
     rows, cols = 37, 512
-    w = make_weights(qt, rows, cols, rng)
+    w = random_blocks(qt, rows, cols, rng)
     x = rng.standard_normal((T, cols)).astype(np.float32)
     wd = dequantize(w, qt).astype(np.float64)
     exact = quant_act(x, act_block(qt)) @ wd.T  # same int8 activations the kernels use
@@ -112,8 +90,8 @@ def test_qmatmul_extreme_blocks(isas):
     rng = np.random.default_rng(1)
     cols = 256
     for qt in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):
-        w = make_weights(qt, 4, cols, rng)
-        scales = set(_SCALE_OFFSETS[qt])
+        w = random_blocks(qt, 4, cols, rng)
+        scales = set(SCALE_OFFSETS[qt])
         keep = np.zeros(w.shape[1], dtype=bool)
         for off in scales:
             keep[off:off + 2] = True
@@ -133,7 +111,7 @@ def test_qmatmul_extreme_blocks(isas):
 def test_qmatmul_inputs_and_batches():
     rng = np.random.default_rng(2)
     rows, cols = 9, 256
-    w = make_weights(Q.Q4_K, rows, cols, rng)
+    w = random_blocks(Q.Q4_K, rows, cols, rng)
     wd = dequantize(w, Q.Q4_K).astype(np.float64)
     # 1-D activation, torch weights, flat bytes
     x1 = rng.standard_normal(cols).astype(np.float32)
@@ -186,7 +164,7 @@ def test_per_head_matmul_matches_reference(qt, T, isas):
     on every ISA and thread count, also past the kernel's 64-token tile."""
     rng = np.random.default_rng(int(qt) + T)
     heads, rows, cols = 5, 48, 512
-    w = make_weights(qt, heads * rows, cols, rng)
+    w = random_blocks(qt, heads * rows, cols, rng)
     x = torch.from_numpy(rng.standard_normal((heads, T, cols)).astype(np.float32))
     wd = dequantize(w, qt).astype(np.float64).reshape(heads, rows, cols)
     exact = np.stack([quant_act(x[h].numpy(), act_block(qt)) @ wd[h].T for h in range(heads)])
@@ -214,7 +192,7 @@ def test_short_q8_0_rows_one_token(cols, isas):
     however the rows are split between threads and heads (the short-row kernel takes several rows per step)."""
     rng = np.random.default_rng(cols)
     heads, rows = 3, 45  # odd: the last step of each head is partial
-    w = make_weights(Q.Q8_0, heads * rows, cols, rng)
+    w = random_blocks(Q.Q8_0, heads * rows, cols, rng)
     x = torch.from_numpy(rng.standard_normal((heads, 1, cols)).astype(np.float32))
     wd = dequantize(w, Q.Q8_0).astype(np.float64).reshape(heads, rows, cols)
     exact = np.stack([quant_act(x[h].numpy(), 32) @ wd[h].T for h in range(heads)])
@@ -242,7 +220,7 @@ def test_short_q8_0_rows_one_token(cols, isas):
 def test_threads_give_identical_results():
     rng = np.random.default_rng(3)
     rows, cols = 301, 768
-    w = make_weights(Q.Q3_K, rows, cols, rng)
+    w = random_blocks(Q.Q3_K, rows, cols, rng)
     x = torch.from_numpy(rng.standard_normal((3, cols)).astype(np.float32))
     before = K.get_threads()
     try:
@@ -264,7 +242,7 @@ def test_single_token_row_pairs_bit_identical(qt, isas):
     odd row counts (a lone last row)."""
     rng = np.random.default_rng(int(qt) + 100)
     rows, cols = 75, 768
-    w = make_weights(qt, rows, cols, rng)
+    w = random_blocks(qt, rows, cols, rng)
     x = torch.from_numpy(rng.standard_normal((1, cols)).astype(np.float32))
     exact = quant_act(x.numpy(), act_block(qt)) @ dequantize(w, qt).astype(np.float64).T
     before, pairs_before = K.get_threads(), K.set_row_pairs()
@@ -344,8 +322,8 @@ MOE_CASES = [
 def test_moe_experts_matches_reference(types, hidden, inter, T, isas):
     rng = np.random.default_rng(hidden + inter + T)
     E, Kk = 6, 3
-    experts = [(make_weights(types[0], inter, hidden, rng), make_weights(types[1], inter, hidden, rng),
-                make_weights(types[2], hidden, inter, rng)) for _ in range(E)]
+    experts = [(random_blocks(types[0], inter, hidden, rng), random_blocks(types[1], inter, hidden, rng),
+                random_blocks(types[2], hidden, inter, rng)) for _ in range(E)]
     x = rng.standard_normal((T, hidden)).astype(np.float32)
     idx = np.stack([rng.choice(E, Kk, replace=False) for _ in range(T)]).astype(np.int32)
     if T > 1:
@@ -376,7 +354,7 @@ def test_moe_one_row_given_k_times_as_a_stride_0_view(isas):
     rng = np.random.default_rng(9)
     hidden, inter, E = 512, 256, 4
     for types in ((Q.Q4_K,) * 3, (Q.Q4_K, Q.Q2_K, Q.Q6_K)):
-        experts = [tuple(make_weights(t, r, c, rng) for t, (r, c) in zip(types, ((inter, hidden), (inter, hidden),
+        experts = [tuple(random_blocks(t, r, c, rng) for t, (r, c) in zip(types, ((inter, hidden), (inter, hidden),
                                                                                (hidden, inter)))) for _ in range(E)]
         row = torch.from_numpy(rng.standard_normal((1, hidden)).astype(np.float32))
         idx = np.arange(E, dtype=np.int32).reshape(E, 1)
@@ -391,7 +369,7 @@ def test_moe_one_row_given_k_times_as_a_stride_0_view(isas):
 def test_moe_experts_accumulate_and_empty():
     rng = np.random.default_rng(5)
     hidden, inter = 256, 256
-    experts = [tuple(make_weights(Q.Q4_K, r, c, rng) for r, c in ((inter, hidden), (inter, hidden), (hidden, inter)))
+    experts = [tuple(random_blocks(Q.Q4_K, r, c, rng) for r, c in ((inter, hidden), (inter, hidden), (hidden, inter)))
                for _ in range(2)]
     x = torch.from_numpy(rng.standard_normal((2, hidden)).astype(np.float32))
     idx = np.array([[0, 1], [1, -1]], dtype=np.int32)
@@ -412,14 +390,14 @@ def test_torch_fallback_matches_float_reference(monkeypatch):
     rng = np.random.default_rng(6)
     rows, cols = 13, 256
     for qt in (Q.Q4_K, Q.Q8_0, Q.Q3_K):
-        w = make_weights(qt, rows, cols, rng)
+        w = random_blocks(qt, rows, cols, rng)
         x = rng.standard_normal((2, cols)).astype(np.float32)
         y = K.qmatmul(torch.from_numpy(x), w, int(qt), cols)
         assert rel(y.numpy(), x.astype(np.float64) @ dequantize(w, qt).astype(np.float64).T) < 1e-5
     types = (Q.Q4_K, Q.Q4_K, Q.Q6_K)
     hidden, inter = 256, 256
-    experts = [(make_weights(types[0], inter, hidden, rng), make_weights(types[1], inter, hidden, rng),
-                make_weights(types[2], hidden, inter, rng)) for _ in range(3)]
+    experts = [(random_blocks(types[0], inter, hidden, rng), random_blocks(types[1], inter, hidden, rng),
+                random_blocks(types[2], hidden, inter, rng)) for _ in range(3)]
     x = rng.standard_normal((2, hidden)).astype(np.float32)
     idx = np.array([[0, 2], [2, -1]], dtype=np.int32)
     wts = np.array([[0.7, 0.3], [1.0, 0.0]], dtype=np.float32)
@@ -431,7 +409,7 @@ def test_torch_fallback_matches_float_reference(monkeypatch):
 def test_types_without_c_kernel_use_fallback():
     """Q4_1 has no compiled kernel: qmatmul still answers (through gguf dequantization)."""
     rng = np.random.default_rng(7)
-    w = make_weights(Q.Q4_1, 5, 64, rng)
+    w = random_blocks(Q.Q4_1, 5, 64, rng)
     x = rng.standard_normal((1, 64)).astype(np.float32)
     y = K.qmatmul(torch.from_numpy(x), w, int(Q.Q4_1), 64)
     assert rel(y.numpy(), x.astype(np.float64) @ dequantize(w, Q.Q4_1).astype(np.float64).T) < 1e-5
@@ -446,39 +424,18 @@ def test_read_bandwidth_positive():
 
 # ---------------------------------------------------------------------------------------------- IQ types
 
-@pytest.fixture(scope="module")
-def ggml_quantize():
-    """llama.cpp's ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix) (IQ1/IQ2 need the imatrix)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p]
-
-    def run(x: np.ndarray, qt: Q, imatrix: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        im = np.ascontiguousarray(imatrix, dtype=np.float32)
-        out = np.zeros((x.shape[0], K.row_bytes(int(qt), x.shape[1])), np.uint8)
-        n = fn(int(qt), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], im.ctypes.data)
-        assert n == out.nbytes
-        return out
-
-    return run
-
-
-def llama_weights(ggml_quantize, qt: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+def llama_weights(ggml_quantize_chunk, qt: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
-    return ggml_quantize(w, qt, rng.uniform(0.1, 2.0, cols))
+    return ggml_quantize_chunk(w, qt, rng.uniform(0.1, 2.0, cols))
 
 
 @needs_c
 @pytest.mark.parametrize("qt", IQ_TYPES, ids=lambda q: q.name)
-def test_iq_qmatmul_on_llama_cpp_bytes(qt, isas, ggml_quantize):
+def test_iq_qmatmul_on_llama_cpp_bytes(qt, isas, ggml_quantize_chunk):
     """llama.cpp-quantized rows (odd row count, 3 super-blocks) at batch 1, 3 and 8 on every ISA path."""
     rng = np.random.default_rng(int(qt))
     rows, cols = 37, 768
-    w = llama_weights(ggml_quantize, qt, rows, cols, rng)
+    w = llama_weights(ggml_quantize_chunk, qt, rows, cols, rng)
     wd = dequantize(w, qt).astype(np.float64)
     assert np.isfinite(wd).all() and np.abs(wd).max() > 0
     for T in (1, 3, 8):
@@ -498,15 +455,15 @@ def test_iq_qmatmul_on_llama_cpp_bytes(qt, isas, ggml_quantize):
 
 @needs_c
 @pytest.mark.parametrize("T", [1, 3, 8])
-def test_iq_moe_on_llama_cpp_bytes(T, isas, ggml_quantize):
+def test_iq_moe_on_llama_cpp_bytes(T, isas, ggml_quantize_chunk):
     """Fused experts on llama.cpp bytes: gate IQ2_XXS, up IQ1_M, down IQ3_XXS (types differ per matrix, as in
     Unsloth's files)."""
     rng = np.random.default_rng(40 + T)
     types = (Q.IQ2_XXS, Q.IQ1_M, Q.IQ3_XXS)
     hidden, inter, E, Kk = 512, 256, 4, 2
-    experts = [(llama_weights(ggml_quantize, types[0], inter, hidden, rng),
-                llama_weights(ggml_quantize, types[1], inter, hidden, rng),
-                llama_weights(ggml_quantize, types[2], hidden, inter, rng)) for _ in range(E)]
+    experts = [(llama_weights(ggml_quantize_chunk, types[0], inter, hidden, rng),
+                llama_weights(ggml_quantize_chunk, types[1], inter, hidden, rng),
+                llama_weights(ggml_quantize_chunk, types[2], hidden, inter, rng)) for _ in range(E)]
     x = rng.standard_normal((T, hidden)).astype(np.float32)
     idx = np.stack([rng.choice(E, Kk, replace=False) for _ in range(T)]).astype(np.int32)
     wts = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)
@@ -584,7 +541,7 @@ def test_avx512_kernels_emulated(qt, emulated_avx512):
     lib = emulated_avx512
     rng = np.random.default_rng(int(qt) + 300)
     rows, cols = 19, 512
-    w = make_weights(qt, rows, cols, rng)
+    w = random_blocks(qt, rows, cols, rng)
     wd = dequantize(w, qt).astype(np.float64)
     for T in (1, 3, 5):
         x = rng.standard_normal((T, cols)).astype(np.float32)
@@ -597,7 +554,7 @@ def test_avx512_kernels_emulated(qt, emulated_avx512):
     lib.k2k_set_pairs(0)
     if qt == Q.Q8_0:  # the short-row kernel (rows of 4 blocks, one token) and the many-token one
         for T, c in ((1, 128), (20, 256)):
-            w = make_weights(qt, rows, c, rng)
+            w = random_blocks(qt, rows, c, rng)
             x = rng.standard_normal((T, c)).astype(np.float32)
             assert rel(_lib_matmul(lib, x, w, qt, c), quant_act(x, 32) @ dequantize(w, qt).astype(np.float64).T) < 2e-5
 
@@ -607,8 +564,8 @@ def test_avx512_moe_emulated(emulated_avx512):
     rng = np.random.default_rng(77)
     types = (Q.IQ4_XS, Q.IQ2_XXS, Q.IQ1_S)
     hidden, inter, E, T, Kk = 256, 512, 3, 3, 2
-    experts = [(make_weights(types[0], inter, hidden, rng), make_weights(types[1], inter, hidden, rng),
-                make_weights(types[2], hidden, inter, rng)) for _ in range(E)]
+    experts = [(random_blocks(types[0], inter, hidden, rng), random_blocks(types[1], inter, hidden, rng),
+                random_blocks(types[2], hidden, inter, rng)) for _ in range(E)]
     x = rng.standard_normal((T, hidden)).astype(np.float32)
     idx = np.array([[0, 2], [1, -1], [2, 1]], dtype=np.int32)
     wts = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)
@@ -623,48 +580,6 @@ def test_avx512_moe_emulated(emulated_avx512):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-
-EXPERT_TYPES = [  # per MoE layer (gate, up, down), cycled: Unsloth-style mixes of IQ types
-    {"ffn_gate_exps": Q.IQ2_XXS, "ffn_up_exps": Q.IQ3_XXS, "ffn_down_exps": Q.IQ4_XS},
-    {"ffn_gate_exps": Q.IQ1_S, "ffn_up_exps": Q.IQ4_XS, "ffn_down_exps": Q.IQ2_XXS},
-]  # (llama.cpp's IQ1_M / IQ2_XS / IQ2_S quantizers take seconds per matrix set: those are covered above)
-
-
-@pytest.fixture(scope="module")
-def iq_gguf(tiny_k2, tmp_path_factory, ggml_quantize) -> Path:
-    """The tiny Kimi K2 checkpoint as GGUF with its routed experts quantized by llama.cpp (ggml_quantize_chunk,
-    with an importance matrix) to IQ types, everything else kept in F32."""
-    import gguf
-
-    from k2local.convert import convert
-
-    d = tmp_path_factory.mktemp("iq")
-    f32 = convert(tiny_k2, d / "tiny-f32.gguf", "f32").paths[0]
-    r = gguf.GGUFReader(str(f32))
-    out = d / "tiny-iq-experts.gguf"
-    w = gguf.GGUFWriter(str(out), str(r.fields["general.architecture"].contents()))
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        vt = f.types[0]
-        w.add_key_value(f.name, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
-    rng = np.random.default_rng(3)
-    layers = sorted({int(t.name.split(".")[1]) for t in r.tensors if "_exps" in t.name})
-    for t in r.tensors:
-        data = np.asarray(t.data)
-        kind = t.name.split(".")[-2]
-        if "_exps" in t.name:
-            qt = EXPERT_TYPES[layers.index(int(t.name.split(".")[1])) % len(EXPERT_TYPES)][kind]
-            q = np.stack([ggml_quantize(e, qt, rng.uniform(0.5, 2.0, e.shape[1])) for e in data])
-            w.add_tensor(t.name, q, raw_dtype=qt)
-        else:
-            w.add_tensor(t.name, np.array(data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
-
 
 def _greedy(path: Path, n: int = 5) -> tuple[list[int], torch.Tensor]:
     from k2local.checkpoint import open_checkpoint
@@ -693,8 +608,10 @@ def _greedy(path: Path, n: int = 5) -> tuple[list[int], torch.Tensor]:
 def test_iq_gguf_decodes_same_tokens_as_torch(iq_gguf, monkeypatch):
     import gguf
 
+    from tests.conftest import IQ_EXPERT_TYPES
+
     types = {Q(t.tensor_type) for t in gguf.GGUFReader(str(iq_gguf)).tensors if "_exps" in t.name}
-    assert types == {q for lt in EXPERT_TYPES for q in lt.values()} and all(K.supported(int(q)) for q in types)
+    assert types == {Q(q) for lt in IQ_EXPERT_TYPES for q in lt.values()} and all(K.supported(int(q)) for q in types)
     torch.set_num_threads(1)
     c_toks, c_logits = _greedy(iq_gguf)
     monkeypatch.setenv("K2LOCAL_KERNELS", "torch")
@@ -712,7 +629,7 @@ def test_q8_0_block_counts_off_the_unroll(T, isas):
     rng = np.random.default_rng(300 + T)
     for nblk in range(1, 8):
         rows, cols = 11, 32 * nblk
-        w = make_weights(Q.Q8_0, rows, cols, rng)
+        w = random_blocks(Q.Q8_0, rows, cols, rng)
         x = rng.standard_normal((T, cols)).astype(np.float32)
         exact = quant_act(x, 32) @ dequantize(w, Q.Q8_0).astype(np.float64).T
         for name in isas:
@@ -730,7 +647,7 @@ def test_avx2_level_with_and_without_avxvnni(qt, isas):
         pytest.skip("no AVX2")
     rng = np.random.default_rng(400 + int(qt))
     rows, cols = 37, 512
-    w = make_weights(qt, rows, cols, rng)
+    w = random_blocks(qt, rows, cols, rng)
     wd = dequantize(w, qt).astype(np.float64)
     K.set_isa("avx2")
     had = K.set_avxvnni(None)
@@ -752,8 +669,8 @@ def test_avx2_level_with_and_without_avxvnni(qt, isas):
             if qt not in case[0]:
                 continue
             types, hidden, inter, T = case
-            experts = [(make_weights(types[0], inter, hidden, rng), make_weights(types[1], inter, hidden, rng),
-                        make_weights(types[2], hidden, inter, rng)) for _ in range(4)]
+            experts = [(random_blocks(types[0], inter, hidden, rng), random_blocks(types[1], inter, hidden, rng),
+                        random_blocks(types[2], hidden, inter, rng)) for _ in range(4)]
             x = rng.standard_normal((T, hidden)).astype(np.float32)
             idx = np.stack([rng.choice(4, 2, replace=False) for _ in range(T)]).astype(np.int32)
             wts = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)

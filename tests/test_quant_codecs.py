@@ -177,27 +177,6 @@ def llama_cpp():
     return pytest.importorskip("llama_cpp")
 
 
-@pytest.fixture(scope="module")
-def ggml_quantize_chunk(llama_cpp):
-    """ggml's ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix) from llama-cpp-python."""
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    lib = ctypes.CDLL(str(next(libdir.glob("libggml-base.*"))))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p]
-
-    def run(x: np.ndarray, qtype: T, imatrix: np.ndarray | None = None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.zeros((x.shape[0], codecs.bytes_per_row(qtype, x.shape[1])), np.uint8)
-        im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-        fn(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-           None if im is None else im.ctypes.data)
-        return out
-
-    return run
-
-
 HARD_KINDS = ["normal", "heavy", "positive", "sparse", "ties", "constant", "tiny", "scales"]
 
 
