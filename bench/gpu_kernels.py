@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TYPES = ["Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q3_K", "Q2_K"]
+TYPES = ["Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"]
 L2_MULTIPLE = 4  # the copies of each matrix together are at least this many times the L2 cache
 DEVICE = "cuda"
 
@@ -70,11 +70,22 @@ def bench_type(name: str, rows: int, cols: int, batches: list[int], iters: int, 
 
     qt = int(GGMLQuantizationType[name])
     torch.manual_seed(0)
-    w = torch.randn(rows, cols, device=DEVICE)
-    data = torch.from_numpy(codecs.quantize(w, qt, device=DEVICE)).to(DEVICE)  # uint8 [rows, row_bytes]
-    del w
+    on_device = codecs.can_quantize(qt, cols)  # else (codebook types): random valid blocks, dequantized on the host
+    if on_device:
+        w = torch.randn(rows, cols, device=DEVICE)
+        data = torch.from_numpy(codecs.quantize(w, qt, device=DEVICE)).to(DEVICE)  # uint8 [rows, row_bytes]
+        del w
+        dense0 = codecs.dequantize(data, qt, cols).to(dtype)
+    else:
+        import numpy as np
+        from gguf.quants import dequantize
+
+        from quant.random_blocks import random_blocks
+
+        host = random_blocks(qt, rows, cols, np.random.default_rng(0))
+        data = torch.from_numpy(host).to(DEVICE)
+        dense0 = torch.from_numpy(dequantize(host, GGMLQuantizationType(qt))).reshape(rows, cols).to(DEVICE, dtype)
     qcopies = [data.clone() for _ in range(n_copies(data.numel()))]
-    dense0 = codecs.dequantize(data, qt, cols).to(dtype)
     dcopies = [dense0.clone() for _ in range(n_copies(dense0.numel() * dense0.element_size()))]
     out = []
     for m in batches:
@@ -84,7 +95,7 @@ def bench_type(name: str, rows: int, cols: int, batches: list[int], iters: int, 
         err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
         t_fused = cuda_time(lambda i, x=x: tq.qmatmul_gpu(x, qcopies[i % len(qcopies)], qt, cols), iters)
         t_deq = cuda_time(lambda i, x=x: x @ codecs.dequantize(qcopies[i % len(qcopies)], qt, cols).to(dtype).T,
-                          max(3, iters // 5))
+                          max(3, iters // 5)) if on_device else float("nan")  # (no torch decoder for these)
         t_dense = cuda_time(lambda i, x=x: x @ dcopies[i % len(dcopies)].T, iters)
         out.append({
             "type": name, "shape": [rows, cols], "batch": m, "max_rel_err": err,
@@ -132,17 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"device": dev, "copy_gbs": copy_gbs, "dtype": a.dtype, "rows": rows}, indent=1))
         return 0
     print(f"{dev}: device copy bandwidth {copy_gbs:.0f} GB/s (read + write); activations {a.dtype}")
-    hdr = (f"{'type':5} {'W shape':>10} {'batch':>5} | {'fused us':>9} {'GB/s':>6} {'%copy':>6} | "
+    hdr = (f"{'type':7} {'W shape':>10} {'batch':>5} | {'fused us':>9} {'GB/s':>6} {'%copy':>6} | "
            f"{'deq+mm us':>10} {'dense us':>9} {'dense GB/s':>10} | {'err':>8}")
     print(hdr)
     print("-" * len(hdr))
     for row in rows:
         shape = f"{row['shape'][0]}x{row['shape'][1]}"
-        print(f"{row['type']:5} {shape:>10} {row['batch']:>5} | {row['fused_us']:9.1f} {row['fused_gbs']:6.0f} "
+        print(f"{row['type']:7} {shape:>10} {row['batch']:>5} | {row['fused_us']:9.1f} {row['fused_gbs']:6.0f} "
               f"{row['fused_pct_of_copy']:5.0f}% | {row['deq_mm_us']:10.1f} {row['dense_us']:9.1f} "
               f"{row['dense_gbs']:10.0f} | {row['max_rel_err']:8.1e}")
     print("fused: GB/s of quantized weight bytes; dense: bf16 matrix dequantized beforehand (GB/s of bf16 bytes);"
-          " deq+mm: dequantize with torch per call, then matmul.")
+          " deq+mm: dequantize with torch per call, then matmul (nan: no torch decoder for the type; without the fused"
+          " kernels such experts are cached dequantized, and shipped to the GPU dequantized on the host).")
     return 0
 
 

@@ -141,7 +141,7 @@ class OffloadExperts:
                 host.append(key)
         if self.device_cache is not None:
             self.device_cache.counters.misses += len(host)
-        ship = self.device.type == "cuda" and T >= self.gpu_prefill_min_tokens
+        ship = self.device.type == "cuda" and T >= self.gpu_prefill_min_tokens and self._decodable_on_device(host)
         x_host = None if ship else x.detach().to("cpu", self.cpu_dtype)
         if self._prefetch_q is not None and layer in self._next_layer:
             try:
@@ -286,6 +286,13 @@ class OffloadExperts:
     def _cpu_expert(self, lease: Lease, xe: torch.Tensor) -> torch.Tensor:
         """Unweighted expert output for the rows xe, on the CPU (torch: dequantize, then matmul)."""
         return swiglu(xe, *lease.matrices(self.cpu_dtype))
+
+    def _decodable_on_device(self, keys: list[Key]) -> bool:
+        """Whether every expert in `keys` can go to the GPU as its raw bytes (fused kernels, or a torch decoder that
+        runs there). Otherwise a big batch stays on the CPU kernels: dequantizing on the host to ship dense costs
+        far more (gguf-py decodes one Kimi K2 IQ2_XXS expert in ~1 s)."""
+        entries = (self.layout.entry(*k) for k in keys)
+        return all(fused_on_device(e, self.device) or all(decodes_on_gpu(f) for f in e.formats) for e in entries)
 
     def _run_on_device(self, keys: list[Key], x: torch.Tensor, group: Callable, outs: dict) -> None:
         """Big batch on CUDA: copy each host expert's bytes to the GPU (side stream) and compute there."""

@@ -30,24 +30,45 @@ def run_child(code: str, *args: str, timeout: int = 600) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+TYPES = ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "IQ1_S",
+         "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
+
+
+def weight_bytes(name: str, n: int, k: int):
+    """GGUF bytes [n, row bytes] of an n x k matrix of type `name`: K-quants by our codecs (from scaled normal
+    values), the legacy 32-value types by gguf-py (as llama.cpp), the codebook types as random valid blocks."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from quant import codecs
+    from quant.random_blocks import random_blocks
+
+    qt = Q[name]
+    if name.startswith("IQ") or name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        return random_blocks(qt, n, k, np.random.default_rng(int(qt)))
+    return codecs.quantize(torch.randn(n, k) * torch.rand(n, 1) * 3, qt)
+
+
 KERNELS = """
     import json, numpy as np, torch
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
-    from quant import codecs
     from offload.kernels import triton_q as tq
+
+    from tests.test_triton_q import TYPES, weight_bytes
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
     out = []
-    shapes = {"Q8_0": [(37, 256), (5, 96)]}  # Q8_0 rows may end inside a 256-value super-block
-    for name in ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
+    # 32-value types: rows may end inside a 256-value super-block
+    shapes = {q: [(37, 256), (5, 96)] for q in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")}
+    batches = [(1, torch.float32), (3, torch.bfloat16), (17, torch.float32), (17, torch.bfloat16)]
+    for name in TYPES:
         qt = Q[name]
         for n, k in shapes.get(name, [(37, 256), (9, 512)]):
-            w = torch.randn(n, k) * torch.rand(n, 1) * 3
-            b = codecs.quantize(w, qt)
+            b = weight_bytes(name, n, k)
             W = torch.from_numpy(np.ascontiguousarray(dequantize(b, qt))).float().reshape(n, k)
-            for m, dt in [(1, torch.float32), (3, torch.bfloat16), (17, torch.float32), (17, torch.bfloat16)]:
+            for m, dt in batches if name in ("Q8_0", "Q4_K", "IQ2_XXS") else batches[:3]:
                 x = torch.randn(m, k).to(dt)
                 y = tq.qmatmul_gpu(x, torch.from_numpy(b), int(qt), k)
                 ref = x.float() @ W.T  # fp32 products of the exact dequantized values
@@ -69,7 +90,7 @@ def test_kernels_match_dequantize_matmul() -> None:
     fp32 and bf16 activations: the fused product equals gguf-py's dequantize followed by an fp32 matmul; with SiLU(g) * u
     applied on load (the down projection), it equals torch's SiLU(g) * u followed by the same matmul."""
     rows = run_child(KERNELS)
-    types = {"Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    types = set(TYPES)
     assert {r[0] for r in rows} == types | {t + "+swiglu" for t in types}
     for name, n, k, m, dt, shape, ydt, err in rows:
         assert shape == [m, n] and ydt == dt, (name, n, k, m, dt)
@@ -142,11 +163,14 @@ def tiny_q3(tiny_k2, tmp_path_factory) -> Path:
     return out
 
 
-def test_whole_model_same_with_and_without_fused_experts(tiny_q3: Path) -> None:
+@pytest.mark.parametrize("model", ["tiny_q3", "iq_gguf"])
+def test_whole_model_same_with_and_without_fused_experts(model: str, request) -> None:
     """8 of the 48 routed experts in the device cache (the CPU stands in for the GPU; the interpreter is slow):
-    K2LOCAL_TRITON=1 keeps their raw bytes and computes them with the fused kernels; =0 keeps them dequantized. Same greedy tokens, logits within fp32 noise;
-    the cache holds the raw bytes (~7x less than fp32 here); a failing kernel falls back to dequantize + matmul."""
-    r = run_child(MODEL, str(tiny_q3))
+    K2LOCAL_TRITON=1 keeps their raw bytes and computes them with the fused kernels; =0 keeps them dequantized. Same
+    greedy tokens, logits within fp32 noise; the cache holds the raw bytes (~7x less than fp32 at Q3_K / Q4_K, more
+    at the IQ types); a failing kernel falls back to dequantize + matmul. Models: K-quant experts, and Unsloth-style
+    IQ1_S / IQ2_XXS / IQ3_XXS / IQ4_XS experts quantized by llama.cpp."""
+    r = run_child(MODEL, str(request.getfixturevalue(model)))
     assert r["fused"] == [0, 8] and r["hits"] > 0
     assert r["toks"][0] == r["toks"][1]
     assert r["diff"] <= 1e-4 * max(1.0, r["scale"]), r
@@ -158,12 +182,12 @@ def test_whole_model_same_with_and_without_fused_experts(tiny_q3: Path) -> None:
 def test_policy_and_input_errors(monkeypatch) -> None:
     from offload.kernels import triton_q as tq
 
-    assert tq.supported(12) and tq.supported(8) and not tq.supported(2) and not tq.supported("x")
+    assert tq.supported(12) and tq.supported(8) and tq.supported(16) and not tq.supported(15) and not tq.supported("x")
     assert tq.row_bytes(12, 512) == 288 and tq.row_bytes(8, 96) == 102
     with pytest.raises(ValueError, match="multiple of 256"):
         tq.row_bytes(14, 300)
     with pytest.raises(ValueError, match="no Triton kernel"):
-        tq.row_bytes(2, 256)
+        tq.row_bytes(15, 256)  # Q8_K: an activation type, never a GGUF weight
     if not tq._INTERPRET:  # this process: the CPU is never "available" without the interpreter
         for flag in ("", "0", "1"):
             monkeypatch.setenv("K2LOCAL_TRITON", flag)
@@ -192,14 +216,13 @@ def test_cuda_kernels_match_dequantize_matmul() -> None:
     from gguf.quants import dequantize
 
     from offload.kernels import triton_q as tq
-    from quant import codecs
 
     assert tq.available("cuda")
     torch.manual_seed(0)
-    for name in ["Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
+    for name in TYPES:
         qt = Q[name]
         n, k = 300, 1024
-        b = codecs.quantize(torch.randn(n, k), qt)
+        b = weight_bytes(name, n, k)
         W = torch.from_numpy(np.ascontiguousarray(dequantize(b, qt))).float().reshape(n, k).cuda()
         wb = torch.from_numpy(b).cuda()
         for m in (1, 5, 8, 40, 130):
@@ -250,3 +273,28 @@ def test_cuda_model_with_fused_experts_matches(tiny_q3: Path, monkeypatch) -> No
     assert runs["0"][2] == 0 and runs["1"][2] == 16 and runs["1"][3] > 0
     assert runs["0"][0] == runs["1"][0]
     assert torch.allclose(runs["0"][1], runs["1"][1], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["tiny_q3", "iq_gguf"])
+def test_big_batches_go_to_the_gpu_only_as_raw_bytes(model: str, request, monkeypatch) -> None:
+    """A prefill batch is shipped to the GPU only when every expert can travel as its raw bytes: the fused kernels,
+    or a torch decoder that runs on the GPU (the K-quants have one). Codebook (IQ) experts without the fused kernels
+    stay on the CPU kernels: dequantizing them on the host to ship dense takes ~1 s per Kimi K2 expert."""
+    from k2local.checkpoint import open_checkpoint
+    from k2local.engine import LoadOptions
+    from offload.kernels import triton_q as tq
+    from offload.planner import build_backend
+
+    src = open_checkpoint(request.getfixturevalue(model))
+    b = build_backend(src, LoadOptions(experts_on="ram", extra={"save_routing_stats": False}), torch.device("cpu"),
+                      torch.float32)
+    try:
+        keys = [(layer, e) for layer in b.layout.moe_layers for e in range(b.layout.n_experts)]
+        b.device = torch.device("cuda")  # the policy as it would decide on a GPU box (nothing runs here)
+        monkeypatch.setattr(tq, "enabled", lambda device: False)
+        assert b._decodable_on_device(keys) is (model == "tiny_q3")
+        monkeypatch.setattr(tq, "enabled", lambda device: True)
+        assert b._decodable_on_device(keys)
+    finally:
+        b.device = torch.device("cpu")
+        b.close()

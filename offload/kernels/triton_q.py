@@ -4,10 +4,12 @@
     y = swiglu_qmatmul_gpu(gu, w_bytes, qtype, cols)   # (SiLU(g) * u) @ W^T for gu = [g | u]: an expert's down
 
 x: [M, K] (bf16 / fp16 / fp32) on the device; w_bytes: uint8 [N, row_bytes] (or flat), the matrix's rows exactly as
-a GGUF file stores them (ggml block layouts: Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K). Output [M, N] in x's dtype,
-accumulated in fp32. Each weight block is decoded in registers, 32 columns ("a piece") at a time: a K-quant
-super-block of 256 values is 8 pieces, and every piece covers 32 consecutive columns, so activations are read
-in plain order. Decoded weights are exact fp32 values; the GEMV multiplies them in fp32, tl.dot takes them
+a GGUF file stores them (ggml block layouts: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, and the codebook types of
+Unsloth's low-bit quants, IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS, whose grids are
+loaded once per device from the installed gguf package). Output [M, N] in x's dtype,
+accumulated in fp32. Each weight block is decoded in registers, 32 columns ("a piece") at a time: a super-block
+of 256 values is 8 pieces (8 consecutive blocks of the 32-value types), and every piece covers 32 consecutive
+columns, so activations are read in plain order. Decoded weights are exact fp32 values; the GEMV multiplies them in fp32, tl.dot takes them
 rounded to x's dtype (the values a dequantized matrix in that dtype holds).
 
 Two kernels: decode-sized batches (M <= 8) use a GEMV-style kernel over blocks of rows, split over K when there
@@ -41,9 +43,15 @@ log = logging.getLogger(__name__)
 
 # ggml type id -> (name, values per block, bytes per block); a "super-block" below is 256 values (Q8_0: 8 blocks)
 QTYPES: dict[int, tuple[str, int, int]] = {
-    8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+    2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136), 29: ("IQ1_M", 256, 56),
 }
+# codebook types -> the type whose table (offload.kernels.iq_tables) they read, and the bytes per table row
+GRID_OF: dict[int, tuple[int, int]] = {16: (16, 8), 17: (17, 8), 22: (22, 8), 18: (18, 4), 21: (21, 4), 19: (19, 8),
+                                       29: (19, 8), 20: (20, 1), 23: (20, 1)}
 SB = 256  # values per super-block (8 pieces of 32)
 GEMV_MAX_M = 8
 
@@ -229,8 +237,163 @@ def _deq_q8_0(b, l, pv, P: tl.constexpr):
 
 
 @_jit
-def _deq(b, l, pv, QT: tl.constexpr, P: tl.constexpr):
-    if QT == 8:
+def _u16(p, pv):
+    return tl.load(p, mask=pv, other=0).to(tl.int32) | (tl.load(p + 1, mask=pv, other=0).to(tl.int32) << 8)
+
+
+@_jit
+def _u32(p, pv):
+    return _u16(p, pv) | (_u16(p + 2, pv) << 16)
+
+
+@_jit
+def _deq_q4_5(b, l, pv, QT: tl.constexpr, P: tl.constexpr):
+    # block P of Q4_0 (d, qs[16]), Q4_1 (d, m, qs), Q5_0 (d, qh u32, qs), Q5_1 (d, m, qh, qs): value j of the block
+    # is the low nibble of qs[j] (j < 16) or the high nibble of qs[j - 16], plus bit j of qh as bit 4 (Q5_*);
+    # Q4_0 / Q5_0 centre it (- 8, - 16), Q4_1 / Q5_1 add the block minimum m
+    BB: tl.constexpr = 18 if QT == 2 else 20 if QT == 3 else 22 if QT == 6 else 24
+    QS: tl.constexpr = 2 if QT == 2 else 4 if QT == 3 else 6 if QT == 6 else 8
+    p = b + BB * P
+    d = _f16(p, pv)
+    qb = tl.load(p + QS + (l % 16), mask=pv, other=0).to(tl.int32)
+    q = tl.where(l < 16, qb & 0xF, qb >> 4)
+    if QT == 6 or QT == 7:
+        qh = _u32(p + QS - 4, pv)
+        q = q | (((qh >> l) & 1) << 4)
+    if QT == 2:
+        w = _ufloat(q, 8) * d
+    elif QT == 6:
+        w = _ufloat(q, 16) * d
+    else:
+        w = d * _ufloat(q, 0) + _f16(p + 2, pv)
+    return w
+
+
+@_jit
+def _ksign_bit(s7, j):
+    """Bit j (0..7) of ggml's ksigns for the 7-bit sign index s7: its bits, the 8th making the parity even."""
+    t = s7 ^ (s7 >> 4)
+    t = t ^ (t >> 2)
+    t = t ^ (t >> 1)
+    return tl.where(j == 7, t & 1, (s7 >> j) & 1)
+
+
+@_jit
+def _signed(v, bit):
+    return tl.where(bit != 0, -v, v)
+
+
+@_jit
+def _deq_iq2(b, l, pv, g, QT: tl.constexpr, P: tl.constexpr):
+    # IQ2_XXS: d, then per 32 values 4 grid bytes + u32 (4 x 7-bit sign index, scale in the top 4 bits);
+    # IQ2_XS: d, qs u16[32] (9-bit grid index | 7-bit sign index << 9), scales[8] (a nibble per 16 values);
+    # IQ2_S: d, qs[32] grid index low bits, signs[32] (explicit), qh[8] (2 high index bits per group), scales[8]
+    grp = l // 8
+    j = l % 8
+    d = _f16(b, pv)
+    if QT == 16:
+        idx = tl.load(b + 2 + 8 * P + grp).to(tl.int32)
+        aux = _u32(b + 6 + 8 * P, pv)
+        bit = _ksign_bit((aux >> (7 * grp)) & 127, j)
+        db = d * (0.5 + ((aux >> 28) & 0xF).to(tl.float32)) * 0.25
+    else:
+        if QT == 17:
+            q = _u16(b + 2 + 2 * (4 * P + grp), pv)
+            idx = q & 511
+            bit = _ksign_bit(q >> 9, j)
+            sc = tl.load(b + 66 + P).to(tl.int32)
+        else:
+            qh = tl.load(b + 66 + P).to(tl.int32)
+            idx = tl.load(b + 2 + 4 * P + grp).to(tl.int32) | ((qh << (8 - 2 * grp)) & 0x300)
+            bit = (tl.load(b + 34 + 4 * P + grp).to(tl.int32) >> j) & 1
+            sc = tl.load(b + 74 + P).to(tl.int32)
+        db = d * (0.5 + tl.where(grp < 2, sc & 0xF, sc >> 4).to(tl.float32)) * 0.25
+    gv = tl.load(g + idx * 8 + j).to(tl.float32)
+    return _signed(db * gv, bit)
+
+
+@_jit
+def _deq_iq3(b, l, pv, g, QT: tl.constexpr, P: tl.constexpr):
+    # IQ3_XXS: d, qs[64] grid indices (4-byte rows, two per 8 values), u32[8] (4 x 7-bit sign index, scale << 28);
+    # IQ3_S: d, qs[64], qh[8] (the 9th index bit), signs[32] (explicit), scales[4] (a nibble per 32 values)
+    grp = l // 8
+    j = l % 8
+    k = 2 * grp + (j >= 4).to(tl.int32)
+    d = _f16(b, pv)
+    idx = tl.load(b + 2 + 8 * P + k).to(tl.int32)
+    if QT == 18:
+        aux = _u32(b + 66 + 4 * P, pv)
+        bit = _ksign_bit((aux >> (7 * grp)) & 127, j)
+        db = d * (0.5 + ((aux >> 28) & 0xF).to(tl.float32)) * 0.5
+    else:
+        idx = idx | ((tl.load(b + 66 + P).to(tl.int32) << (8 - k)) & 256)
+        bit = (tl.load(b + 74 + 4 * P + grp).to(tl.int32) >> j) & 1
+        sc = tl.load(b + 106 + P // 2).to(tl.int32)
+        if P % 2 == 0:
+            sc = sc & 0xF
+        else:
+            sc = sc >> 4
+        db = d * (1 + 2 * sc).to(tl.float32)
+    gv = tl.load(g + idx * 4 + (j % 4)).to(tl.float32)
+    return _signed(db * gv, bit)
+
+
+@_jit
+def _deq_iq1(b, l, pv, g, QT: tl.constexpr, P: tl.constexpr):
+    # values dl * (grid + delta), grid in {-1, 0, 1} (int8 table rows of 8), delta = +-1/8.
+    # IQ1_S: d, qs[32] (index low byte), qh u16[8] (3 index bits per group, scale bits 12..14, delta sign bit 15);
+    # IQ1_M: qs[32], qh[16] (a nibble per group: 3 index bits, delta sign), scales u16[4] (3 bits per 16 values,
+    # the fp16 d spread over their top nibbles)
+    grp = l // 8
+    j = l % 8
+    if QT == 19:
+        d = _f16(b, pv)
+        qh = _u16(b + 34 + 2 * P, pv)
+        idx = tl.load(b + 2 + 4 * P + grp).to(tl.int32) | (((qh >> (3 * grp)) & 7) << 8)
+        dl = d * (2 * ((qh >> 12) & 7) + 1).to(tl.float32)
+        neg = qh & 0x8000
+    else:
+        dbits = ((_u16(b + 48, pv) >> 12) | ((_u16(b + 50, pv) >> 8) & 0xF0) | ((_u16(b + 52, pv) >> 4) & 0xF00)
+                 | (_u16(b + 54, pv) & 0xF000))
+        d = dbits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        nib = tl.load(b + 32 + 2 * P + grp // 2).to(tl.int32) >> (4 * (grp % 2))
+        idx = tl.load(b + 4 * P + grp).to(tl.int32) | ((nib & 7) << 8)
+        s = (_u16(b + 48 + 2 * (P // 2), pv) >> (6 * (P % 2) + 3 * (grp // 2))) & 7
+        dl = d * (2 * s + 1).to(tl.float32)
+        neg = nib & 8
+    gv = tl.load(g + idx * 8 + j).to(tl.float32)
+    return dl * (gv + tl.where(neg != 0, -0.125, 0.125))
+
+
+@_jit
+def _deq_iq4(b, l, pv, g, QT: tl.constexpr, P: tl.constexpr):
+    # IQ4_NL: blocks of 32 (d, qs[16]); IQ4_XS: d, scales_h u16, scales_l[4], qs[128] (6-bit scale per 32 values,
+    # minus 32); nibbles index the 16 non-linear int8 values
+    if QT == 20:
+        p = b + 18 * P
+        dl = _f16(p, pv)
+        qb = tl.load(p + 2 + (l % 16), mask=pv, other=0).to(tl.int32)
+    else:
+        ls = ((tl.load(b + 4 + P // 2).to(tl.int32) >> (4 * (P % 2))) & 0xF) | (((_u16(b + 2, pv) >> (2 * P)) & 3) << 4)
+        dl = _f16(b, pv) * (ls - 32).to(tl.float32)
+        qb = tl.load(b + 8 + 16 * P + (l % 16)).to(tl.int32)
+    kv = tl.load(g + tl.where(l < 16, qb & 0xF, qb >> 4)).to(tl.float32)
+    return dl * kv
+
+
+@_jit
+def _deq(b, l, pv, g, QT: tl.constexpr, P: tl.constexpr):
+    if QT == 2 or QT == 3 or QT == 6 or QT == 7:
+        w = _deq_q4_5(b, l, pv, QT, P)
+    elif QT == 16 or QT == 17 or QT == 22:
+        w = _deq_iq2(b, l, pv, g, QT, P)
+    elif QT == 18 or QT == 21:
+        w = _deq_iq3(b, l, pv, g, QT, P)
+    elif QT == 19 or QT == 29:
+        w = _deq_iq1(b, l, pv, g, QT, P)
+    elif QT == 20 or QT == 23:
+        w = _deq_iq4(b, l, pv, g, QT, P)
+    elif QT == 8:
         w = _deq_q8_0(b, l, pv, P)
     elif QT == 10:
         w = _deq_q2_k(b, l, pv, P)
@@ -276,7 +439,7 @@ def _load_x(ptrs, mask, up_off, DT: tl.constexpr, SWIGLU: tl.constexpr, INTERPRE
 
 
 @_jit(do_not_specialize=["M", "sb_per_split"])  # vary per call: one compile for all their values
-def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, row_bytes, sb_per_split,
+def _qgemv_kernel(x_ptr, w_ptr, g_ptr, out_ptr, M, N, K, stride_xm, up_off, row_bytes, sb_per_split,
                   QT: tl.constexpr, SB_BYTES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   SWIGLU: tl.constexpr, INTERPRET: tl.constexpr):
     """out[split, m, n] = sum over this split's super-blocks of x[m, k] * W[n, k] (fp32 sums, stored in out's
@@ -302,7 +465,7 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, row_bytes, 
         for P in tl.static_range(8):
             col = sb * 256 + P * 32
             pv = col < K
-            w = _deq(b, l[None, :], pv, QT, P)  # [BN, 32], exact fp32 values (not rounded to x's dtype)
+            w = _deq(b, l[None, :], pv, g_ptr, QT, P)  # [BN, 32], exact fp32 values (not rounded to x's dtype)
             xv = _load_x(xrow + col + l[None, :], mmask & ((col + l[None, :]) < K), up_off,
                          x_ptr.dtype.element_ty, SWIGLU, INTERPRET)  # [BM, 32]
             if BM == 1:
@@ -318,7 +481,7 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, row_bytes, 
 
 
 @_jit(do_not_specialize=["M"])
-def _qgemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, stride_om, row_bytes,
+def _qgemm_kernel(x_ptr, w_ptr, g_ptr, out_ptr, M, N, K, stride_xm, up_off, stride_om, row_bytes,
                   QT: tl.constexpr, SB_BYTES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   PREC: tl.constexpr, SWIGLU: tl.constexpr, INTERPRET: tl.constexpr):
     """out[m, n] = x[m, :] @ W[n, :] with tl.dot on decoded [32, BN] weight tiles. Under the interpreter (whose
@@ -338,7 +501,7 @@ def _qgemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, stride_om, 
         for P in tl.static_range(8):
             col = sb * 256 + P * 32
             pv = col < K
-            w = _deq(b, l[:, None], pv, QT, P)  # [32, BN]
+            w = _deq(b, l[:, None], pv, g_ptr, QT, P)  # [32, BN]
             xptrs = xrow + col + l[None, :]
             xmask = mmask & ((col + l[None, :]) < K)
             if INTERPRET:
@@ -357,6 +520,24 @@ def _qgemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, up_off, stride_om, 
 
 
 # ---------------------------------------------------------------------------------------------- entry points
+_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _table(qtype: int, device: torch.device) -> torch.Tensor:
+    """The codebook the IQ type reads (rows of GRID_OF bytes; IQ1 grids and IQ4 values as int8), on `device`,
+    made once per device from the installed gguf package (as the CPU kernels take it)."""
+    tid, _ = GRID_OF[qtype]
+    key = (tid, device)
+    if key not in _tables:
+        from offload.kernels import iq_tables  # noqa: PLC0415 (the CPU kernels' package; numpy only here)
+
+        t = iq_tables().get(tid)
+        if t is None:
+            raise RuntimeError(f"the installed gguf package has no {QTYPES[qtype][0]} codebook")
+        _tables[key] = torch.from_numpy(t.copy()).to(device)
+    return _tables[key]
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -410,6 +591,7 @@ def _qmatmul(x: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int, swig
     m = x2.shape[0]
     qt = int(qtype)
     sb_bytes = QTYPES[qt][2] * (SB // QTYPES[qt][1])
+    g = _table(qt, x.device) if qt in GRID_OF else w  # (other types: any pointer, never read)
     if m == 0 or n == 0:
         return x.new_zeros(*lead, n)
     # the interpreter's fp32 -> bf16 store truncates: there the kernels write fp32 and torch rounds
@@ -427,7 +609,7 @@ def _qmatmul(x: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int, swig
         split = -(-nsb // per)
         y = torch.empty(split, m, n, dtype=odt if split == 1 else torch.float32, device=x.device)
         _qgemv_kernel[(triton.cdiv(n, bn), split)](
-            x2, w, y, m, n, cols, x2.stride(0), cols, rb, per, QT=qt, SB_BYTES=sb_bytes, BM=bm, BN=bn,
+            x2, w, g, y, m, n, cols, x2.stride(0), cols, rb, per, QT=qt, SB_BYTES=sb_bytes, BM=bm, BN=bn,
             SWIGLU=swiglu, INTERPRET=_INTERPRET, num_warps=4)
         y = y[0] if split == 1 else y.sum(0)
     else:
@@ -435,7 +617,9 @@ def _qmatmul(x: torch.Tensor, w_bytes: torch.Tensor, qtype: int, cols: int, swig
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         bn = 64
         prec = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+        # warps: Q3_K and the types added later (legacy 32-value, codebook) use up to 255 registers at 4 warps and
+        # spill hundreds of bytes on sm_80 / sm_90 (ptxas); at 8 warps at most ~100 bytes
         _qgemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            x2, w, y, m, n, cols, x2.stride(0), cols, y.stride(0), rb, QT=qt, SB_BYTES=sb_bytes, BM=bm, BN=bn,
-            PREC=prec, SWIGLU=swiglu, INTERPRET=_INTERPRET, num_warps=8 if qt == 11 else 4)  # Q3_K: 4 warps spill
+            x2, w, g, y, m, n, cols, x2.stride(0), cols, y.stride(0), rb, QT=qt, SB_BYTES=sb_bytes, BM=bm, BN=bn,
+            PREC=prec, SWIGLU=swiglu, INTERPRET=_INTERPRET, num_warps=4 if qt in (8, 10, 12, 13, 14) else 8)
     return y.to(x.dtype).reshape(*lead, n)
