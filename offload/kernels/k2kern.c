@@ -1522,44 +1522,49 @@ AI T256 void iq_index_vec(const uint8_t *b, const int TY, uint16_t *ix) {
     }
 }
 
-/* weights 32c .. 32c+31 of the block as u bytes (sv: iq_signs_vec of the block, ix: iq_index_vec) */
-AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, const uint16_t *ix) {
+/* the sign-and-magnitude types: grid magnitudes |w| of weights 32c .. 32c+31 and their sign mask (0xFF where
+ * negative); sv: iq_signs_vec of the block, ix: iq_index_vec */
+AI T256 int iq_signed(const int TY) { return TY != IQD_1S && TY != IQD_1M; }
+AI T256 __m256i iq_mag_256(const uint8_t *b, int c, const int TY, __m256i sv, const uint16_t *ix, __m256i *m) {
     switch (TY) {
     case IQD_2XXS: {
         const uint8_t *q = b + 2 + 8 * c;
-        const __m256i g = rows4(g_iq2xxs, q[0], q[1], q[2], q[3]);
-        return u_masked_256(g, sign_dword_to_bytes(sv, iq_signs_pos(c, TY)));
+        *m = sign_dword_to_bytes(sv, iq_signs_pos(c, TY));
+        return rows4(g_iq2xxs, q[0], q[1], q[2], q[3]);
     }
-    case IQD_2XS: {
-        const __m256i g = rows4ix(g_iq2xs, ix + 4 * c);
-        return u_masked_256(g, sign_dword_to_bytes(sv, c));
-    }
-    case IQD_2S: {
-        const __m256i g = rows4ix(g_iq2s, ix + 4 * c);
-        return u_masked_256(g, sign_dword_to_bytes(sv, c));
-    }
+    case IQD_2XS: *m = sign_dword_to_bytes(sv, c); return rows4ix(g_iq2xs, ix + 4 * c);
+    case IQD_2S: *m = sign_dword_to_bytes(sv, c); return rows4ix(g_iq2s, ix + 4 * c);
     case IQD_3XXS: {
         const uint8_t *q = b + 2 + 8 * c; /* scalar loads beat vpgatherdd here */
-        const __m256i g = _mm256_setr_epi32((int)g_iq3xxs[q[0]], (int)g_iq3xxs[q[1]], (int)g_iq3xxs[q[2]], (int)g_iq3xxs[q[3]],
-                                            (int)g_iq3xxs[q[4]], (int)g_iq3xxs[q[5]], (int)g_iq3xxs[q[6]], (int)g_iq3xxs[q[7]]);
-        return u_masked_256(g, sign_dword_to_bytes(sv, c));
+        *m = sign_dword_to_bytes(sv, c);
+        return _mm256_setr_epi32((int)g_iq3xxs[q[0]], (int)g_iq3xxs[q[1]], (int)g_iq3xxs[q[2]], (int)g_iq3xxs[q[3]],
+                                 (int)g_iq3xxs[q[4]], (int)g_iq3xxs[q[5]], (int)g_iq3xxs[q[6]], (int)g_iq3xxs[q[7]]);
     }
-    case IQD_3S: {
-        const __m256i g = rows8dx(g_iq3s, idx_word(ix + 8 * c), idx_word(ix + 8 * c + 4), 16);
-        return u_masked_256(g, sign_dword_to_bytes(sv, c));
+    default: /* IQD_3S */
+        *m = sign_dword_to_bytes(sv, c);
+        return rows8dx(g_iq3s, idx_word(ix + 8 * c), idx_word(ix + 8 * c + 4), 16);
     }
+}
+/* weights 32c .. 32c+31 of the block as u bytes (sv: iq_signs_vec of the block, ix: iq_index_vec) */
+AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, const uint16_t *ix) {
+    switch (TY) {
     case IQD_1S: {
         const uint32_t h = rd16(b + 34 + 2 * c);
         const __m256i g = rows4ix(g_iq1s, ix + 4 * c);
         return _mm256_add_epi8(g, _mm256_set1_epi8((char)(2 - 2 * (h >> 15)))); /* +1/8: + 2, -1/8: + 0 */
     }
-    default: { /* IQ1_M */
+    case IQD_1M: {
         const __m256i g = rows4ix(g_iq1s, ix + 4 * c);
         /* the four groups' offset bytes (see iq_index_vec), each spread over its 8 weights */
         const __m256i dv = _mm256_shuffle_epi8(_mm256_set1_epi32((int)rd32((const uint8_t *)(ix + 32) + 4 * c)),
                                                _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                                                 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
         return _mm256_add_epi8(g, dv);
+    }
+    default: {
+        __m256i m;
+        const __m256i g = iq_mag_256(b, c, TY, sv, ix, &m);
+        return u_masked_256(g, m);
     }
     }
 }
@@ -1583,6 +1588,16 @@ AI T256 void iq_avx2_body(const uint8_t *w, int nb, const act_t *a, const int NT
         const float dw = iq_d(b, TY) * iq_fac(TY);
         __m256i sumi[4];
         for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        if (NT == 1 && iq_signed(TY)) { /* one token: the signs go onto the activations (2 ops, no offset term) */
+            for (int c = 0; c < 8; c++) {
+                __m256i m;
+                const __m256i g = iq_mag_256(b, c, TY, sv, ix, &m), s = pair_scales(half[c / 4], c % 4);
+                const __m256i x = _mm256_load_si256((const __m256i *)(a[0].q + 256 * i + 32 * c));
+                sumi[0] = dpwssd_v(sumi[0], _mm256_maddubs_epi16(g, _mm256_sub_epi8(_mm256_xor_si256(x, m), m)), s, VN);
+            }
+            acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[0]), _mm256_set1_ps(dw * a[0].d[i]), acc[0]);
+            continue;
+        }
         for (int c = 0; c < 8; c++) {
             const __m256i u = iq_chunk_256(b, c, TY, sv, ix), s = pair_scales(half[c / 4], c % 4);
             for (int t = 0; t < NT; t++) {

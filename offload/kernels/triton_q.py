@@ -6,10 +6,10 @@
 x: [M, K] (bf16 / fp16 / fp32) on the device; w_bytes: uint8 [N, row_bytes] (or flat), the matrix's rows exactly as
 a GGUF file stores them (ggml block layouts: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, and the codebook types of
 Unsloth's low-bit quants, IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS, whose grids are
-loaded once per device from the installed gguf package). Output [M, N] in x's dtype,
-accumulated in fp32. Each weight block is decoded in registers, 32 columns ("a piece") at a time: a super-block
-of 256 values is 8 pieces (8 consecutive blocks of the 32-value types), and every piece covers 32 consecutive
-columns, so activations are read in plain order. Decoded weights are exact fp32 values; the GEMV multiplies them in fp32, tl.dot takes them
+loaded once per device from the installed gguf package). Output [M, N] in x's dtype, accumulated in fp32. Each
+weight block is decoded in registers, 32 columns ("a piece") at a time: a super-block of 256 values is 8 pieces
+(8 consecutive blocks of the 32-value types), and every piece covers 32 consecutive columns, so activations are
+read in plain order. Decoded weights are exact fp32 values; the GEMV multiplies them in fp32, tl.dot takes them
 rounded to x's dtype (the values a dequantized matrix in that dtype holds).
 
 Two kernels: decode-sized batches (M <= 8) use a GEMV-style kernel over blocks of rows, split over K when there
@@ -49,9 +49,9 @@ QTYPES: dict[int, tuple[str, int, int]] = {
     19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
     23: ("IQ4_XS", 256, 136), 29: ("IQ1_M", 256, 56),
 }
-# codebook types -> the type whose table (offload.kernels.iq_tables) they read, and the bytes per table row
-GRID_OF: dict[int, tuple[int, int]] = {16: (16, 8), 17: (17, 8), 22: (22, 8), 18: (18, 4), 21: (21, 4), 19: (19, 8),
-                                       29: (19, 8), 20: (20, 1), 23: (20, 1)}
+# codebook types -> the type whose table (offload.kernels.iq_tables: rows of 8 bytes for IQ2_* / IQ1_*, 4 for
+# IQ3_*, the 16 IQ4_NL values) they read
+GRID_OF: dict[int, int] = {16: 16, 17: 17, 22: 22, 18: 18, 21: 21, 19: 19, 29: 19, 20: 20, 23: 20}
 SB = 256  # values per super-block (8 pieces of 32)
 GEMV_MAX_M = 8
 
@@ -524,9 +524,9 @@ _tables: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _table(qtype: int, device: torch.device) -> torch.Tensor:
-    """The codebook the IQ type reads (rows of GRID_OF bytes; IQ1 grids and IQ4 values as int8), on `device`,
+    """The codebook the IQ type reads (GRID_OF; IQ1 grids and IQ4 values as int8), on `device`,
     made once per device from the installed gguf package (as the CPU kernels take it)."""
-    tid, _ = GRID_OF[qtype]
+    tid = GRID_OF[qtype]
     key = (tid, device)
     if key not in _tables:
         from offload.kernels import iq_tables  # noqa: PLC0415 (the CPU kernels' package; numpy only here)
