@@ -61,6 +61,8 @@ from quant import random_blocks  # noqa: E402
 
 HIDDEN, INTER, TOPK = 7168, 2048, 8
 K2_WEIGHTS_PER_TOKEN = 8 * 60 * 3 * HIDDEN * INTER  # routed-expert weights read per decoded token
+
+
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 

@@ -291,8 +291,11 @@ class OffloadExperts:
         """Whether every expert in `keys` can go to the GPU as its raw bytes (fused kernels, or a torch decoder that
         runs there). Otherwise a big batch stays on the CPU kernels: dequantizing on the host to ship dense costs
         far more (gguf-py decodes one Kimi K2 IQ2_XXS expert in ~1 s)."""
-        entries = (self.layout.entry(*k) for k in keys)
-        return all(fused_on_device(e, self.device) or all(decodes_on_gpu(f) for f in e.formats) for e in entries)
+        return all(self._ships_raw(self.layout.entry(*k)) for k in keys)
+
+    def _ships_raw(self, entry) -> bool:
+        """Whether the GPU computes this expert from its raw bytes: the fused kernels, or torch decoders there."""
+        return fused_on_device(entry, self.device) or all(decodes_on_gpu(f) for f in entry.formats)
 
     def _run_on_device(self, keys: list[Key], x: torch.Tensor, group: Callable, outs: dict) -> None:
         """Big batch on CUDA: copy each host expert's bytes to the GPU (side stream) and compute there."""
@@ -300,10 +303,10 @@ class OffloadExperts:
         main = torch.cuda.current_stream(self.device)
         inflight: collections.deque[tuple[torch.cuda.Event, Lease]] = collections.deque()
         for key, lease in self._stream_keep(keys):
-            fmts = lease.entry.formats
             fused = fused_on_device(lease.entry, self.device)  # ggml bytes straight into the Triton kernels
+            raw = self._ships_raw(lease.entry)  # (False only if the fused kernels were turned off mid-batch)
             with torch.cuda.stream(self._copy_stream):
-                if fused or all(decodes_on_gpu(f) for f in fmts):
+                if raw:
                     dv = [v.to(self.device, non_blocking=True) for v in lease.views]
                     nbytes = lease.entry.nbytes
                 else:  # no GPU decoder for this type: dequantize on the host, ship dense
@@ -317,7 +320,7 @@ class OffloadExperts:
             if fused:
                 outs[key[1]] = fused_or_dense(x[group(key[1])[0]], lease.entry, dv, self.dtype)
             else:
-                if all(decodes_on_gpu(f) for f in fmts):
+                if raw:
                     mats = [decode_matrix(f, vs, self.dtype) for f, vs in lease.entry.matrix_segments(dv)]
                 else:
                     mats = dv

@@ -29,8 +29,13 @@ def set_scales(blocks: np.ndarray, qtype: int, d: np.ndarray | float) -> None:
             blocks[:, 49 + 2 * k] = (blocks[:, 49 + 2 * k] & 0x0F) | (((dv >> (4 * k)) & 0xF) << 4).astype(np.uint8)
         return
     for off in SCALE_OFFSETS[Q(int(qtype))]:
-        blocks[:, off] = (dv & 0xFF).astype(np.uint8)
-        blocks[:, off + 1] = (dv >> 8).astype(np.uint8)
+        _put_f16(blocks, off, dv)
+
+
+def _put_f16(blocks: np.ndarray, off: int, dv: np.ndarray) -> None:
+    """fp16 bits dv (one per block) into bytes off, off + 1 of each block (little-endian, as GGUF stores them)."""
+    blocks[:, off] = (dv & 0xFF).astype(np.uint8)
+    blocks[:, off + 1] = (dv >> 8).astype(np.uint8)
 
 
 def random_blocks(qtype: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -47,5 +52,5 @@ def random_blocks(qtype: int, rows: int, cols: int, rng: np.random.Generator) ->
         if off is None:
             set_scales(b, qt, d)
         else:
-            b[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+            _put_f16(b, off, d.view(np.uint16))
     return b.reshape(rows, -1)

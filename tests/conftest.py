@@ -71,7 +71,8 @@ def ggml_quantize_chunk():
         bs, bb = GGML_QUANT_SIZES[GGMLQuantizationType(int(qtype))]
         out = np.zeros((x.shape[0], x.shape[1] // bs * bb), np.uint8)
         im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-        n = fn(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None if im is None else im.ctypes.data)
+        n = fn(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
+               None if im is None else im.ctypes.data)
         assert n == out.nbytes
         return out
 
@@ -108,7 +109,8 @@ def iq_gguf(tiny_k2, tmp_path_factory, ggml_quantize_chunk) -> Path:
         data = np.asarray(t.data)
         kind = t.name.split(".")[-2]
         if "_exps" in t.name:
-            qt = gguf.GGMLQuantizationType(IQ_EXPERT_TYPES[layers.index(int(t.name.split(".")[1])) % len(IQ_EXPERT_TYPES)][kind])
+            mix = IQ_EXPERT_TYPES[layers.index(int(t.name.split(".")[1])) % len(IQ_EXPERT_TYPES)]
+            qt = gguf.GGMLQuantizationType(mix[kind])
             q = np.stack([ggml_quantize_chunk(e, qt, rng.uniform(0.5, 2.0, e.shape[1])) for e in data])
             w.add_tensor(t.name, q, raw_dtype=qt)
         else:
