@@ -314,6 +314,8 @@ MOE_CASES = [
     ((Q.IQ4_XS, Q.IQ4_XS, Q.IQ4_NL), 256, 96, 8),   # IQ4_XS gate/up in another activation order than IQ4_NL down
     ((Q.IQ2_XS, Q.IQ3_S, Q.IQ2_S), 256, 256, 8),
     ((Q.IQ3_XXS, Q.Q2_K, Q.Q4_K), 768, 256, 3),
+    ((Q.Q4_K, Q.Q8_0, Q.IQ4_XS), 512, 256, 5),   # gate and up with other block sizes (256 / 32 values)
+    ((Q.IQ4_XS, Q.Q4_K, Q.Q6_K), 256, 512, 40),  # prefill-sized: experts with 8+ tokens (many-token GEMMs)
 ]
 
 
@@ -543,15 +545,17 @@ def test_avx512_kernels_emulated(qt, emulated_avx512):
     rows, cols = 19, 512
     w = random_blocks(qt, rows, cols, rng)
     wd = dequantize(w, qt).astype(np.float64)
-    for T in (1, 3, 5):
+    for T in (1, 3, 5, 20, 37):  # 20, 37: the many-token GEMMs where the type has one, with and without them
         x = rng.standard_normal((T, cols)).astype(np.float32)
         exact = quant_act(x, act_block(qt)) @ wd.T
         for level in (3, 2):
             assert lib.k2k_set_isa(level) == level
-            for pairs in (0, 1):
+            for pairs, panel in ((0, 1), (1, 1), (0, 0)):
                 lib.k2k_set_pairs(pairs)
-                assert rel(_lib_matmul(lib, x, w, qt, cols), exact) < 2e-5, (level, pairs, T)
+                lib.k2k_set_panel(panel)
+                assert rel(_lib_matmul(lib, x, w, qt, cols), exact) < 2e-5, (level, pairs, panel, T)
     lib.k2k_set_pairs(0)
+    lib.k2k_set_panel(1)
     if qt == Q.Q8_0:  # the short-row kernel (rows of 4 blocks, one token) and the many-token one
         for T, c in ((1, 128), (20, 256)):
             w = random_blocks(qt, rows, c, rng)
@@ -559,24 +563,35 @@ def test_avx512_kernels_emulated(qt, emulated_avx512):
             assert rel(_lib_matmul(lib, x, w, qt, c), quant_act(x, 32) @ dequantize(w, qt).astype(np.float64).T) < 2e-5
 
 
-def test_avx512_moe_emulated(emulated_avx512):
+@pytest.mark.parametrize("types,T", [((Q.IQ4_XS, Q.IQ2_XXS, Q.IQ1_S), 3),
+                                     # prefill: experts with 8+ tokens go through the many-token GEMMs (decode-once
+                                     # for IQ4_XS / Q4_K / Q6_K, Q8_0's own), others through the per-row kernels
+                                     ((Q.IQ4_XS, Q.Q4_K, Q.Q6_K), 40), ((Q.Q4_K, Q.Q8_0, Q.IQ4_XS), 70)],
+                         ids=lambda c: str(c))
+def test_avx512_moe_emulated(types, T, emulated_avx512):
     lib = emulated_avx512
     rng = np.random.default_rng(77)
-    types = (Q.IQ4_XS, Q.IQ2_XXS, Q.IQ1_S)
-    hidden, inter, E, T, Kk = 256, 512, 3, 3, 2
+    hidden, inter, E, Kk = 256, 512, 3, 2
     experts = [(random_blocks(types[0], inter, hidden, rng), random_blocks(types[1], inter, hidden, rng),
                 random_blocks(types[2], hidden, inter, rng)) for _ in range(E)]
     x = rng.standard_normal((T, hidden)).astype(np.float32)
-    idx = np.array([[0, 2], [1, -1], [2, 1]], dtype=np.int32)
+    if T == 3:
+        idx = np.array([[0, 2], [1, -1], [2, 1]], dtype=np.int32)
+    else:  # expert 0 gets most tokens, expert 2 a few
+        idx = np.stack([rng.choice(E, Kk, replace=False, p=[0.6, 0.3, 0.1]) for _ in range(T)]).astype(np.int32)
+        idx[1, 1] = -1
     wts = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)
     exact = moe_reference(x, experts, types, idx, wts, hidden, inter, emulate=True)
     ptrs = [(ctypes.c_void_p * E)(*[e[m].ctypes.data for e in experts]) for m in range(3)]
-    y = np.zeros((T, hidden), np.float32)
     lib.k2k_set_isa(3)
-    rc = lib.k2k_moe(T, hidden, inter, x.ctypes.data, hidden, E, ptrs[0], ptrs[1], ptrs[2], *[int(t) for t in types],
-                     Kk, idx.ctypes.data, wts.ctypes.data, y.ctypes.data, hidden, 0)
-    assert rc == 0
-    assert rel(y, exact) < 2e-3
+    for panel in (1, 0):
+        lib.k2k_set_panel(panel)
+        y = np.zeros((T, hidden), np.float32)
+        rc = lib.k2k_moe(T, hidden, inter, x.ctypes.data, hidden, E, ptrs[0], ptrs[1], ptrs[2],
+                         *[int(t) for t in types], Kk, idx.ctypes.data, wts.ctypes.data, y.ctypes.data, hidden, 0)
+        assert rc == 0
+        assert rel(y, exact) < 2e-3, (panel, rel(y, exact))
+    lib.k2k_set_panel(1)
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -35,10 +35,10 @@ import torch
 
 __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
-    "set_prefetch", "set_avxvnni", "numa_interleave_wanted", "interleave_memory", "supported", "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
+    "set_prefetch", "set_avxvnni", "set_panel_gemm", "numa_interleave_wanted", "interleave_memory", "supported", "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
 ]
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 _SRC = Path(__file__).with_name("k2kern.c")
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values)
 C_TYPES = {2: "Q4_0", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
@@ -129,6 +129,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "k2k_supported": (i32, [i32]),
         "k2k_set_prefetch": (i32, [i32, i32]),
         "k2k_set_pairs": (i32, [i32]),
+        "k2k_set_panel": (i32, [i32]),
         "k2k_set_avxvnni": (i32, [i32]),
         "k2k_row_bytes": (i64, [i32, i64]),
         "k2k_matmul": (i32, [i32, vp, i64, i64, i64, fp, i64, i64, fp, i64]),
@@ -324,6 +325,17 @@ def set_row_pairs(on: bool | None = None) -> bool:
     if lib is None:
         return False
     return bool(lib.k2k_set_pairs(-1 if on is None else int(bool(on))))
+
+
+def set_panel_gemm(on: bool | None = None) -> bool:
+    """Whether many tokens against a matrix (prefill) use the decode-once GEMM where the type has one (AVX-512:
+    Q4_K, Q6_K, IQ4_XS): a few rows are decoded once and every 16-token tile runs over them, instead of decoding each
+    block again per 4-token tile.  Same int8 activations, float sums in another order.  On by default
+    (K2LOCAL_PANEL=0 turns it off); None keeps the setting; returns it."""
+    lib = _load()
+    if lib is None:
+        return False
+    return bool(lib.k2k_set_panel(-1 if on is None else int(bool(on))))
 
 
 def set_avxvnni(on: bool | None = None) -> bool:

@@ -47,7 +47,7 @@
 #define K2K_X86 0
 #endif
 
-#define K2K_ABI_VERSION 8
+#define K2K_ABI_VERSION 9
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { GT_Q4_0 = 2, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,
@@ -166,6 +166,8 @@ static int g_pfd = 8192, g_pf_l2 = 0;
  * (Q4_K one thread 20 -> 12 GB/s).  K2LOCAL_PAIRS=1 / set_row_pairs(True) turns them on; tests check that
  * they are bit-identical to the one-row kernels. */
 static int g_no_pairs = 1;
+/* decode-once GEMM for many tokens (pnl_gemm): on unless K2LOCAL_PANEL=0 or k2k_set_panel(0) */
+static int g_panel = 1;
 
 static inline __attribute__((always_inline)) void pf_block(const uint8_t *pf, int i, int bpb) {
     if (!pf) return;
@@ -2689,12 +2691,20 @@ typedef int (*rows_fn)(const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, co
 
 /* Many tokens (prefill): X holds up to kern_t.gtok tokens' activations packed by the kernel's pack_fn;
  * out[t * os + r] for rows r < nrows (row r at w + r * rs), tokens t < nt. */
-typedef void (*gemm_fn)(const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const uint8_t *X, int nt, float *out,
-                        ptrdiff_t os);
-typedef void (*pack_fn)(const act_t *a, int nt, int nb, uint8_t *X);
+typedef struct kern_s kern_t;
+/* Many tokens (prefill): T tokens' activations packed by the kernel's pack_fn in tiles of kern_t.gtok tokens, xgb
+ * bytes apart; out[t * os + r] for rows r < nrows (row r at w + r * rs), tokens t < T. */
+typedef void (*gemm_fn)(const kern_t *k, const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const uint8_t *X,
+                        size_t xgb, int T, float *out, ptrdiff_t os);
+/* packs up to gtok tokens' activations (quantized in the kernel's layout) for gemm_fn */
+typedef void (*pack_fn)(const act_t *a, int nt, int nb, uint8_t *X, int layout, int blk);
+/* decode-once GEMM: one weight row -> panel (see pnl_gemm), and one token tile over PNL_ROWS decoded rows */
+typedef void (*pdec_fn)(const uint8_t *w, int nb, uint8_t *q, float *dw, float *mw);
+typedef void (*ptile_fn)(const uint8_t *pnl, size_t pstride, int nr, int n32, const uint8_t *X, int nt, float *out,
+                         ptrdiff_t os);
 #define GEMM_MIN_T 10 /* the per-row kernels are used below this many tokens (about as fast at 8-10) */
 
-typedef struct {
+struct kern_s {
     dot_fn fn;
     int layout;
     dot2_fn fn2; /* optional row-pair kernel for one token (decode), NULL if none */
@@ -2702,7 +2712,240 @@ typedef struct {
     gemm_fn fng; /* optional many-token kernel (prefill) on activations packed by fnp (nb * xbytes bytes), or NULL */
     pack_fn fnp;
     int xbytes, gtok; /* packed bytes per block, tokens per packed tile */
-} kern_t;
+    int gmin;         /* fng from this many tokens up */
+    int blk;          /* values per block */
+    pdec_fn pdec;     /* decode-once GEMM (fng = pnl_gemm): row decoder and tile kernel */
+    ptile_fn ptile;
+    int pg;           /* values per panel scale (16 or 32) */
+};
+
+#if K2K_X86
+/* The Q8_0 GEMMs over all tiles */
+static void q8_0_512_gemm_all(const kern_t *k, const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const uint8_t *X,
+                              size_t xgb, int T, float *out, ptrdiff_t os) {
+    for (int t0 = 0, i = 0; t0 < T; t0 += k->gtok, i++)
+        q8_0_512_gemm(w, rs, nrows, nb, X + xgb * i, T - t0 < k->gtok ? T - t0 : k->gtok, out + t0 * os, os);
+}
+static void q8_0_vnni_gemm_all(const kern_t *k, const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const uint8_t *X,
+                               size_t xgb, int T, float *out, ptrdiff_t os) {
+    for (int t0 = 0, i = 0; t0 < T; t0 += k->gtok, i++)
+        q8_0_vnni_gemm(w, rs, nrows, nb, X + xgb * i, T - t0 < k->gtok ? T - t0 : k->gtok, out + t0 * os, os);
+}
+static void q8_0_512_pack_l(const act_t *a, int nt, int nb, uint8_t *X, int layout, int blk) {
+    (void)layout, (void)blk;
+    q8_0_512_pack(a, nt, nb, X);
+}
+static void q8_0_vnni_pack_l(const act_t *a, int nt, int nb, uint8_t *X, int layout, int blk) {
+    (void)layout, (void)blk;
+    q8_0_vnni_pack(a, nt, nb, X);
+}
+
+/* ------------------------------------------------------------------ decode-once GEMM (prefill, AVX-512) */
+
+/* With many tokens the per-row kernels decode every weight block again for each 4-token tile.  Here PNL_ROWS rows
+ * are decoded once into a panel -- unsigned bytes q in natural order, and per pg (16 or 32) values a float scale dw
+ * and offset mw: value = dw * q - mw -- and each tile of 16 tokens runs over it with the tokens in the vector lanes,
+ * as the Q8_0 GEMM does: four weight bytes broadcast against four activation bytes of 16 tokens per dpbusd, no
+ * horizontal sums.  Types whose values are signed store q + 2^SH (IQ4_XS: + 128, Q6_K: the raw q of (q - 32)); the
+ * integer 2^SH * (activation sum) is taken from the dot before it meets the float scales, so those sums are as
+ * exact as in the per-row kernels.  Types with a real min (Q4_K) subtract mw * dx * (activation sum) in float.
+ * Packed per 32 values and 16 tokens: 8 vectors of four activation bytes a lane, the activation scales dx, the int8
+ * activation sums of the two 16-value halves (int32), and those sums times dx (float). */
+#define PNL_XBYTES (13 * 64)
+#define PNL_ROWS 6
+#define PNL_TOK 16
+#ifndef PNL_MIN_T
+#define PNL_MIN_T 8 /* tokens from which the decode-once GEMM is used */
+#endif
+
+static void pnl_pack(const act_t *a, int nt, int nb, uint8_t *X, int layout, int blk) {
+    const int n32 = nb * blk / 32, q80 = layout == LAYOUT_Q8_0;
+    int inv[16];
+    for (int p = 0; p < 16; p++) inv[layout_src[q80 ? 0 : layout][p]] = p;
+    for (int j = 0; j < n32; j++) {
+        uint8_t *xb = X + (size_t)PNL_XBYTES * j;
+        uint32_t *v = (uint32_t *)xb;
+        float *dx = (float *)(xb + 512), *fa = (float *)(xb + 704), *fb = (float *)(xb + 768);
+        int32_t *sa = (int32_t *)(xb + 576), *sb = (int32_t *)(xb + 640);
+        for (int t = 0; t < PNL_TOK; t++) {
+            if (t >= nt) {
+                for (int k = 0; k < 8; k++) v[PNL_TOK * k + t] = 0;
+                dx[t] = fa[t] = fb[t] = 0.f;
+                sa[t] = sb[t] = 0;
+                continue;
+            }
+            const int8_t *q0, *q1;
+            float d;
+            int s0, s1;
+            if (q80) { /* 32-blocks: one sum per block */
+                q0 = a[t].q + 32 * j, q1 = q0 + 16, d = a[t].d[j], s0 = a[t].bs16[j], s1 = 0;
+            } else {
+                const int B = j / 8, c = 2 * (j % 8);
+                q0 = a[t].q + 256 * B + 16 * inv[c], q1 = a[t].q + 256 * B + 16 * inv[c + 1], d = a[t].d[B];
+                s0 = a[t].bs16[16 * B + c], s1 = a[t].bs16[16 * B + c + 1];
+            }
+            for (int k = 0; k < 4; k++) memcpy(&v[PNL_TOK * k + t], q0 + 4 * k, 4), memcpy(&v[PNL_TOK * (k + 4) + t], q1 + 4 * k, 4);
+            dx[t] = d, sa[t] = s0, sb[t] = s1, fa[t] = d * (float)s0, fb[t] = d * (float)s1;
+        }
+    }
+}
+
+/* thread-local panel memory (pool workers live as long as the process) */
+static __thread uint8_t *t_pnl = NULL;
+static __thread size_t t_pnl_cap = 0;
+
+static void pnl_gemm(const kern_t *k, const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const uint8_t *X,
+                     size_t xgb, int T, float *out, ptrdiff_t os) {
+    const int cols = nb * k->blk, n32 = cols / 32;
+    const size_t pstride = ((size_t)cols + 8 * (size_t)(cols / k->pg) + 63) & ~(size_t)63, need = PNL_ROWS * pstride;
+    if (t_pnl_cap < need) {
+        free(t_pnl);
+        t_pnl = NULL, t_pnl_cap = 0;
+        if (posix_memalign((void **)&t_pnl, 64, need) != 0) abort(); /* a few hundred KiB */
+        t_pnl_cap = need;
+    }
+    for (int64_t r = 0; r < nrows; r += PNL_ROWS) {
+        const int nr = nrows - r < PNL_ROWS ? (int)(nrows - r) : PNL_ROWS;
+        for (int j = 0; j < nr; j++) {
+            uint8_t *p = t_pnl + pstride * j;
+            float *dw = (float *)(p + cols);
+            k->pdec(w + (r + j) * rs, nb, p, dw, dw + cols / k->pg);
+        }
+        for (int t0 = 0, i = 0; t0 < T; t0 += PNL_TOK, i++)
+            k->ptile(t_pnl, pstride, nr, n32, X + xgb * i, T - t0 < PNL_TOK ? T - t0 : PNL_TOK, out + t0 * os + r, os);
+    }
+}
+
+AI T512 void pnl_tile_body(const uint8_t *pnl, size_t pstride, int nr, int n32, const uint8_t *X, int nt, float *out,
+                           ptrdiff_t os, const int G, const int SH, const int MIN) {
+    const int cols = 32 * n32, ng = cols / G;
+    __m512 acc[PNL_ROWS];
+    for (int j = 0; j < PNL_ROWS; j++) acc[j] = _mm512_setzero_ps();
+    for (int b = 0; b < n32; b++) {
+        const uint8_t *xb = X + (size_t)PNL_XBYTES * b;
+        __m512i xv[8];
+        for (int k = 0; k < 8; k++) xv[k] = _mm512_load_si512((const void *)(xb + 64 * k));
+        const __m512 dx = _mm512_load_ps((const float *)(xb + 512));
+        __m512i sa = _mm512_load_si512((const void *)(xb + 576)), sb = _mm512_load_si512((const void *)(xb + 640));
+        __m512 fa = _mm512_load_ps((const float *)(xb + 704)), fb = _mm512_load_ps((const float *)(xb + 768));
+        if (G == 32) sa = _mm512_add_epi32(sa, sb), fa = _mm512_add_ps(fa, fb);
+        if (SH) sa = _mm512_slli_epi32(sa, SH), sb = _mm512_slli_epi32(sb, SH);
+        for (int j = 0; j < PNL_ROWS; j++) {
+            if (j >= nr) break;
+            const uint8_t *q = pnl + pstride * j + 32 * b;
+            const float *dw = (const float *)(pnl + pstride * j + cols), *mw = dw + ng;
+            /* two chains (a dpbusd waits ~5 cycles for the one before it); G = 16: one per half */
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi32((int)rd32(q)), xv[0]);
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi32((int)rd32(q + 16)), xv[4]);
+            for (int k = 1; k < 4; k++) {
+                s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32((int)rd32(q + 4 * k)), xv[k]);
+                s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32((int)rd32(q + 16 + 4 * k)), xv[k + 4]);
+            }
+            if (G == 32) {
+                __m512i s = _mm512_add_epi32(s0, s1);
+                if (SH) s = _mm512_sub_epi32(s, sa);
+                acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dx), _mm512_set1_ps(dw[b]), acc[j]);
+                if (MIN) acc[j] = _mm512_fnmadd_ps(_mm512_set1_ps(mw[b]), fa, acc[j]);
+            } else {
+                if (SH) s0 = _mm512_sub_epi32(s0, sa), s1 = _mm512_sub_epi32(s1, sb);
+                acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0), dx), _mm512_set1_ps(dw[2 * b]), acc[j]);
+                acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1), dx), _mm512_set1_ps(dw[2 * b + 1]), acc[j]);
+                if (MIN) {
+                    acc[j] = _mm512_fnmadd_ps(_mm512_set1_ps(mw[2 * b]), fa, acc[j]);
+                    acc[j] = _mm512_fnmadd_ps(_mm512_set1_ps(mw[2 * b + 1]), fb, acc[j]);
+                }
+            }
+        }
+    }
+    for (int j = 0; j < nr; j++) {
+        float t[16];
+        _mm512_storeu_ps(t, acc[j]);
+        for (int k = 0; k < nt; k++) out[k * os + j] = t[k];
+    }
+}
+#define PNL_TILE(name, G, SH, MIN)                                                                                      \
+    T512 static void name(const uint8_t *pnl, size_t pstride, int nr, int n32, const uint8_t *X, int nt, float *out,  \
+                          ptrdiff_t os) {                                                                               \
+        pnl_tile_body(pnl, pstride, nr, n32, X, nt, out, os, G, SH, MIN);                                             \
+    }
+PNL_TILE(pnl_tile_32_s7, 32, 7, 0) /* IQ4_XS, IQ4_NL: value + 128 */
+PNL_TILE(pnl_tile_32_min, 32, 0, 1) /* Q4_K, Q5_K */
+PNL_TILE(pnl_tile_16_s5, 16, 5, 0) /* Q6_K: q - 32 */
+
+/* IQ4_XS: codebook value + 128; the nibbles of 16 bytes are values 0..15 (lo) and 16..31 (hi) of a sub-block */
+T512 static void pdec_iq4xs(const uint8_t *w, int nb, uint8_t *q, float *dw, float *mw) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)g_kvu));
+    const __m512i ia = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), ib = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 136 * i;
+        for (int h = 0; h < 2; h++) {
+            const __m512i x = _mm512_loadu_si512((const void *)(b + 8 + 64 * h));
+            const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(x, m4));
+            const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(x, 4), m4));
+            _mm512_storeu_si512((void *)(q + 256 * i + 128 * h), _mm512_permutex2var_epi64(lo, ia, hi));
+            _mm512_storeu_si512((void *)(q + 256 * i + 128 * h + 64), _mm512_permutex2var_epi64(lo, ib, hi));
+        }
+        const float d = fp16_to_f32(rd16(b));
+        const uint32_t sh = rd16(b + 2);
+        for (int j = 0; j < 8; j++) {
+            const int ls = ((b[4 + j / 2] >> 4 * (j % 2)) & 0xF) | (((sh >> 2 * j) & 3) << 4);
+            dw[8 * i + j] = d * (float)(ls - 32), mw[8 * i + j] = 0.f;
+        }
+    }
+}
+
+/* Q4_K: 32 bytes of nibbles are sub-blocks 2c (lo) and 2c + 1 (hi); value = d * sc * q - dmin * m */
+T512 static void pdec_q4k(const uint8_t *w, int nb, uint8_t *q, float *dw, float *mw) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 144 * i;
+        for (int h = 0; h < 2; h++) {
+            const __m512i x = _mm512_loadu_si512((const void *)(b + 16 + 64 * h));
+            const __m512i lo = _mm512_and_si512(x, m4), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+            _mm512_storeu_si512((void *)(q + 256 * i + 128 * h), _mm512_shuffle_i64x2(lo, hi, 0x44));
+            _mm512_storeu_si512((void *)(q + 256 * i + 128 * h + 64), _mm512_shuffle_i64x2(lo, hi, 0xEE));
+        }
+        uint32_t u[4];
+        unpack_k4(b + 4, u);
+        const uint8_t *sm = (const uint8_t *)u; /* 8 scales, 8 mins */
+        const float d = fp16_to_f32(rd16(b)), dm = fp16_to_f32(rd16(b + 2));
+        for (int j = 0; j < 8; j++) dw[8 * i + j] = d * (float)sm[j], mw[8 * i + j] = dm * (float)sm[8 + j];
+    }
+}
+
+/* Q6_K: per 128 values 64 bytes of low nibbles and 32 of 2-bit highs; q is the raw 6-bit (value + 32) */
+T512 static void pdec_q6k(const uint8_t *w, int nb, uint8_t *q, float *dw, float *mw) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m3 = _mm512_set1_epi8(3);
+    const __m512i sh01 = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2), sh23 = _mm512_setr_epi64(4, 4, 4, 4, 6, 6, 6, 6);
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + 210 * i;
+        for (int h = 0; h < 2; h++) {
+            const __m512i L = _mm512_loadu_si512((const void *)(b + 64 * h));
+            const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h)));
+            const __m512i v01 = _mm512_or_si512(_mm512_and_si512(L, m4),
+                                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(H, sh01), m3), 4));
+            const __m512i v23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
+                                                _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(H, sh23), m3), 4));
+            _mm512_storeu_si512((void *)(q + 256 * i + 128 * h), v01);
+            _mm512_storeu_si512((void *)(q + 256 * i + 128 * h + 64), v23);
+        }
+        const float d = fp16_to_f32(rd16(b + 208));
+        for (int j = 0; j < 16; j++) dw[16 * i + j] = d * (float)(int8_t)b[192 + j], mw[16 * i + j] = 0.f;
+    }
+}
+
+/* the decode-once GEMM for this type at this ISA level, if it has one */
+static void pnl_attach(kern_t *k, int type, int isa) {
+    if (isa < ISA_AVX512 || k->fng) return;
+    switch (type) {
+    case GT_IQ4_XS: k->pdec = pdec_iq4xs, k->ptile = pnl_tile_32_s7, k->pg = 32; break;
+    case GT_Q4_K: k->pdec = pdec_q4k, k->ptile = pnl_tile_32_min, k->pg = 32; break;
+    case GT_Q6_K: k->pdec = pdec_q6k, k->ptile = pnl_tile_16_s5, k->pg = 16; break;
+    default: return;
+    }
+    k->fng = pnl_gemm, k->fnp = pnl_pack, k->gtok = PNL_TOK, k->xbytes = PNL_XBYTES * k->blk / 32, k->gmin = PNL_MIN_T;
+}
+#endif /* K2K_X86 */
 
 static int g_isa_hw = -1, g_isa = -1;
 static int g_vbmi = 0; /* AVX512_VBMI (IQ3 kernels at ISA level avx512-vnni-gfni) */
@@ -2743,8 +2986,9 @@ static void isa_init(void) {
     }
 }
 
-static kern_t get_kernel(int type) {
-    kern_t k = {NULL, LAYOUT_NAT, NULL, NULL, NULL, NULL, 0, 0};
+static kern_t get_kernel_base(int type) {
+    kern_t k;
+    memset(&k, 0, sizeof k);
     int k_layout = (type == GT_Q8_0 || type == GT_Q4_0 || type == GT_Q5_0 || type == GT_Q5_1 || type == GT_IQ4_NL)
                        ? LAYOUT_Q8_0 : LAYOUT_NAT;
     k.layout = k_layout;
@@ -2766,7 +3010,7 @@ static kern_t get_kernel(int type) {
         case GT_Q5_0: k.fn = q5_0_512; return k;
         case GT_Q5_1: k.fn = q5_1_512; return k;
         case GT_Q8_0:
-            k.fn = q8_0_512, k.fnr = q8_0_512_short, k.fng = q8_0_512_gemm, k.fnp = q8_0_512_pack, k.xbytes = Q8G_XBYTES;
+            k.fn = q8_0_512, k.fnr = q8_0_512_short, k.fng = q8_0_512_gemm_all, k.fnp = q8_0_512_pack_l, k.gmin = GEMM_MIN_T, k.xbytes = Q8G_XBYTES;
             k.gtok = 15; /* the vector's 16th lane is used by the kernel itself */
             return k;
         case GT_Q2_K: k.fn = q2k_512; k.fn2 = q2k_512_r2; k.layout = LAYOUT_P2; return k;
@@ -2799,7 +3043,7 @@ static kern_t get_kernel(int type) {
         case GT_Q5_0: k.fn = q5_0_vnni; return k;
         case GT_Q5_1: k.fn = q5_1_vnni; return k;
         case GT_Q8_0:
-            k.fn = q8_0_vnni, k.fng = q8_0_vnni_gemm, k.fnp = q8_0_vnni_pack, k.xbytes = Q8V_XBYTES, k.gtok = 7;
+            k.fn = q8_0_vnni, k.fng = q8_0_vnni_gemm_all, k.fnp = q8_0_vnni_pack_l, k.gmin = GEMM_MIN_T, k.xbytes = Q8V_XBYTES, k.gtok = 7;
             return k;
         case GT_Q2_K: k.fn = q2k_vnni; return k;
         case GT_Q3_K: k.fn = q3k_vnni; return k;
@@ -2851,6 +3095,16 @@ static kern_t get_kernel(int type) {
     case GT_IQ1_S: k.fn = dot_iq1_s_gen; break;
     case GT_IQ1_M: k.fn = dot_iq1_m_gen; break;
     }
+    return k;
+}
+
+static kern_t get_kernel(int type) {
+    kern_t k = get_kernel_base(type);
+    const tinfo_t *ti = tinfo(type);
+    k.blk = ti ? ti->blk : 0;
+#if K2K_X86
+    if (g_panel) pnl_attach(&k, type, g_isa);
+#endif
     return k;
 }
 
@@ -3144,6 +3398,8 @@ static void ensure_init(void) {
     if (e) g_pfd = atoi(e) > 0 ? atoi(e) : 0;
     e = getenv("K2LOCAL_PAIRS");
     if (e) g_no_pairs = atoi(e) <= 0;
+    e = getenv("K2LOCAL_PANEL");
+    if (e) g_panel = atoi(e) > 0;
     e = getenv("K2LOCAL_PREFETCH_L2");
     if (e) g_pf_l2 = atoi(e) > 0;
     const char *pe = getenv("K2LOCAL_PIN");
@@ -3265,7 +3521,7 @@ static void mm_task(void *vctx, int tid, int nth) {
         for (int64_t u = tid; u < c->heads * c->ntiles; u += nth) {
             const int64_t h = u / c->ntiles, t0 = (u % c->ntiles) * c->k.gtok, n = c->T - t0 < c->k.gtok ? c->T - t0 : c->k.gtok;
             for (int64_t t = 0; t < n; t++) acts[t] = act_view(c->abuf + (h * c->T + t0 + t) * c->abytes, c->cols);
-            c->k.fnp(acts, (int)n, c->nb, c->xg + u * c->xgb);
+            c->k.fnp(acts, (int)n, c->nb, c->xg + u * c->xgb, c->k.layout, c->k.blk);
         }
         pool_barrier(nth, &sense);
     }
@@ -3276,12 +3532,8 @@ static void mm_task(void *vctx, int tid, int nth) {
         if (ci >= nchunks) break;
         const int64_t h = ci / nch, r0 = (ci % nch) * c->chunk, r1 = r0 + c->chunk < c->rows ? r0 + c->chunk : c->rows;
         if (c->xg) {
-            const uint8_t *w = c->w + h * c->w_hs + r0 * c->row_stride;
-            for (int64_t tile = 0; tile < c->ntiles; tile++) {
-                const int64_t t0 = tile * c->k.gtok, n = c->T - t0 < c->k.gtok ? c->T - t0 : c->k.gtok;
-                c->k.fng(w, (ptrdiff_t)c->row_stride, r1 - r0, c->nb, c->xg + (h * c->ntiles + tile) * c->xgb, (int)n,
-                         c->y + h * c->y_hs + t0 * c->ldy + r0, (ptrdiff_t)c->ldy);
-            }
+            c->k.fng(&c->k, c->w + h * c->w_hs + r0 * c->row_stride, (ptrdiff_t)c->row_stride, r1 - r0, c->nb,
+                     c->xg + h * c->ntiles * c->xgb, c->xgb, (int)c->T, c->y + h * c->y_hs + r0, (ptrdiff_t)c->ldy);
             continue;
         }
         if (h != hcur) {
@@ -3303,7 +3555,7 @@ typedef struct {
     float *y;
     int accumulate, prequant;
     kern_t kg, ku, kd;
-    int nb_h, nb_i; /* blocks per row: gate/up rows (hidden cols), down rows (inter cols) */
+    int nb_h, nb_u, nb_i; /* blocks per row: gate, up rows (hidden cols; the types may differ), down rows (inter) */
     int64_t rs_g, rs_u, rs_d;
     const uint8_t *const *gate, *const *up, *const *down;
     int nslots;
@@ -3320,6 +3572,13 @@ typedef struct {
     _Atomic int *span_done;
     int nspans;
     int64_t chunk1, nch1, chunk2;
+    /* decode-once / many-token GEMM (kernel fng) for a slot's group of up to MAXNT pairs with >= gmin of them:
+     * grp0[s] = the slot's first group; tiles of group g at xg_* + tb_*[g] * xgb_* (tb_*[g + 1] == tb_*[g]: none) */
+    int *grp0;
+    int64_t *tb_g, *tb_u, *tb_d;
+    uint8_t *xg_g, *xg_u, *xg_d;
+    size_t xgb_g, xgb_u, xgb_d;
+    int ngroups, any_gemm1, any_gemm2, share_u; /* share_u: up uses gate's packed tiles */
     float *tmp;           /* per thread scratch */
     size_t tmp_per_thread;
     _Atomic int64_t next1, next2;
@@ -3329,6 +3588,29 @@ typedef struct {
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
+/* pack group g's activations (pair p's buffer at buf + (pair_tok[p] or p) * stride) in tiles for kernel k */
+static void moe_pack(const moe_ctx *c, const kern_t *k, int g, int s, const uint8_t *buf, size_t stride, int by_tok,
+                     int64_t cols, const int64_t *tb, uint8_t *xg, size_t xgb, int nb) {
+    if (tb[g + 1] == tb[g]) return;
+    act_t acts[MAXNT];
+    const int p0 = c->slot_off[s] + (g - c->grp0[s]) * MAXNT;
+    const int nt = c->slot_off[s + 1] - p0 < MAXNT ? c->slot_off[s + 1] - p0 : MAXNT;
+    for (int i = 0; i < nt; i++)
+        acts[i] = act_view((uint8_t *)buf + (size_t)(by_tok ? c->pair_tok[p0 + i] : p0 + i) * stride, cols);
+    for (int t0 = 0, i = 0; t0 < nt; t0 += k->gtok, i++)
+        k->fnp(acts + t0, nt - t0 < k->gtok ? nt - t0 : k->gtok, nb, xg + (tb[g] + i) * xgb, k->layout, k->blk);
+}
+
+static inline int group_slot(const moe_ctx *c, int g) { /* the slot a group belongs to */
+    int lo = 0, hi = c->nslots - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (c->grp0[mid] <= g) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 static void moe_task(void *vctx, int tid, int nth) {
     moe_ctx *c = (moe_ctx *)vctx;
     int sense = 0;
@@ -3337,6 +3619,15 @@ static void moe_task(void *vctx, int tid, int nth) {
         for (int64_t t = tid; t < c->Tq; t += nth) {
             quantize_act(c->x + t * c->ldx, c->hidden, c->kg.layout, c->xa_g + t * c->xas);
             if (c->xa_u != c->xa_g) quantize_act(c->x + t * c->ldx, c->hidden, c->ku.layout, c->xa_u + t * c->xas);
+        }
+        pool_barrier(nth, &sense);
+    }
+    if (c->any_gemm1) { /* pack gate/up activations of the groups that go through the GEMM */
+        for (int g = tid; g < c->ngroups; g += nth) {
+            const int s = group_slot(c, g);
+            moe_pack(c, &c->kg, g, s, c->xa_g, c->xas, 1, c->hidden, c->tb_g, c->xg_g, c->xgb_g, c->nb_h);
+            if (!c->share_u)
+                moe_pack(c, &c->ku, g, s, c->xa_u, c->xas, 1, c->hidden, c->tb_u, c->xg_u, c->xgb_u, c->nb_u);
         }
         pool_barrier(nth, &sense);
     }
@@ -3352,15 +3643,25 @@ static void moe_task(void *vctx, int tid, int nth) {
         const int64_t nr = r1 - r0;
         for (int p0 = c->slot_off[s]; p0 < c->slot_off[s + 1]; p0 += MAXNT) {
             int nt = c->slot_off[s + 1] - p0 < MAXNT ? c->slot_off[s + 1] - p0 : MAXNT;
-            for (int k = 0; k < nt; k++) {
+            const int grp = c->grp0[s] + (p0 - c->slot_off[s]) / MAXNT;
+            const int gg = c->tb_g[grp + 1] > c->tb_g[grp], gu = c->tb_u[grp + 1] > c->tb_u[grp];
+            for (int k = 0; k < nt && !(gg && gu); k++) {
                 int t = c->pair_tok[p0 + k];
                 ag[k] = act_view(c->xa_g + (size_t)t * c->xas, c->hidden);
                 au[k] = act_view(c->xa_u + (size_t)t * c->xas, c->hidden);
             }
             float *g = tmp, *u = tmp + (size_t)MAXNT * c->chunk1;
-            run_rows(&c->kg, c->gate[e], c->rs_g, c->nb_h, r0, r1, ag, nt, g, (ptrdiff_t)c->chunk1, c->up[e] + r0 * c->rs_u);
-            run_rows(&c->ku, c->up[e], c->rs_u, c->nb_h, r0, r1, au, nt, u, (ptrdiff_t)c->chunk1,
-                     r1 < c->inter ? c->up[e] + r1 * c->rs_u : NULL);
+            if (gg)
+                c->kg.fng(&c->kg, c->gate[e] + r0 * c->rs_g, c->rs_g, nr, c->nb_h, c->xg_g + c->tb_g[grp] * c->xgb_g,
+                          c->xgb_g, nt, g, (ptrdiff_t)c->chunk1);
+            else
+                run_rows(&c->kg, c->gate[e], c->rs_g, c->nb_h, r0, r1, ag, nt, g, (ptrdiff_t)c->chunk1, c->up[e] + r0 * c->rs_u);
+            if (gu)
+                c->ku.fng(&c->ku, c->up[e] + r0 * c->rs_u, c->rs_u, nr, c->nb_u, c->xg_u + c->tb_u[grp] * c->xgb_u,
+                          c->xgb_u, nt, u, (ptrdiff_t)c->chunk1);
+            else
+                run_rows(&c->ku, c->up[e], c->rs_u, c->nb_u, r0, r1, au, nt, u, (ptrdiff_t)c->chunk1,
+                         r1 < c->inter ? c->up[e] + r1 * c->rs_u : NULL);
             for (int k = 0; k < nt; k++) {
                 float *hr = c->h + (size_t)(p0 + k) * c->inter;
                 for (int64_t r = 0; r < nr; r++) hr[r0 + r] = silu(g[k * c->chunk1 + r]) * u[k * c->chunk1 + r];
@@ -3375,6 +3676,11 @@ static void moe_task(void *vctx, int tid, int nth) {
         }
     }
     pool_barrier(nth, &sense);
+    if (c->any_gemm2) {
+        for (int g = tid; g < c->ngroups; g += nth)
+            moe_pack(c, &c->kd, g, group_slot(c, g), c->ha, c->hab, 0, c->inter, c->tb_d, c->xg_d, c->xgb_d, c->nb_i);
+        pool_barrier(nth, &sense);
+    }
     /* phase 2: down rows; each chunk of output rows loops over all slots and accumulates */
     const int64_t n2 = (c->hidden + c->chunk2 - 1) / c->chunk2;
     for (;;) {
@@ -3388,9 +3694,15 @@ static void moe_task(void *vctx, int tid, int nth) {
             const int e = c->slot_exp[s];
             for (int p0 = c->slot_off[s]; p0 < c->slot_off[s + 1]; p0 += MAXNT) {
                 int nt = c->slot_off[s + 1] - p0 < MAXNT ? c->slot_off[s + 1] - p0 : MAXNT;
-                for (int k = 0; k < nt; k++) ag[k] = act_view(c->ha + (size_t)(p0 + k) * c->hab, c->inter);
-                const uint8_t *nx = s + 1 < c->nslots ? c->down[c->slot_exp[s + 1]] + r0 * c->rs_d : NULL;
-                run_rows(&c->kd, c->down[e], c->rs_d, c->nb_i, r0, r1, ag, nt, tmp, (ptrdiff_t)c->chunk2, nx);
+                const int grp = c->grp0[s] + (p0 - c->slot_off[s]) / MAXNT;
+                if (c->tb_d[grp + 1] > c->tb_d[grp]) {
+                    c->kd.fng(&c->kd, c->down[e] + r0 * c->rs_d, c->rs_d, nr, c->nb_i, c->xg_d + c->tb_d[grp] * c->xgb_d,
+                              c->xgb_d, nt, tmp, (ptrdiff_t)c->chunk2);
+                } else {
+                    for (int k = 0; k < nt; k++) ag[k] = act_view(c->ha + (size_t)(p0 + k) * c->hab, c->inter);
+                    const uint8_t *nx = s + 1 < c->nslots ? c->down[c->slot_exp[s + 1]] + r0 * c->rs_d : NULL;
+                    run_rows(&c->kd, c->down[e], c->rs_d, c->nb_i, r0, r1, ag, nt, tmp, (ptrdiff_t)c->chunk2, nx);
+                }
                 for (int k = 0; k < nt; k++) {
                     float *yr = c->y + c->pair_tok[p0 + k] * c->ldy + r0;
                     const float wgt = c->pair_w[p0 + k];
@@ -3529,6 +3841,16 @@ int k2k_set_prefetch(int bytes, int l2) {
 }
 
 /* row-pair kernels for single-token calls: 1 on, 0 off, < 0 leaves it; returns the setting in effect */
+/* decode-once GEMM for many tokens on (1) / off (0); < 0 only queries */
+int k2k_set_panel(int on) {
+    pthread_mutex_lock(&P.call_mu);
+    ensure_init();
+    if (on >= 0) g_panel = on != 0;
+    int r = g_panel;
+    pthread_mutex_unlock(&P.call_mu);
+    return r;
+}
+
 int k2k_set_pairs(int on) {
     pthread_mutex_lock(&P.call_mu);
     ensure_init();
@@ -3664,7 +3986,7 @@ static int matmul_heads(int type, const uint8_t *w, int64_t heads, int64_t w_hs,
         c.x = x + t0 * ldx;
         c.y = y + t0 * ldy;
         c.abytes = al64(act_bytes(cols));
-        const int gemm = c.k.fng && c.T >= GEMM_MIN_T;
+        const int gemm = c.k.fng && c.T >= c.k.gmin;
         c.ntiles = gemm ? (c.T + c.k.gtok - 1) / c.k.gtok : 0;
         c.xgb = gemm ? al64((size_t)c.k.xbytes * (size_t)c.nb) : 0;
         const size_t abytes_all = al64(c.abytes * (size_t)(c.T * heads));
@@ -3730,6 +4052,7 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
     c.ku = get_kernel(tu);
     c.kd = get_kernel(td);
     c.nb_h = (int)(hidden / ig->blk);
+    c.nb_u = (int)(hidden / iu->blk);
     c.nb_i = (int)(inter / id->blk);
     c.rs_g = k2k_row_bytes(tg, hidden);
     c.rs_u = k2k_row_bytes(tu, hidden);
@@ -3765,6 +4088,23 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
     const size_t o_ha = off; off += c.hab * (size_t)np;
     const size_t o_span = off; off += al64(sizeof(int) * (size_t)(np * c.nspans + 1));
     const size_t o_tmp = off; off += sizeof(float) * c.tmp_per_thread * (size_t)nth;
+    /* many-token GEMM: group and tile tables, packed tiles (bounded by the pairs: a group has >= gmin of them) */
+    const int64_t ngmax = np + np / MAXNT + 2;
+    const size_t o_grp0 = off; off += al64(sizeof(int) * (size_t)(np + 2));
+    const size_t o_tb = off; off += al64(3 * sizeof(int64_t) * (size_t)ngmax);
+    const int share_u = c.ku.fng == c.kg.fng && c.ku.fnp == c.kg.fnp && !diff_layout && c.ku.xbytes == c.kg.xbytes &&
+                        c.nb_u == c.nb_h;
+    c.share_u = share_u;
+    const kern_t *kk[3] = {&c.kg, &c.ku, &c.kd};
+    size_t xgb[3], o_xg[3];
+    for (int i = 0; i < 3; i++) {
+        const kern_t *k = kk[i];
+        xgb[i] = k->fng ? al64((size_t)k->xbytes * (size_t)(i == 2 ? c.nb_i : i ? c.nb_u : c.nb_h)) : 0;
+        const int64_t tiles = k->fng ? np / k->gtok + np / k->gmin + 1 : 0;
+        o_xg[i] = off;
+        if (!(i == 1 && share_u)) off += xgb[i] * (size_t)tiles;
+    }
+    if (share_u) o_xg[1] = o_xg[0];
     uint8_t *base = (uint8_t *)scratch(off);
     if (!base) {
         pthread_mutex_unlock(&P.call_mu);
@@ -3806,6 +4146,34 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
         }
     }
     c.nslots = ns;
+    {
+        c.grp0 = (int *)(base + o_grp0);
+        int ng = 0;
+        for (int si = 0; si < ns; si++) {
+            c.grp0[si] = ng;
+            ng += (slot_off[si + 1] - slot_off[si] + MAXNT - 1) / MAXNT;
+        }
+        c.grp0[ns] = ng;
+        c.ngroups = ng;
+        int64_t *tb[3];
+        for (int i = 0; i < 3; i++) {
+            tb[i] = (int64_t *)(base + o_tb) + (size_t)i * ngmax;
+            const kern_t *k = kk[i];
+            int64_t n = 0;
+            for (int si = 0; si < ns; si++)
+                for (int p0 = slot_off[si]; p0 < slot_off[si + 1]; p0 += MAXNT) {
+                    const int nt = slot_off[si + 1] - p0 < MAXNT ? slot_off[si + 1] - p0 : MAXNT;
+                    tb[i][c.grp0[si] + (p0 - slot_off[si]) / MAXNT] = n;
+                    if (k->fng && nt >= k->gmin) n += (nt + k->gtok - 1) / k->gtok;
+                }
+            tb[i][ng] = n;
+            if (i < 2) c.any_gemm1 |= n > 0;
+            else c.any_gemm2 = n > 0;
+        }
+        c.tb_g = tb[0], c.tb_u = tb[1], c.tb_d = tb[2];
+        c.xg_g = base + o_xg[0], c.xg_u = base + o_xg[1], c.xg_d = base + o_xg[2];
+        c.xgb_g = xgb[0], c.xgb_u = xgb[1], c.xgb_d = xgb[2];
+    }
     c.slot_exp = slot_exp;
     c.slot_off = slot_off;
     c.pair_tok = pair_tok;
