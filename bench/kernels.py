@@ -196,15 +196,17 @@ def bench_ram(buf: np.ndarray, threads: list[int], passes: int) -> dict[int, dic
     return out
 
 
-def bench_k2(ex: Experts, threads: list[int], passes: int, modes: tuple[str, ...] = ("gemv", "moe")) -> dict[str, dict[int, float]]:
+def bench_k2(ex: Experts, threads: list[int], passes: int, modes: tuple[str, ...] = ("gemv", "moe"),
+             tokens: int = 1) -> dict[str, dict[int, float]]:
+    """GB/s of expert bytes per pass; `tokens` rows of activations, each routed to all 8 experts of a layer."""
     qt = int(ex.qt)
-    x = torch.randn(1, HIDDEN)
-    xi = torch.randn(1, INTER)
-    y_h, y_i = torch.empty(1, INTER), torch.empty(1, HIDDEN)
-    idx = np.arange(TOPK, dtype=np.int32).reshape(1, TOPK)
-    wts = np.full((1, TOPK), 1.0 / TOPK, dtype=np.float32)
+    x = torch.randn(tokens, HIDDEN)
+    xi = torch.randn(tokens, INTER)
+    y_h, y_i = torch.empty(tokens, INTER), torch.empty(tokens, HIDDEN)
+    idx = np.tile(np.arange(TOPK, dtype=np.int32), (tokens, 1))
+    wts = np.full((tokens, TOPK), 1.0 / TOPK, dtype=np.float32)
     moe_layers = [[(g[e], u[e], d[e]) for e in range(TOPK)] for g, u, d in ex.layers]
-    out = torch.empty(1, HIDDEN)
+    out = torch.empty(tokens, HIDDEN)
 
     def gemv_pass():
         for g, u, d in ex.layers:
@@ -293,7 +295,8 @@ def write_gguf(path: str, ex: Experts) -> int:
 _LOG_CB = None
 
 
-def bench_llama(ex: Experts, threads: list[int], passes: int, tmpdir: str) -> dict[int, float] | None:
+def bench_llama(ex: Experts, threads: list[int], passes: int, tmpdir: str, tokens: int = 1) -> dict[int, float] | None:
+    """GB/s of model bytes per llama_decode of a batch of `tokens` tokens (each routed to all 8 experts)."""
     L = llama_cpp_module()
     if L is None:
         return None
@@ -305,7 +308,7 @@ def bench_llama(ex: Experts, threads: list[int], passes: int, tmpdir: str) -> di
     fd, path = tempfile.mkstemp(suffix=".gguf", dir=tmpdir)
     os.close(fd)
     res: dict[int, float] = {}
-    model = ctx = None
+    model = ctx = batch = None
     try:
         other = write_gguf(path, ex)
         mp = L.llama_model_default_params()
@@ -316,19 +319,26 @@ def bench_llama(ex: Experts, threads: list[int], passes: int, tmpdir: str) -> di
             log("  llama.cpp could not load the benchmark model")
             return None
         cp = L.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch = 512, 8, 8
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = 512, max(8, tokens), max(8, tokens)
         cp.n_threads = cp.n_threads_batch = threads[0]
         ctx = L.llama_init_from_model(model, cp)
         mem = L.llama_get_memory(ctx)
         tok = (L.llama_token * 1)(3)
         nbytes = ex.nbytes + other
         step = [0]
+        # a batch asking for every token's output: llama.cpp skips the last layer's FFN for tokens whose output is
+        # not wanted, and this model's one layer per expert set is a last layer
+        batch = L.llama_batch_init(tokens, 0, 1)
+        batch.n_tokens = tokens
+        for i in range(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = 3, i, 1, 1
+            batch.seq_id[i][0] = 0
 
         def decode():
-            if step[0] % 400 == 0:
+            if tokens > 1 or step[0] % 400 == 0:
                 L.llama_memory_clear(mem, True)
             step[0] += 1
-            if L.llama_decode(ctx, L.llama_batch_get_one(tok, 1)) != 0:
+            if L.llama_decode(ctx, L.llama_batch_get_one(tok, 1) if tokens == 1 else batch) != 0:
                 raise RuntimeError("llama_decode failed")
 
         for th in threads:
@@ -337,6 +347,8 @@ def bench_llama(ex: Experts, threads: list[int], passes: int, tmpdir: str) -> di
             res[th] = nbytes / best_time(decode, passes) / 1e9
             log(f"  llama.cpp {ex.qt.name} threads={th}: {res[th]:.1f} GB/s")
     finally:
+        if batch is not None:
+            L.llama_batch_free(batch)
         if ctx:
             L.llama_free(ctx)
         if model:

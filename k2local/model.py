@@ -289,8 +289,11 @@ class KimiK2Model:
         cos, sin = self._rope(torch.arange(pos, pos + t, device=self.device))
         h = self.embed[ids_t]
         eps = self.cfg.rms_norm_eps
+        last = len(self.layers) - 1
         for i, lw in enumerate(self.layers):
             h = h + self._attention(i, lw, rms_norm(h, lw.attn_norm, eps), cache, pos, cos, sin)
+            if last_only and i == last:  # only the last row goes on: the last FFN (experts) for one token, as llama.cpp
+                h = h[-1:]
             h = h + self._ffn(i, lw, rms_norm(h, lw.ffn_norm, eps))
         cache.length = pos + t
         if last_only:

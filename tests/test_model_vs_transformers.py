@@ -28,6 +28,13 @@ def test_prompt_and_decode_match_transformers(tiny_factory, variant: str) -> Non
     assert (torch.cat(steps) - ref).abs().max().item() <= 1e-4
     assert (torch.cat(steps) - full).abs().max().item() <= 1e-4
 
+    # A prompt chunk asking only for its last row (the last layer's FFN then runs for that row alone) gives that
+    # row, and a cache the next tokens continue from unchanged.
+    cache = ours.new_cache()
+    last = ours.forward(PROMPT[:8], cache, last_only=True)
+    assert last.shape[0] == 1 and (last[0] - ref[7]).abs().max().item() <= 1e-4
+    assert (ours.forward(PROMPT[8:], cache) - ref[8:]).abs().max().item() <= 1e-4
+
 
 def test_tiny_checkpoint_exercises_hard_cases(tiny_k2) -> None:
     src = SafetensorsSource(tiny_k2)
