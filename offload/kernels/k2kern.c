@@ -1235,7 +1235,7 @@ Q4_32_BODY(q4_0_body, 0)
 Q4_32_BODY(q5_0_body, 2)
 Q4_32_BODY(q5_1_body, 3)
 NT_BODY(q4_0_avx2, q4_0_body, T256, 0)
-NT_DISPATCH(q4_0_avx2, T256, 2)
+NT_DISPATCH4_SPLIT(q4_0_avx2, T256)
 NT_BODY(q5_0_avx2, q5_0_body, T256, 0)
 NT_DISPATCH(q5_0_avx2, T256, 4)
 NT_BODY(q5_1_avx2, q5_1_body, T256, 0)
@@ -1266,7 +1266,7 @@ AI T256 void iq4nl_body(const uint8_t *w, int nb, const act_t *a, const int NT, 
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
 NT_BODY(iq4nl_avx2, iq4nl_body, T256, 0)
-NT_DISPATCH(iq4nl_avx2, T256, 2)
+NT_DISPATCH4_SPLIT(iq4nl_avx2, T256)
 
 /* IQ4_XS 8 six-bit scales - 32 as int8 (low 8 bytes) */
 AI T256 __m128i iq4xs_scales8(const uint8_t *b) {
@@ -1313,7 +1313,7 @@ AI T256 void iq4xs_body(const uint8_t *w, int nb, const act_t *a, const int NT, 
     for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
 }
 NT_BODY(iq4xs_avx2, iq4xs_body, T256, 0)
-NT_DISPATCH(iq4xs_avx2, T256, 2)
+NT_DISPATCH4_SPLIT(iq4xs_avx2, T256)
 
 /* Grid types (IQ2_*, IQ3_*, IQ1_*): each 32 weights become unsigned bytes u = OFF + (signed integer weight):
  * OFF = 64 for the sign + magnitude grids (|w| <= 63), 9 for IQ1 (8 g +- 1, g in {-1, 0, 1}).  Then the K-quant
