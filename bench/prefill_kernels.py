@@ -3,14 +3,14 @@
 N tokens (--tokens) each go to all 8 experts of each layer (Kimi K2 shapes: gate/up [2048 x 7168], down
 [7168 x 2048]), so every expert multiplies N rows at once, as in a prompt of N x 48 tokens of Kimi K2 (384 experts,
 top-8).  Rows, in multiply-adds of expert weights per second (GMAC/s):
-  k2 moe            offload.kernels.moe_experts as the engine runs it (the decode-once GEMM where the CPU and type
-                    have one: AVX-512, Q4_K / Q6_K / IQ4_XS; Q8_0's own GEMM)
+  k2 moe            offload.kernels.moe_experts as the engine runs it (decode-once where the CPU and type have it:
+                    AVX-512 Q4_K / Q6_K / IQ4_XS, AVX2 without VNNI the codebook types IQ1_S .. IQ3_S; Q8_0's GEMM)
   k2 moe, per-row   the same call with the decode-once GEMM off (kernels.set_panel_gemm(False)): its A/B
   llama.cpp         llama_decode of an N-token batch of a tiny MoE GGUF holding the same bytes (bench/kernels.py's
                     model: its attention and output weights are ~1% of the bytes; their time is not subtracted)
 Each engine is timed in turns (--rounds), best of each kept; weights stay in RAM (a few layers, re-read each pass).
 
-  python bench/prefill_kernels.py                          # Q4_K, Q6_K, IQ4_XS, Q8_0 at 64 tokens
+  python bench/prefill_kernels.py                          # Q4_K, Q6_K, IQ4_XS, Q8_0, IQ2_XXS, IQ1_S at 64 tokens
   python bench/prefill_kernels.py --types Q2_K --tokens 16,64 --threads 1,2
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def gmacs(gbs: dict[int, float] | None, ex: BK.Experts, tokens: int, extra: int 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--types", default="Q4_K,Q6_K,IQ4_XS,Q8_0", help="comma-separated ggml types")
+    ap.add_argument("--types", default="Q4_K,Q6_K,IQ4_XS,Q8_0,IQ2_XXS,IQ1_S", help="comma-separated ggml types")
     ap.add_argument("--tokens", default="64", help="comma-separated token counts (8..512)")
     ap.add_argument("--threads", help="comma-separated counts (default: 1 and all cores)")
     ap.add_argument("--layers", type=int, default=2, help="expert layers (8 experts x 3 matrices each)")

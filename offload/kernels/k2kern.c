@@ -1637,6 +1637,77 @@ IQ256(iq3s_avx2, IQD_3S, T256, 0)
 IQ256(iq1s_avx2, IQD_1S, T256, 0)
 IQ256(iq1m_avx2, IQD_1M, T256, 0)
 
+/* Codebook types against many tokens (AVX2 without VNNI): each row is decoded once (iq_udec) into UPAN_BPB bytes a
+ * block -- the 256 u bytes of iq_chunk_256, the 16 int16 scales, the float block scale -- and every 4-token tile runs
+ * the K-quant-like integer dot over those bytes (upan_body) instead of decoding the grid rows again per tile. */
+#define UPAN_BPB 320
+AI T256 void iq_udec_body(const uint8_t *w, int nb, uint8_t *pan, const int TY) {
+    const int bpb = iq_bpb(TY);
+    uint16_t ix[64] __attribute__((aligned(32)));
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + (size_t)bpb * i;
+        uint8_t *p = pan + (size_t)UPAN_BPB * i;
+        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
+        const __m256i sv = iq_signs_vec(b, TY);
+        for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(p + 32 * c), iq_chunk_256(b, c, TY, sv, ix));
+        _mm256_store_si256((__m256i *)(p + 256), iq_scales(b, TY));
+        const float dw = iq_d(b, TY) * iq_fac(TY);
+        memcpy(p + 288, &dw, 4);
+    }
+}
+AI T256 void upan_body(const uint8_t *pan, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, int off) {
+    const __m256i offv = _mm256_set1_epi32(off);
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *p = pan + (size_t)UPAN_BPB * i;
+        const __m256i sc16 = _mm256_load_si256((const __m256i *)(p + 256));
+        const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
+                                 _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
+        float dw;
+        memcpy(&dw, p + 288, 4);
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const __m256i u = _mm256_load_si256((const __m256i *)(p + 32 * c)), s = pair_scales(half[c / 4], c % 4);
+            for (int t = 0; t < NT; t++) {
+                const __m256i x = _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 32 * c));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), s));
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const __m256i cr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
+            const __m256i s = _mm256_sub_epi32(sumi[t], _mm256_mullo_epi32(cr, offv));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
+}
+#define UPAN_NT(NT)                                                                                                  \
+    T256 static __attribute__((noinline)) void upan_avx2_##NT(const uint8_t *pan, int nb, const act_t *a, float *out, \
+                                                              ptrdiff_t os, int off) {                              \
+        upan_body(pan, nb, a, NT, out, os, off);                                                                     \
+    }
+UPAN_NT(1)
+UPAN_NT(2)
+UPAN_NT(3)
+UPAN_NT(4)
+static void upan_avx2(const uint8_t *pan, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, int off) {
+    if (nt == 4) upan_avx2_4(pan, nb, a, out, os, off);
+    else if (nt == 3) upan_avx2_3(pan, nb, a, out, os, off);
+    else if (nt == 2) upan_avx2_2(pan, nb, a, out, os, off);
+    else upan_avx2_1(pan, nb, a, out, os, off);
+}
+#define IQ_UDEC(name, TY)                                                                                            \
+    T256 static void name(const uint8_t *w, int nb, uint8_t *pan) { iq_udec_body(w, nb, pan, TY); }
+IQ_UDEC(udec_iq2xxs, IQD_2XXS)
+IQ_UDEC(udec_iq2xs, IQD_2XS)
+IQ_UDEC(udec_iq2s, IQD_2S)
+IQ_UDEC(udec_iq3xxs, IQD_3XXS)
+IQ_UDEC(udec_iq3s, IQD_3S)
+IQ_UDEC(udec_iq1s, IQD_1S)
+IQ_UDEC(udec_iq1m, IQD_1M)
+
 
 /* ------------------------------------------------------------------ AVX2 activation quantization */
 /* 32 floats times id -> 32 int8 in natural order, rounded to nearest-even (as lrintf) and clamped to +-127 */
@@ -2717,6 +2788,11 @@ struct kern_s {
     pdec_fn pdec;     /* decode-once GEMM (fng = pnl_gemm): row decoder and tile kernel */
     ptile_fn ptile;
     int pg;           /* values per panel scale (16 or 32) */
+    /* codebook types, AVX2 without VNNI, more than RUN_TILE tokens: a row decoded once (udec) into UPAN_BPB bytes
+     * a block, then upan per 4-token tile (u bytes with offset uoff) */
+    void (*udec)(const uint8_t *w, int nb, uint8_t *pan);
+    void (*upan)(const uint8_t *pan, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, int off);
+    int uoff;
 };
 
 #if K2K_X86
@@ -2934,6 +3010,21 @@ T512 static void pdec_q6k(const uint8_t *w, int nb, uint8_t *q, float *dw, float
     }
 }
 
+/* the AVX2 decode-once path of the codebook types (no VNNI: with it the per-tile kernels were not measured against it) */
+static void upan_attach(kern_t *k, int type) {
+    switch (type) {
+    case GT_IQ2_XXS: k->udec = udec_iq2xxs, k->uoff = 64; break;
+    case GT_IQ2_XS: k->udec = udec_iq2xs, k->uoff = 64; break;
+    case GT_IQ2_S: k->udec = udec_iq2s, k->uoff = 64; break;
+    case GT_IQ3_XXS: k->udec = udec_iq3xxs, k->uoff = 64; break;
+    case GT_IQ3_S: k->udec = udec_iq3s, k->uoff = 64; break;
+    case GT_IQ1_S: k->udec = udec_iq1s, k->uoff = 9; break;
+    case GT_IQ1_M: k->udec = udec_iq1m, k->uoff = 9; break;
+    default: return;
+    }
+    k->upan = upan_avx2;
+}
+
 /* the decode-once GEMM for this type at this ISA level, if it has one */
 static void pnl_attach(kern_t *k, int type, int isa) {
     if (isa < ISA_AVX512 || k->fng) return;
@@ -3104,6 +3195,7 @@ static kern_t get_kernel(int type) {
     k.blk = ti ? ti->blk : 0;
 #if K2K_X86
     if (g_panel) pnl_attach(&k, type, g_isa);
+    if (g_panel && g_isa == ISA_AVX2 && !g_avxvnni) upan_attach(&k, type);
 #endif
     return k;
 }
@@ -3434,6 +3526,18 @@ static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
 #define RUN_TILE 4 /* tokens per kernel call there: the kernels' own tile */
 #define PREQUANT_MAX 65536 /* quantize activations in the calling thread up to this many values */
 
+static __thread uint8_t *t_upan = NULL;
+static __thread size_t t_upan_cap = 0;
+static uint8_t *upan_buf(size_t n) { /* thread-local: pool workers live as long as the process */
+    if (t_upan_cap < n) {
+        free(t_upan);
+        t_upan = NULL, t_upan_cap = 0;
+        if (posix_memalign((void **)&t_upan, 64, n) != 0) abort();
+        t_upan_cap = n;
+    }
+    return t_upan;
+}
+
 /* Rows [r0, r1) of w.  The prefetch stream runs g_pfd bytes ahead and, past r1, continues into
  * `next` (the segment this thread reads next, or NULL when unknown). */
 static inline void run_rows(const kern_t *k, const uint8_t *w, int64_t row_stride, int nb, int64_t r0, int64_t r1,
@@ -3442,6 +3546,15 @@ static inline void run_rows(const kern_t *k, const uint8_t *w, int64_t row_strid
     const int64_t pfd = g_pfd;
     const int pairs = nt == 1 && k->fn2 && !g_no_pairs;
     if (nt == 1 && k->fnr && k->fnr(w + r0 * row_stride, (ptrdiff_t)row_stride, r1 - r0, nb, acts, out)) return;
+    if (nt > RUN_TILE && k->udec) { /* decode each row once, then every 4-token tile over the decoded bytes */
+        uint8_t *pan = upan_buf((size_t)UPAN_BPB * nb);
+        for (int64_t r = r0; r < r1; r++) {
+            k->udec(w + r * row_stride, nb, pan);
+            for (int t0 = 0; t0 < nt; t0 += RUN_TILE)
+                k->upan(pan, nb, acts + t0, nt - t0 < RUN_TILE ? nt - t0 : RUN_TILE, out + t0 * os + (r - r0), os, k->uoff);
+        }
+        return;
+    }
     if (nt > RUN_TILE) {
         /* More tokens than a kernel call takes: a few rows at a time, each tile of tokens over those rows, so the
          * tile's activations stay in L1 while the rows are read again from it (row by row with all tiles read
