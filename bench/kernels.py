@@ -328,17 +328,18 @@ def bench_llama(ex: Experts, threads: list[int], passes: int, tmpdir: str, token
         step = [0]
         # a batch asking for every token's output: llama.cpp skips the last layer's FFN for tokens whose output is
         # not wanted, and this model's one layer per expert set is a last layer
-        batch = L.llama_batch_init(tokens, 0, 1)
-        batch.n_tokens = tokens
-        for i in range(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = 3, i, 1, 1
-            batch.seq_id[i][0] = 0
+        if tokens > 1:
+            batch = L.llama_batch_init(tokens, 0, 1)
+            batch.n_tokens = tokens
+            for i in range(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = 3, i, 1, 1
+                batch.seq_id[i][0] = 0
 
         def decode():
             if tokens > 1 or step[0] % 400 == 0:
                 L.llama_memory_clear(mem, True)
             step[0] += 1
-            if L.llama_decode(ctx, L.llama_batch_get_one(tok, 1) if tokens == 1 else batch) != 0:
+            if L.llama_decode(ctx, L.llama_batch_get_one(tok, 1) if batch is None else batch) != 0:
                 raise RuntimeError("llama_decode failed")
 
         for th in threads:

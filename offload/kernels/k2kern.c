@@ -150,6 +150,19 @@ static void quantize_act_range_gen(const float *x, int64_t cols, int layout, uin
     }
 }
 
+/* Per-thread scratch for decoded weight rows (pnl_gemm's panel, run_rows' decoded codebook row): 64-byte aligned, at
+ * least n bytes, kept and grown (pool workers live as long as the process; the two users never nest) */
+static __thread uint8_t *t_rows = NULL;
+static __thread size_t t_rows_cap = 0;
+static uint8_t *thread_rows_buf(size_t n) {
+    if (t_rows_cap < n) {
+        free(t_rows);
+        t_rows = NULL, t_rows_cap = 0;
+        if (posix_memalign((void **)&t_rows, 64, n) != 0) abort(); /* a few hundred KiB */
+        t_rows_cap = n;
+    }
+    return t_rows;
+}
 
 /* ------------------------------------------------------------------ type table */
 
@@ -166,7 +179,7 @@ static int g_pfd = 8192, g_pf_l2 = 0;
  * (Q4_K one thread 20 -> 12 GB/s).  K2LOCAL_PAIRS=1 / set_row_pairs(True) turns them on; tests check that
  * they are bit-identical to the one-row kernels. */
 static int g_no_pairs = 1;
-/* decode-once GEMM for many tokens (pnl_gemm): on unless K2LOCAL_PANEL=0 or k2k_set_panel(0) */
+/* decode-once paths for many tokens (pnl_gemm, run_rows' codebook rows): on unless K2LOCAL_PANEL=0 or k2k_set_panel(0) */
 static int g_panel = 1;
 
 static inline __attribute__((always_inline)) void pf_block(const uint8_t *pf, int i, int bpb) {
@@ -2866,29 +2879,20 @@ static void pnl_pack(const act_t *a, int nt, int nb, uint8_t *X, int layout, int
     }
 }
 
-/* thread-local panel memory (pool workers live as long as the process) */
-static __thread uint8_t *t_pnl = NULL;
-static __thread size_t t_pnl_cap = 0;
-
 static void pnl_gemm(const kern_t *k, const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const uint8_t *X,
                      size_t xgb, int T, float *out, ptrdiff_t os) {
     const int cols = nb * k->blk, n32 = cols / 32;
-    const size_t pstride = ((size_t)cols + 8 * (size_t)(cols / k->pg) + 63) & ~(size_t)63, need = PNL_ROWS * pstride;
-    if (t_pnl_cap < need) {
-        free(t_pnl);
-        t_pnl = NULL, t_pnl_cap = 0;
-        if (posix_memalign((void **)&t_pnl, 64, need) != 0) abort(); /* a few hundred KiB */
-        t_pnl_cap = need;
-    }
+    const size_t pstride = ((size_t)cols + 8 * (size_t)(cols / k->pg) + 63) & ~(size_t)63;
+    uint8_t *const pnl = thread_rows_buf(PNL_ROWS * pstride);
     for (int64_t r = 0; r < nrows; r += PNL_ROWS) {
         const int nr = nrows - r < PNL_ROWS ? (int)(nrows - r) : PNL_ROWS;
         for (int j = 0; j < nr; j++) {
-            uint8_t *p = t_pnl + pstride * j;
+            uint8_t *p = pnl + pstride * j;
             float *dw = (float *)(p + cols);
             k->pdec(w + (r + j) * rs, nb, p, dw, dw + cols / k->pg);
         }
         for (int t0 = 0, i = 0; t0 < T; t0 += PNL_TOK, i++)
-            k->ptile(t_pnl, pstride, nr, n32, X + xgb * i, T - t0 < PNL_TOK ? T - t0 : PNL_TOK, out + t0 * os + r, os);
+            k->ptile(pnl, pstride, nr, n32, X + xgb * i, T - t0 < PNL_TOK ? T - t0 : PNL_TOK, out + t0 * os + r, os);
     }
 }
 
@@ -3526,18 +3530,6 @@ static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
 #define RUN_TILE 4 /* tokens per kernel call there: the kernels' own tile */
 #define PREQUANT_MAX 65536 /* quantize activations in the calling thread up to this many values */
 
-static __thread uint8_t *t_upan = NULL;
-static __thread size_t t_upan_cap = 0;
-static uint8_t *upan_buf(size_t n) { /* thread-local: pool workers live as long as the process */
-    if (t_upan_cap < n) {
-        free(t_upan);
-        t_upan = NULL, t_upan_cap = 0;
-        if (posix_memalign((void **)&t_upan, 64, n) != 0) abort();
-        t_upan_cap = n;
-    }
-    return t_upan;
-}
-
 /* Rows [r0, r1) of w.  The prefetch stream runs g_pfd bytes ahead and, past r1, continues into
  * `next` (the segment this thread reads next, or NULL when unknown). */
 static inline void run_rows(const kern_t *k, const uint8_t *w, int64_t row_stride, int nb, int64_t r0, int64_t r1,
@@ -3547,7 +3539,7 @@ static inline void run_rows(const kern_t *k, const uint8_t *w, int64_t row_strid
     const int pairs = nt == 1 && k->fn2 && !g_no_pairs;
     if (nt == 1 && k->fnr && k->fnr(w + r0 * row_stride, (ptrdiff_t)row_stride, r1 - r0, nb, acts, out)) return;
     if (nt > RUN_TILE && k->udec) { /* decode each row once, then every 4-token tile over the decoded bytes */
-        uint8_t *pan = upan_buf((size_t)UPAN_BPB * nb);
+        uint8_t *pan = thread_rows_buf((size_t)UPAN_BPB * nb);
         for (int64_t r = r0; r < r1; r++) {
             k->udec(w + r * row_stride, nb, pan);
             for (int t0 = 0; t0 < nt; t0 += RUN_TILE)
@@ -3953,8 +3945,7 @@ int k2k_set_prefetch(int bytes, int l2) {
     return r;
 }
 
-/* row-pair kernels for single-token calls: 1 on, 0 off, < 0 leaves it; returns the setting in effect */
-/* decode-once GEMM for many tokens on (1) / off (0); < 0 only queries */
+/* decode-once paths for many tokens on (1) / off (0); < 0 only queries */
 int k2k_set_panel(int on) {
     pthread_mutex_lock(&P.call_mu);
     ensure_init();
@@ -3964,6 +3955,7 @@ int k2k_set_panel(int on) {
     return r;
 }
 
+/* row-pair kernels for single-token calls: 1 on, 0 off, < 0 leaves it; returns the setting in effect */
 int k2k_set_pairs(int on) {
     pthread_mutex_lock(&P.call_mu);
     ensure_init();
