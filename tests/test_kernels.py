@@ -518,16 +518,22 @@ def emulated_avx512(tmp_path_factory):
     inc, cc = _simde_include(), os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if inc is None or cc is None or K.isa() != "avx2":
         pytest.skip("needs SIMDe headers (libsimde-dev), a C compiler and an AVX2 CPU")
-    out = tmp_path_factory.mktemp("emu") / "k2kern-emu.so"
+    lib = _build_variant(tmp_path_factory, cc, "emu", ["-DK2K_EMULATE_AVX512", f"-I{inc}"])
+    assert lib.k2k_isa_hw() == 3
+    return lib
+
+
+def _build_variant(tmp_path_factory, cc: str, tag: str, flags: list[str]) -> ctypes.CDLL:
+    """k2kern.c built once more (AVX2 baseline, -O1) with test-only flags, loaded and set up as the package's own."""
+    out = tmp_path_factory.mktemp(tag) / f"k2kern-{tag}.so"
     cmd = [cc, "-O1", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-mavx2", "-mfma", "-mf16c", "-mbmi2",
-           "-DK2K_EMULATE_AVX512", '-DK2K_SRC_TAG="emu"', f"-I{inc}", "-o", str(out), str(K._SRC), "-lm"]
+           *flags, f'-DK2K_SRC_TAG="{tag}"', "-o", str(out), str(K._SRC), "-lm"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     lib = ctypes.CDLL(str(out))
     K._declare(lib)
     K._set_grids(lib)
     lib.k2k_set_threads(2, 0)
-    assert lib.k2k_isa_hw() == 3
     return lib
 
 
@@ -703,3 +709,69 @@ def test_avx2_level_with_and_without_avxvnni(qt, isas):
                 assert rel(ys[1], ys[0]) < 1e-5, case
     finally:
         K.set_avxvnni(had)
+
+
+# ---------------------------------------------------------------------------------------------- AVX-VNNI (stand-in)
+
+@pytest.fixture(scope="module")
+def fake_avxvnni(tmp_path_factory):
+    """k2kern.c built with -DK2K_FAKE_AVXVNNI: the AVX-VNNI kernels on any AVX2 CPU (vpdpbusd / vpdpwssd as AVX2
+    sequences with the same integer results), so that CPUs without AVX-VNNI, CI's included, check them."""
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not K.available() or cc is None or K.set_isa("best") not in ("avx2", "avx512-vnni", "avx512-vnni-gfni"):
+        pytest.skip("needs the compiled kernels, a C compiler and an AVX2 CPU")
+    lib = _build_variant(tmp_path_factory, cc, "fakevnni", ["-DK2K_FAKE_AVXVNNI"])
+    assert lib.k2k_set_isa(1) == 1 and lib.k2k_set_avxvnni(1) == 1  # AVX2 level
+    return lib
+
+
+@pytest.mark.parametrize("qt", C_TYPES, ids=lambda q: q.name)
+def test_avxvnni_kernels_on_a_stand_in(qt, fake_avxvnni):
+    """The AVX-VNNI kernels (per-row, many-token, decode-once) against the reference at 1-37 tokens; with the same
+    bits as the AVX2 ones up to 4 tokens (one kernel tile: the same integer sums in the same float order)."""
+    lib = fake_avxvnni
+    rng = np.random.default_rng(int(qt) + 500)
+    rows, cols = 19, 512
+    w = random_blocks(qt, rows, cols, rng)
+    wd = dequantize(w, qt).astype(np.float64)
+    try:
+        for T in (1, 2, 3, 5, 9, 20, 37):
+            x = rng.standard_normal((T, cols)).astype(np.float32)
+            x[0, :64] *= 100.0
+            exact = quant_act(x, act_block(qt)) @ wd.T
+            ys = []
+            for on in (1, 0):
+                lib.k2k_set_avxvnni(on)
+                for panel in (1, 0):
+                    lib.k2k_set_panel(panel)
+                    ys.append(_lib_matmul(lib, x, w, qt, cols))
+                    assert rel(ys[-1], exact) < 2e-5, (on, panel, T)
+            if T <= 3:
+                assert all(np.array_equal(y, ys[0]) for y in ys), T
+    finally:
+        lib.k2k_set_avxvnni(1)
+        lib.k2k_set_panel(1)
+
+
+@pytest.mark.parametrize("case", [c for c in MOE_CASES if c[3] > 1] + [((Q.IQ2_XXS, Q.IQ1_M, Q.IQ3_S), 256, 256, 24)],
+                         ids=lambda c: str(c))
+def test_avxvnni_moe_on_a_stand_in(case, fake_avxvnni):
+    lib = fake_avxvnni
+    types, hidden, inter, T = case
+    rng = np.random.default_rng(T + 600)
+    E, Kk = 4, 2
+    experts = [(random_blocks(types[0], inter, hidden, rng), random_blocks(types[1], inter, hidden, rng),
+                random_blocks(types[2], hidden, inter, rng)) for _ in range(E)]
+    x = rng.standard_normal((T, hidden)).astype(np.float32)
+    idx = np.stack([rng.choice(E, Kk, replace=False, p=[0.55, 0.25, 0.15, 0.05]) for _ in range(T)]).astype(np.int32)
+    wts = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)
+    exact = moe_reference(x, experts, types, idx, wts, hidden, inter, emulate=True)
+    ptrs = [(ctypes.c_void_p * E)(*[e[m].ctypes.data for e in experts]) for m in range(3)]
+    for panel in (1, 0):
+        lib.k2k_set_panel(panel)
+        y = np.zeros((T, hidden), np.float32)
+        rc = lib.k2k_moe(T, hidden, inter, x.ctypes.data, hidden, E, ptrs[0], ptrs[1], ptrs[2],
+                         *[int(t) for t in types], Kk, idx.ctypes.data, wts.ctypes.data, y.ctypes.data, hidden, 0)
+        assert rc == 0
+        assert rel(y, exact) < 2e-3, (panel, rel(y, exact))
+    lib.k2k_set_panel(1)

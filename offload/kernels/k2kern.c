@@ -775,7 +775,7 @@ AI T256 __m128i k4_mins16(__m256i sm) {
  * branch, while a builtin is only checked where it is expanded (the TVNNI instantiations, VN = 1).  Unoptimized
  * builds keep the dead branch, so there the VNNI variants use the AVX2 instructions (same results). */
 AI T256 __m256i dpwssd_v(__m256i acc, __m256i a, __m256i b, const int VN) {
-#ifdef __OPTIMIZE__
+#if defined(__OPTIMIZE__) && !defined(K2K_FAKE_AVXVNNI)
     if (VN) return (__m256i)__builtin_ia32_vpdpwssd_v8si((__v8si)acc, (__v8si)a, (__v8si)b);
 #endif
     return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
@@ -783,7 +783,7 @@ AI T256 __m256i dpwssd_v(__m256i acc, __m256i a, __m256i b, const int VN) {
 /* the dword sums of 4 products of unsigned u and signed s bytes, where no pair sum saturates int16: one vpdpbusd
  * where VN, else vpmaddubsw + vpmaddwd with ones */
 AI T256 __m256i dpbusd_v(__m256i u, __m256i s, const int VN) {
-#ifdef __OPTIMIZE__
+#if defined(__OPTIMIZE__) && !defined(K2K_FAKE_AVXVNNI)
     if (VN) return (__m256i)__builtin_ia32_vpdpbusd_v8si((__v8si)_mm256_setzero_si256(), (__v8si)u, (__v8si)s);
 #endif
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
@@ -1788,7 +1788,21 @@ T256 static void quantize_act_range_avx2(const float *x, int64_t cols, int layou
  * later Intel desktops, Zen 4 / 5): the many-token Q8_0 kernel of the AVX-512 section (q8_0_512_gemm, which
  * explains it) on 8 lanes, 7 tokens a tile.  One core (Zen 5 VM, AVX2 level), 64 tokens: ~105 GMAC/s against ~50
  * for the AVX2 per-row kernel; 1.2x at 10 tokens. */
+#ifndef K2K_FAKE_AVXVNNI
 #define TVNNI __attribute__((target("avx2,fma,f16c,bmi2,avxvnni")))
+#else
+/* Test builds only (-DK2K_FAKE_AVXVNNI, tests/test_kernels.py): the AVX-VNNI kernels on any AVX2 CPU, with vpdpbusd
+ * and vpdpwssd replaced by AVX2 sequences of the same exact integer results, so that machines without AVX-VNNI (CI)
+ * check these kernels and their dispatch. */
+#define TVNNI T256
+AI T256 __m256i k2k_fake_dpbusd(__m256i acc, __m256i u, __m256i s) { /* u unsigned, s signed, no saturation */
+    const __m256i m = _mm256_set1_epi16(0xFF);
+    const __m256i e = _mm256_madd_epi16(_mm256_and_si256(u, m), _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8));
+    const __m256i o = _mm256_madd_epi16(_mm256_srli_epi16(u, 8), _mm256_srai_epi16(s, 8));
+    return _mm256_add_epi32(acc, _mm256_add_epi32(e, o));
+}
+#define _mm256_dpbusd_avx_epi32(acc, u, s) k2k_fake_dpbusd(acc, u, s)
+#endif
 #define Q8V_XBYTES (8 * 32 + 32)
 static int g_avxvnni_hw = 0; /* the CPU has AVX-VNNI (isa_init) */
 static int g_avxvnni = 0;    /* and it is used: isa_init (off with K2LOCAL_AVXVNNI=0), k2k_set_avxvnni */
@@ -3069,7 +3083,11 @@ static void isa_init(void) {
     g_vbmi = 1;
 #elif K2K_X86
     g_vbmi = g_isa_hw >= ISA_AVX512 && __builtin_cpu_supports("avx512vbmi");
+#ifdef K2K_FAKE_AVXVNNI
+    g_avxvnni_hw = g_isa_hw >= ISA_AVX2;
+#else
     g_avxvnni_hw = g_isa_hw >= ISA_AVX2 && __builtin_cpu_supports("avxvnni");
+#endif
     const char *ev = getenv("K2LOCAL_AVXVNNI");
     g_avxvnni = g_avxvnni_hw && !(ev && !strcmp(ev, "0"));
 #endif
