@@ -1332,14 +1332,17 @@ NT_DISPATCH4_SPLIT(iq4xs_avx2, T256)
  * OFF = 64 for the sign + magnitude grids (|w| <= 63), 9 for IQ1 (8 g +- 1, g in {-1, 0, 1}).  Then the K-quant
  * path: maddubs(u, x) (u <= 127: no saturation), madd with one int16 scale per 16 weights, and the OFF term taken
  * back with the activation sums per 16.  All integer inside a block; a float factor folds 1/8, 1/4. */
-enum { IQD_2XXS, IQD_2XS, IQD_2S, IQD_3XXS, IQD_3S, IQD_1S, IQD_1M };
+/* IQD_PAN: not a GGUF type but a row of any of them decoded once (iq_udec_body, for many tokens): per block its 256 u
+ * bytes with OFF = 64, the 16 int16 scales, the float block scale (times the type's factor) */
+enum { IQD_2XXS, IQD_2XS, IQD_2S, IQD_3XXS, IQD_3S, IQD_1S, IQD_1M, IQD_PAN };
+#define UPAN_BPB 320
 
 AI T256 int iq_bpb(const int TY) {
     return TY == IQD_2XXS ? 66 : TY == IQD_2XS ? 74 : TY == IQD_2S ? 82 : TY == IQD_3XXS ? 98 : TY == IQD_3S ? 110
-         : TY == IQD_1S ? 50 : 56;
+         : TY == IQD_1S ? 50 : TY == IQD_1M ? 56 : UPAN_BPB;
 }
 AI T256 int iq_off(const int TY) { return TY == IQD_1S || TY == IQD_1M ? 9 : 64; }
-AI T256 float iq_fac(const int TY) { return TY == IQD_3S ? 1.f : TY == IQD_3XXS ? 0.25f : 0.125f; }
+AI T256 float iq_fac(const int TY) { return TY == IQD_3S || TY == IQD_PAN ? 1.f : TY == IQD_3XXS ? 0.25f : 0.125f; }
 
 /* u = 64 + g, or 64 - g where the byte mask m is 0xFF */
 AI T256 __m256i u_masked_256(__m256i g, __m256i m) {
@@ -1359,6 +1362,7 @@ AI T256 __m128i nib_scales8(uint32_t v) {
 AI T256 __m256i iq_scales(const uint8_t *b, const int TY) {
     const __m256i one = _mm256_set1_epi16(1);
     switch (TY) {
+    case IQD_PAN: return _mm256_load_si256((const __m256i *)(b + 256));
     case IQD_2XXS: { /* 4 high bits of the second uint32 of each 8-byte sub-block */
         const __m256i t0 = _mm256_srli_epi64(_mm256_loadu_si256((const __m256i *)(b + 2)), 60);
         const __m256i t1 = _mm256_srli_epi64(_mm256_loadu_si256((const __m256i *)(b + 34)), 60);
@@ -1392,6 +1396,11 @@ AI T256 __m256i iq_scales(const uint8_t *b, const int TY) {
 }
 
 AI T256 float iq_d(const uint8_t *b, const int TY) {
+    if (TY == IQD_PAN) {
+        float d;
+        memcpy(&d, b + 288, 4);
+        return d;
+    }
     if (TY == IQD_1M) {
         const uint32_t s0 = rd16(b + 48), s1 = rd16(b + 50), s2 = rd16(b + 52), s3 = rd16(b + 54);
         return _cvtsh_ss((uint16_t)((s0 >> 12) | ((s1 >> 8) & 0xF0) | ((s2 >> 4) & 0xF00) | (s3 & 0xF000)));
@@ -1539,7 +1548,7 @@ AI T256 void iq_index_vec(const uint8_t *b, const int TY, uint16_t *ix) {
 
 /* the sign-and-magnitude types: grid magnitudes |w| of weights 32c .. 32c+31 and their sign mask (0xFF where
  * negative); sv: iq_signs_vec of the block, ix: iq_index_vec */
-AI T256 int iq_signed(const int TY) { return TY != IQD_1S && TY != IQD_1M; }
+AI T256 int iq_signed(const int TY) { return TY != IQD_1S && TY != IQD_1M && TY != IQD_PAN; }
 AI T256 __m256i iq_mag_256(const uint8_t *b, int c, const int TY, __m256i sv, const uint16_t *ix, __m256i *m) {
     switch (TY) {
     case IQD_2XXS: {
@@ -1563,6 +1572,7 @@ AI T256 __m256i iq_mag_256(const uint8_t *b, int c, const int TY, __m256i sv, co
 /* weights 32c .. 32c+31 of the block as u bytes (sv: iq_signs_vec of the block, ix: iq_index_vec) */
 AI T256 __m256i iq_chunk_256(const uint8_t *b, int c, const int TY, __m256i sv, const uint16_t *ix) {
     switch (TY) {
+    case IQD_PAN: return _mm256_load_si256((const __m256i *)(b + 32 * c));
     case IQD_1S: {
         const uint32_t h = rd16(b + 34 + 2 * c);
         const __m256i g = rows4ix(g_iq1s, ix + 4 * c);
@@ -1650,67 +1660,25 @@ IQ256(iq3s_avx2, IQD_3S, T256, 0)
 IQ256(iq1s_avx2, IQD_1S, T256, 0)
 IQ256(iq1m_avx2, IQD_1M, T256, 0)
 
-/* Codebook types against many tokens (AVX2 without VNNI): each row is decoded once (iq_udec) into UPAN_BPB bytes a
- * block -- the 256 u bytes of iq_chunk_256, the 16 int16 scales, the float block scale -- and every 4-token tile runs
- * the K-quant-like integer dot over those bytes (upan_body) instead of decoding the grid rows again per tile. */
-#define UPAN_BPB 320
+/* Codebook types against many tokens (AVX2, with or without VNNI): each row is decoded once (iq_udec) into the
+ * IQD_PAN form, and every 4-token tile runs iq_avx2_body over those bytes (the K-quant-like integer dot) instead of
+ * decoding the grid rows again per tile.  IQ1's u bytes (OFF 9, at most 18) take 55 more: one OFF for all. */
 AI T256 void iq_udec_body(const uint8_t *w, int nb, uint8_t *pan, const int TY) {
     const int bpb = iq_bpb(TY);
+    const __m256i to64 = _mm256_set1_epi8((char)(64 - iq_off(TY)));
     uint16_t ix[64] __attribute__((aligned(32)));
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + (size_t)bpb * i;
         uint8_t *p = pan + (size_t)UPAN_BPB * i;
         if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
         const __m256i sv = iq_signs_vec(b, TY);
-        for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(p + 32 * c), iq_chunk_256(b, c, TY, sv, ix));
+        for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(p + 32 * c), _mm256_add_epi8(iq_chunk_256(b, c, TY, sv, ix), to64));
         _mm256_store_si256((__m256i *)(p + 256), iq_scales(b, TY));
         const float dw = iq_d(b, TY) * iq_fac(TY);
         memcpy(p + 288, &dw, 4);
     }
 }
-AI T256 void upan_body(const uint8_t *pan, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os, int off) {
-    const __m256i offv = _mm256_set1_epi32(off);
-    __m256 acc[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int i = 0; i < nb; i++) {
-        const uint8_t *p = pan + (size_t)UPAN_BPB * i;
-        const __m256i sc16 = _mm256_load_si256((const __m256i *)(p + 256));
-        const __m256i half[2] = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(sc16)),
-                                 _mm256_broadcastsi128_si256(_mm256_extracti128_si256(sc16, 1))};
-        float dw;
-        memcpy(&dw, p + 288, 4);
-        __m256i sumi[4];
-        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
-        for (int c = 0; c < 8; c++) {
-            const __m256i u = _mm256_load_si256((const __m256i *)(p + 32 * c)), s = pair_scales(half[c / 4], c % 4);
-            for (int t = 0; t < NT; t++) {
-                const __m256i x = _mm256_load_si256((const __m256i *)(a[t].q + 256 * i + 32 * c));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), s));
-            }
-        }
-        for (int t = 0; t < NT; t++) {
-            const __m256i cr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a[t].bs16 + 16 * i)));
-            const __m256i s = _mm256_sub_epi32(sumi[t], _mm256_mullo_epi32(cr, offv));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * a[t].d[i]), acc[t]);
-        }
-    }
-    for (int t = 0; t < NT; t++) out[t * os] = hsum256(acc[t]);
-}
-#define UPAN_NT(NT)                                                                                                  \
-    T256 static __attribute__((noinline)) void upan_avx2_##NT(const uint8_t *pan, int nb, const act_t *a, float *out, \
-                                                              ptrdiff_t os, int off) {                              \
-        upan_body(pan, nb, a, NT, out, os, off);                                                                     \
-    }
-UPAN_NT(1)
-UPAN_NT(2)
-UPAN_NT(3)
-UPAN_NT(4)
-static void upan_avx2(const uint8_t *pan, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, int off) {
-    if (nt == 4) upan_avx2_4(pan, nb, a, out, os, off);
-    else if (nt == 3) upan_avx2_3(pan, nb, a, out, os, off);
-    else if (nt == 2) upan_avx2_2(pan, nb, a, out, os, off);
-    else upan_avx2_1(pan, nb, a, out, os, off);
-}
+IQ256(iqpan_avx2, IQD_PAN, T256, 0)
 #define IQ_UDEC(name, TY)                                                                                            \
     T256 static void name(const uint8_t *w, int nb, uint8_t *pan) { iq_udec_body(w, nb, pan, TY); }
 IQ_UDEC(udec_iq2xxs, IQD_2XXS)
@@ -1837,6 +1805,7 @@ IQ256(iq3xxs_vnni, IQD_3XXS, TVNNI, 1)
 IQ256(iq3s_vnni, IQD_3S, TVNNI, 1)
 IQ256(iq1s_vnni, IQD_1S, TVNNI, 1)
 IQ256(iq1m_vnni, IQD_1M, TVNNI, 1)
+IQ256(iqpan_vnni, IQD_PAN, TVNNI, 1)
 
 static void q8_0_vnni_pack(const act_t *a, int nt, int nb, uint8_t *X);
 TVNNI static void q8_0_vnni_gemm(const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const uint8_t *X, int nt,
@@ -2815,11 +2784,10 @@ struct kern_s {
     pdec_fn pdec;     /* decode-once GEMM (fng = pnl_gemm): row decoder and tile kernel */
     ptile_fn ptile;
     int pg;           /* values per panel scale (16 or 32) */
-    /* codebook types, AVX2 without VNNI, more than RUN_TILE tokens: a row decoded once (udec) into UPAN_BPB bytes
-     * a block, then upan per 4-token tile (u bytes with offset uoff) */
+    /* codebook types at the AVX2 level, more than RUN_TILE tokens: a row decoded once (udec) into UPAN_BPB bytes a
+     * block, then upan over it for all tokens */
     void (*udec)(const uint8_t *w, int nb, uint8_t *pan);
-    void (*upan)(const uint8_t *pan, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, int off);
-    int uoff;
+    dot_fn upan;
 };
 
 #if K2K_X86
@@ -3028,19 +2996,19 @@ T512 static void pdec_q6k(const uint8_t *w, int nb, uint8_t *q, float *dw, float
     }
 }
 
-/* the AVX2 decode-once path of the codebook types (no VNNI: with it the per-tile kernels were not measured against it) */
+/* the AVX2-level decode-once path of the codebook types */
 static void upan_attach(kern_t *k, int type) {
     switch (type) {
-    case GT_IQ2_XXS: k->udec = udec_iq2xxs, k->uoff = 64; break;
-    case GT_IQ2_XS: k->udec = udec_iq2xs, k->uoff = 64; break;
-    case GT_IQ2_S: k->udec = udec_iq2s, k->uoff = 64; break;
-    case GT_IQ3_XXS: k->udec = udec_iq3xxs, k->uoff = 64; break;
-    case GT_IQ3_S: k->udec = udec_iq3s, k->uoff = 64; break;
-    case GT_IQ1_S: k->udec = udec_iq1s, k->uoff = 9; break;
-    case GT_IQ1_M: k->udec = udec_iq1m, k->uoff = 9; break;
+    case GT_IQ2_XXS: k->udec = udec_iq2xxs; break;
+    case GT_IQ2_XS: k->udec = udec_iq2xs; break;
+    case GT_IQ2_S: k->udec = udec_iq2s; break;
+    case GT_IQ3_XXS: k->udec = udec_iq3xxs; break;
+    case GT_IQ3_S: k->udec = udec_iq3s; break;
+    case GT_IQ1_S: k->udec = udec_iq1s; break;
+    case GT_IQ1_M: k->udec = udec_iq1m; break;
     default: return;
     }
-    k->upan = upan_avx2;
+    k->upan = g_avxvnni ? iqpan_vnni : iqpan_avx2;
 }
 
 /* the decode-once GEMM for this type at this ISA level, if it has one */
@@ -3217,7 +3185,7 @@ static kern_t get_kernel(int type) {
     k.blk = ti ? ti->blk : 0;
 #if K2K_X86
     if (g_panel) pnl_attach(&k, type, g_isa);
-    if (g_panel && g_isa == ISA_AVX2 && !g_avxvnni) upan_attach(&k, type);
+    if (g_panel && g_isa == ISA_AVX2) upan_attach(&k, type);
 #endif
     return k;
 }
@@ -3560,8 +3528,7 @@ static inline void run_rows(const kern_t *k, const uint8_t *w, int64_t row_strid
         uint8_t *pan = thread_rows_buf((size_t)UPAN_BPB * nb);
         for (int64_t r = r0; r < r1; r++) {
             k->udec(w + r * row_stride, nb, pan);
-            for (int t0 = 0; t0 < nt; t0 += RUN_TILE)
-                k->upan(pan, nb, acts + t0, nt - t0 < RUN_TILE ? nt - t0 : RUN_TILE, out + t0 * os + (r - r0), os, k->uoff);
+            k->upan(pan, nb, acts, nt, out + (r - r0), os, NULL);
         }
         return;
     }
