@@ -574,8 +574,10 @@ def test_avx512_kernels_emulated(qt, emulated_avx512):
 
 @pytest.mark.parametrize("types,T", [((Q.IQ4_XS, Q.IQ2_XXS, Q.IQ1_S), 3),
                                      # prefill: experts with 8+ tokens go through the many-token GEMMs (decode-once
-                                     # for IQ4_XS / Q4_K / Q6_K, Q8_0's own), others through the per-row kernels
-                                     ((Q.IQ4_XS, Q.Q4_K, Q.Q6_K), 40), ((Q.Q4_K, Q.Q8_0, Q.IQ4_XS), 70)],
+                                     # for IQ4_XS / Q4_K / Q6_K and the codebook types, Q8_0's own), others through
+                                     # the per-row kernels
+                                     ((Q.IQ4_XS, Q.Q4_K, Q.Q6_K), 40), ((Q.Q4_K, Q.Q8_0, Q.IQ4_XS), 70),
+                                     ((Q.IQ2_XXS, Q.IQ1_M, Q.IQ3_S), 40), ((Q.IQ1_S, Q.IQ2_S, Q.IQ3_XXS), 24)],
                          ids=lambda c: str(c))
 def test_avx512_moe_emulated(types, T, emulated_avx512):
     lib = emulated_avx512

@@ -2817,7 +2817,8 @@ static void q8_0_vnni_pack_l(const act_t *a, int nt, int nb, uint8_t *X, int lay
  * are decoded once into a panel -- unsigned bytes q in natural order, and per pg (16 or 32) values a float scale dw
  * and offset mw: value = dw * q - mw -- and each tile of 16 tokens runs over it with the tokens in the vector lanes,
  * as the Q8_0 GEMM does: four weight bytes broadcast against four activation bytes of 16 tokens per dpbusd, no
- * horizontal sums.  Types whose values are signed store q + 2^SH (IQ4_XS: + 128, Q6_K: the raw q of (q - 32)); the
+ * horizontal sums.  Types whose values are signed store q + 2^SH (IQ4_XS: + 128, Q6_K: the raw q of (q - 32), the
+ * codebook types: + 64, their u bytes of iq_udec_body); the
  * integer 2^SH * (activation sum) is taken from the dot before it meets the float scales, so those sums are as
  * exact as in the per-row kernels.  Types with a real min (Q4_K) subtract mw * dx * (activation sum) in float.
  * Packed per 32 values and 16 tokens: 8 vectors of four activation bytes a lane, the activation scales dx, the int8
@@ -2933,6 +2934,7 @@ AI T512 void pnl_tile_body(const uint8_t *pnl, size_t pstride, int nr, int n32, 
 PNL_TILE(pnl_tile_32_s7, 32, 7, 0) /* IQ4_XS, IQ4_NL: value + 128 */
 PNL_TILE(pnl_tile_32_min, 32, 0, 1) /* Q4_K, Q5_K */
 PNL_TILE(pnl_tile_16_s5, 16, 5, 0) /* Q6_K: q - 32 */
+PNL_TILE(pnl_tile_16_s6, 16, 6, 0) /* codebook types: u - 64 */
 
 /* IQ4_XS: codebook value + 128; the nibbles of 16 bytes are values 0..15 (lo) and 16..31 (hi) of a sub-block */
 T512 static void pdec_iq4xs(const uint8_t *w, int nb, uint8_t *q, float *dw, float *mw) {
@@ -2996,6 +2998,34 @@ T512 static void pdec_q6k(const uint8_t *w, int nb, uint8_t *q, float *dw, float
     }
 }
 
+/* The codebook types: the u bytes of iq_chunk_256 with OFF 64 (as iq_udec_body), per 16 values d * factor * scale */
+AI T256 void pdec_iq_body(const uint8_t *w, int nb, uint8_t *q, float *dw, float *mw, const int TY) {
+    const int bpb = iq_bpb(TY);
+    const __m256i to64 = _mm256_set1_epi8((char)(64 - iq_off(TY)));
+    uint16_t ix[64] __attribute__((aligned(32)));
+    for (int i = 0; i < nb; i++) {
+        const uint8_t *b = w + (size_t)bpb * i;
+        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
+        const __m256i sv = iq_signs_vec(b, TY);
+        for (int c = 0; c < 8; c++) _mm256_storeu_si256((__m256i *)(q + 256 * i + 32 * c), _mm256_add_epi8(iq_chunk_256(b, c, TY, sv, ix), to64));
+        const __m256i sc = iq_scales(b, TY);
+        const __m256 d = _mm256_set1_ps(iq_d(b, TY) * iq_fac(TY));
+        _mm256_storeu_ps(dw + 16 * i, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sc)))));
+        _mm256_storeu_ps(dw + 16 * i + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sc, 1)))));
+        _mm256_storeu_ps(mw + 16 * i, _mm256_setzero_ps());
+        _mm256_storeu_ps(mw + 16 * i + 8, _mm256_setzero_ps());
+    }
+}
+#define IQ_PDEC(name, TY)                                                                                            \
+    T256 static void name(const uint8_t *w, int nb, uint8_t *q, float *dw, float *mw) { pdec_iq_body(w, nb, q, dw, mw, TY); }
+IQ_PDEC(pdec_iq2xxs, IQD_2XXS)
+IQ_PDEC(pdec_iq2xs, IQD_2XS)
+IQ_PDEC(pdec_iq2s, IQD_2S)
+IQ_PDEC(pdec_iq3xxs, IQD_3XXS)
+IQ_PDEC(pdec_iq3s, IQD_3S)
+IQ_PDEC(pdec_iq1s, IQD_1S)
+IQ_PDEC(pdec_iq1m, IQD_1M)
+
 /* the AVX2-level decode-once path of the codebook types */
 static void upan_attach(kern_t *k, int type) {
     switch (type) {
@@ -3018,6 +3048,13 @@ static void pnl_attach(kern_t *k, int type, int isa) {
     case GT_IQ4_XS: k->pdec = pdec_iq4xs, k->ptile = pnl_tile_32_s7, k->pg = 32; break;
     case GT_Q4_K: k->pdec = pdec_q4k, k->ptile = pnl_tile_32_min, k->pg = 32; break;
     case GT_Q6_K: k->pdec = pdec_q6k, k->ptile = pnl_tile_16_s5, k->pg = 16; break;
+    case GT_IQ2_XXS: k->pdec = pdec_iq2xxs, k->ptile = pnl_tile_16_s6, k->pg = 16; break;
+    case GT_IQ2_XS: k->pdec = pdec_iq2xs, k->ptile = pnl_tile_16_s6, k->pg = 16; break;
+    case GT_IQ2_S: k->pdec = pdec_iq2s, k->ptile = pnl_tile_16_s6, k->pg = 16; break;
+    case GT_IQ3_XXS: k->pdec = pdec_iq3xxs, k->ptile = pnl_tile_16_s6, k->pg = 16; break;
+    case GT_IQ3_S: k->pdec = pdec_iq3s, k->ptile = pnl_tile_16_s6, k->pg = 16; break;
+    case GT_IQ1_S: k->pdec = pdec_iq1s, k->ptile = pnl_tile_16_s6, k->pg = 16; break;
+    case GT_IQ1_M: k->pdec = pdec_iq1m, k->ptile = pnl_tile_16_s6, k->pg = 16; break;
     default: return;
     }
     k->fng = pnl_gemm, k->fnp = pnl_pack, k->gtok = PNL_TOK, k->xbytes = PNL_XBYTES * k->blk / 32, k->gmin = PNL_MIN_T;
