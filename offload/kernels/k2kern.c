@@ -1174,18 +1174,19 @@ AI T256 void q8_0_body(const uint8_t *w, int nb, const act_t *a, const int NT, f
         h = _mm_insert_epi16(h, (short)rd16(b0 + 68), 2);
         h = _mm_insert_epi16(h, (short)rd16(b0 + 102), 3);
         const __m128 dw = _mm_cvtph_ps(h);
-        __m256 f[4];
-        for (int t = 0; t < NT; t++) f[t] = _mm256_castps128_ps256(_mm_mul_ps(dw, _mm_loadu_ps(a[t].d + i)));
+        /* the products go through memory: four broadcast loads instead of four vpermps (shuffle ports) */
+        float f[4][4] __attribute__((aligned(16)));
+        for (int t = 0; t < NT; t++) _mm_store_ps(f[t], _mm_mul_ps(dw, _mm_loadu_ps(a[t].d + i)));
+        if (pf) for (int k = 0; k < 3; k++) pf_block(pf + 34 * i, k, 64); /* the 136 bytes of the four blocks */
         for (int k = 0; k < 4; k++) {
             const uint8_t *b = b0 + 34 * k;
-            pf_block(pf, i + k, 34);
             const __m256i wq = _mm256_loadu_si256((const __m256i *)(b + 2));
             const __m256i aw = _mm256_sign_epi8(wq, wq);
             for (int t = 0; t < NT; t++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(a[t].q + 32 * (i + k)));
                 const __m256i p = dpbusd_v(aw, _mm256_sign_epi8(x, wq), VN);
                 const int u = NT == 1 ? k : k & 1; /* 4 accumulators at one token, else 2 */
-                acc[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(f[t], _mm256_set1_epi32(k)), acc[t][u]);
+                acc[t][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&f[t][k]), acc[t][u]);
             }
         }
     }
