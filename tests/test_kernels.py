@@ -591,15 +591,22 @@ def test_avx512_moe_emulated(types, T, emulated_avx512):
     else:  # expert 0 gets most tokens, expert 2 a few
         idx = np.stack([rng.choice(E, Kk, replace=False, p=[0.6, 0.3, 0.1]) for _ in range(T)]).astype(np.int32)
         idx[1, 1] = -1
-    wts = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)
+    lib.k2k_set_isa(3)
+    _check_lib_moe(lib, x, experts, types, idx, rng.uniform(0.1, 1.0, idx.shape).astype(np.float32))
+
+
+def _check_lib_moe(lib, x, experts, types, idx, wts) -> None:
+    """lib's k2k_moe with the decode-once paths on and off, against the float reference."""
+    T, hidden = x.shape
+    inter, E = experts[0][0].shape[0], len(experts)  # gate rows
     exact = moe_reference(x, experts, types, idx, wts, hidden, inter, emulate=True)
     ptrs = [(ctypes.c_void_p * E)(*[e[m].ctypes.data for e in experts]) for m in range(3)]
-    lib.k2k_set_isa(3)
     for panel in (1, 0):
         lib.k2k_set_panel(panel)
         y = np.zeros((T, hidden), np.float32)
         rc = lib.k2k_moe(T, hidden, inter, x.ctypes.data, hidden, E, ptrs[0], ptrs[1], ptrs[2],
-                         *[int(t) for t in types], Kk, idx.ctypes.data, wts.ctypes.data, y.ctypes.data, hidden, 0)
+                         *[int(t) for t in types], idx.shape[1], idx.ctypes.data, wts.ctypes.data, y.ctypes.data,
+                         hidden, 0)
         assert rc == 0
         assert rel(y, exact) < 2e-3, (panel, rel(y, exact))
     lib.k2k_set_panel(1)
@@ -766,14 +773,4 @@ def test_avxvnni_moe_on_a_stand_in(case, fake_avxvnni):
                 random_blocks(types[2], hidden, inter, rng)) for _ in range(E)]
     x = rng.standard_normal((T, hidden)).astype(np.float32)
     idx = np.stack([rng.choice(E, Kk, replace=False, p=[0.55, 0.25, 0.15, 0.05]) for _ in range(T)]).astype(np.int32)
-    wts = rng.uniform(0.1, 1.0, idx.shape).astype(np.float32)
-    exact = moe_reference(x, experts, types, idx, wts, hidden, inter, emulate=True)
-    ptrs = [(ctypes.c_void_p * E)(*[e[m].ctypes.data for e in experts]) for m in range(3)]
-    for panel in (1, 0):
-        lib.k2k_set_panel(panel)
-        y = np.zeros((T, hidden), np.float32)
-        rc = lib.k2k_moe(T, hidden, inter, x.ctypes.data, hidden, E, ptrs[0], ptrs[1], ptrs[2],
-                         *[int(t) for t in types], Kk, idx.ctypes.data, wts.ctypes.data, y.ctypes.data, hidden, 0)
-        assert rc == 0
-        assert rel(y, exact) < 2e-3, (panel, rel(y, exact))
-    lib.k2k_set_panel(1)
+    _check_lib_moe(lib, x, experts, types, idx, rng.uniform(0.1, 1.0, idx.shape).astype(np.float32))
