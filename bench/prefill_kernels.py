@@ -4,7 +4,8 @@ N tokens (--tokens) each go to all 8 experts of each layer (Kimi K2 shapes: gate
 [7168 x 2048]), so every expert multiplies N rows at once, as in a prompt of N x 48 tokens of Kimi K2 (384 experts,
 top-8).  Rows, in multiply-adds of expert weights per second (GMAC/s):
   k2 moe            offload.kernels.moe_experts as the engine runs it (decode-once where the CPU and type have it:
-                    AVX-512 Q4_K / Q6_K / IQ4_XS, AVX2 without VNNI the codebook types IQ1_S .. IQ3_S; Q8_0's GEMM)
+                    AVX-512 Q4_K / Q6_K / IQ4_XS and the codebook types IQ1_S .. IQ3_S, AVX2 the codebook types;
+                    Q8_0's GEMM)
   k2 moe, per-row   the same call with the decode-once GEMM off (kernels.set_panel_gemm(False)): its A/B
   llama.cpp         llama_decode of an N-token batch of a tiny MoE GGUF holding the same bytes (bench/kernels.py's
                     model: its attention and output weights are ~1% of the bytes; their time is not subtracted)

@@ -296,6 +296,4 @@ class KimiK2Model:
                 h = h[-1:]
             h = h + self._ffn(i, lw, rms_norm(h, lw.ffn_norm, eps))
         cache.length = pos + t
-        if last_only:
-            h = h[-1:]
         return linear(rms_norm(h, self.norm, eps), self.lm_head).float()

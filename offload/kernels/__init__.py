@@ -329,8 +329,8 @@ def set_row_pairs(on: bool | None = None) -> bool:
 
 def set_panel_gemm(on: bool | None = None) -> bool:
     """Whether many tokens against a matrix (prefill) decode each weight row once where the type has such a path
-    (AVX-512: Q4_K, Q6_K, IQ4_XS, a 16-token-lane GEMM over 6 decoded rows; AVX2 without VNNI: the codebook types
-    IQ1_S .. IQ3_S, 4-token tiles over one decoded row) instead of decoding each block again per 4-token tile.  Same
+    (AVX-512: Q4_K, Q6_K, IQ4_XS and the codebook types IQ1_S .. IQ3_S, a 16-token-lane GEMM over 6 decoded rows;
+    AVX2, with or without AVX-VNNI: the codebook types, 4-token tiles over one decoded row) instead of decoding each block again per 4-token tile.  Same
     int8 activations.  On by default (K2LOCAL_PANEL=0 turns it off); None keeps the setting; returns it."""
     lib = _load()
     if lib is None:

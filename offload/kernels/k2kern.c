@@ -1677,16 +1677,20 @@ IQ256(iq1m_avx2, IQD_1M, T256, 0)
 /* Codebook types against many tokens (AVX2, with or without VNNI): each row is decoded once (iq_udec) into the
  * IQD_PAN form, and every 4-token tile runs iq_avx2_body over those bytes (the K-quant-like integer dot) instead of
  * decoding the grid rows again per tile.  IQ1's u bytes (OFF 9, at most 18) take 55 more: one OFF for all. */
-AI T256 void iq_udec_body(const uint8_t *w, int nb, uint8_t *pan, const int TY) {
-    const int bpb = iq_bpb(TY);
+/* block b's 256 weights as u bytes with OFF 64 for every type (the decoded rows of both decode-once paths) */
+AI T256 void iq_u64_block(const uint8_t *b, const int TY, uint8_t *u) {
     const __m256i to64 = _mm256_set1_epi8((char)(64 - iq_off(TY)));
     uint16_t ix[64] __attribute__((aligned(32)));
+    if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
+    const __m256i sv = iq_signs_vec(b, TY);
+    for (int c = 0; c < 8; c++) _mm256_storeu_si256((__m256i *)(u + 32 * c), _mm256_add_epi8(iq_chunk_256(b, c, TY, sv, ix), to64));
+}
+AI T256 void iq_udec_body(const uint8_t *w, int nb, uint8_t *pan, const int TY) {
+    const int bpb = iq_bpb(TY);
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + (size_t)bpb * i;
         uint8_t *p = pan + (size_t)UPAN_BPB * i;
-        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
-        const __m256i sv = iq_signs_vec(b, TY);
-        for (int c = 0; c < 8; c++) _mm256_store_si256((__m256i *)(p + 32 * c), _mm256_add_epi8(iq_chunk_256(b, c, TY, sv, ix), to64));
+        iq_u64_block(b, TY, p);
         _mm256_store_si256((__m256i *)(p + 256), iq_scales(b, TY));
         const float dw = iq_d(b, TY) * iq_fac(TY);
         memcpy(p + 288, &dw, 4);
@@ -2832,9 +2836,8 @@ static void q8_0_vnni_pack_l(const act_t *a, int nt, int nb, uint8_t *X, int lay
  * and offset mw: value = dw * q - mw -- and each tile of 16 tokens runs over it with the tokens in the vector lanes,
  * as the Q8_0 GEMM does: four weight bytes broadcast against four activation bytes of 16 tokens per dpbusd, no
  * horizontal sums.  Types whose values are signed store q + 2^SH (IQ4_XS: + 128, Q6_K: the raw q of (q - 32), the
- * codebook types: + 64, their u bytes of iq_udec_body); the
- * integer 2^SH * (activation sum) is taken from the dot before it meets the float scales, so those sums are as
- * exact as in the per-row kernels.  Types with a real min (Q4_K) subtract mw * dx * (activation sum) in float.
+ * codebook types: + 64, the u bytes of iq_u64_block); the integer 2^SH * (activation sum) is taken from the dot
+ * before it meets the float scales, so those sums are as exact as in the per-row kernels.  Types with a real min (Q4_K) subtract mw * dx * (activation sum) in float.
  * Packed per 32 values and 16 tokens: 8 vectors of four activation bytes a lane, the activation scales dx, the int8
  * activation sums of the two 16-value halves (int32), and those sums times dx (float). */
 #define PNL_XBYTES (13 * 64)
@@ -3012,16 +3015,12 @@ T512 static void pdec_q6k(const uint8_t *w, int nb, uint8_t *q, float *dw, float
     }
 }
 
-/* The codebook types: the u bytes of iq_chunk_256 with OFF 64 (as iq_udec_body), per 16 values d * factor * scale */
+/* The codebook types: the u bytes of iq_u64_block, per 16 values d * factor * scale */
 AI T256 void pdec_iq_body(const uint8_t *w, int nb, uint8_t *q, float *dw, float *mw, const int TY) {
     const int bpb = iq_bpb(TY);
-    const __m256i to64 = _mm256_set1_epi8((char)(64 - iq_off(TY)));
-    uint16_t ix[64] __attribute__((aligned(32)));
     for (int i = 0; i < nb; i++) {
         const uint8_t *b = w + (size_t)bpb * i;
-        if (iq_has_ix(TY)) iq_index_vec(b, TY, ix);
-        const __m256i sv = iq_signs_vec(b, TY);
-        for (int c = 0; c < 8; c++) _mm256_storeu_si256((__m256i *)(q + 256 * i + 32 * c), _mm256_add_epi8(iq_chunk_256(b, c, TY, sv, ix), to64));
+        iq_u64_block(b, TY, q + 256 * i);
         const __m256i sc = iq_scales(b, TY);
         const __m256 d = _mm256_set1_ps(iq_d(b, TY) * iq_fac(TY));
         _mm256_storeu_ps(dw + 16 * i, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sc)))));
