@@ -31,6 +31,7 @@ from k2local.checkpoint import open_checkpoint  # noqa: E402
 from k2local.engine import LoadOptions  # noqa: E402
 from k2local.model import KimiK2Model  # noqa: E402
 from offload.planner import build_backend, measure_ram_bandwidth  # noqa: E402
+from tests.peers import llama_cpp as llama  # noqa: E402
 
 SHAPES = {
     # small: per-token fixed costs (Python, attention, small matmuls) weigh as much as expert bytes
@@ -123,14 +124,16 @@ def llama_runner(gguf: Path, args: argparse.Namespace, ids: list[int]) -> tuple[
     """Load the GGUF in llama.cpp (everything on the CPU); returns (one timed prefill + decode, close)."""
     import numpy as np  # noqa: PLC0415
 
-    try:
-        import llama_cpp  # noqa: PLC0415
-    except ImportError:
+    if not llama.available():
         return {"engine": "llama.cpp", "mode": "not installed (pip install llama-cpp-python)"}
-    # the YaRN betas llama.cpp does not read from the GGUF: without them its rope differs from the checkpoint's
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(ids) + args.decode + 8, n_threads=args.threads,
-                          n_threads_batch=args.threads, n_gpu_layers=0, n_batch=max(32, len(ids)), verbose=False,
-                          **open_checkpoint(gguf).config.llama_cpp_overrides)
+    import llama_cpp  # noqa: PLC0415 - optional peer
+
+    # the YaRN betas llama.cpp does not read from the GGUF: without them its rope differs from the checkpoint's;
+    # llama.load applies this CPU's extra-buffer-types setting (off where they abort, e.g. AMX CPUs)
+    llm = llama.load(gguf, n_ctx=len(ids) + args.decode + 8, n_threads=args.threads,
+                     n_threads_batch=args.threads, n_gpu_layers=0, n_batch=max(32, len(ids)), verbose=False,
+                     **open_checkpoint(gguf).config.llama_cpp_overrides)
+    repack = "repack on" if llama.config().extra_bufts else "repack OFF"
     n_vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:
@@ -149,7 +152,7 @@ def llama_runner(gguf: Path, args: argparse.Namespace, ids: list[int]) -> tuple[
             toks.append(int(last_logits().argmax()))
             llm.eval([toks[-1]])
         decode_s = time.perf_counter() - t0
-        return {"engine": "llama.cpp", "mode": f"all on CPU, {args.threads} threads", "device": "cpu",
+        return {"engine": "llama.cpp", "mode": f"all on CPU, {args.threads} threads, {repack}", "device": "cpu",
                 "prefill_tps": len(ids) / prefill_s, "decode_tps": args.decode / decode_s, "tokens": toks,
                 "hit_rates": {}, "kernels": "ggml"}
 
@@ -229,7 +232,9 @@ def main() -> None:
             r["effective_gbs"] = r["expert_bytes_per_token"] * r["decode_tps"] / 1e9
             r["ram_bw_ratio"] = r["effective_gbs"] / ram_bw if ram_bw else 0.0
     if args.json:
-        print(json.dumps({"ram_read_gbs": ram_bw, "model": str(path), "threads": args.threads, "results": results}))
+        peer = llama.describe() if gguf is not None and not args.no_llama else None
+        print(json.dumps({"ram_read_gbs": ram_bw, "model": str(path), "threads": args.threads, "results": results,
+                          "llama_cpp": peer}))
         return
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
@@ -252,6 +257,8 @@ def main() -> None:
                   f"{r['expert_bytes_per_token'] / 1e6:.1f}", f"{r['effective_gbs']:.2f}",
                   f"{100 * r['ram_bw_ratio']:.1f}%", in_experts, " ".join(f"{k} {v}" for k, v in r["hit_rates"].items()))
     Console(width=max(140, Console().width)).print(t)
+    if gguf is not None and not args.no_llama:
+        print("peer:", llama.describe())
     ours = [r for r in results if r["engine"] == "k2local" and "tokens" in r]
     theirs = [r for r in results if r["engine"] == "llama.cpp" and "tokens" in r]
     if ours and theirs:

@@ -58,6 +58,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: 
 
 from offload import kernels as K  # noqa: E402
 from quant import random_blocks  # noqa: E402
+from tests.peers import llama_cpp as llama  # noqa: E402
 
 HIDDEN, INTER, TOPK = 7168, 2048, 8
 K2_WEIGHTS_PER_TOKEN = 8 * 60 * 3 * HIDDEN * INTER  # routed-expert weights read per decoded token
@@ -232,12 +233,12 @@ def bench_k2(ex: Experts, threads: list[int], passes: int, modes: tuple[str, ...
 # ----------------------------------------------------------------------------- llama.cpp
 
 def llama_cpp_module():
-    try:
-        import llama_cpp  # noqa: F401
-        return llama_cpp
-    except Exception as e:  # not installed, or its shared library does not load
-        log(f"  llama-cpp-python unavailable ({type(e).__name__}: {e}); skipping llama.cpp")
+    if not llama.available():
+        log(f"  {llama.describe()}; skipping llama.cpp")
         return None
+    import llama_cpp  # noqa: PLC0415 - optional peer
+
+    return llama_cpp
 
 
 def write_gguf(path: str, ex: Experts) -> int:
@@ -292,7 +293,7 @@ def write_gguf(path: str, ex: Experts) -> int:
     return other
 
 
-_LOG_CB = None
+_BACKEND_UP: list[bool] = []
 
 
 def bench_llama(ex: Experts, threads: list[int], passes: int, tmpdir: str, tokens: int = 1) -> dict[int, float] | None:
@@ -300,18 +301,17 @@ def bench_llama(ex: Experts, threads: list[int], passes: int, tmpdir: str, token
     L = llama_cpp_module()
     if L is None:
         return None
-    global _LOG_CB
-    if _LOG_CB is None:
-        _LOG_CB = L.llama_log_callback(lambda level, text, user: None)
-        L.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+    if not _BACKEND_UP:
+        llama.silence_logs()
         L.llama_backend_init()
+        _BACKEND_UP.append(True)
     fd, path = tempfile.mkstemp(suffix=".gguf", dir=tmpdir)
     os.close(fd)
     res: dict[int, float] = {}
     model = ctx = batch = None
     try:
         other = write_gguf(path, ex)
-        mp = L.llama_model_default_params()
+        mp = llama.model_params()  # extra buffer types off on CPUs where they abort (tests/peers/llama_cpp.py)
         mp.use_mmap = False
         model = L.llama_model_load_from_file(path.encode(), mp)
         os.unlink(path)
@@ -548,6 +548,8 @@ def report(res: dict) -> None:
     print()
     for line in summary:
         print(line)
+    if any(d.get("llama.cpp") for d in res["types"].values()):
+        print("peer:", llama.describe())
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         if ll:
             line += f"; k2/llama.cpp = {k2 / ll:.2f}x"
         print(line)
+    if not a.no_llama:
+        print("peer:", BK.llama.describe())
     return result
 
 

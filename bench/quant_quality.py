@@ -13,7 +13,6 @@ bits/weight, and how many tensors are byte-identical between the two quantizers.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from k2local.checkpoint import open_checkpoint  # noqa: E402
 from k2local.convert import convert  # noqa: E402
 from k2local.model import KimiK2Model  # noqa: E402
+from tests.peers import llama_cpp as llama  # noqa: E402
 
 PURE_FTYPE = {"Q8_0": 7, "Q6_K": 18, "Q5_K": 17, "Q4_K": 15, "Q3_K": 12, "Q2_K": 10}
 RECIPE_VS = [("q4", 15, "Q4_K_M"), ("q3", 12, "Q3_K_M"), ("q2", 10, "Q2_K")]
@@ -68,26 +68,9 @@ def kl_top1(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, fl
 
 
 def llama_quantize(src: Path, dst: Path, ftype: int, pure: bool, imatrix=None) -> None:
-    import llama_cpp  # noqa: PLC0415
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.pure, params.nthread = ftype, pure, 2
-    keep = []
-    if imatrix is not None:  # llama_model_imatrix_data[], NULL-name terminated; buffers kept alive in `keep`
-        names = sorted(imatrix.sums)
-        arr = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
-        for i, name in enumerate(names):
-            w = np.ascontiguousarray(imatrix.weights(name).reshape(-1), dtype=np.float32)
-            nb = ctypes.create_string_buffer(name.encode())
-            keep += [w, nb]
-            arr[i].name = ctypes.cast(nb, ctypes.c_char_p)
-            arr[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = w.size
-        keep.append(arr)
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc})")
+    """llama.cpp's quantizer (tests/peers/llama_cpp.py), with our importance matrix as {tensor: weights}."""
+    weights = None if imatrix is None else {n: imatrix.weights(n) for n in sorted(imatrix.sums)}
+    llama.quantize(str(src), str(dst), ftype, pure=pure, imatrix=weights)
 
 
 def identical_tensors(a: Path, b: Path) -> tuple[int, int]:
@@ -116,9 +99,7 @@ def main() -> None:
     ap.add_argument("--recipes", action="store_true", help="also compare recipes q4/q3/q2 with Q4_K_M/Q3_K_M/Q2_K")
     ap.add_argument("--work", help="keep files in this directory")
     a = ap.parse_args()
-    try:
-        import llama_cpp  # noqa: F401, PLC0415
-    except ImportError:
+    if not llama.available():
         sys.exit("llama-cpp-python is needed for the comparison (pip install -e .[test])")
     from k2local.engine import load_tokenizer_and_template  # noqa: PLC0415
     from k2local.imatrix import IMatrix, collect  # noqa: PLC0415

@@ -20,7 +20,6 @@ expert type, everything else at Q8_0).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import inspect
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quant import codecs  # noqa: E402
+from tests.peers import llama_cpp as llama  # noqa: E402
 
 K2_EXPERT_WEIGHTS = 1.0e12  # routed experts
 K2_OTHER_WEIGHTS = 0.03e12  # attention, shared experts, dense layers, embeddings, head
@@ -72,35 +72,19 @@ def build_gguf(path: Path, n_embd: int, n_ff: int, n_vocab: int, seed: int = 0) 
     return tensors
 
 
-_LOG_CB = None
-
-
-def _silence_llama(llama_cpp) -> None:
-    """Drop llama.cpp's log lines (keeps the bench output readable)."""
-    global _LOG_CB
-    if _LOG_CB is None:
-        _LOG_CB = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
-
-
 def llama_cpp_speed(src: Path, qtype: T, n_weights: int, threads: int) -> float | None:
     """Weights/s of llama_model_quantize (pure ftype) on src, or None without llama_cpp."""
-    try:
-        import llama_cpp
-    except ImportError:
+    if not llama.available():
         return None
-    _silence_llama(llama_cpp)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = PURE_FTYPE[qtype]
-    params.nthread = threads
-    params.pure = True
+    llama.silence_logs()
     with tempfile.TemporaryDirectory() as d:
         dst = Path(d) / "out.gguf"
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-        dt = time.perf_counter() - t0
-        if rc != 0:
+        try:
+            llama.quantize(str(src), str(dst), PURE_FTYPE[qtype], pure=True, nthread=threads)
+        except RuntimeError:
             return None
+        dt = time.perf_counter() - t0
         types = {T(t.tensor_type) for t in gguf.GGUFReader(str(dst)).tensors if len(t.shape) > 1}
     if types != {qtype}:
         print(f"  note: llama.cpp wrote {sorted(t.name for t in types)} for {qtype.name}")
@@ -122,18 +106,8 @@ def our_speed(tensors: dict[str, torch.Tensor], qtype: T, imatrix: bool, workers
 
 
 def ggml_chunk_fn():
-    """ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix) from llama_cpp's libggml-base, or
-    None without llama_cpp."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p]
-    return fn
+    """llama.cpp's ggml_quantize_chunk (tests/peers/llama_cpp.py), or None without llama_cpp."""
+    return llama.ggml_quantize_chunk() if llama.available() else None
 
 
 def ggml_chunk_speed(fn, arrays: dict[str, np.ndarray], qtype: T) -> float:

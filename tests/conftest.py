@@ -1,7 +1,6 @@
 """Shared fixtures: tiny checkpoints generated once per test session."""
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
@@ -57,14 +56,12 @@ def tiny_ds(tiny_factory) -> Path:
 def ggml_quantize_chunk():
     """llama.cpp's ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix) from llama-cpp-python, as
     run(x [rows, cols], qtype, imatrix=None) -> uint8 [rows, row bytes] (the IQ1 / IQ2 types need the imatrix)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_void_p]
+    from tests.peers import llama_cpp as llama
+
+    fn = llama.ggml_quantize_chunk()
 
     def run(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

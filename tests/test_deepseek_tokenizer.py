@@ -241,20 +241,20 @@ def test_gguf_tokenizer_round_trip(ds_gguf: Path, tiny_ds: Path, tok: HFTokenize
 
 
 def test_llama_cpp_tokenizes_our_gguf_identically(ds_gguf: Path, tok: HFTokenizer) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(ds_gguf), vocab_only=True, verbose=False)
-    try:
-        for s in STRINGS:
-            ids = tok.encode(s)
-            assert llm.tokenize(s.encode(), add_bos=False, special=True) == ids, s
-            # special=False: CONTROL tokens are text, USER_DEFINED (<think>) still match, as allow_special=False
-            assert llm.tokenize(s.encode(), add_bos=False, special=False) == tok.encode(s, allow_special=False), s
-            assert llm.tokenize(s.encode(), add_bos=True, special=True)[:1] == [tok.bos_id]  # add_bos_token
-            if not set(ids) & tok.special_ids:
-                assert llm.detokenize(ids) == s.encode()
-        assert llm.token_eos() == tok.eos_id and llm.token_bos() == tok.bos_id
-    finally:
-        llm.close()
+    pytest.importorskip("llama_cpp")
+    from tests.peers import llama_cpp as llama
+
+    detok = [ids if not set(ids) & tok.special_ids else None for ids in map(tok.encode, STRINGS)]
+    got, eos, bos = llama.isolated("tokenize", str(ds_gguf), STRINGS, detok)
+    for s, g, d in zip(STRINGS, got, detok):
+        ids = tok.encode(s)
+        assert g.special == ids, s
+        # special=False: CONTROL tokens are text, USER_DEFINED (<think>) still match, as allow_special=False
+        assert g.plain == tok.encode(s, allow_special=False), s
+        assert g.with_bos[:1] == [tok.bos_id]  # add_bos_token
+        if d is not None:
+            assert g.detokenized == s.encode()
+    assert eos == tok.eos_id and bos == tok.bos_id
 
 
 def test_engine_from_gguf_builds_the_same_prompt(ds_gguf: Path, ds_engine) -> None:

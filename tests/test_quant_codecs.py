@@ -7,7 +7,6 @@ They skip when llama_cpp is not installed.
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import gguf
@@ -18,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from quant import codecs
+from tests.peers import llama_cpp as llama
 
 QUANT_TYPES = [T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q3_K, T.Q2_K]
 K_TYPES = [T.Q6_K, T.Q5_K, T.Q4_K, T.Q3_K, T.Q2_K]
@@ -273,24 +273,9 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0, n_layer: int = 2, n_embd: i
     return tensors
 
 
-def _llama_quantize(llama_cpp, src: Path, dst: Path, ftype: int,
-                    imatrix: dict[str, np.ndarray] | None = None) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 2
-    keep = []
-    if imatrix:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for e, (name, data) in zip(entries, imatrix.items()):
-            arr = np.ascontiguousarray(data, dtype=np.float32)
-            keep.append(arr)
-            e.name = name.encode()
-            e.data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            e.size = arr.size
-        entries[len(imatrix)].name = None
-        params.imatrix = entries
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed ({rc})"
+def _llama_quantize(src: Path, dst: Path, ftype: int, imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama_model_quantize in a child process (tests.peers.llama_cpp): a llama.cpp crash fails the test only."""
+    llama.isolated("quantize", str(src), str(dst), ftype, imatrix=imatrix)
 
 
 _OURS: dict[tuple[str, int], np.ndarray] = {}  # (tensor, type) -> our bytes, shared by the ftype tests
@@ -354,7 +339,7 @@ def test_bit_identical_with_llama_model_quantize(ftype_name: str, llama_cpp, tin
     src, tensors = tiny_model
     ftype, expected_types = FTYPES[ftype_name]
     dst = tmp_path / f"tiny-{ftype_name}.gguf"
-    _llama_quantize(llama_cpp, src, dst, ftype)
+    _llama_quantize(src, dst, ftype)
     seen, equal, total = _compare_file(dst, tensors)
     assert expected_types <= set(seen), seen
     assert equal == total, f"{ftype_name}: {equal}/{total} bytes equal ({seen})"
@@ -366,7 +351,7 @@ def test_imatrix_bit_identical_with_llama_model_quantize(llama_cpp, tiny_model, 
     imatrix = {name: (rng.random(a.shape[-1] * (a.shape[0] if a.ndim == 3 else 1)) * 4).astype(np.float32)
                for name, a in tensors.items() if a.ndim >= 2 and name != "token_embd.weight"}
     dst = tmp_path / "tiny-Q3_K_M-imatrix.gguf"
-    _llama_quantize(llama_cpp, src, dst, FTYPES["Q3_K_M"][0], imatrix)
+    _llama_quantize(src, dst, FTYPES["Q3_K_M"][0], imatrix)
     seen, equal, total = _compare_file(dst, tensors, imatrix)
     assert {"Q3_K", "Q4_K"} <= set(seen), seen
     assert equal == total, f"{equal}/{total} bytes equal ({seen})"

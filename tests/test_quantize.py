@@ -1,7 +1,6 @@
 """`k2local quantize`: HF checkpoint -> GGUF that llama.cpp loads and agrees with; recipes, imatrix, resume, splits."""
 from __future__ import annotations
 
-import ctypes
 import os
 import json
 import shutil
@@ -19,6 +18,7 @@ from k2local.errors import CheckpointError, K2Error
 from k2local.model import KimiK2Model
 from k2local.recipes import Recipe, TensorRole, get_recipe, resolve_type
 from quant.gguf_file import GGUFStreamWriter, TensorSpec, split_parts, strv
+from tests.peers import llama_cpp as llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,22 +72,15 @@ def llama_q4km_gguf(f32_gguf, gguf_dir) -> Path:
 
 # ----------------------------------------------------------------------------------------------------- helpers
 def llama_quantize(src: Path, dst: Path, ftype: int, pure: bool = False) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.pure, params.nthread = ftype, pure, 2
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    pytest.importorskip("llama_cpp")
+    llama.isolated("quantize", str(src), str(dst), ftype, pure)
 
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits for every position (YaRN betas passed explicitly: see Config.llama_cpp_overrides)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False, type_k=0, type_v=0,
-                          **open_checkpoint(path).config.llama_cpp_overrides)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
+    """llama.cpp's logits for every position (YaRN betas passed explicitly: see Config.llama_cpp_overrides), in a
+    child process: a llama.cpp abort fails the test instead of ending the run."""
+    pytest.importorskip("llama_cpp")
+    return llama.isolated("logits", str(path), ids, **open_checkpoint(path).config.llama_cpp_overrides)
 
 
 def k2_logits(path: Path, ids: list[int]) -> np.ndarray:

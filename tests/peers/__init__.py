@@ -1,0 +1,1 @@
+"""Peers the tests and benchmarks compare k2local against, loaded safely."""
