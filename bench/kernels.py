@@ -535,13 +535,13 @@ def report(res: dict) -> None:
         best = {}
         for k in ("k2 gemv", "k2 moe", "k2 l3", "llama.cpp"):
             best[k] = row(f"{tname} {k}", d.get(k))
-        moe, llama = best.get("k2 moe"), best.get("llama.cpp")
+        moe, peer = best.get("k2 moe"), best.get("llama.cpp")
         line = (f"{tname}: k2 moe {moe[0]:.1f} GB/s @ {moe[1]} threads = {100 * moe[0] / ram_best:.0f}% of RAM read "
                 f"({ram_best:.1f} GB/s)")
         if moe[1] in med:
             line += f", {100 * moe[0] / med[moe[1]]:.0f}% of the median probe at {moe[1]} threads ({med[moe[1]]:.1f})"
-        if llama:
-            line += f"; llama.cpp {llama[0]:.1f} GB/s @ {llama[1]} threads -> k2/llama.cpp = {moe[0] / llama[0]:.2f}x"
+        if peer:
+            line += f"; llama.cpp {peer[0]:.1f} GB/s @ {peer[1]} threads -> k2/llama.cpp = {moe[0] / peer[0]:.2f}x"
         gb_tok = K2_WEIGHTS_PER_TOKEN * K.row_bytes(int(Q[tname]), 256) / 256 / 1e9
         line += f"; Kimi K2 routed experts {gb_tok:.1f} GB/token -> {moe[0] / gb_tok:.2f} tok/s at this speed"
         summary.append(line)
