@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from k2local.errors import K2Error
-from k2local.generate import GenerationResult
+from k2local.generate import ChatBackend, GenerationResult
 from k2local.sampler import SamplingParams
 
 SAVE_FORMAT = "k2local.chat"
@@ -135,7 +135,7 @@ class ChatSession:
     its own tokens (plus any re-tokenization difference in the previous answer).
     """
 
-    engine: Any  # k2local.engine.Engine (duck-typed so tests can stub it)
+    engine: ChatBackend  # k2local.engine.Engine, or a stub with its interface
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
     ignore_eos: bool = False
@@ -275,7 +275,7 @@ class ChatSession:
 
     def to_dict(self) -> dict[str, Any]:
         p = self.params
-        return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "model": getattr(self.engine, "name", None),
+        return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "model": self.engine.name,
                 "system": self.system, "messages": self.messages,
                 "sampling": {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
                              "max_tokens": p.max_tokens, "seed": p.seed}}
@@ -319,14 +319,12 @@ class ChatSession:
         """Numbers for /stats."""
         t = self.totals
         out: dict[str, Any] = {
-            "model": getattr(self.engine, "name", None), "messages": len(self.messages), "turns": t.turns,
+            "model": self.engine.name, "messages": len(self.messages), "turns": t.turns,
             "context_used": self.context_used, "context_max": self.engine.max_context,
             "prompt_tokens_total": t.prompt_tokens, "cached_tokens_total": t.cached_tokens,
             "completion_tokens_total": t.completion_tokens, "interrupted": t.interrupted,
         }
-        cache = getattr(self.generator, "cache", None)
-        if cache is not None and hasattr(cache, "nbytes"):
-            out["kv_cache_bytes"] = cache.nbytes()
+        out["kv_cache_bytes"] = self.generator.cache.nbytes()
         if self.last and self.last.result:
             r = self.last.result
             out["last"] = {"prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
