@@ -162,13 +162,13 @@ def _load(path: Path, opts: LoadOptions, console: Console, show: bool) -> tuple[
 def plan_summary(engine: Engine, opts: LoadOptions, loaded_bytes: int = 0) -> Any:
     """What is where (GPU / RAM / disk): offload's plan when the expert backend has one, else from the engine
     (``loaded_bytes``: what loading read, the size shown for the non-expert weights)."""
-    backend = getattr(engine.model, "experts", None)
-    plan = getattr(backend, "plan", None)
+    backend = engine.model.experts
+    plan = getattr(backend, "plan", None)  # offload's backends carry their placement plan; DenseExperts has none
     if plan is not None:
         try:
             from k2local.cli_plan import plan_table  # noqa: PLC0415 (offload's planner imports torch)
 
-            notes = [f"[yellow]note:[/] {n}" for n in getattr(plan, "notes", [])]
+            notes = [f"[yellow]note:[/] {n}" for n in plan.notes]
             return Group(plan_table(plan), *notes)
         except Exception:  # noqa: BLE001 (a summary is not worth failing the chat for)
             pass
