@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from k2local.errors import K2Error
-from k2local.generate import GenerationResult
+from k2local.generate import ChatBackend, GenerationResult
 from k2local.sampler import SamplingParams
 
 SAVE_FORMAT = "k2local.chat"
@@ -127,6 +127,19 @@ class Totals:
 
 
 @dataclass
+class SessionStats:
+    """What /stats shows: the conversation, the KV cache, totals over all turns, and the last answer's result."""
+
+    model: str
+    messages: int
+    context_used: int
+    context_max: int
+    kv_cache_bytes: int
+    totals: Totals
+    last: GenerationResult | None  # None before the first answer or after a hard interrupt
+
+
+@dataclass
 class ChatSession:
     """A conversation with one engine: messages, system prompt, sampling settings, and the KV-caching generator.
 
@@ -135,7 +148,7 @@ class ChatSession:
     its own tokens (plus any re-tokenization difference in the previous answer).
     """
 
-    engine: Any  # k2local.engine.Engine (duck-typed so tests can stub it)
+    engine: ChatBackend  # k2local.engine.Engine, or a stub with its interface
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
     ignore_eos: bool = False
@@ -275,7 +288,7 @@ class ChatSession:
 
     def to_dict(self) -> dict[str, Any]:
         p = self.params
-        return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "model": getattr(self.engine, "name", None),
+        return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "model": self.engine.name,
                 "system": self.system, "messages": self.messages,
                 "sampling": {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
                              "max_tokens": p.max_tokens, "seed": p.seed}}
@@ -315,25 +328,11 @@ class ChatSession:
 
     # -- commands ------------------------------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SessionStats:
         """Numbers for /stats."""
-        t = self.totals
-        out: dict[str, Any] = {
-            "model": getattr(self.engine, "name", None), "messages": len(self.messages), "turns": t.turns,
-            "context_used": self.context_used, "context_max": self.engine.max_context,
-            "prompt_tokens_total": t.prompt_tokens, "cached_tokens_total": t.cached_tokens,
-            "completion_tokens_total": t.completion_tokens, "interrupted": t.interrupted,
-        }
-        cache = getattr(self.generator, "cache", None)
-        if cache is not None and hasattr(cache, "nbytes"):
-            out["kv_cache_bytes"] = cache.nbytes()
-        if self.last and self.last.result:
-            r = self.last.result
-            out["last"] = {"prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
-                           "prefill_tokens": r.prompt_tokens - r.cached_tokens,
-                           "prefill_tokens_per_s": r.prefill_tps, "completion_tokens": len(r.tokens),
-                           "decode_tokens_per_s": r.decode_tps, "finish_reason": r.finish_reason}
-        return out
+        return SessionStats(self.engine.name, len(self.messages), self.context_used, self.engine.max_context,
+                            self.generator.cache.nbytes(), replace(self.totals),
+                            self.last.result if self.last else None)
 
     def set_param(self, name: str, value: str) -> str:
         """/set NAME VALUE: change one sampling setting (validated)."""
@@ -449,21 +448,19 @@ def run_command(session: ChatSession, message: str) -> CommandOutcome:
     return CommandOutcome(f"unknown command {head}; /help lists the commands", error=True)
 
 
-def format_stats(s: dict[str, Any]) -> str:
+def format_stats(s: SessionStats) -> str:
     """/stats as aligned lines."""
-    lines = [f"model             {s['model']}",
-             f"messages          {s['messages']} ({s['turns']} turns, {s['interrupted']} interrupted)",
-             f"context           {s['context_used']}/{s['context_max']} tokens"]
-    if "kv_cache_bytes" in s:
-        lines.append(f"kv cache          {s['kv_cache_bytes'] / 2**20:.1f} MiB allocated")
-    lines.append(f"tokens total      prompt {s['prompt_tokens_total']} (cached {s['cached_tokens_total']}), "
-                 f"generated {s['completion_tokens_total']}")
-    last = s.get("last")
-    if last:
-        lines += [f"last prompt       {last['prompt_tokens']} tokens, cached {last['cached_tokens']}, "
-                  f"prefilled {last['prefill_tokens']} at {last['prefill_tokens_per_s']:.1f} tok/s",
-                  f"last answer       {last['completion_tokens']} tokens at {last['decode_tokens_per_s']:.1f} tok/s "
-                  f"({last['finish_reason']})"]
+    t = s.totals
+    lines = [f"model             {s.model}",
+             f"messages          {s.messages} ({t.turns} turns, {t.interrupted} interrupted)",
+             f"context           {s.context_used}/{s.context_max} tokens",
+             f"kv cache          {s.kv_cache_bytes / 2**20:.1f} MiB allocated",
+             f"tokens total      prompt {t.prompt_tokens} (cached {t.cached_tokens}), generated {t.completion_tokens}"]
+    r = s.last
+    if r:
+        lines += [f"last prompt       {r.prompt_tokens} tokens, cached {r.cached_tokens}, "
+                  f"prefilled {r.prompt_tokens - r.cached_tokens} at {r.prefill_tps:.1f} tok/s",
+                  f"last answer       {len(r.tokens)} tokens at {r.decode_tps:.1f} tok/s ({r.finish_reason})"]
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ def cli() -> None:
 @click.option("--seed", type=int, default=0)
 def make_tiny_cmd(out: str, variant: str, seed: int) -> None:
     """Write a tiny random checkpoint with Kimi K2's exact file layout to OUT."""
-    from k2local.tiny import make_tiny  # noqa: PLC0415
+    from k2local.tiny import make_tiny  # noqa: PLC0415 (deferred: k2local.tiny imports torch, slow at start-up)
 
     path = make_tiny(out, variant, seed)
     click.echo(f"wrote tiny {variant} checkpoint (random weights) to {path}")

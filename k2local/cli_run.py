@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import click
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -20,6 +20,10 @@ from k2local.errors import K2Error
 
 if TYPE_CHECKING:
     from k2local.chat_session import ChatSession, TurnResult
+    from k2local.engine import Engine, LoadOptions
+
+# The function-local imports below (`noqa: PLC0415`) defer torch, which k2local.chat_session, .engine, .sampler,
+# .tiny and .checkpoint import (about 2 s): `k2local run --help` and argument errors stay instant.
 
 RANDOM_NOTICE = ("No MODEL given: running the built-in tiny checkpoint. Its weights are RANDOM, so its answers "
                  "are gibberish; it is here to try k2local. Pass a checkpoint path to chat with a real model.")
@@ -74,9 +78,9 @@ def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_to
     path, random_weights = _resolve_model(model, err if show_loading else None)
     if random_weights:
         err.print(RANDOM_NOTICE, style="bold yellow")
-    engine = _load(path, opts, err, show_loading)
+    engine, loaded_bytes = _load(path, opts, err, show_loading)
     if show_loading:
-        err.print(plan_summary(engine, opts))
+        err.print(plan_summary(engine, opts, loaded_bytes))
     session = ChatSession(engine, params, system=system, ignore_eos=ignore_eos)
     if question is not None:
         _answer_once(session, question, json_out, random_weights, err if verbose else None)
@@ -124,8 +128,8 @@ def _count_tensors(path: Path) -> int | None:
         return None
 
 
-def _load(path: Path, opts: Any, console: Console, show: bool) -> Any:
-    """Engine.load with a progress bar (tensors, GB, time) and a one-line summary."""
+def _load(path: Path, opts: LoadOptions, console: Console, show: bool) -> tuple[Engine, int]:
+    """Engine.load with a progress bar (tensors, GB, time) and a one-line summary; (engine, bytes loaded)."""
     from k2local.engine import Engine  # noqa: PLC0415
 
     total = _count_tensors(path)
@@ -149,24 +153,22 @@ def _load(path: Path, opts: Any, console: Console, show: bool) -> Any:
         raise
     except (ValueError, OSError) as e:  # tokenizer / chat template / file problems
         raise K2Error(f"cannot load {path}: {e}") from None
-    engine.loaded_bytes = seen["bytes"]
     if show:
         console.print(f"loaded {engine.name}: {seen['n']} tensors, {seen['bytes'] / 1e9:.2f} GB "
                       f"in {time.perf_counter() - t0:.1f} s", style="bold", markup=False, soft_wrap=True)
-    return engine
+    return engine, seen["bytes"]
 
 
-def plan_summary(engine: Any, opts: Any) -> Any:
-    """What is where (GPU / RAM / disk): offload's plan when the expert backend has one, else from the engine."""
-    backend = getattr(engine.model, "experts", None)
-    plan = getattr(backend, "plan", None)
+def plan_summary(engine: Engine, opts: LoadOptions, loaded_bytes: int = 0) -> Any:
+    """What is where (GPU / RAM / disk): offload's plan when the expert backend has one, else from the engine
+    (``loaded_bytes``: what loading read, the size shown for the non-expert weights)."""
+    backend = engine.model.experts
+    plan = getattr(backend, "plan", None)  # offload's backends carry their placement plan; DenseExperts has none
     if plan is not None:
         try:
-            from rich.console import Group  # noqa: PLC0415
+            from k2local.cli_plan import plan_table  # noqa: PLC0415 (offload's planner imports torch)
 
-            from k2local.cli_plan import plan_table  # noqa: PLC0415
-
-            notes = [f"[yellow]note:[/] {n}" for n in getattr(plan, "notes", [])]
+            notes = [f"[yellow]note:[/] {n}" for n in plan.notes]
             return Group(plan_table(plan), *notes)
         except Exception:  # noqa: BLE001 (a summary is not worth failing the chat for)
             pass
@@ -178,7 +180,7 @@ def plan_summary(engine: Any, opts: Any) -> Any:
     for col in ("tier", "holds", "size"):
         table.add_column(col)
     table.add_row(where, f"attention, dense and shared weights ({str(model.dtype).replace('torch.', '')})",
-                  _gb(getattr(engine, "loaded_bytes", 0)))
+                  _gb(loaded_bytes))
     ex_bytes, ex_dev = _tensor_bytes(getattr(backend, "experts", None))
     ex_where = "GPU" if ex_dev == "cuda" else "RAM"
     table.add_row(ex_where, f"routed experts, all resident ({type(backend).__name__})", _gb(ex_bytes))
@@ -195,6 +197,8 @@ def _gb(n: int) -> str:
 
 def _tensor_bytes(obj: Any) -> tuple[int, str]:
     """Total bytes and device type of the tensors inside nested dicts/lists/tuples."""
+    import torch  # noqa: PLC0415 (deferred: see the note at the top; loaded by now)
+
     total, dev = 0, "cpu"
     stack = [obj]
     while stack:
@@ -203,7 +207,7 @@ def _tensor_bytes(obj: Any) -> tuple[int, str]:
             stack.extend(o.values())
         elif isinstance(o, (list, tuple)):
             stack.extend(o)
-        elif hasattr(o, "element_size") and hasattr(o, "numel"):
+        elif isinstance(o, torch.Tensor):
             total += o.numel() * o.element_size()
             dev = o.device.type
     return total, dev
@@ -269,7 +273,7 @@ def _history_path() -> Path:
 def _setup_readline() -> Any:
     """Line editing and up-arrow history (persisted across sessions) through the stdlib readline."""
     try:
-        import readline  # noqa: PLC0415
+        import readline  # noqa: PLC0415 (optional: some Pythons are built without it)
     except ImportError:
         return None
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 
 import click
@@ -57,8 +58,8 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, served_m
     Endpoints: POST /v1/chat/completions, /v1/completions, /v1/messages (Anthropic); GET /v1/models, /health.
     Without MODEL the built-in tiny checkpoint is served (random weights: for trying the API only).
     """
-    import logging  # noqa: PLC0415
-
+    # Deferred (noqa: PLC0415): torch (engine, tiny) and fastapi/uvicorn (server) take seconds to import; `k2local
+    # serve --help` and the checks below stay instant.
     import uvicorn  # noqa: PLC0415
 
     from k2local.engine import Engine, LoadOptions  # noqa: PLC0415

@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
 from k2local.errors import K2Error
 from k2local.model import KimiK2Model
 from k2local.sampler import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from k2local.chat_template import ChatTemplate
+    from k2local.tokenizer_common import TextTokenizer
+
+GenerationFinish = Literal["stop", "length", "cancelled"]
 
 
 class ContextOverflow(K2Error):
@@ -19,7 +26,7 @@ class ContextOverflow(K2Error):
 @dataclass
 class GenerationResult:
     tokens: list[int]
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: GenerationFinish
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV was reused instead of recomputed
     prefill_s: float
@@ -98,7 +105,7 @@ class Generator:
         logits, reused = self.prefill(ids)
         t1 = time.perf_counter()
         out: list[int] = []
-        reason = "length"
+        reason: GenerationFinish = "length"
         while True:
             if should_stop and should_stop():
                 reason = "cancelled"
@@ -120,3 +127,22 @@ class Generator:
             logits = self.model.forward([tok], self.cache, pos=len(self.tokens))[-1]
             self.tokens.append(tok)
         return GenerationResult(out, reason, len(ids), reused, t1 - t0, time.perf_counter() - t1)
+
+
+class ChatBackend(Protocol):
+    """What the chat session and the server drive: a :class:`k2local.engine.Engine`, or a stand-in with its interface
+    (tests stub it). ``chat_ids`` renders messages (OpenAI shape) through ``template`` and tokenizes them."""
+
+    tokenizer: TextTokenizer
+    template: ChatTemplate
+    max_context: int
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stop_ids(self) -> Collection[int]: ...
+
+    def new_generator(self) -> Generator: ...
+
+    def chat_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]: ...

@@ -19,6 +19,7 @@ from gguf import GGUFReader, Keys
 from k2local.checkpoint import expected_tensor_names
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
+from k2local.gguf_vocab import tokenizer_and_template_from_gguf
 from quant.gguf_file import GGUFFormatError, TensorSpec, dequantize_rows, qtype_of, split_parts
 
 ARCHES = ("deepseek2",)
@@ -304,63 +305,8 @@ class GGUFSource:
 
     # ------------------------------------------------------------------------------------ tokenizer, template
     def tokenizer_and_template(self):
-        """(tokenizer, ChatTemplate) from tokenizer.ggml.* and tokenizer.chat_template: a tiktoken Tokenizer for
-        pre `kimi-k2`, a `tokenizers`-backed HFTokenizer for pre `deepseek-v3`."""
-        m = self.meta
-        model, pre = m.get(Keys.Tokenizer.MODEL), m.get(Keys.Tokenizer.PRE)
-        tokens, types = m.get(Keys.Tokenizer.LIST), m.get(Keys.Tokenizer.TOKEN_TYPE)
-        if model != "gpt2" or tokens is None or types is None:
-            raise CheckpointError(f"{self.path}: no gpt2-style tokenizer in the metadata (tokenizer.ggml.model = "
-                                  f"{model!r})")
-        if pre == "deepseek-v3":
-            return self._deepseek_tokenizer_and_template()
-        if pre not in ("kimi-k2", None):
-            raise CheckpointError(f"{self.path}: tokenizer pre-tokenizer {pre!r} is not supported (k2local "
-                                  "implements 'kimi-k2' (Kimi K2, Moonlight) and 'deepseek-v3')")
-        return self._kimi_tokenizer_and_template()
-
-    def _deepseek_tokenizer_and_template(self):
-        from k2local.chat_template import ChatTemplate  # noqa: PLC0415
-        from k2local.gguf_vocab import tokenizer_from_metadata  # noqa: PLC0415
-        from k2local.tiny_tokenizer import DEEPSEEK_TINY_TEMPLATE  # noqa: PLC0415
-
-        tok = tokenizer_from_metadata(self.meta, str(self.path))
-        bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
-        eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
-        src = self.meta.get(Keys.Tokenizer.CHAT_TEMPLATE)
-        tool_use = self.meta.get(Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="tool_use"))
-        origin = f"{self.path} tokenizer.chat_template" if src else "k2local built-in DeepSeek-V3-style template"
-        return tok, ChatTemplate(src or DEEPSEEK_TINY_TEMPLATE, bos_token=bos, eos_token=eos,
-                                 tool_use_source=tool_use, origin=origin)
-
-    def _kimi_tokenizer_and_template(self):
-        from k2local.chat_template import KIMI_K2_TEMPLATE, ChatTemplate  # noqa: PLC0415
-        from k2local.tokenizer import Tokenizer, TokenizerError, ranks_from_gguf_tokens  # noqa: PLC0415
-
-        m = self.meta
-        tokens, types = m.get(Keys.Tokenizer.LIST), m.get(Keys.Tokenizer.TOKEN_TYPE)
-        try:
-            ranks, specials = ranks_from_gguf_tokens(list(tokens), [int(x) for x in types])
-            id_name = {i: s for s, i in specials.items()}
-
-            def name_of(key: str) -> str | None:
-                i = m.get(key)
-                return id_name.get(int(i)) if i is not None else None
-
-            tok = Tokenizer.from_ranks(ranks, specials, bos_token=name_of(Keys.Tokenizer.BOS_ID),
-                                       eos_token=name_of(Keys.Tokenizer.EOS_ID),
-                                       pad_token=name_of(Keys.Tokenizer.PAD_ID),
-                                       unk_token=name_of(Keys.Tokenizer.UNK_ID), vocab_size=len(tokens))
-        except TokenizerError as e:
-            raise CheckpointError(f"{self.path}: tokenizer metadata: {e}") from None
-        src = m.get(Keys.Tokenizer.CHAT_TEMPLATE)
-        tool_use = m.get(Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="tool_use"))
-        bos = id_name.get(tok.bos_id, "") if tok.bos_id is not None else ""
-        eos = id_name.get(tok.eos_id, "") if tok.eos_id is not None else ""
-        tmpl = ChatTemplate(src or KIMI_K2_TEMPLATE, bos_token=bos or "", eos_token=eos or "",
-                            tool_use_source=tool_use, origin=f"{self.path} tokenizer.chat_template"
-                            if src else "k2local built-in Kimi K2 template")
-        return tok, tmpl
+        """(tokenizer, ChatTemplate) from tokenizer.ggml.* and tokenizer.chat_template (k2local.gguf_vocab)."""
+        return tokenizer_and_template_from_gguf(self.meta, str(self.path))
 
 
 # -------------------------------------------------------------------------------------------------------- config

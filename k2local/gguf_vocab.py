@@ -1,37 +1,55 @@
 """GGUF tokenizer metadata (`tokenizer.ggml.*` and the chat template): written from a checkpoint directory, and read
-back into a tokenizer for the `deepseek-v3` pre-tokenizer (Kimi's `kimi-k2` is read by k2local.tokenizer).
+back into a tokenizer and chat template (:func:`tokenizer_and_template_from_gguf`, what a GGUF checkpoint hands the
+engine).
 
 Both follow llama.cpp's converter: a "gpt2" vocabulary of GPT-2 byte-level strings, token types (NORMAL, CONTROL for
 special or special-looking added tokens, USER_DEFINED for other added tokens, UNUSED `[PAD{i}]` for embedding rows
-past the tokenizer), merges, bos/eos/pad/unk ids, add_bos, and the checkpoint's chat template.
+past the tokenizer), merges, bos/eos/pad/unk ids, add_bos, and the checkpoint's chat template. Pre-tokenizer
+`kimi-k2` is read back as Kimi's tiktoken :class:`~k2local.tokenizer.Tokenizer`, `deepseek-v3` as a `tokenizers` BPE
+with DeepSeek-V3's pre-tokenizer (:class:`~k2local.hf_tokenizer.HFTokenizer`).
 """
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import tokenizers
 from gguf import GGUFValueType, Keys
+from tokenizers import AddedToken, decoders, models, processors
 
+from k2local.chat_template import KIMI_K2_TEMPLATE, ChatTemplate, ChatTemplateError
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
+from k2local.hf_tokenizer import HFTokenizer, deepseek_v3_pre_tokenizer, pre_tokenizer_name
+from k2local.tokenizer import Tokenizer, gguf_vocab, load_tokenizer, ranks_from_gguf_tokens
+from k2local.tokenizer_common import (
+    TOKEN_TYPE_CONTROL,
+    TOKEN_TYPE_NORMAL,
+    TOKEN_TYPE_UNKNOWN,
+    TOKEN_TYPE_UNUSED,
+    TOKEN_TYPE_USER_DEFINED,
+    TextTokenizer,
+    TokenizerError,
+)
 from quant.gguf_file import MetaValue, arr, boolv, strv, u32
 
-if TYPE_CHECKING:
-    from k2local.hf_tokenizer import HFTokenizer
+__all__ = ["KNOWN_TEMPLATES", "deepseek_tokenizer_from_metadata", "hf_gguf_vocab", "kimi_tokenizer_from_metadata",
+           "tokenizer_and_template_from_gguf", "tokenizer_metadata"]
 
-__all__ = ["hf_gguf_vocab", "tokenizer_from_metadata", "tokenizer_metadata"]
+log = logging.getLogger("k2local")
 
-# gguf.TokenType values
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+KNOWN_TEMPLATES: dict[str, tuple[str, str]] = {"kimi-k2": (KIMI_K2_TEMPLATE, "k2local built-in Kimi K2 template")}
+"""Pre-tokenizer -> (chat template, its origin) that k2local ships for that model family: what a GGUF without
+``tokenizer.chat_template`` gets. Kimi K2 only: k2local has no DeepSeek-V3 template of its own (the tiny test
+checkpoint's DeepSeek-style template is not DeepSeek-V3's), so such a GGUF must carry its template."""
 
 
 def tokenizer_metadata(src_dir: Path, cfg: ModelConfig) -> dict[str, MetaValue]:
     """tokenizer.ggml.* and the chat template from a checkpoint: Kimi's tiktoken.model (pre `kimi-k2`) or a
     DeepSeek-V3 tokenizer.json (pre `deepseek-v3`)."""
-    from k2local.hf_tokenizer import HFTokenizer  # noqa: PLC0415
-    from k2local.tokenizer import TokenizerError, gguf_vocab, load_tokenizer  # noqa: PLC0415
-
     try:
         tok = load_tokenizer(src_dir)
         if isinstance(tok, HFTokenizer):
@@ -43,7 +61,7 @@ def tokenizer_metadata(src_dir: Path, cfg: ModelConfig) -> dict[str, MetaValue]:
     except TokenizerError as e:
         raise CheckpointError(f"{src_dir}: tokenizer: {e}") from None
     if len(tokens) < cfg.vocab_size:  # embedding rows beyond the tokenizer: unused padding ids
-        types += [_UNUSED] * (cfg.vocab_size - len(tokens))
+        types += [TOKEN_TYPE_UNUSED] * (cfg.vocab_size - len(tokens))
         tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
     elif len(tokens) > cfg.vocab_size:
         raise CheckpointError(f"{src_dir}: tokenizer has {len(tokens)} tokens but vocab_size is {cfg.vocab_size}")
@@ -67,8 +85,6 @@ def tokenizer_metadata(src_dir: Path, cfg: ModelConfig) -> dict[str, MetaValue]:
 
 
 def _template_metadata(src_dir: Path) -> dict[str, MetaValue]:
-    from k2local.chat_template import ChatTemplate, ChatTemplateError  # noqa: PLC0415
-
     try:
         tmpl = ChatTemplate.from_dir(src_dir)
     except ChatTemplateError:
@@ -93,9 +109,6 @@ def hf_gguf_vocab(tok: HFTokenizer, n_vocab: int) -> tuple[list[str], list[int],
 
     Raises TokenizerError when the tokenizer is not one llama.cpp's ``deepseek-v3`` pre-tokenizer reproduces.
     """
-    from k2local.hf_tokenizer import pre_tokenizer_name  # noqa: PLC0415
-    from k2local.tokenizer import TokenizerError  # noqa: PLC0415
-
     spec = json.loads(tok.backend.to_str())
     pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
     if pre is None or spec.get("normalizer") is not None:
@@ -109,19 +122,19 @@ def hf_gguf_vocab(tok: HFTokenizer, n_vocab: int) -> tuple[list[str], list[int],
     for i in range(n_vocab):
         if i >= tok.vocab_size or tok.is_unused(i):
             tokens.append(f"[PAD{i}]")
-            types.append(_UNUSED)
+            types.append(TOKEN_TYPE_UNUSED)
             continue
         text = tok.id_to_token(i)
         if i in added:
             if added[i].special or _looks_special(text):
-                types.append(_CONTROL)
+                types.append(TOKEN_TYPE_CONTROL)
             else:
                 text = text.replace("▁", " ")  # llama.cpp expects user-defined tokens pre-normalized
-                types.append(_USER_DEFINED)
+                types.append(TOKEN_TYPE_USER_DEFINED)
             tokens.append(text)
         else:
             tokens.append(text)
-            types.append(_NORMAL)
+            types.append(TOKEN_TYPE_NORMAL)
     merges: list[str] = []
     for m in spec["model"].get("merges") or []:
         pair = m.split(" ") if isinstance(m, str) else list(m)
@@ -131,15 +144,71 @@ def hf_gguf_vocab(tok: HFTokenizer, n_vocab: int) -> tuple[list[str], list[int],
     return tokens, types, merges, pre
 
 
-def tokenizer_from_metadata(meta: dict[str, Any], where: str) -> HFTokenizer:
+# ---------------------------------------------------------------------------------------------- reading a GGUF back
+
+def tokenizer_and_template_from_gguf(meta: Mapping[str, Any], where: str) -> tuple[TextTokenizer, ChatTemplate]:
+    """(tokenizer, ChatTemplate) from a GGUF's ``tokenizer.ggml.*`` and ``tokenizer.chat_template``: a tiktoken
+    :class:`Tokenizer` for pre `kimi-k2` (or none given), a `tokenizers`-backed :class:`HFTokenizer` for pre
+    `deepseek-v3`. ``where`` (the file) prefixes every error.
+
+    Without ``tokenizer.chat_template`` the template k2local ships for the family is used (:data:`KNOWN_TEMPLATES`,
+    with a warning); a family k2local has no template for is a CheckpointError saying so.
+    """
+    model, pre = meta.get(Keys.Tokenizer.MODEL), meta.get(Keys.Tokenizer.PRE)
+    if model != "gpt2" or meta.get(Keys.Tokenizer.LIST) is None or meta.get(Keys.Tokenizer.TOKEN_TYPE) is None:
+        raise CheckpointError(f"{where}: no gpt2-style tokenizer in the metadata (tokenizer.ggml.model = {model!r})")
+    if pre == "deepseek-v3":
+        tok: TextTokenizer = deepseek_tokenizer_from_metadata(meta, where)
+    elif pre in ("kimi-k2", None):
+        pre = "kimi-k2"
+        tok = kimi_tokenizer_from_metadata(meta, where)
+    else:
+        raise CheckpointError(f"{where}: tokenizer pre-tokenizer {pre!r} is not supported (k2local implements "
+                              "'kimi-k2' (Kimi K2, Moonlight) and 'deepseek-v3')")
+    return tok, _chat_template(meta, where, pre, tok)
+
+
+def _chat_template(meta: Mapping[str, Any], where: str, pre: str, tok: TextTokenizer) -> ChatTemplate:
+    """The GGUF's own chat template, else the one k2local ships for pre-tokenizer ``pre``'s family."""
+    bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
+    eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
+    src = meta.get(Keys.Tokenizer.CHAT_TEMPLATE)
+    tool_use = meta.get(Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="tool_use"))
+    if src:
+        origin = f"{where} tokenizer.chat_template"
+    elif pre in KNOWN_TEMPLATES:
+        src, origin = KNOWN_TEMPLATES[pre]
+        log.warning("%s has no tokenizer.chat_template; using the %s", where, origin)
+    else:
+        raise CheckpointError(
+            f"{where}: the GGUF has no chat template (tokenizer.chat_template), and k2local ships none for its "
+            f"model family (pre-tokenizer {pre!r}; k2local ships Kimi K2's only). Convert it again from a checkpoint "
+            "whose tokenizer_config.json or chat_template.jinja has the model's template, or write the template "
+            "into the GGUF's tokenizer.chat_template.")
+    return ChatTemplate(src, bos_token=bos, eos_token=eos, tool_use_source=tool_use, origin=origin)
+
+
+def kimi_tokenizer_from_metadata(meta: Mapping[str, Any], where: str) -> Tokenizer:
+    """Rebuild a ``kimi-k2`` GGUF vocabulary (tokens, types, bos/eos/pad/unk ids) as Kimi's tiktoken tokenizer."""
+    tokens, types = meta.get(Keys.Tokenizer.LIST), meta.get(Keys.Tokenizer.TOKEN_TYPE)
+    try:
+        ranks, specials = ranks_from_gguf_tokens(list(tokens or []), [int(x) for x in types or []])
+        id_name = {i: s for s, i in specials.items()}
+
+        def name_of(key: str) -> str | None:
+            i = meta.get(key)
+            return id_name.get(int(i)) if i is not None else None
+
+        return Tokenizer.from_ranks(ranks, specials, bos_token=name_of(Keys.Tokenizer.BOS_ID),
+                                    eos_token=name_of(Keys.Tokenizer.EOS_ID), pad_token=name_of(Keys.Tokenizer.PAD_ID),
+                                    unk_token=name_of(Keys.Tokenizer.UNK_ID), vocab_size=len(tokens or []))
+    except TokenizerError as e:
+        raise CheckpointError(f"{where}: tokenizer metadata: {e}") from None
+
+
+def deepseek_tokenizer_from_metadata(meta: Mapping[str, Any], where: str) -> HFTokenizer:
     """Rebuild a ``deepseek-v3`` GGUF vocabulary (tokens, types, merges, bos/eos/pad/unk, add_bos) as a
     ``tokenizers`` BPE with DeepSeek-V3's pre-tokenizer, so it tokenizes as the original tokenizer.json did."""
-    import tokenizers  # noqa: PLC0415
-    from tokenizers import AddedToken, decoders, models, processors  # noqa: PLC0415
-
-    from k2local.hf_tokenizer import HFTokenizer, deepseek_v3_pre_tokenizer  # noqa: PLC0415
-    from k2local.tokenizer import TokenizerError  # noqa: PLC0415
-
     tokens = list(meta.get(Keys.Tokenizer.LIST) or [])
     types = [int(t) for t in meta.get(Keys.Tokenizer.TOKEN_TYPE) or []]
     if not tokens or len(tokens) != len(types):
@@ -147,16 +216,16 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str) -> HFTokenizer:
     vocab: dict[str, int] = {}
     added: list[AddedToken] = []
     for i, (tok, typ) in enumerate(zip(tokens, types)):
-        if typ == _UNUSED:
+        if typ == TOKEN_TYPE_UNUSED:
             continue
-        if typ not in (_NORMAL, _CONTROL, _USER_DEFINED, _UNKNOWN):
+        if typ not in (TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNKNOWN):
             raise CheckpointError(f"{where}: tokenizer metadata: token {i} {tok!r} has type {typ}, unexpected in a "
                                   "deepseek-v3 vocabulary")
         if tok in vocab:
             raise CheckpointError(f"{where}: tokenizer metadata: token {tok!r} appears twice (ids {vocab[tok]}, {i})")
         vocab[tok] = i
-        if typ != _NORMAL:
-            added.append(AddedToken(tok, special=typ != _USER_DEFINED, normalized=False))
+        if typ != TOKEN_TYPE_NORMAL:
+            added.append(AddedToken(tok, special=typ != TOKEN_TYPE_USER_DEFINED, normalized=False))
     merges = []
     for m in meta.get(Keys.Tokenizer.MERGES) or []:
         pair = tuple(m.split(" "))
@@ -174,7 +243,8 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str) -> HFTokenizer:
 
     def name(key: str) -> str | None:
         i = meta.get(key)
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) and types[int(i)] != _UNUSED else None
+        ok = i is not None and 0 <= int(i) < len(tokens) and types[int(i)] != TOKEN_TYPE_UNUSED
+        return tokens[int(i)] if ok else None
 
     bos = name(Keys.Tokenizer.BOS_ID)
     add_bos = bool(meta.get(Keys.Tokenizer.ADD_BOS, False))

@@ -1,9 +1,10 @@
 """Hugging Face ``tokenizer.json`` tokenizers (DeepSeek-V3 family: byte-level BPE) run by the ``tokenizers`` library.
 
 :class:`HFTokenizer` has the public interface of :class:`k2local.tokenizer.Tokenizer` (encode / decode / streaming
-decode / special tokens / bos, eos, stop ids), so the generator, chat session, server and chat template code use
-either. Encoding and decoding are the library's; k2local only keeps a per-id byte table (what the ByteLevel decoder
-turns each token into) so that text can be streamed without splitting UTF-8 characters.
+decode / special tokens / bos, eos, stop ids: :class:`k2local.tokenizer_common.TextTokenizer`), so the generator,
+chat session, server and chat template code use either. Encoding and decoding are the library's; k2local only keeps
+a per-id byte table (what the ByteLevel decoder turns each token into) so that text can be streamed without splitting
+UTF-8 characters.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ from typing import Any
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from k2local.tokenizer import (StreamDecoder, TokenizerError, _read_config, _read_json, _token_name, _unicode_to_byte,
-                               bytes_to_gpt2)
+from k2local.tokenizer_common import (
+    StreamDecoder,
+    TokenizerError,
+    bytes_to_gpt2,
+    read_config,
+    read_json,
+    token_name,
+    unicode_to_byte,
+)
 
 __all__ = ["DEEPSEEK_V3_SPLITS", "HFTokenizer", "deepseek_v3_pre_tokenizer", "deepseek_v3_pre_tokenizer_json",
            "pre_tokenizer_name"]
@@ -76,7 +84,7 @@ def _has_byte_level(spec: Any) -> bool:
 
 def _token_bytes(token: str) -> bytes:
     """What the ByteLevel decoder makes of one token: GPT-2 byte chars -> bytes, any other token as UTF-8."""
-    table = _unicode_to_byte()
+    table = unicode_to_byte()
     try:
         return bytes(table[ch] for ch in token)
     except KeyError:
@@ -148,7 +156,7 @@ class HFTokenizer:
         ``generation_config.json`` (extra stop ids) and ``config.json`` (padded vocab_size) when present."""
         path = Path(path)
         tj = path / "tokenizer.json"
-        spec = _read_json(tj, "tokenizer.json")
+        spec = read_json(tj, "tokenizer.json")
         model = spec.get("model") if isinstance(spec, dict) else None
         kind = model.get("type") if isinstance(model, dict) else None
         if kind != "BPE":
@@ -162,11 +170,11 @@ class HFTokenizer:
         except Exception as e:  # the library raises its own Exception subclass on bad vocab / merges
             raise TokenizerError(f"{tj}: cannot load: {e}") from None
         cfg_path = path / "tokenizer_config.json"
-        cfg = _read_config(cfg_path) if cfg_path.exists() else {}
-        names = {k: _token_name(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        cfg = read_config(cfg_path) if cfg_path.exists() else {}
+        names = {k: token_name(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         gen_path, model_cfg_path = path / "generation_config.json", path / "config.json"
-        gen = _read_json(gen_path, "generation config") if gen_path.exists() else {}
-        model_cfg = _read_json(model_cfg_path, "model config") if model_cfg_path.exists() else {}
+        gen = read_json(gen_path, "generation config") if gen_path.exists() else {}
+        model_cfg = read_json(model_cfg_path, "model config") if model_cfg_path.exists() else {}
         gen, model_cfg = (d if isinstance(d, dict) else {} for d in (gen, model_cfg))
         for key in ("bos_token", "eos_token"):  # as llama.cpp's converter: config.json ids when the config names none
             if names[key] is None:

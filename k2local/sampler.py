@@ -1,7 +1,7 @@
 """Token sampling: greedy, temperature, top-k, top-p, seeded."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +16,9 @@ class SamplingParams:
     max_tokens: int = 512
     seed: int | None = None
     stop_ids: frozenset[int] | None = None  # None: the tokenizer's end-of-turn ids
-    extra: dict = field(default_factory=dict)
+    to_context_end: bool = False
+    """The request named no max_tokens: generate up to the end of the context window (the server replaces
+    ``max_tokens`` with the room the prompt leaves)."""
 
     def validate(self) -> None:
         if not (0.0 <= self.temperature <= 2.0):

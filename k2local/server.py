@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from k2local.generate import ChatBackend
 from k2local.sampler import SamplingParams
 from k2local.server_anthropic import (
     anthropic_plan,
@@ -55,8 +56,8 @@ from k2local.server_requests import (
     tool_mode,
     want_usage,
 )
-from k2local.server_worker import Done, Job, Output, TokenSource, Worker
-from k2local.toolcalls import tool_dialect
+from k2local.server_worker import Done, Failed, Job, Output, RequestKind, ServerEvent, TokenSource, Worker
+from k2local.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart, tool_dialect
 
 __all__ = ["APIError", "create_app"]
 
@@ -69,7 +70,7 @@ log = logging.getLogger("k2local.server")
 class Server:
     """What the routes share: backend, worker, names, auth."""
 
-    def __init__(self, backend: Any, model_name: str, api_key: str | None, worker: Worker):
+    def __init__(self, backend: ChatBackend, model_name: str, api_key: str | None, worker: Worker):
         self.backend, self.model_name, self.api_key, self.worker = backend, model_name, api_key, worker
         self.created = int(time.time())
 
@@ -106,7 +107,7 @@ class Server:
                                 f"{len(prompt)} prompt tokens. Please reduce the length of the {param}.",
                            param=param, code="context_length_exceeded")
         room = ctx - len(prompt)
-        if not params.extra.get("max_given"):
+        if params.to_context_end:
             params.max_tokens = room
         params.max_tokens = min(params.max_tokens, room)
         return Plan(prompt, params, stops, tools)
@@ -123,11 +124,11 @@ class Server:
         return self.finish_plan(prompt, params, stops, mode, "messages")
 
     # -- running ------------------------------------------------------------------------------------------------
-    def start(self, plan: Plan, kind: str) -> tuple[Job, asyncio.Queue]:
+    def start(self, plan: Plan, kind: RequestKind) -> tuple[Job, asyncio.Queue[ServerEvent]]:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue[ServerEvent] = asyncio.Queue()
 
-        def post(ev: tuple) -> None:
+        def post(ev: ServerEvent) -> None:
             try:
                 loop.call_soon_threadsafe(events.put_nowait, ev)
             except RuntimeError:  # the event loop is gone (server shutting down)
@@ -139,7 +140,7 @@ class Server:
         return job, events
 
 
-def create_app(engine_or_backend: Any, model_name: str, api_key: str | None = None, *, cache_slots: int = 4,
+def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | None = None, *, cache_slots: int = 4,
                max_queue: int = 256, _token_source: TokenSource | None = None) -> FastAPI:
     """The FastAPI app serving `engine_or_backend` (an Engine or anything with its interface) as `model_name`.
 
@@ -213,8 +214,7 @@ def create_app(engine_or_backend: Any, model_name: str, api_key: str | None = No
         d = await run_to_end(request, job, events)
         msg: dict[str, Any] = {"role": "assistant", "content": d.content if (d.content or not d.tool_calls) else None}
         if d.tool_calls:
-            msg["tool_calls"] = [{"id": c["id"], "type": "function",
-                                  "function": {"name": c["name"], "arguments": c["arguments"]}} for c in d.tool_calls]
+            msg["tool_calls"] = [c.to_openai() for c in d.tool_calls]
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": openai_finish(d)}],
                 "usage": usage_json(d)}
@@ -252,7 +252,7 @@ def create_app(engine_or_backend: Any, model_name: str, api_key: str | None = No
             return stream_response(anthropic_stream(srv, job, events, mid))
         d = await run_to_end(request, job, events)
         content: list[dict] = [{"type": "text", "text": d.content}] if d.content or not d.tool_calls else []
-        content += [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": json_input(c["arguments"])}
+        content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": json_input(c.arguments)}
                     for c in d.tool_calls]
         return {"id": mid, "type": "message", "role": "assistant", "model": model_name, "content": content,
                 "stop_reason": anthropic_stop(d), "stop_sequence": d.stop_sequence,
@@ -276,7 +276,12 @@ def _model_card(srv: Server) -> dict:
 
 # ------------------------------------------------------------------------------------- OpenAI chat streaming
 
-async def _chat_stream(srv: Server, job: Job, events: asyncio.Queue, cid: str, created: int,
+def _openai_error(err: APIError) -> dict:
+    """An error event of an OpenAI stream."""
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+async def _chat_stream(srv: Server, job: Job, events: asyncio.Queue[ServerEvent], cid: str, created: int,
                        include_usage: bool) -> AsyncIterator[str]:
     def chunk(delta: dict, finish: str | None = None) -> str:
         c: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -288,42 +293,39 @@ async def _chat_stream(srv: Server, job: Job, events: asyncio.Queue, cid: str, c
 
     yield chunk({"role": "assistant", "content": ""})
     async for ev in stream_events(job, events):
-        kind = ev[0]
-        if kind == "text":
-            yield chunk({"content": ev[1]})
-        elif kind == "tool_start":
-            yield chunk({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
-                                         "function": {"name": ev[3], "arguments": ""}}]})
-        elif kind == "tool_args":
-            yield chunk({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
-        elif kind == "error":
-            err: APIError = ev[1]
-            yield sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
-        elif kind == "done":
-            d: Done = ev[1]
-            yield chunk({}, openai_finish(d))
+        if isinstance(ev, ContentDelta):
+            yield chunk({"content": ev.text})
+        elif isinstance(ev, ToolCallStart):
+            yield chunk({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                         "function": {"name": ev.name, "arguments": ""}}]})
+        elif isinstance(ev, ToolCallArgsDelta):
+            yield chunk({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]})
+        elif isinstance(ev, Failed):
+            yield sse(_openai_error(ev.error))
+        elif isinstance(ev, Done):
+            yield chunk({}, openai_finish(ev))
             if include_usage:
                 yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                            "model": srv.model_name, "choices": [], "usage": usage_json(d)})
+                            "model": srv.model_name, "choices": [], "usage": usage_json(ev)})
     yield "data: [DONE]\n\n"
 
 
 # ------------------------------------------------------------------------------------------ completions
 
-def _completion_prompt(backend: Any, prompt: Any) -> tuple[str, list[int]]:
+def _completion_prompt(backend: ChatBackend, prompt: Any) -> tuple[str, list[int]]:
     """A completions prompt (string, [string], token ids or [token ids]) -> (text, ids)."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     tok = backend.tokenizer
     if isinstance(prompt, str):
         ids = tok.encode(prompt, allow_special=True)
-        bos = getattr(tok, "bos_id", None)
-        if getattr(tok, "add_bos_token", False) and bos is not None and ids[:1] != [bos]:
+        bos = tok.bos_id
+        if tok.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids  # DeepSeek-V3's tokenizer prepends BOS to a raw prompt (Kimi's never does)
         return prompt, ids
     if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-        vocab = getattr(tok, "vocab_size", None)
-        if any(i < 0 or (vocab is not None and i >= vocab) for i in prompt):
+        vocab = tok.vocab_size
+        if any(i < 0 or i >= vocab for i in prompt):
             raise bad_param("prompt", f"prompt token ids must be in [0, {vocab})")
         try:
             return tok.decode(prompt), list(prompt)
@@ -332,7 +334,7 @@ def _completion_prompt(backend: Any, prompt: Any) -> tuple[str, list[int]]:
     raise bad_param("prompt", "'prompt' must be a string or a list of token ids (one prompt per request)")
 
 
-async def _completion_stream(srv: Server, job: Job, events: asyncio.Queue, cid: str, created: int,
+async def _completion_stream(srv: Server, job: Job, events: asyncio.Queue[ServerEvent], cid: str, created: int,
                              include_usage: bool, prefix: str) -> AsyncIterator[str]:
     def chunk(text: str, finish: str | None = None) -> str:
         c: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": srv.model_name,
@@ -344,15 +346,13 @@ async def _completion_stream(srv: Server, job: Job, events: asyncio.Queue, cid: 
     if prefix:
         yield chunk(prefix)
     async for ev in stream_events(job, events):
-        if ev[0] == "text":
-            yield chunk(ev[1])
-        elif ev[0] == "error":
-            err: APIError = ev[1]
-            yield sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
-        elif ev[0] == "done":
-            d: Done = ev[1]
-            yield chunk("", "length" if d.finish_reason == "length" else "stop")
+        if isinstance(ev, ContentDelta):
+            yield chunk(ev.text)
+        elif isinstance(ev, Failed):
+            yield sse(_openai_error(ev.error))
+        elif isinstance(ev, Done):
+            yield chunk("", "length" if ev.finish_reason == "length" else "stop")
             if include_usage:
                 yield sse({"id": cid, "object": "text_completion", "created": created, "model": srv.model_name,
-                            "choices": [], "usage": usage_json(d)})
+                            "choices": [], "usage": usage_json(ev)})
     yield "data: [DONE]\n\n"

@@ -4,13 +4,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from k2local.server_events import sse, stream_events
 from k2local.server_requests import (
     ANTHROPIC_TYPES,
     DEFAULT_TEMPERATURE,
-    APIError,
+    ChatPlanner,
     Plan,
     bad_param,
     integer_param,
@@ -19,10 +19,8 @@ from k2local.server_requests import (
     sampling_params,
     stop_strings,
 )
-from k2local.server_worker import Done, Job
-
-if TYPE_CHECKING:
-    from k2local.server import Server
+from k2local.server_worker import Done, Failed, Job, ServerEvent
+from k2local.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart
 
 ANTHROPIC_TEMPERATURE_SCALE = 0.6  # Moonshot's Anthropic API: real temperature = request temperature * 0.6
 
@@ -120,7 +118,7 @@ def _anthropic_tools(body: dict) -> tuple[list[dict] | None, str]:
     return tools, parse_tool_choice(choice, tools)
 
 
-def anthropic_plan(srv: Server, body: dict) -> Plan:
+def anthropic_plan(srv: ChatPlanner, body: dict) -> Plan:
     if integer_param(body, "max_tokens", None, lo=1) is None:
         raise bad_param("max_tokens", "max_tokens: field required")
     params = sampling_params(body, None, temperature_scale=ANTHROPIC_TEMPERATURE_SCALE,
@@ -147,7 +145,8 @@ def json_input(arguments: str) -> Any:
     return v if isinstance(v, dict) else {"value": v}
 
 
-async def anthropic_stream(srv: Server, job: Job, events: asyncio.Queue, mid: str) -> AsyncIterator[str]:
+async def anthropic_stream(srv: ChatPlanner, job: Job, events: asyncio.Queue[ServerEvent], mid: str
+                           ) -> AsyncIterator[str]:
     usage = {"input_tokens": len(job.prompt), "output_tokens": 0}
     yield sse({"type": "message_start", "message": {
         "id": mid, "type": "message", "role": "assistant", "model": srv.model_name, "content": [],
@@ -163,8 +162,7 @@ async def anthropic_stream(srv: Server, job: Job, events: asyncio.Queue, mid: st
             yield sse({"type": "content_block_stop", "index": block}, "content_block_stop")
 
     async for ev in stream_events(job, events):
-        kind = ev[0]
-        if kind == "text":
+        if isinstance(ev, ContentDelta):
             if open_kind != "text":
                 for s in close():
                     yield s
@@ -172,24 +170,24 @@ async def anthropic_stream(srv: Server, job: Job, events: asyncio.Queue, mid: st
                 yield sse({"type": "content_block_start", "index": block,
                             "content_block": {"type": "text", "text": ""}}, "content_block_start")
             yield sse({"type": "content_block_delta", "index": block,
-                        "delta": {"type": "text_delta", "text": ev[1]}}, "content_block_delta")
-        elif kind == "tool_start":
+                        "delta": {"type": "text_delta", "text": ev.text}}, "content_block_delta")
+        elif isinstance(ev, ToolCallStart):
             for s in close():
                 yield s
             block, open_kind = block + 1, "tool"
-            tool_block[ev[1]] = block
+            tool_block[ev.index] = block
             yield sse({"type": "content_block_start", "index": block,
-                        "content_block": {"type": "tool_use", "id": ev[2], "name": ev[3], "input": {}}},
+                        "content_block": {"type": "tool_use", "id": ev.id, "name": ev.name, "input": {}}},
                        "content_block_start")
-        elif kind == "tool_args":
-            yield sse({"type": "content_block_delta", "index": tool_block[ev[1]],
-                        "delta": {"type": "input_json_delta", "partial_json": ev[2]}}, "content_block_delta")
-        elif kind == "error":
-            err: APIError = ev[1]
+        elif isinstance(ev, ToolCallArgsDelta):
+            yield sse({"type": "content_block_delta", "index": tool_block[ev.index],
+                        "delta": {"type": "input_json_delta", "partial_json": ev.text}}, "content_block_delta")
+        elif isinstance(ev, Failed):
+            err = ev.error
             yield sse({"type": "error", "error": {"type": ANTHROPIC_TYPES.get(err.status, "api_error"),
                                                    "message": err.message}}, "error")
-        elif kind == "done":
-            d: Done = ev[1]
+        elif isinstance(ev, Done):
+            d = ev
             for s in close():
                 yield s
             yield sse({"type": "message_delta", "delta": {"stop_reason": anthropic_stop(d),

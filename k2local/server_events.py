@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from k2local.server_worker import Done, Job
+from k2local.server_worker import Done, Failed, Job, ServerEvent
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
@@ -22,27 +22,28 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
             return
 
 
-async def run_to_end(request: Request, job: Job, events: asyncio.Queue) -> Done:
+async def run_to_end(request: Request, job: Job, events: asyncio.Queue[ServerEvent]) -> Done:
+    """Wait for the request's Done (raising its APIError if it Failed), cancelling it if the client goes away."""
     watcher = asyncio.create_task(_watch_disconnect(request, job.cancel))
     try:
         while True:
             ev = await events.get()
-            if ev[0] == "done":
-                return ev[1]
-            if ev[0] == "error":
-                raise ev[1]
+            if isinstance(ev, Done):
+                return ev
+            if isinstance(ev, Failed):
+                raise ev.error
     finally:
         watcher.cancel()
         job.cancel.set()
 
 
-async def stream_events(job: Job, events: asyncio.Queue) -> AsyncIterator[tuple]:
-    """Events until done/error; cancels the job when the consumer stops early (client disconnect)."""
+async def stream_events(job: Job, events: asyncio.Queue[ServerEvent]) -> AsyncIterator[ServerEvent]:
+    """Events up to and including Done / Failed; cancels the job when the consumer stops early (client disconnect)."""
     try:
         while True:
             ev = await events.get()
             yield ev
-            if ev[0] in ("done", "error"):
+            if isinstance(ev, (Done, Failed)):
                 return
     finally:
         job.cancel.set()

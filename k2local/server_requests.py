@@ -5,7 +5,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi.responses import JSONResponse
 
@@ -118,7 +118,8 @@ def require_n1(body: dict) -> None:
 def sampling_params(body: dict, default_max: int | None, temperature_scale: float = 1.0,
               temperature_default: float = DEFAULT_TEMPERATURE, temperature_max: float = 2.0,
               max_keys: Sequence[str] = ("max_completion_tokens", "max_tokens")) -> SamplingParams:
-    """SamplingParams from the request; max_tokens None means 'to the end of the context' (filled in later)."""
+    """SamplingParams from the request; no max_tokens (and no default_max) means 'to the end of the context'
+    (``to_context_end``: the planner fills in the room the prompt leaves)."""
     t = _number(body, "temperature", None, 0.0, temperature_max)
     temperature = temperature_default if t is None else t * temperature_scale
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
@@ -130,8 +131,8 @@ def sampling_params(body: dict, default_max: int | None, temperature_scale: floa
         if max_tokens is not None:
             break
     p = SamplingParams(temperature=temperature, top_p=top_p or 1.0, top_k=max(top_k or 0, 0),
-                       max_tokens=max_tokens or default_max or 1, seed=seed)
-    p.extra["max_given"] = max_tokens is not None or default_max is not None
+                       max_tokens=max_tokens or default_max or 1, seed=seed,
+                       to_context_end=max_tokens is None and default_max is None)
     if flag(body, "ignore_eos"):  # vLLM extension: generate through end-of-turn tokens
         p.stop_ids = frozenset()
     try:
@@ -285,3 +286,13 @@ class Plan:
     params: SamplingParams
     stops: list[str]
     tools: ToolMode
+
+
+class ChatPlanner(Protocol):
+    """What an endpoint module needs from the server (k2local.server.Server): the served model's name and the chat
+    planner (messages -> a validated Plan)."""
+
+    model_name: str
+
+    def chat_plan(self, messages: list[dict], tools: list[dict] | None, choice: str, params: SamplingParams,
+                  stops: list[str]) -> Plan: ...

@@ -9,17 +9,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, Union
 
-from k2local.generate import ContextOverflow, GenerationResult, Generator
+from k2local.generate import ChatBackend, ContextOverflow, GenerationResult, Generator
 from k2local.sampler import SamplingParams
 from k2local.server_requests import APIError, ToolMode
+from k2local.tokenizer_common import TextTokenizer
 from k2local.toolcalls import (
     ContentDelta,
+    ToolCall,
     ToolCallArgsDelta,
     ToolCallStart,
     ToolCallStreamParser,
     ToolDialect,
+    ToolEvent,
     make_tool_call_id,
     tool_dialect,
 )
@@ -27,6 +30,8 @@ from k2local.toolcalls import (
 log = logging.getLogger("k2local.server")
 MIN_COPY_PREFIX = 16  # shared prompt tokens worth copying from another conversation's KV cache
 TokenSource = Callable[[list[int]], "Iterable[int] | None"]
+RequestKind = Literal["chat", "completion", "messages"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 
 
 # --------------------------------------------------------------------------------------- output (worker side)
@@ -35,13 +40,25 @@ TokenSource = Callable[[list[int]], "Iterable[int] | None"]
 class Done:
     """A finished request: what the endpoints format."""
 
-    finish_reason: str  # stop | length | tool_calls | cancelled
+    finish_reason: FinishReason
     stop_sequence: str | None
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
     content: str
-    tool_calls: list[dict]
+    tool_calls: list[ToolCall]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request that ended in an error (answered as the API's error JSON, or an error event when streaming)."""
+
+    error: APIError
+
+
+ServerEvent = Union[ContentDelta, ToolCallStart, ToolCallArgsDelta, Done, Failed]
+"""What the worker posts for one request, in order: text and tool-call deltas (the tool-call parser's typed events;
+a forced tool choice's call ids already rewritten), then exactly one Done or Failed."""
 
 
 class _StopMatcher:
@@ -78,9 +95,9 @@ class _StopMatcher:
         return out
 
 
-def _marker_ids(tokenizer: Any, dialect: ToolDialect) -> frozenset[int]:
+def _marker_ids(tokenizer: TextTokenizer, dialect: ToolDialect) -> frozenset[int]:
     """Ids of the dialect's markers that ``skip_special_tokens`` would drop."""
-    skip = getattr(tokenizer, "skip_ids", None)
+    skip = tokenizer.skip_ids
     if not skip:
         return frozenset()
     ids = (tokenizer.token_to_id(m) for m in dialect.markers)
@@ -92,7 +109,8 @@ class Output:
 
     The parser's dialect (Kimi K2 or DeepSeek-V3 markers) comes from the tokenizer's special tokens."""
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], tools: ToolMode, emit: Callable[[tuple], None]):
+    def __init__(self, tokenizer: TextTokenizer, stops: Sequence[str], tools: ToolMode,
+                 emit: Callable[[ServerEvent], None]):
         dialect = tool_dialect(tokenizer)
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True, keep=_marker_ids(tokenizer, dialect))
         self.stop = _StopMatcher(stops)
@@ -100,9 +118,15 @@ class Output:
         self.emit = emit
         self.parser = ToolCallStreamParser(dialect, tools.call_base) if tools.parse else None
         self.content: list[str] = []
-        self.calls: list[dict] = []
+        self._calls: list[ToolCallStart] = []
+        self._args: list[list[str]] = []  # argument fragments of each call
         if self.parser and tools.prefix:
             self._route(tools.prefix)
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The tool calls written so far (ids as the client sees them)."""
+        return [ToolCall(c.id, c.name, "".join(a)) for c, a in zip(self._calls, self._args)]
 
     def on_token(self, tok: int) -> bool:
         """Feed one generated id; True when a stop string ended the output."""
@@ -130,23 +154,22 @@ class Output:
             return
         if self.parser is None:
             self.content.append(text)
-            self.emit(("text", text))
+            self.emit(ContentDelta(text))
         else:
             self._events(self.parser.feed(text))
 
-    def _events(self, events: Iterable[Any]) -> None:
+    def _events(self, events: Iterable[ToolEvent]) -> None:
         for ev in events:
             if isinstance(ev, ContentDelta):
                 self.content.append(ev.text)
-                self.emit(("text", ev.text))
             elif isinstance(ev, ToolCallStart):
-                call_id = ev.id if self.tools.id_base is None else make_tool_call_id(ev.name,
-                                                                                     self.tools.id_base + ev.index)
-                self.calls.append({"id": call_id, "name": ev.name, "arguments": ""})
-                self.emit(("tool_start", ev.index, call_id, ev.name))
+                if self.tools.id_base is not None:
+                    ev = ToolCallStart(ev.index, make_tool_call_id(ev.name, self.tools.id_base + ev.index), ev.name)
+                self._calls.append(ev)
+                self._args.append([])
             elif isinstance(ev, ToolCallArgsDelta):
-                self.calls[ev.index]["arguments"] += ev.text
-                self.emit(("tool_args", ev.index, ev.text))
+                self._args[ev.index].append(ev.text)
+            self.emit(ev)
 
 
 # ----------------------------------------------------------------------------------------------------- worker
@@ -156,16 +179,16 @@ class Job:
     prompt: list[int]
     params: SamplingParams
     output: Output
-    post: Callable[[tuple], None]
+    post: Callable[[ServerEvent], None]
     cancel: threading.Event = field(default_factory=threading.Event)
-    kind: str = "chat"
+    kind: RequestKind = "chat"
 
 
 @dataclass
 class Finished:
     """A record of one finished (or cancelled) request."""
 
-    kind: str
+    kind: RequestKind
     params: SamplingParams
     result: GenerationResult
 
@@ -189,7 +212,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Worker:
     """The thread that owns the model: runs jobs in arrival order over a pool of KV-cache slots."""
 
-    def __init__(self, backend: Any, cache_slots: int = 4, max_queue: int = 256,
+    def __init__(self, backend: ChatBackend, cache_slots: int = 4, max_queue: int = 256,
                  token_source: TokenSource | None = None):
         self.backend = backend
         self.max_slots = max(1, cache_slots)
@@ -222,7 +245,7 @@ class Worker:
                 self._run(job)
             except BaseException as e:  # noqa: BLE001 - the model thread must outlive any one request
                 log.exception("request failed")
-                job.post(("error", APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")))
+                job.post(Failed(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")))
             finally:
                 self.busy = False
 
@@ -265,26 +288,27 @@ class Worker:
             slot.prompt_len = len(job.prompt)
             job.output.close()
         except ContextOverflow as e:
-            job.post(("error", APIError(400, str(e), param="messages", code="context_length_exceeded")))
+            job.post(Failed(APIError(400, str(e), param="messages", code="context_length_exceeded")))
             return
         except Exception as e:  # noqa: BLE001 - reported to the client, logged here
             log.exception("generation failed")
             if slot is not None:
                 slot.gen.reset()
                 slot.prompt_len = 0
-            job.post(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+            job.post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
             return
         self._finish(job, res)
 
     def _finish(self, job: Job, res: GenerationResult) -> None:
         self.finished.append(Finished(job.kind, job.params, res))
         out = job.output
-        reason = res.finish_reason
-        if reason == "stop" and out.calls:
+        calls = out.calls
+        reason: FinishReason = res.finish_reason
+        if reason == "stop" and calls:
             reason = "tool_calls"
         if res.tokens:
             log.info("%s: prompt %d tokens (%d cached), %d generated, %s; prefill %.1f tok/s, decode %.1f tok/s",
                      job.kind, res.prompt_tokens, res.cached_tokens, len(res.tokens), reason, res.prefill_tps,
                      res.decode_tps)
-        job.post(("done", Done(reason, out.stop.hit, res.prompt_tokens, len(res.tokens), res.cached_tokens,
-                               "".join(out.content), out.calls)))
+        job.post(Done(reason, out.stop.hit, res.prompt_tokens, len(res.tokens), res.cached_tokens,
+                      "".join(out.content), calls))

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from k2local.chat_template import KIMI_K2_TEMPLATE
-from k2local.tokenizer import KIMI_SPECIAL_OFFSETS, bytes_to_gpt2
+from k2local.hf_tokenizer import deepseek_v3_pre_tokenizer, deepseek_v3_pre_tokenizer_json
+from k2local.tokenizer import KIMI_SPECIAL_OFFSETS
+from k2local.tokenizer_common import bytes_to_gpt2
 
 __all__ = ["DEEPSEEK_TINY_TEMPLATE", "TINY_N_BASE", "TinyVocab", "train_bpe", "write_tiny_deepseek_tokenizer",
            "write_tiny_tokenizer"]
@@ -273,8 +275,6 @@ def write_tiny_deepseek_tokenizer(out_dir: Path) -> TinyVocab:
     learnt merges' tokens, then the added tokens. Pre-tokenizer, BOS-adding post-processor and ByteLevel decoder as
     DeepSeek-V3's. Deterministic.
     """
-    from k2local.hf_tokenizer import deepseek_v3_pre_tokenizer, deepseek_v3_pre_tokenizer_json  # noqa: PLC0415
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pieces = [_CORPUS[a:b] for _, (a, b) in deepseek_v3_pre_tokenizer().pre_tokenize_str(_CORPUS)]

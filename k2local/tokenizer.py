@@ -6,27 +6,36 @@ literal special-token strings in the input become control tokens unless ``allow_
 Also converts to and from the GPT-2 style vocabulary that GGUF files store.
 
 :func:`load_tokenizer` / :meth:`Tokenizer.from_dir` pick ``tiktoken.model`` when a checkpoint has it, else its
-Hugging Face ``tokenizer.json`` (DeepSeek-V3 family, :class:`k2local.hf_tokenizer.HFTokenizer`, same interface).
+Hugging Face ``tokenizer.json`` (DeepSeek-V3 family, :class:`k2local.hf_tokenizer.HFTokenizer`; both satisfy
+:class:`k2local.tokenizer_common.TextTokenizer`, whose module holds what they share).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import codecs
-import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tiktoken
 
-from k2local.errors import K2Error
-
-if TYPE_CHECKING:
-    from k2local.hf_tokenizer import HFTokenizer
+from k2local.hf_tokenizer import HFTokenizer
+from k2local.tokenizer_common import (
+    TOKEN_TYPE_BYTE,
+    TOKEN_TYPE_CONTROL,
+    TOKEN_TYPE_NORMAL,
+    TOKEN_TYPE_UNKNOWN,
+    TOKEN_TYPE_UNUSED,
+    TOKEN_TYPE_USER_DEFINED,
+    StreamDecoder,
+    TokenizerError,
+    bytes_to_gpt2,
+    gpt2_to_bytes,
+    read_config,
+    token_name,
+)
 
 __all__ = [
     "KIMI_PAT_STR",
@@ -85,14 +94,6 @@ KIMI_SPECIAL_OFFSETS: dict[str, tuple[int, bool]] = {
 STOP_TOKEN_NAMES = ("<|im_end|>", "[EOS]", "[EOT]")
 TOOL_MARKER_NAMES = frozenset(n for n, (_, special) in KIMI_SPECIAL_OFFSETS.items() if not special)
 
-# gguf.TokenType values (kept here so importing the tokenizer does not import gguf).
-TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL = 1, 2, 3
-TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNUSED, TOKEN_TYPE_BYTE = 4, 5, 6
-
-
-class TokenizerError(K2Error, ValueError):
-    """A tokenizer file is missing or malformed, or an id/token is invalid."""
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Files
@@ -136,66 +137,6 @@ def _check_ranks(ranks: Mapping[bytes, int]) -> None:
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise TokenizerError(f"BPE ranks lack {len(missing)} single-byte tokens (first: {missing[0]:#04x})")
-
-
-def _read_json(path: Path, what: str = "") -> Any:
-    """A JSON file's value; TokenizerError naming the file when it is missing or not JSON (`what` says what it is)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON{f' ({what})' if what else ''}: {e}") from None
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    cfg = _read_json(path)
-    if not isinstance(cfg, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def _token_name(value: Any) -> str | None:
-    """A config token field is a string or an AddedToken dict with "content"."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# GPT-2 byte <-> unicode mapping (what GGUF "gpt2" vocabularies store)
-
-
-@lru_cache(maxsize=1)
-def _byte_to_unicode() -> tuple[str, ...]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table: dict[int, str] = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return tuple(table[b] for b in range(256))
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    return {ch: b for b, ch in enumerate(_byte_to_unicode())}
-
-
-def bytes_to_gpt2(token: bytes) -> str:
-    """Token bytes -> GPT-2 printable-unicode form (e.g. b" the" -> "Ġthe")."""
-    table = _byte_to_unicode()
-    return "".join(table[b] for b in token)
-
-
-def gpt2_to_bytes(text: str) -> bytes:
-    """Inverse of :func:`bytes_to_gpt2`; raises TokenizerError on characters outside the GPT-2 alphabet."""
-    table = _unicode_to_byte()
-    try:
-        return bytes(table[ch] for ch in text)
-    except KeyError as e:
-        raise TokenizerError(f"{text!r} is not a GPT-2 byte-level token (bad char {e.args[0]!r})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -262,6 +203,9 @@ class Tokenizer:
         self.unk_id = self.token_to_id(unk_token) if unk_token else None
         self.im_end_id = specials.get("<|im_end|>")
         self.stop_ids: frozenset[int] = frozenset(specials[t] for t in STOP_TOKEN_NAMES if t in specials)
+        self.add_bos_token = False
+        """Kimi's tokenizer never prepends BOS to a raw prompt (nor appends EOS)."""
+        self.add_eos_token = False
         self._id_to_bytes: list[bytes] | None = None
 
     # -- construction ------------------------------------------------------------------------------------------------
@@ -278,8 +222,6 @@ class Tokenizer:
             raise TokenizerError(f"{path}: not a directory")
         if not (path / "tiktoken.model").exists():
             if (path / "tokenizer.json").exists():
-                from k2local.hf_tokenizer import HFTokenizer  # noqa: PLC0415
-
                 return HFTokenizer.from_dir(path)
             raise TokenizerError(f"{path}: no tokenizer found (looked for tiktoken.model, as Kimi K2 and Moonlight "
                                  "ship, and tokenizer.json, as DeepSeek-V3 ships)")
@@ -287,13 +229,13 @@ class Tokenizer:
         n_base = len(ranks)
         cfg_path = path / "tokenizer_config.json"
         if cfg_path.exists():
-            cfg = _read_config(cfg_path)
+            cfg = read_config(cfg_path)
             decoder = cfg.get("added_tokens_decoder", {})
             if not isinstance(decoder, dict):
                 raise TokenizerError(f"{cfg_path}: added_tokens_decoder must be an object")
             named: dict[int, tuple[str, bool]] = {}
             for key, entry in decoder.items():
-                content = _token_name(entry)
+                content = token_name(entry)
                 try:
                     idx = int(key)
                 except ValueError:
@@ -302,7 +244,7 @@ class Tokenizer:
                     raise TokenizerError(f"{cfg_path}: bad added_tokens_decoder entry {key!r}: {entry!r}")
                 special = bool(entry.get("special", True)) if isinstance(entry, dict) else True
                 named[idx] = (content, special)
-            fields = {k: _token_name(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+            fields = {k: token_name(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         else:
             named = {n_base + off: (tok, special) for tok, (off, special) in KIMI_SPECIAL_OFFSETS.items()}
             fields = {"bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
@@ -451,37 +393,6 @@ class Tokenizer:
 def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
     """A checkpoint directory's tokenizer (``tiktoken.model`` or ``tokenizer.json``); see :meth:`Tokenizer.from_dir`."""
     return Tokenizer.from_dir(path)
-
-
-class StreamDecoder:
-    """Turns token ids into text pieces incrementally without splitting UTF-8 multi-byte characters.
-
-    ``feed`` returns only complete characters; incomplete trailing bytes wait for the next ids. ``flush`` emits
-    whatever is left (invalid bytes as U+FFFD). With ``skip_special_tokens``, the special ids in ``keep`` still come
-    through (tool-call markers flagged special, as DeepSeek-V3's are, must reach the tool-call parser).
-    """
-
-    def __init__(self, tokenizer: Tokenizer | HFTokenizer, skip_special_tokens: bool = False,
-                 keep: Iterable[int] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self._skip = frozenset(tokenizer.skip_ids) - frozenset(keep) if skip_special_tokens and keep else None
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, ids: int | Iterable[int]) -> str:
-        """Add one id or several; return the newly complete text (possibly "")."""
-        ids = [ids] if isinstance(ids, int) else ids
-        if self._skip is not None:  # skipping all special ids but those kept
-            data = self.tokenizer.decode_bytes([i for i in ids if i not in self._skip])
-        else:
-            data = self.tokenizer.decode_bytes(ids, self.skip_special_tokens)
-        return self._utf8.decode(data)
-
-    def flush(self) -> str:
-        """End of stream: return remaining text and reset."""
-        out = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

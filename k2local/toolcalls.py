@@ -27,7 +27,10 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from k2local.tokenizer_common import TextTokenizer
 
 __all__ = [
     "ARGUMENT_BEGIN",
@@ -160,16 +163,13 @@ DEEPSEEK = ToolDialect("deepseek_v3", "<｜tool▁calls▁begin｜>", "<｜tool�
 _DIALECTS = (KIMI, DEEPSEEK)
 
 
-def tool_dialect(tokenizer: Any = None, model_type: str | None = None) -> ToolDialect:
+def tool_dialect(tokenizer: TextTokenizer | None = None, model_type: str | None = None) -> ToolDialect:
     """The dialect of a loaded model: the one whose section marker is a special token of ``tokenizer``; failing
     that, DeepSeek for ``model_type`` deepseek_v3 / deepseek_v2; otherwise Kimi."""
     if tokenizer is not None:
-        specials = getattr(tokenizer, "special_tokens", None)
+        specials = tokenizer.special_tokens
         for d in _DIALECTS:
-            if isinstance(specials, Mapping) and d.section_begin in specials:
-                return d
-            to_id = getattr(tokenizer, "token_to_id", None)
-            if specials is None and to_id is not None and to_id(d.section_begin) is not None:
+            if d.section_begin in specials:
                 return d
     if model_type in ("deepseek_v3", "deepseek_v2"):
         return DEEPSEEK

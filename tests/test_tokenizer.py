@@ -327,3 +327,27 @@ def test_from_dir_picks_tiktoken_then_tokenizer_json(tiny_dir: Path, tmp_path: P
         (tmp_path / name).unlink()
     with pytest.raises(TokenizerError, match=f"{tmp_path}: no tokenizer found.*tiktoken.model.*tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_gguf_metadata_without_chat_template(tiny_k2: Path, tiny_ds: Path) -> None:
+    """A GGUF's own template wins; without one Kimi K2 gets k2local's Kimi template, DeepSeek-V3 a clear error (the
+    tiny checkpoint's DeepSeek-style template is test data, not DeepSeek-V3's)."""
+    from k2local.chat_template import ChatTemplate
+    from k2local.checkpoint import open_checkpoint
+    from k2local.errors import CheckpointError
+    from k2local.gguf_vocab import tokenizer_and_template_from_gguf, tokenizer_metadata
+
+    msgs = [{"role": "user", "content": "hi"}]
+    for src, kimi in ((tiny_k2, True), (tiny_ds, False)):
+        meta = {k: v.value for k, v in tokenizer_metadata(src, open_checkpoint(src).config).items()}
+        tok, tmpl = tokenizer_and_template_from_gguf(meta, "x.gguf")
+        assert tmpl.origin == "x.gguf tokenizer.chat_template"
+        assert tmpl.render(msgs) == ChatTemplate.from_dir(src).render(msgs)
+        del meta["tokenizer.chat_template"]
+        if kimi:
+            tok, tmpl = tokenizer_and_template_from_gguf(meta, "x.gguf")
+            assert tmpl.source == KIMI_K2_TEMPLATE and tmpl.origin == "k2local built-in Kimi K2 template"
+            assert tmpl.render(msgs) == ChatTemplate.from_dir(src).render(msgs)
+        else:
+            with pytest.raises(CheckpointError, match="x.gguf: the GGUF has no chat template"):
+                tokenizer_and_template_from_gguf(meta, "x.gguf")
