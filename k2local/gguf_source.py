@@ -341,13 +341,13 @@ class GGUFSource:
 # -------------------------------------------------------------------------------------------------------- config
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, GGUFTensor], where: str) -> ModelConfig:
     """Rebuild a ModelConfig from deepseek2 GGUF metadata (model_type kimi_k2 when the tokenizer is Kimi's)."""
-    arch = meta.get(Keys.General.ARCHITECTURE)
-    if arch not in ARCHES:
-        raise CheckpointError(f"{where}: architecture {arch!r} is not supported (k2local runs deepseek2: "
+    arch_name = meta.get(Keys.General.ARCHITECTURE)
+    if arch_name not in ARCHES:
+        raise CheckpointError(f"{where}: architecture {arch_name!r} is not supported (k2local runs deepseek2: "
                               "Kimi K2, DeepSeek-V3 and their family)")
 
     def g(key: str, default: Any = None, required: bool = False) -> Any:
-        k = key.format(arch=arch)
+        k = key.format(arch=arch_name)
         if k not in meta:
             if required:
                 raise CheckpointError(f"{where}: metadata key {k} missing")
