@@ -103,10 +103,6 @@ class TensorDef:
     suffix: str = "weight"  # of the GGUF name: "weight" or "bias"
 
     @property
-    def per_layer(self) -> bool:
-        return "{bid}" in self.hf
-
-    @property
     def per_expert(self) -> bool:
         return "{xid}" in self.hf
 
@@ -167,9 +163,9 @@ HF_LAYER: tuple[TensorDef, ...] = (
 )
 
 HF_TENSORS: tuple[TensorDef, ...] = HF_TOP + HF_LAYER
+BY_KEY: dict[MODEL_TENSOR, TensorDef] = {d.key: d for d in HF_TENSORS}
 # In real checkpoints too, read by nobody (gguf-py's ATTN_ROT_EMBD, which llama.cpp's converter skips).
 ROTARY_INV_FREQ = _A + "rotary_emb.inv_freq"
-BY_KEY: dict[MODEL_TENSOR, TensorDef] = {d.key: d for d in HF_TENSORS}
 
 # Routed-expert projections: "gate" / "up" / "down" -> key.
 EXPERT_PROJS: dict[str, MODEL_TENSOR] = {"gate": _T.FFN_GATE_EXP, "up": _T.FFN_UP_EXP, "down": _T.FFN_DOWN_EXP}
@@ -218,11 +214,14 @@ def _g(key: MODEL_TENSOR, build: Build = Build.PLAIN, source: MODEL_TENSOR | Non
 GGUF_TOP_FIRST: tuple[GGUFDef, ...] = (_g(_T.TOKEN_EMBD),)
 # One layer, in the order llama.cpp's converter writes it.
 GGUF_LAYER: tuple[GGUFDef, ...] = (
-    _g(_T.ATTN_NORM), _g(_T.ATTN_Q), _g(_T.ATTN_Q_A), _g(_T.ATTN_Q_A_NORM), _g(_T.ATTN_Q_B), _g(_T.ATTN_KV_A_MQA),
-    _g(_T.ATTN_KV_A_NORM), _g(_T.ATTN_K_B, Build.K_B, _T.ATTN_KV_B), _g(_T.ATTN_V_B, Build.V_B, _T.ATTN_KV_B),
-    _g(_T.ATTN_OUT), _g(_T.FFN_NORM), _g(_T.FFN_GATE), _g(_T.FFN_UP), _g(_T.FFN_DOWN), _g(_T.FFN_GATE_INP),
-    _g(_T.FFN_EXP_PROBS_B), _g(_T.FFN_GATE_EXP, Build.EXPERTS), _g(_T.FFN_UP_EXP, Build.EXPERTS),
-    _g(_T.FFN_DOWN_EXP, Build.EXPERTS), _g(_T.FFN_GATE_SHEXP), _g(_T.FFN_UP_SHEXP), _g(_T.FFN_DOWN_SHEXP),
+    _g(_T.ATTN_NORM), _g(_T.ATTN_Q), _g(_T.ATTN_Q_A), _g(_T.ATTN_Q_A_NORM), _g(_T.ATTN_Q_B),
+    _g(_T.ATTN_KV_A_MQA), _g(_T.ATTN_KV_A_NORM),
+    _g(_T.ATTN_K_B, Build.K_B, _T.ATTN_KV_B), _g(_T.ATTN_V_B, Build.V_B, _T.ATTN_KV_B),
+    _g(_T.ATTN_OUT), _g(_T.FFN_NORM),
+    _g(_T.FFN_GATE), _g(_T.FFN_UP), _g(_T.FFN_DOWN),  # dense layers
+    _g(_T.FFN_GATE_INP), _g(_T.FFN_EXP_PROBS_B),  # MoE layers
+    _g(_T.FFN_GATE_EXP, Build.EXPERTS), _g(_T.FFN_UP_EXP, Build.EXPERTS), _g(_T.FFN_DOWN_EXP, Build.EXPERTS),
+    _g(_T.FFN_GATE_SHEXP), _g(_T.FFN_UP_SHEXP), _g(_T.FFN_DOWN_SHEXP),
 )
 GGUF_TOP_LAST: tuple[GGUFDef, ...] = (_g(_T.OUTPUT_NORM), _g(_T.OUTPUT))
 GGUF_TENSORS: tuple[GGUFDef, ...] = GGUF_TOP_FIRST + GGUF_LAYER + GGUF_TOP_LAST
@@ -292,13 +291,6 @@ def parse_hf_name(name: str) -> HFName | None:
     return HFName(d, nums[0] if nums else None, nums[1] if len(nums) > 1 else None)
 
 
-def hf_to_gguf(name: str) -> str | None:
-    """The GGUF name gguf-py gives an HF tensor's key: for a routed expert the stacked tensor that holds it, for
-    kv_b_proj the unsplit `attn_kv_b` (files we write hold it as attn_k_b + attn_v_b: gguf_for_hf)."""
-    p = parse_hf_name(name)
-    return None if p is None else p.tensor.gguf_name(p.layer)
-
-
 def gguf_for_hf(name: str) -> tuple[str, ...]:
     """The GGUF tensors that llama.cpp's converter (and ours) builds from HF tensor `name`."""
     p = parse_hf_name(name)
@@ -307,10 +299,8 @@ def gguf_for_hf(name: str) -> tuple[str, ...]:
     return tuple(gguf_name(g.key, p.layer, g.src.suffix) for g in GGUF_TENSORS if g.source == p.key)
 
 
-_GGUF_TEMPLATE: dict[str, MODEL_TENSOR] = {}
-for _k in MODEL_TENSORS[ARCH]:
-    for _s in ("weight", "bias"):
-        _GGUF_TEMPLATE[f"{TENSOR_NAMES[_k]}.{_s}"] = _k
+_GGUF_TEMPLATE: dict[str, MODEL_TENSOR] = {f"{TENSOR_NAMES[k]}.{s}": k for k in MODEL_TENSORS[ARCH]
+                                           for s in ("weight", "bias")}
 
 
 def parse_gguf_name(name: str) -> tuple[MODEL_TENSOR, int | None, str] | None:
@@ -322,6 +312,21 @@ def parse_gguf_name(name: str) -> tuple[MODEL_TENSOR, int | None, str] | None:
         parts[1] = "{bid}"
     key = _GGUF_TEMPLATE.get(".".join(parts))
     return None if key is None else (key, bid, parts[-1])
+
+
+def hf_for_gguf(name: str, cfg: ModelConfig) -> tuple[str, ...]:
+    """The HF tensors that GGUF tensor `name` of a `cfg` model is built from (the inverse of gguf_for_hf)."""
+    p = parse_gguf_name(name)
+    if p is None:
+        return ()
+    key, bid, _ = p
+    g = next((g for g in GGUF_TENSORS if g.key == key), None)
+    src = g.src if g is not None else BY_KEY.get(key)  # BY_KEY: a legacy attn_kv_b (kv_b_proj unsplit)
+    if src is None:
+        return ()
+    if src.per_expert:
+        return tuple(src.hf.format(bid=bid, xid=e) for e in range(cfg.n_routed_experts))
+    return (src.hf.format(bid=bid),)
 
 
 # ------------------------------------------------------------------------------------------------ instances
@@ -368,8 +373,7 @@ def _layer_tensors(cfg: ModelConfig, i: int, experts: bool) -> Iterator[HFTensor
 def hf_tensors(cfg: ModelConfig, experts: bool = True) -> list[HFTensor]:
     """Every tensor the forward pass reads from an HF checkpoint of `cfg`, in checkpoint order (no FP8 scales, no
     MTP layers, no rotary inv_freq). experts=False leaves out the routed experts."""
-    top = [HFTensor(d.hf, d, None, None, d.shape(cfg)) for d in HF_TOP if d.when(cfg, -1)]
-    out = top
+    out = [HFTensor(d.hf, d, None, None, d.shape(cfg)) for d in HF_TOP if d.when(cfg, -1)]
     for i in range(cfg.num_hidden_layers):
         out.extend(_layer_tensors(cfg, i, experts))
     return out
@@ -384,14 +388,6 @@ def resident_tensors(cfg: ModelConfig) -> list[HFTensor]:
     """The non-expert tensors (everything but the routed experts) with their shapes and roles: what the model
     keeps on its compute device, for byte counts (numel per role times the bytes per weight of the type)."""
     return hf_tensors(cfg, experts=False)
-
-
-def hf_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    """Shape of HF tensor `name` for `cfg` (KeyError for names outside the schema)."""
-    p = parse_hf_name(name)
-    if p is None:
-        raise KeyError(name)
-    return p.tensor.shape(cfg)
 
 
 @dataclass(frozen=True)
@@ -422,12 +418,8 @@ class GGUFTensorPlan:
 
 
 def _gguf_entry(cfg: ModelConfig, g: GGUFDef, i: int | None) -> GGUFTensorPlan:
-    src = g.src
-    if g.build is Build.EXPERTS:
-        hf = tuple(src.hf.format(bid=i, xid=e) for e in range(cfg.n_routed_experts))
-    else:
-        hf = (src.hf.format(bid=i),)
-    return GGUFTensorPlan(gguf_name(g.key, i, src.suffix), g, i, g.shape(cfg), hf)
+    name = gguf_name(g.key, i, g.src.suffix)
+    return GGUFTensorPlan(name, g, i, g.shape(cfg), hf_for_gguf(name, cfg))
 
 
 def gguf_tensors(cfg: ModelConfig) -> list[GGUFTensorPlan]:

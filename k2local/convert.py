@@ -29,7 +29,8 @@ from k2local.checkpoint import WeightSource, open_checkpoint
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError, K2Error
 from k2local.gguf_vocab import tokenizer_metadata
-from k2local.recipes import Recipe, TensorRole, get_recipe, resolve_type
+from k2local.imatrix import IMatrix
+from k2local.recipes import RECIPES, Recipe, TensorRole, get_recipe, resolve_type
 from k2local.weights import sanitize
 from quant.gguf_file import (GGUFFormatError, GGUFStreamWriter, MetaValue, TensorSpec, boolv, can_quantize,
                              f32v, qtype_of, quantize_rows, strv, tensor_nbytes, u32)
@@ -267,8 +268,6 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
     cfg = src.config
     imat = None
     if imatrix is not None:
-        from k2local.imatrix import IMatrix  # noqa: PLC0415
-
         imat = IMatrix.load(imatrix)
     plan = plan_tensors(cfg)
     types = tensor_types(plan, rec)
@@ -394,8 +393,6 @@ def _check_disk(out: Path, need: int) -> None:
 def describe_recipes(cfg: ModelConfig | None = None) -> list[tuple[str, str, float, int]]:
     """(name, summary, bits/weight, bytes) of every recipe for `cfg` (default: Kimi K2's config)."""
     cfg = cfg or ModelConfig()
-    from k2local.recipes import RECIPES  # noqa: PLC0415
-
     rows = []
     for r in RECIPES.values():
         size, bpw = projected_size(cfg, r)
