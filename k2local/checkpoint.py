@@ -11,50 +11,20 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
+from k2local.arch import expected_tensor_names, expert_name
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
-from quant.fp8 import dequantize_fp8_block
+from k2local.gguf_source import GGUFSource
+from k2local.weights import sanitize
+from k2local.weights.sanitize import SCALE_SUFFIX
 
-SCALE_SUFFIX = "_scale_inv"
+__all__ = ["SCALE_SUFFIX", "SafetensorsSource", "WeightSource", "expected_tensor_names", "expert_name",
+           "open_checkpoint"]
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
     "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
     "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
 }
-
-
-def expert_name(layer: int, expert: int, proj: str) -> str:
-    """HF name of one routed expert matrix; proj is 'gate', 'up' or 'down'."""
-    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
-
-
-def expected_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every weight the forward pass reads, by HF name (no scales, no MTP layers, no rotary inv_freq)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        a = p + "self_attn."
-        if cfg.q_lora_rank is None:
-            names.append(a + "q_proj.weight")
-        else:
-            names += [a + "q_a_proj.weight", a + "q_a_layernorm.weight", a + "q_b_proj.weight"]
-        names += [a + "kv_a_proj_with_mqa.weight", a + "kv_a_layernorm.weight", a + "kv_b_proj.weight",
-                  a + "o_proj.weight"]
-        m = p + "mlp."
-        if cfg.is_moe_layer(i):
-            names.append(m + "gate.weight")
-            if cfg.topk_method == "noaux_tc":
-                names.append(m + "gate.e_score_correction_bias")
-            for e in range(cfg.n_routed_experts):
-                names += [expert_name(i, e, w) for w in ("gate", "up", "down")]
-            if cfg.n_shared_experts:
-                names += [m + f"shared_experts.{w}_proj.weight" for w in ("gate", "up", "down")]
-        else:
-            names += [m + f"{w}_proj.weight" for w in ("gate", "up", "down")]
-    return names
 
 
 class WeightSource(Protocol):
@@ -160,7 +130,7 @@ class SafetensorsSource:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a checkpoint directory")
         self.config = ModelConfig.load(self.path)
-        self.block = tuple((self.config.quantization_config or {}).get("weight_block_size", (128, 128)))
+        self.block = sanitize.fp8_block(self.config.quantization_config)
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             try:
@@ -193,7 +163,7 @@ class SafetensorsSource:
                 raise CheckpointError(f"{index}: missing tensor(s) {', '.join(missing[:3])}{more}")
 
     def names(self) -> Iterable[str]:
-        return (n for n in self.weight_map if not n.endswith(SCALE_SUFFIX))
+        return (n for n in self.weight_map if not sanitize.is_scale_name(n))
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -233,8 +203,8 @@ class SafetensorsSource:
         """The tensor as stored, and its FP8 block scale_inv (None for BF16/F32 tensors)."""
         t = self._read(name)
         scale = None
-        if t.element_size() == 1 and t.is_floating_point():
-            sname = name + SCALE_SUFFIX
+        if sanitize.needs_scale(t):
+            sname = sanitize.scale_name(name)
             if sname not in self.weight_map:
                 raise CheckpointError(f"{self.path}: FP8 tensor {name} has no {sname}")
             scale = self._read(sname)
@@ -243,28 +213,24 @@ class SafetensorsSource:
     def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight dequantized to `dtype` (FP8 block scales applied, partial edge blocks handled)."""
         t, scale = self.raw(name)
-        if scale is None:
-            return t.to(dtype)
         try:
-            return dequantize_fp8_block(t, scale, self.block, dtype)  # type: ignore[arg-type]
+            return sanitize.dequantize(t, scale, self.block, dtype)
         except ValueError as e:
             raise CheckpointError(f"{self.path / self.weight_map[name]}: {name}: {e}") from None
 
     def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 of a 2-D weight as float32, reading only those rows (and their FP8 scale rows)."""
         info = self._tensor_info(name)
-        if info.dtype not in ("F8_E4M3", "F8_E5M2"):
+        if info.dtype not in sanitize.FP8_DTYPES:
             return self._read(name, r0, r1).to(torch.float32)
-        br = self.block[0]
-        a0 = r0 // br * br
-        sname = name + SCALE_SUFFIX
+        sname = sanitize.scale_name(name)
         if sname not in self.weight_map:
             raise CheckpointError(f"{self.path}: FP8 tensor {name} has no {sname}")
         sshape = self._tensor_info(sname).shape
-        srows = sshape[0] if sshape else 0
-        scale = self._read(sname, min(a0 // br, srows), min(-(-r1 // br), srows))
+        a0, s0, s1 = sanitize.fp8_row_window(r0, r1, self.block[0], sshape[0] if sshape else 0)
+        scale = self._read(sname, s0, s1)
         try:
-            return dequantize_fp8_block(self._read(name, a0, r1), scale, self.block, torch.float32)[r0 - a0:]
+            return sanitize.dequantize(self._read(name, a0, r1), scale, self.block, torch.float32)[r0 - a0:]
         except ValueError as e:
             raise CheckpointError(f"{info.file}: {name} rows {r0}:{r1}: {e}") from None
 
@@ -274,8 +240,8 @@ class SafetensorsSource:
     def nbytes(self, name: str) -> int:
         """Bytes the tensor occupies on disk (scale included)."""
         size = self._tensor_info(name).nbytes
-        if name + SCALE_SUFFIX in self.weight_map:
-            size += self.nbytes(name + SCALE_SUFFIX)
+        if sanitize.scale_name(name) in self.weight_map:
+            size += self.nbytes(sanitize.scale_name(name))
         return size
 
 
@@ -286,7 +252,5 @@ def open_checkpoint(path: str | Path) -> WeightSource:
         raise CheckpointError(f"{p}: no such file or directory")
     if p.is_file() and p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").exists()
                                                and any(p.glob("*.gguf"))):
-        from k2local.gguf_source import GGUFSource  # noqa: PLC0415 (optional dependency path)
-
         return GGUFSource(p)
     return SafetensorsSource(p)

@@ -24,15 +24,18 @@ import numpy as np
 import torch
 from gguf import Keys
 
-from k2local.checkpoint import WeightSource, expert_name, open_checkpoint
+from k2local import arch
+from k2local.checkpoint import WeightSource, open_checkpoint
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError, K2Error
 from k2local.gguf_vocab import tokenizer_metadata
-from k2local.recipes import Recipe, TensorRole, get_recipe, resolve_type
+from k2local.imatrix import IMatrix
+from k2local.recipes import RECIPES, Recipe, TensorRole, get_recipe, resolve_type
+from k2local.weights import sanitize
 from quant.gguf_file import (GGUFFormatError, GGUFStreamWriter, MetaValue, TensorSpec, boolv, can_quantize,
                              f32v, qtype_of, quantize_rows, strv, tensor_nbytes, u32)
 
-ARCH = "deepseek2"
+ARCH = arch.ARCH_NAME
 CONVERTER_VERSION = 1  # bump when produced bytes change for the same inputs (invalidates resume state)
 CHUNK_WEIGHTS = 1 << 22  # values per streamed chunk (16 MB of float32): bounds peak memory, whatever the model
 GATING_FUNC = {"softmax": 1, "sigmoid": 2}
@@ -60,56 +63,10 @@ class PlannedTensor:
 
 def plan_tensors(cfg: ModelConfig) -> list[PlannedTensor]:
     """Every GGUF tensor of `cfg` in llama.cpp's names and shapes (torch order: [n_expert|heads,] rows, cols)."""
-    h, nh, L = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
-    nope, rope, vd, kvr = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    L = cfg.num_hidden_layers
     first_moe = next((i for i in range(L) if cfg.is_moe_layer(i)), L)
-    out: list[PlannedTensor] = []
-
-    def add(name: str, kind: str, layer: int | None, shape: tuple[int, ...], hf: tuple[str, ...] | str,
-            build: str = "plain") -> None:
-        hf_t = (hf,) if isinstance(hf, str) else hf
-        out.append(PlannedTensor(TensorRole(name, kind, layer, L, first_moe, shape[-1]), shape, build, hf_t))
-
-    add("token_embd.weight", "token_embd", None, (cfg.vocab_size, h), "model.embed_tokens.weight")
-    for i in range(L):
-        p, a, m, b = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp.", f"blk.{i}."
-        add(b + "attn_norm.weight", "norm", i, (h,), p + "input_layernorm.weight")
-        if cfg.q_lora_rank is None:
-            add(b + "attn_q.weight", "attn_q", i, (nh * (nope + rope), h), a + "q_proj.weight")
-        else:
-            add(b + "attn_q_a.weight", "attn_q_a", i, (cfg.q_lora_rank, h), a + "q_a_proj.weight")
-            add(b + "attn_q_a_norm.weight", "norm", i, (cfg.q_lora_rank,), a + "q_a_layernorm.weight")
-            add(b + "attn_q_b.weight", "attn_q_b", i, (nh * (nope + rope), cfg.q_lora_rank), a + "q_b_proj.weight")
-        add(b + "attn_kv_a_mqa.weight", "attn_kv_a_mqa", i, (kvr + rope, h), a + "kv_a_proj_with_mqa.weight")
-        add(b + "attn_kv_a_norm.weight", "norm", i, (kvr,), a + "kv_a_layernorm.weight")
-        add(b + "attn_k_b.weight", "attn_k_b", i, (nh, kvr, nope), a + "kv_b_proj.weight", "k_b")
-        add(b + "attn_v_b.weight", "attn_v_b", i, (nh, vd, kvr), a + "kv_b_proj.weight", "v_b")
-        add(b + "attn_output.weight", "attn_output", i, (h, nh * vd), a + "o_proj.weight")
-        add(b + "ffn_norm.weight", "norm", i, (h,), p + "post_attention_layernorm.weight")
-        if not cfg.is_moe_layer(i):
-            inter = cfg.intermediate_size
-            add(b + "ffn_gate.weight", "ffn_gate", i, (inter, h), m + "gate_proj.weight")
-            add(b + "ffn_up.weight", "ffn_up", i, (inter, h), m + "up_proj.weight")
-            add(b + "ffn_down.weight", "ffn_down", i, (h, inter), m + "down_proj.weight")
-            continue
-        ne, fe = cfg.n_routed_experts, cfg.moe_intermediate_size
-        add(b + "ffn_gate_inp.weight", "ffn_gate_inp", i, (ne, h), m + "gate.weight")
-        if cfg.topk_method == "noaux_tc":
-            add(b + "exp_probs_b.bias", "exp_probs_b", i, (ne,), m + "gate.e_score_correction_bias")
-        for proj in ("gate", "up", "down"):
-            shape = (ne, h, fe) if proj == "down" else (ne, fe, h)
-            add(b + f"ffn_{proj}_exps.weight", f"ffn_{proj}_exps", i, shape,
-                tuple(expert_name(i, e, proj) for e in range(ne)), "experts")
-        if cfg.n_shared_experts:
-            fs = fe * cfg.n_shared_experts
-            for proj in ("gate", "up", "down"):
-                shape = (h, fs) if proj == "down" else (fs, h)
-                add(b + f"ffn_{proj}_shexp.weight", f"ffn_{proj}_shexp", i, shape,
-                    m + f"shared_experts.{proj}_proj.weight")
-    add("output_norm.weight", "norm", None, (h,), "model.norm.weight")
-    if not cfg.tie_word_embeddings:
-        add("output.weight", "output", None, (cfg.vocab_size, h), "lm_head.weight")
-    return out
+    return [PlannedTensor(TensorRole(t.name, t.kind, t.layer, L, first_moe, t.shape[-1]), t.shape, t.build.value,
+                          t.hf) for t in arch.gguf_tensors(cfg)]
 
 
 def tensor_types(plan: list[PlannedTensor], recipe: Recipe) -> list[str]:
@@ -216,12 +173,12 @@ def _chunks(p: PlannedTensor, reader: RowReader, start_row: int) -> Iterator[tor
         return
     if p.build == "experts":  # one expert after the other, each in row chunks
         per = p.shape[1]
-        for e in range(start_row // per, p.shape[0]):
+        for e, r0 in sanitize.stacked_experts(p.shape[0], per, start_row):
             shape = reader.shape(p.hf[e])
             if tuple(shape) != p.shape[1:]:
                 raise CheckpointError(f"{reader.src.path}: {p.hf[e]} has shape {tuple(shape)}, "
                                       f"expected {p.shape[1:]}")
-            yield from _row_chunks(reader, p.hf[e], max(start_row - e * per, 0), per, cols)
+            yield from _row_chunks(reader, p.hf[e], r0, per, cols)
         return
     if p.build in ("k_b", "v_b"):
         nh, kvr = p.shape[0], (p.shape[1] if p.build == "k_b" else p.shape[2])
@@ -230,13 +187,9 @@ def _chunks(p: PlannedTensor, reader: RowReader, start_row: int) -> Iterator[tor
         if kv.dim() != 2 or kv.shape[1] != kvr or per_head * nh != kv.shape[0]:
             raise CheckpointError(f"{reader.src.path}: {p.hf[0]} has shape {tuple(kv.shape)}, expected "
                                   f"[{nh} * (nope + v), {kvr}]")
-        kv = kv.view(nh, per_head, kvr)
-        if p.build == "k_b":
-            nope = p.shape[2]
-            t = kv[:, :nope].transpose(1, 2).contiguous()  # [heads, kv_lora, nope]
-        else:
-            t = kv[:, per_head - p.shape[1]:].contiguous()  # [heads, v, kv_lora]
-        yield t.reshape(-1, cols)[start_row:]
+        nope = p.shape[2] if p.build == "k_b" else per_head - p.shape[1]
+        k_b, v_b = sanitize.split_kv_b(kv, nh, nope)  # [heads, kv_lora, nope], [heads, v, kv_lora]
+        yield (k_b if p.build == "k_b" else v_b).reshape(-1, cols)[start_row:]
         return
     shape = reader.shape(p.hf[0])
     if tuple(shape) != p.shape:
@@ -315,8 +268,6 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
     cfg = src.config
     imat = None
     if imatrix is not None:
-        from k2local.imatrix import IMatrix  # noqa: PLC0415
-
         imat = IMatrix.load(imatrix)
     plan = plan_tensors(cfg)
     types = tensor_types(plan, rec)
@@ -442,8 +393,6 @@ def _check_disk(out: Path, need: int) -> None:
 def describe_recipes(cfg: ModelConfig | None = None) -> list[tuple[str, str, float, int]]:
     """(name, summary, bits/weight, bytes) of every recipe for `cfg` (default: Kimi K2's config)."""
     cfg = cfg or ModelConfig()
-    from k2local.recipes import RECIPES  # noqa: PLC0415
-
     rows = []
     for r in RECIPES.values():
         size, bpw = projected_size(cfg, r)

@@ -16,37 +16,16 @@ import numpy as np
 import torch
 from gguf import GGUFReader, Keys
 
-from k2local.checkpoint import expected_tensor_names
+from k2local import arch
+from k2local.arch import expected_tensor_names
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
 from k2local.gguf_vocab import tokenizer_and_template_from_gguf
+from k2local.weights import sanitize
 from quant.gguf_file import GGUFFormatError, TensorSpec, dequantize_rows, qtype_of, split_parts
 
-ARCHES = ("deepseek2",)
-_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
-_KVB_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight$")
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_a_proj.weight": "attn_q_a.weight",
-    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
-    "self_attn.q_b_proj.weight": "attn_q_b.weight",
-    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
-    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
-    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
-    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
-    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
-}
-_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
+ARCHES = (arch.ARCH_NAME,)
+_T = arch.MODEL_TENSOR
 
 
 @dataclass(frozen=True)
@@ -138,41 +117,37 @@ class GGUFSource:
     # ------------------------------------------------------------------------------------------ name resolution
     def _locate(self, name: str) -> tuple[str, Any]:
         """HF name -> ("plain", gguf name) | ("kv_b", layer) | ("expert", (layer, expert, proj)) | ("none", None)."""
-        m = _EXPERT_RE.match(name)
-        if m:
-            return "expert", (int(m.group(1)), int(m.group(2)), m.group(3))
-        m = _KVB_RE.match(name)
-        if m:
-            return "kv_b", int(m.group(1))
-        if name in _TOP_NAMES:
-            g = _TOP_NAMES[name]
-            if g == "output.weight" and g not in self.tensors:
-                g = "token_embd.weight"  # tied embeddings
-            return "plain", g
-        m = _LAYER_RE.match(name)
-        if m and m.group(2) in _LAYER_NAMES:
-            return "plain", f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-        return "none", None
+        p = arch.parse_hf_name(name)
+        if p is None:
+            return "none", None
+        if p.tensor.role is arch.Role.ROUTED_EXPERT:
+            return "expert", (p.layer, p.expert, p.proj)
+        if p.key == _T.ATTN_KV_B:
+            return "kv_b", p.layer
+        g = p.tensor.gguf_name(p.layer)
+        if p.key == _T.OUTPUT and g not in self.tensors:
+            g = arch.gguf_name(_T.TOKEN_EMBD)  # tied embeddings
+        return "plain", g
 
     def _expert_loc(self, layer: int, proj: str) -> tuple[GGUFTensor, int, int]:
         """(stacked tensor, first row, rows) of `proj` in `layer` (handles fused gate_up)."""
-        t = self.tensors.get(f"blk.{layer}.ffn_{proj}_exps.weight")
-        if t is not None:
-            return t, 0, t.shape[1]
-        fused = self.tensors.get(f"blk.{layer}.ffn_gate_up_exps.weight")
-        if fused is not None and proj in ("gate", "up"):
-            half = fused.shape[1] // 2
-            return fused, (0 if proj == "gate" else half), half
-        raise CheckpointError(f"{self.path}: no experts for layer {layer} ({proj})")
+        found = sanitize.find_stacked_experts(self.tensors, layer, proj)
+        if found is None:
+            raise CheckpointError(f"{self.path}: no experts for layer {layer} ({proj})")
+        return found
+
+    def _kv_b_parts(self, layer: int) -> tuple[GGUFTensor, GGUFTensor] | None:
+        """attn_k_b, attn_v_b of `layer` (None when the file does not have both)."""
+        kt = self.tensors.get(arch.gguf_name(_T.ATTN_K_B, layer))
+        vt = self.tensors.get(arch.gguf_name(_T.ATTN_V_B, layer))
+        return None if kt is None or vt is None else (kt, vt)
 
     def has(self, name: str) -> bool:
         kind, key = self._locate(name)
         if kind == "plain":
             return key in self.tensors
         if kind == "kv_b":
-            b = f"blk.{key}."
-            return (b + "attn_k_b.weight" in self.tensors and b + "attn_v_b.weight" in self.tensors) or \
-                b + "attn_kv_b.weight" in self.tensors
+            return self._kv_b_parts(key) is not None or arch.gguf_name(_T.ATTN_KV_B, key) in self.tensors
         if kind == "expert":
             layer, e, proj = key
             try:
@@ -210,10 +185,10 @@ class GGUFSource:
         """MLA's absorbed per-head matrices as stored: ((k_b bytes [heads * kv_lora, row_bytes], type),
         (v_b bytes [heads * v_dim, row_bytes], type)); k_b rows run over the no-rope key dims, v_b rows over
         kv_lora. None for a legacy merged attn_kv_b."""
-        b = f"blk.{layer}."
-        kt, vt = self.tensors.get(b + "attn_k_b.weight"), self.tensors.get(b + "attn_v_b.weight")
-        if kt is None or vt is None:
+        parts = self._kv_b_parts(layer)
+        if parts is None:
             return None
+        kt, vt = parts
         return ((self._bytes(kt).reshape(-1, kt.row_bytes), kt.qtype), (self._bytes(vt).reshape(-1, vt.row_bytes), vt.qtype))
 
     def expert_tensor(self, layer: int, proj: str) -> tuple[np.ndarray, int, int, int]:
@@ -250,15 +225,15 @@ class GGUFSource:
 
     def _kv_b(self, layer: int) -> torch.Tensor:
         cfg = self.config
-        b = f"blk.{layer}."
-        legacy = self.tensors.get(b + "attn_kv_b.weight")
-        if b + "attn_k_b.weight" not in self.tensors and legacy is not None:
+        parts = self._kv_b_parts(layer)
+        if parts is None:
+            legacy = self.tensors[arch.gguf_name(_T.ATTN_KV_B, layer)]
             return self._dequant(legacy).reshape(legacy.shape)
-        kt, vt = self.tensors[b + "attn_k_b.weight"], self.tensors[b + "attn_v_b.weight"]
+        kt, vt = parts
         nh, nope, vd, kvr = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        k = self._dequant(kt).reshape(nh, kvr, nope).transpose(1, 2)  # [heads, nope, kv_lora]
+        k = self._dequant(kt).reshape(nh, kvr, nope)
         v = self._dequant(vt).reshape(nh, vd, kvr)
-        return torch.cat([k, v], dim=1).reshape(nh * (nope + vd), kvr)
+        return sanitize.merge_kv_b(k, v)
 
     def shape(self, name: str) -> tuple[int, ...]:
         kind, key = self._locate(name)
@@ -266,7 +241,7 @@ class GGUFSource:
         if kind == "plain" and key in self.tensors:
             return self.tensors[key].shape
         if kind == "kv_b":
-            return (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+            return arch.BY_KEY[_T.ATTN_KV_B].shape(cfg)
         if kind == "expert":
             _, _, rows, cols = self.expert_tensor(key[0], key[2])
             return (rows, cols)
@@ -278,10 +253,10 @@ class GGUFSource:
         if kind == "plain" and key in self.tensors:
             return self.tensors[key].nbytes
         if kind == "kv_b":
-            b = f"blk.{key}."
-            if b + "attn_k_b.weight" in self.tensors:
-                return self.tensors[b + "attn_k_b.weight"].nbytes + self.tensors[b + "attn_v_b.weight"].nbytes
-            return self.tensors[b + "attn_kv_b.weight"].nbytes
+            parts = self._kv_b_parts(key)
+            if parts is not None:
+                return parts[0].nbytes + parts[1].nbytes
+            return self.tensors[arch.gguf_name(_T.ATTN_KV_B, key)].nbytes
         if kind == "expert":
             t, _, rows = self._expert_loc(key[0], key[2])
             return rows * t.row_bytes
@@ -296,8 +271,8 @@ class GGUFSource:
         if kind == "plain":
             return qtype_of(self.tensors[key].qtype).name
         if kind == "kv_b":
-            b = f"blk.{key}."
-            t = self.tensors.get(b + "attn_k_b.weight") or self.tensors[b + "attn_kv_b.weight"]
+            parts = self._kv_b_parts(key)
+            t = parts[0] if parts is not None else self.tensors[arch.gguf_name(_T.ATTN_KV_B, key)]
             return qtype_of(t.qtype).name
         if kind == "expert":
             return qtype_of(self._expert_loc(key[0], key[2])[0].qtype).name
@@ -312,20 +287,20 @@ class GGUFSource:
 # -------------------------------------------------------------------------------------------------------- config
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, GGUFTensor], where: str) -> ModelConfig:
     """Rebuild a ModelConfig from deepseek2 GGUF metadata (model_type kimi_k2 when the tokenizer is Kimi's)."""
-    arch = meta.get(Keys.General.ARCHITECTURE)
-    if arch not in ARCHES:
-        raise CheckpointError(f"{where}: architecture {arch!r} is not supported (k2local runs deepseek2: "
+    arch_name = meta.get(Keys.General.ARCHITECTURE)
+    if arch_name not in ARCHES:
+        raise CheckpointError(f"{where}: architecture {arch_name!r} is not supported (k2local runs deepseek2: "
                               "Kimi K2, DeepSeek-V3 and their family)")
 
     def g(key: str, default: Any = None, required: bool = False) -> Any:
-        k = key.format(arch=arch)
+        k = key.format(arch=arch_name)
         if k not in meta:
             if required:
                 raise CheckpointError(f"{where}: metadata key {k} missing")
             return default
         return meta[k]
 
-    emb = tensors.get("token_embd.weight")
+    emb = tensors.get(arch.gguf_name(_T.TOKEN_EMBD))
     n_layers = int(g(Keys.LLM.BLOCK_COUNT, required=True))
     heads = int(g(Keys.Attention.HEAD_COUNT, required=True))
     kvr = int(g(Keys.Attention.KV_LORA_RANK, required=True))
@@ -338,7 +313,8 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, GGUFTensor], where
     gating = int(g(Keys.LLM.EXPERT_GATING_FUNC, 1))
     if gating not in (1, 2):
         raise CheckpointError(f"{where}: expert_gating_func {gating} not supported (softmax=1, sigmoid=2)")
-    has_bias = any(n.endswith(".exp_probs_b.bias") for n in tensors)
+    bias = arch.BY_KEY[_T.FFN_EXP_PROBS_B]
+    has_bias = any(bias.gguf_name(i) in tensors for i in range(n_layers))
     d: dict[str, Any] = dict(
         model_type="kimi_k2" if meta.get(Keys.Tokenizer.PRE) == "kimi-k2" else "deepseek_v3",
         vocab_size=int(vocab), hidden_size=int(g(Keys.LLM.EMBEDDING_LENGTH, required=True)),
@@ -360,7 +336,7 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, GGUFTensor], where
         rope_theta=float(g(Keys.Rope.FREQ_BASE, 10000.0)),
         max_position_embeddings=int(g(Keys.LLM.CONTEXT_LENGTH, 4096)),
         bos_token_id=meta.get(Keys.Tokenizer.BOS_ID), eos_token_id=meta.get(Keys.Tokenizer.EOS_ID),
-        tie_word_embeddings="output.weight" not in tensors,
+        tie_word_embeddings=arch.gguf_name(_T.OUTPUT) not in tensors,
     )
     if g(Keys.Rope.SCALING_TYPE) == "yarn":
         log_mul = g(Keys.Rope.SCALING_YARN_LOG_MUL)

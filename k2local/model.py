@@ -5,15 +5,18 @@ code runs with experts in GPU memory, in RAM, or streamed from disk.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from k2local import arch
 from k2local.checkpoint import WeightSource
 from k2local.config import ModelConfig
 from k2local.linear import MIN_QUANT_PARAMS, QuantWeight, linear, quantized_heads, quantized_weight
+from k2local.weights import sanitize
 from offload.threads import PARALLEL_ATTENTION_MACS, decode_step, full_threads, torch_threads
 
 
@@ -179,31 +182,33 @@ class KimiK2Model:
                 progress(name, q.nbytes)
             return q
 
-        self.embed = load("model.embed_tokens.weight")
-        self.norm = load("model.norm.weight")
-        self.lm_head: Weight = self.embed if cfg.tie_word_embeddings else load_linear("lm_head.weight")
+        T = arch.MODEL_TENSOR
+        self.embed = load(arch.hf_name(T.TOKEN_EMBD))
+        self.norm = load(arch.hf_name(T.OUTPUT_NORM))
+        self.lm_head: Weight = self.embed if cfg.tie_word_embeddings else load_linear(arch.hf_name(T.OUTPUT))
         inv_freq, self.rope_mscale = cfg.rope_inv_freq()
         self.inv_freq = inv_freq.to(self.device)
         self.layers: list[LayerWeights] = []
-        nh, nope, vd = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+        nh, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        projs = ("gate", "up", "down")
         for i in range(cfg.num_hidden_layers):
-            p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-            kv_b = load(a + "kv_b_proj.weight").view(nh, nope + vd, cfg.kv_lora_rank)
+            n = functools.partial(arch.hf_name, bid=i)  # this layer's HF name of a tensor key
+            w_uk, w_uv = sanitize.absorbed_kv_b(load(n(T.ATTN_KV_B)), nh, nope)
             moe = cfg.is_moe_layer(i)
             lw = LayerWeights(
-                attn_norm=load(p + "input_layernorm.weight"), ffn_norm=load(p + "post_attention_layernorm.weight"),
-                q_proj=load_linear(a + "q_proj.weight") if cfg.q_lora_rank is None else None,
-                q_a=load_linear(a + "q_a_proj.weight") if cfg.q_lora_rank else None,
-                q_a_norm=load(a + "q_a_layernorm.weight") if cfg.q_lora_rank else None,
-                q_b=load_linear(a + "q_b_proj.weight") if cfg.q_lora_rank else None,
-                kv_a=load_linear(a + "kv_a_proj_with_mqa.weight"), kv_a_norm=load(a + "kv_a_layernorm.weight"),
-                w_uk=kv_b[:, :nope].contiguous(), w_uv=kv_b[:, nope:].contiguous(),
-                o_proj=load_linear(a + "o_proj.weight"),
-                dense=None if moe else tuple(load_linear(m + f"{w}_proj.weight") for w in ("gate", "up", "down")),
-                router=load(m + "gate.weight", torch.float32) if moe else None,
-                router_bias=load(m + "gate.e_score_correction_bias", torch.float32)
-                if moe and source.has(m + "gate.e_score_correction_bias") else None,
-                shared=tuple(load_linear(m + f"shared_experts.{w}_proj.weight") for w in ("gate", "up", "down"))
+                attn_norm=load(n(T.ATTN_NORM)), ffn_norm=load(n(T.FFN_NORM)),
+                q_proj=load_linear(n(T.ATTN_Q)) if cfg.q_lora_rank is None else None,
+                q_a=load_linear(n(T.ATTN_Q_A)) if cfg.q_lora_rank else None,
+                q_a_norm=load(n(T.ATTN_Q_A_NORM)) if cfg.q_lora_rank else None,
+                q_b=load_linear(n(T.ATTN_Q_B)) if cfg.q_lora_rank else None,
+                kv_a=load_linear(n(T.ATTN_KV_A_MQA)), kv_a_norm=load(n(T.ATTN_KV_A_NORM)),
+                w_uk=w_uk, w_uv=w_uv,
+                o_proj=load_linear(n(T.ATTN_OUT)),
+                dense=None if moe else tuple(load_linear(n(arch.DENSE_PROJS[w])) for w in projs),
+                router=load(n(T.FFN_GATE_INP), torch.float32) if moe else None,
+                router_bias=load(n(T.FFN_EXP_PROBS_B), torch.float32)
+                if moe and source.has(n(T.FFN_EXP_PROBS_B)) else None,
+                shared=tuple(load_linear(n(arch.SHARED_PROJS[w])) for w in projs)
                 if moe and cfg.n_shared_experts else None,
             )
             if quantized_linear:

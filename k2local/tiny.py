@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from k2local.checkpoint import expected_tensor_names
+from k2local import arch
 from k2local.config import ModelConfig
-from quant.fp8 import quantize_fp8_block
+from k2local.weights.sanitize import stored_as_checkpoint
 
 TINY_VERSION = 1
 
@@ -91,49 +91,17 @@ def _config_json(variant: str, vocab_size: int, bos_id: int, eos_id: int, overri
 def _random_weights(cfg: ModelConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Float32 weights with healthy activation scales (peaked logits, so greedy tokens are stable)."""
     out: dict[str, torch.Tensor] = {}
-    for name in expected_tensor_names(cfg):
-        if name.endswith("layernorm.weight") or name == "model.norm.weight":
-            n = {"q_a": cfg.q_lora_rank, "kv_a": cfg.kv_lora_rank}.get(name.split(".")[-2].rsplit("_", 1)[0],
-                                                                       cfg.hidden_size)
-            out[name] = 1.0 + 0.1 * torch.randn(n, generator=gen)
-        elif name.endswith("e_score_correction_bias"):
-            out[name] = 0.1 * torch.randn(cfg.n_routed_experts, generator=gen)
+    for t in arch.hf_tensors(cfg):
+        if t.role is arch.Role.NORM:
+            out[t.name] = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
+        elif t.key == arch.MODEL_TENSOR.FFN_EXP_PROBS_B:
+            out[t.name] = 0.1 * torch.randn(t.shape, generator=gen)
         else:
-            rows, cols = _shape(cfg, name)
-            std = 1.0 if name == "model.embed_tokens.weight" else (2.0 if name == "lm_head.weight" else 1.0)
-            out[name] = torch.randn(rows, cols, generator=gen) * std / (cols ** 0.5 if "embed" not in name else 1)
+            rows, cols = t.shape
+            std = 2.0 if t.role is arch.Role.HEAD else 1.0
+            out[t.name] = torch.randn(rows, cols, generator=gen) * std / (
+                cols ** 0.5 if t.role is not arch.Role.EMBEDDING else 1)
     return out
-
-
-def _shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
-    h, nh = cfg.hidden_size, cfg.num_attention_heads
-    leaf = name.split(".")[-2]
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return cfg.vocab_size, h
-    if ".experts." in name or "shared_experts" in name:
-        inter = cfg.moe_intermediate_size * (cfg.n_shared_experts if "shared_experts" in name else 1)
-        return (h, inter) if leaf == "down_proj" else (inter, h)
-    table = {
-        "q_proj": (nh * cfg.qk_head_dim, h), "q_a_proj": (cfg.q_lora_rank, h),
-        "q_b_proj": (nh * cfg.qk_head_dim, cfg.q_lora_rank),
-        "kv_a_proj_with_mqa": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
-        "kv_b_proj": (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
-        "o_proj": (h, nh * cfg.v_head_dim), "gate": (cfg.n_routed_experts, h),
-        "gate_proj": (cfg.intermediate_size, h), "up_proj": (cfg.intermediate_size, h),
-        "down_proj": (h, cfg.intermediate_size),
-    }
-    return table[leaf]  # type: ignore[return-value]
-
-
-def _stored(name: str, w: torch.Tensor, fp8: bool) -> dict[str, torch.Tensor]:
-    """Tensors as the real checkpoint stores them: FP8 + scale for linear layers, BF16/F32 for the rest."""
-    keep_bf16 = name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight")
-    if name.endswith("e_score_correction_bias"):
-        return {name: w.float()}
-    if fp8 and w.dim() == 2 and not keep_bf16:
-        q, s = quantize_fp8_block(w)
-        return {name: q, name + "_scale_inv": s}
-    return {name: w.to(torch.bfloat16)}
 
 
 def _write_tokenizer(out: Path, variant: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -170,9 +138,9 @@ def make_tiny(out: str | Path, variant: str = "kimi_k2", seed: int = 0, shards: 
     weights = _random_weights(cfg, gen)
     stored: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
-        stored.update(_stored(name, w, cfg.is_fp8))
+        stored.update(stored_as_checkpoint(name, w, cfg.is_fp8))
     for i in range(cfg.num_hidden_layers):  # present in real K2 checkpoints; runners ignore it
-        stored[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = cfg.rope_inv_freq()[0].to(torch.bfloat16)
+        stored[arch.ROTARY_INV_FREQ.format(bid=i)] = cfg.rope_inv_freq()[0].to(torch.bfloat16)
     _write_shards(out, stored, shards)
     return out
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from k2local.checkpoint import expected_tensor_names, open_checkpoint
+from k2local.arch import expected_tensor_names
+from k2local.checkpoint import open_checkpoint
 from k2local.convert import plan_tensors
 from k2local.errors import CheckpointError
 from k2local.gguf_source import GGUFSource
