@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from k2local.errors import CheckpointError
 from offload.cache import CacheCounters, CachePolicy, FrequencyPolicy
+from offload.errors import ExpertReadError
 from offload.expert_layout import ExpertEntry, ExpertLayout, cheap_to_decode, decode_matrix
 from offload.experts_dense import swiglu
 
@@ -86,7 +86,7 @@ class FileReader:
                     try:
                         got = (os.open(path, os.O_RDONLY), False)
                     except OSError as e:
-                        raise CheckpointError(f"{path}: cannot open expert file ({e.strerror})") from None
+                        raise ExpertReadError(f"{path}: cannot open expert file ({e.strerror})") from None
                 self._fds[path] = got
             return got
 
@@ -109,12 +109,12 @@ class FileReader:
                 if direct and e.errno == 22:  # EINVAL: this file or buffer cannot do O_DIRECT
                     fd, direct = self._fallback(path, fd), False
                     continue
-                raise CheckpointError(f"{path}: read failed at {offset + got} ({e.strerror})") from None
+                raise ExpertReadError(f"{path}: read failed at {offset + got} ({e.strerror})") from None
             if n <= 0:
                 break
             got += n
         if got < need:
-            raise CheckpointError(f"{path}: truncated (expert bytes end past the end of the file)")
+            raise ExpertReadError(f"{path}: truncated (expert bytes end past the end of the file)")
         if not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)  # keep the page cache out of it
 
@@ -519,7 +519,7 @@ class ExpertStore:
 # ---------------------------------------------------------------------------------------------- device tier
 def _triton_q():
     """offload.kernels.triton_q, or None where it cannot be imported (a partial checkout)."""
-    try:
+    try:  # deferred: the Triton kernels (and triton itself) load only when a device cache decides on them
         from offload.kernels import triton_q  # noqa: PLC0415
 
         return triton_q
