@@ -38,6 +38,8 @@ def human(n: float) -> str:
 
 @dataclass
 class Hardware:
+    """The machine's memory in bytes (offload.probe.probe_hardware measures it) and its CPU count."""
+
     ram_total: int
     ram_available: int
     vram_total: int = 0

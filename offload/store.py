@@ -235,11 +235,19 @@ class Lease:
             self._store = None  # type: ignore[assignment]
 
 
+class _Request(Future):
+    """A request for one expert: resolves to a Lease when `pin` (the caller reads the bytes), else to None."""
+
+    def __init__(self, key: Key, pin: bool):
+        super().__init__()
+        self.key, self.pin = key, pin
+
+
 class _Load:
     __slots__ = ("futures", "prefetch")
 
     def __init__(self, prefetch: bool):
-        self.futures: list[Future] = []
+        self.futures: list[_Request] = []
         self.prefetch = prefetch
 
 
@@ -324,7 +332,7 @@ class ExpertStore:
         for f in futs:
             f.result()
             if progress:
-                progress(self.layout.entry(*f.result_key).nbytes)  # type: ignore[attr-defined]
+                progress(self.layout.entry(*f.key).nbytes)
 
     def read_copy(self, key: Key) -> list[torch.Tensor]:
         """Read one expert into a fresh buffer outside the pool (to fill the device cache); its segment views."""
@@ -374,8 +382,7 @@ class ExpertStore:
         return n
 
     def _request(self, key: Key, prio: int, pin: bool, count: bool, speculative: bool = False) -> Future | None:
-        fut: Future = Future()
-        fut.result_key = key  # type: ignore[attr-defined]
+        fut = _Request(key, pin)
         with self._cv:
             if self._closed:
                 raise RuntimeError("expert store is closed")
@@ -405,7 +412,6 @@ class ExpertStore:
                         load.prefetch = False
                     else:
                         self.counters.misses += 1
-                fut.pin = pin  # type: ignore[attr-defined]
                 load.futures.append(fut)
                 return fut
             if speculative and not self._free and not self._evictable_below(self.policy.score(key)):
@@ -416,7 +422,6 @@ class ExpertStore:
             if speculative:
                 self.counters.prefetch_issued += 1
             load = _Load(prefetch=speculative)
-            fut.pin = pin  # type: ignore[attr-defined]
             load.futures.append(fut)
             self._loading[key] = load
         self._io.submit(prio, lambda: self._load(key, speculative))
@@ -458,7 +463,7 @@ class ExpertStore:
                         for f in load.futures:
                             f.set_exception(RuntimeError("expert store is closed"))
                         return
-                    if load.futures and any(getattr(f, "pin", False) for f in load.futures):
+                    if load.futures and any(f.pin for f in load.futures):
                         # a demand request joined this dropped prefetch: retry as a demand load
                         self._loading[key] = load
                         load.prefetch = False
@@ -484,7 +489,7 @@ class ExpertStore:
                     self._prefetched.add(key)
                 leases = []
                 for f in load.futures:
-                    if getattr(f, "pin", False):
+                    if f.pin:
                         self._refs[slot] += 1
                         leases.append((f, Lease(self, key, slot, self.tier)))
                     else:
