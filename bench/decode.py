@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from k2local.checkpoint import open_checkpoint  # noqa: E402
 from k2local.engine import LoadOptions  # noqa: E402
 from k2local.model import KimiK2Model  # noqa: E402
-from offload.planner import build_backend, measure_ram_bandwidth  # noqa: E402
+from k2local.placement import build_backend, layout_for  # noqa: E402
+from offload.probe import measure_ram_bandwidth  # noqa: E402
 from tests.peers import llama_cpp as llama  # noqa: E402
 
 SHAPES = {
@@ -79,8 +80,6 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     extra = {"save_routing_stats": False}
     if mode == "disk":
-        from offload.expert_layout import layout_for  # noqa: PLC0415
-
         total = layout_for(source).total_bytes
         ram = args.disk_ram if args.disk_ram is not None else total * args.disk_fraction / (1 << 30)
     else:

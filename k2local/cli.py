@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 
-from k2local.errors import K2Error
+from k2local.errors import USER_ERRORS
 
 # subcommand name -> "module:function" (imported only when that subcommand runs, so start-up stays fast)
 SUBCOMMANDS = {
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except K2Error as e:
+    except USER_ERRORS as e:
         click.echo(f"k2local: error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

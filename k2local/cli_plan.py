@@ -6,10 +6,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+import torch
 from rich.console import Console
 from rich.table import Table
 
+from k2local.checkpoint import open_checkpoint
+from k2local.placement import LoadOptions, layout_for, make_plan, pick_device, pick_dtype
+from offload.options import OffloadOptions
 from offload.planner import Bandwidths, Plan, decode_breakdown, human, predict_decode_tps
+from offload.probe import measure_bandwidths
 
 TYPICAL = Bandwidths(ram=20.0, disk=2.0, cpu_expert=None, gpu=1000.0, h2d=12.0)
 
@@ -68,19 +73,11 @@ def plan(model: Path, gpu_mem: float | None, ram: float | None, experts_on: str 
 
     A plan that cannot fit is refused with what to change, before anything is loaded.
     """
-    import torch  # noqa: PLC0415
-
-    from k2local.checkpoint import open_checkpoint  # noqa: PLC0415
-    from k2local.engine import LoadOptions, _pick_device, _pick_dtype  # noqa: PLC0415
-    from offload.expert_layout import layout_for  # noqa: PLC0415
-    from offload.planner import make_plan, measure_bandwidths  # noqa: PLC0415
-
-    extra = {"routing_stats": str(routing_stats)} if routing_stats else {}
     opts = LoadOptions(cpu_only=cpu_only, gpu_mem=gpu_mem, ram=ram, experts_on=experts_on, max_context=max_context,
-                       extra=extra)
+                       offload=OffloadOptions(routing_stats=str(routing_stats) if routing_stats else None))
     source = open_checkpoint(model)
-    device = _pick_device(opts)
-    dtype = _pick_dtype(opts, device, source)
+    device = pick_device(opts)
+    dtype = pick_dtype(opts, device, source)
     layout = layout_for(source)
     p = make_plan(source, opts, device, dtype, layout=layout)
     bw = TYPICAL if no_measure else measure_bandwidths(layout, device, dtype)

@@ -16,7 +16,7 @@ from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from k2local.errors import K2Error
+from k2local.errors import USER_ERRORS, K2Error
 
 if TYPE_CHECKING:
     from k2local.chat_session import ChatSession, TurnResult
@@ -149,7 +149,7 @@ def _load(path: Path, opts: LoadOptions, console: Console, show: bool) -> tuple[
     try:
         with progress:
             engine = Engine.load(path, opts, progress=on_tensor)
-    except K2Error:
+    except USER_ERRORS:
         raise
     except (ValueError, OSError) as e:  # tokenizer / chat template / file problems
         raise K2Error(f"cannot load {path}: {e}") from None
@@ -353,7 +353,7 @@ def _turn(con: Console, session: ChatSession, text: str, json_out: bool, random_
     old = signal.signal(signal.SIGINT, on_sigint)
     try:
         turn = session.ask(text, on_text=None if json_out else writer.write, should_stop=stop.is_set)
-    except K2Error as e:
+    except USER_ERRORS as e:
         writer.end()
         con.print(f"error: {e}", style="red", markup=False, soft_wrap=True)
         if "context" in str(e):

@@ -270,7 +270,7 @@ def collect(model_path: str | Path, text: str, ctx: int = 512, max_chunks: int |
     import k2local.model as kmodel  # noqa: PLC0415
     from k2local.checkpoint import open_checkpoint  # noqa: PLC0415
     from k2local.engine import load_tokenizer_and_template  # noqa: PLC0415
-    from offload.experts_dense import DenseExperts  # noqa: PLC0415
+    from k2local.placement import DenseExperts  # noqa: PLC0415
 
     if ctx < 2:
         raise K2Error(f"context {ctx} too small for an imatrix run")

@@ -159,7 +159,7 @@ class KimiK2Model:
         self.dtype = dtype
         cfg = self.cfg
         if experts is None:
-            from offload.experts_dense import DenseExperts  # noqa: PLC0415
+            from k2local.placement import DenseExperts  # noqa: PLC0415
 
             experts = DenseExperts.from_source(source, dtype=dtype, device=self.device)
         self.experts = experts

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from offload.cache import CacheCounters
 from offload.expert_layout import ExpertLayout, decode_matrix, decodes_on_gpu
 from offload.experts_dense import swiglu
-from offload.threads import decode_step, torch_threads
+from offload.planner import Plan
 from offload.routing_stats import RoutingStats
 from offload.store import DeviceCache, ExpertStore, Key, Lease, fused_on_device, fused_or_dense
+from offload.threads import decode_step, torch_threads
 
 try:
     from offload import kernels as _kernels
@@ -69,8 +70,10 @@ class OffloadExperts:
                  dtype: torch.dtype, device_cache: DeviceCache | None = None,
                  routing: RoutingStats | None = None, predictor: RouterPredictor | None = None,
                  top_k: int = 8, gpu_prefill_min_tokens: int = 64, lookahead: int = 4,
-                 prefetch: bool = True, use_kernels: bool = True, stats_path: str | None = None):
+                 prefetch: bool = True, use_kernels: bool = True, stats_path: str | None = None,
+                 plan: Plan | None = None):
         self.layout, self.store = layout, store
+        self.plan = plan  # the placement this backend was built for (None when built by hand)
         self.device = torch.device(device)
         self.dtype = dtype
         # host experts compute in the model's dtype on a CPU-only run (same numbers as the in-memory path)

@@ -3,30 +3,21 @@
 An expert is three matrices (gate, up, down). Each matrix is one or two byte *segments* in a file: the stored
 weight, plus its FP8 `scale_inv` grid for block-FP8 checkpoints. The store reads segments with pread (never
 through a page-cache mmap); `decode` turns the bytes, wherever they sit (CPU RAM, pinned RAM or GPU), into a
-float matrix.
+float matrix. The application builds the layout (it knows its checkpoint formats and tensor names): offload only
+reads it.
 """
 from __future__ import annotations
 
 import functools
-import json
-import mmap
-import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from k2local.checkpoint import SCALE_SUFFIX, expert_name
-from k2local.errors import CheckpointError
 from quant.fp8 import dequantize_fp8_block, expected_scale_shape
 
-PROJS = ("gate", "up", "down")
-_ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F8_E4M3": (torch.float8_e4m3fn, 1), "BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2),
-    "F32": (torch.float32, 4),
-}
+PROJS = ("gate", "up", "down")  # an expert's matrices, in segment order
 
 
 @dataclass(frozen=True)
@@ -76,7 +67,7 @@ class ExpertEntry:
 
 
 def _codecs_module() -> Any:
-    try:
+    try:  # deferred: the codec registry (and its K-quant search code) loads only when a ggml expert is decoded
         from quant import codecs  # noqa: PLC0415
 
         return codecs
@@ -100,6 +91,7 @@ def ggml_dequantize(data: torch.Tensor | np.ndarray, qtype: int, rows: int, cols
     codecs = _codecs_module()
     if codecs is not None and ggml_supported_on_device(qtype):
         return codecs.dequantize(data, int(qtype), cols).reshape(rows, cols)
+    # deferred: only types quant.codecs lacks come here
     from gguf import GGMLQuantizationType  # noqa: PLC0415
     from gguf.quants import dequantize  # noqa: PLC0415
 
@@ -168,109 +160,3 @@ class ExpertLayout:
 
     def files(self) -> list[str]:
         return sorted({s.path for es in self.entries.values() for e in es for s in e.segments if s.path})
-
-
-# ---------------------------------------------------------------------------------------------- safetensors
-def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return 8 + n, json.loads(f.read(n))
-
-
-def layout_from_safetensors(source: Any) -> ExpertLayout:
-    """Expert segments of a Hugging Face checkpoint (FP8 + scale_inv, or BF16/F16/F32), from the shard headers."""
-    cfg = source.config
-    headers: dict[str, tuple[int, dict[str, Any]]] = {}
-
-    def locate(name: str) -> tuple[Segment, str, tuple[int, ...]]:
-        shard = source.weight_map.get(name)
-        if shard is None:
-            raise CheckpointError(f"{source.path}: tensor {name} not in checkpoint")
-        if shard not in headers:
-            headers[shard] = _safetensors_header(source.path / shard)
-        base, hdr = headers[shard]
-        info = hdr[name]
-        start, end = info["data_offsets"]
-        return Segment(str(source.path / shard), base + start, end - start), info["dtype"], tuple(info["shape"])
-
-    block = tuple(getattr(source, "block", (128, 128)))
-    entries: dict[int, list[ExpertEntry]] = {}
-    for layer in range(cfg.num_hidden_layers):
-        if not cfg.is_moe_layer(layer):
-            continue
-        row = []
-        for e in range(cfg.n_routed_experts):
-            segs: list[Segment] = []
-            fmts: list[MatrixFormat] = []
-            for p in PROJS:
-                name = expert_name(layer, e, p)
-                seg, dt, shape = locate(name)
-                if dt not in _ST_DTYPES or len(shape) != 2:
-                    raise CheckpointError(f"{source.path}: {name}: unsupported expert dtype/shape {dt} {shape}")
-                segs.append(seg)
-                if dt == "F8_E4M3":
-                    sseg, sdt, _ = locate(name + SCALE_SUFFIX)
-                    segs.append(sseg)
-                    fmts.append(MatrixFormat("fp8", shape[0], shape[1], dtype=_ST_DTYPES[sdt][0],
-                                             block=block))  # type: ignore[arg-type]
-                else:
-                    fmts.append(MatrixFormat("float", shape[0], shape[1], dtype=_ST_DTYPES[dt][0]))
-            row.append(ExpertEntry(tuple(segs), tuple(fmts)))  # type: ignore[arg-type]
-        entries[layer] = row
-    return ExpertLayout(entries, cfg.n_routed_experts, "safetensors")
-
-
-# ---------------------------------------------------------------------------------------------- gguf
-def _memmap_file_offset(arr: np.ndarray) -> tuple[str, int] | None:
-    """(file, byte offset of arr[0]) for an np.memmap or a view of one; None for in-memory arrays."""
-    mm = getattr(arr, "_mmap", None)
-    fname = getattr(arr, "filename", None)
-    if mm is None or fname is None:
-        return None
-    base_addr = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-    off = int(getattr(arr, "offset", 0) or 0)
-    map_start = off - off % mmap.ALLOCATIONGRANULARITY
-    return str(fname), map_start + (arr.ctypes.data - base_addr)
-
-
-def layout_from_gguf(source: Any) -> ExpertLayout:
-    """Expert slices of stacked GGUF expert tensors via `source.expert_tensor(layer, proj)` (zero-copy memmaps)."""
-    cfg = source.config
-    entries: dict[int, list[ExpertEntry]] = {}
-    for layer in range(cfg.num_hidden_layers):
-        if not cfg.is_moe_layer(layer):
-            continue
-        per_proj = []
-        for p in PROJS:
-            data, qtype, rows, cols = source.expert_tensor(layer, p)
-            if data.ndim != 3 or data.shape[0] != cfg.n_routed_experts or data.shape[1] != rows:
-                raise CheckpointError(f"{source.path}: layer {layer} {p} experts: unexpected shape {data.shape}")
-            loc = _memmap_file_offset(data)
-            fmt = (MatrixFormat("float", rows, cols, dtype={0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
-                                [int(qtype)]) if int(qtype) in (0, 1, 30) else
-                   MatrixFormat("ggml", rows, cols, qtype=int(qtype)))
-            per_proj.append((data, loc, fmt))
-        row = []
-        for e in range(cfg.n_routed_experts):
-            segs, fmts = [], []
-            for data, loc, fmt in per_proj:
-                n = data.shape[1] * data.shape[2]
-                contiguous = data.strides[2] == 1 and data.strides[1] == data.shape[2]
-                if loc is not None and contiguous:
-                    segs.append(Segment(loc[0], loc[1] + e * data.strides[0], n))
-                else:
-                    segs.append(Segment(None, 0, n, array=np.ascontiguousarray(data[e]).reshape(-1)))
-                fmts.append(fmt)
-            row.append(ExpertEntry(tuple(segs), tuple(fmts)))  # type: ignore[arg-type]
-        entries[layer] = row
-    return ExpertLayout(entries, cfg.n_routed_experts, "gguf")
-
-
-def layout_for(source: Any) -> ExpertLayout:
-    """The layout of any supported source (GGUF with expert_tensor, or a safetensors checkpoint)."""
-    if hasattr(source, "expert_tensor"):
-        return layout_from_gguf(source)
-    if hasattr(source, "weight_map"):
-        return layout_from_safetensors(source)
-    raise CheckpointError(f"{getattr(source, 'path', source)}: this source cannot stream experts "
-                          "(needs a safetensors checkpoint or a GGUF)")

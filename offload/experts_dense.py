@@ -1,12 +1,10 @@
 """Reference expert backend: every routed expert held dequantized in one device's memory."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-
-from k2local.checkpoint import expert_name
 
 
 def swiglu(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -31,17 +29,16 @@ class DenseExperts:
         self.experts = experts
 
     @classmethod
-    def from_source(cls, source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    progress: Callable[[int], None] | None = None) -> "DenseExperts":
-        """Load every routed expert; progress(nbytes) after each one."""
-        cfg = source.config
+    def load(cls, names: Mapping[int, Sequence[tuple[str, str, str]]],
+             get: Callable[[str, torch.dtype], torch.Tensor], dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None) -> "DenseExperts":
+        """Load every routed expert: names[layer][e] is expert e's (gate, up, down) tensor names, each read
+        dequantized by get(name, dtype); progress(nbytes) after each expert."""
         ex: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        for layer in range(cfg.num_hidden_layers):
-            if not cfg.is_moe_layer(layer):
-                continue
+        for layer, row in names.items():
             ex[layer] = []
-            for e in range(cfg.n_routed_experts):
-                mats = tuple(source.get(expert_name(layer, e, p), dtype).to(device) for p in ("gate", "up", "down"))
+            for triple in row:
+                mats = tuple(get(n, dtype).to(device) for n in triple)
                 ex[layer].append(mats)  # type: ignore[arg-type]
                 if progress:
                     progress(sum(m.numel() * m.element_size() for m in mats))

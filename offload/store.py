@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from k2local.errors import CheckpointError
 from offload.cache import CacheCounters, CachePolicy, FrequencyPolicy
+from offload.errors import ExpertReadError
 from offload.expert_layout import ExpertEntry, ExpertLayout, cheap_to_decode, decode_matrix
 from offload.experts_dense import swiglu
 
@@ -86,7 +86,7 @@ class FileReader:
                     try:
                         got = (os.open(path, os.O_RDONLY), False)
                     except OSError as e:
-                        raise CheckpointError(f"{path}: cannot open expert file ({e.strerror})") from None
+                        raise ExpertReadError(f"{path}: cannot open expert file ({e.strerror})") from None
                 self._fds[path] = got
             return got
 
@@ -109,12 +109,12 @@ class FileReader:
                 if direct and e.errno == 22:  # EINVAL: this file or buffer cannot do O_DIRECT
                     fd, direct = self._fallback(path, fd), False
                     continue
-                raise CheckpointError(f"{path}: read failed at {offset + got} ({e.strerror})") from None
+                raise ExpertReadError(f"{path}: read failed at {offset + got} ({e.strerror})") from None
             if n <= 0:
                 break
             got += n
         if got < need:
-            raise CheckpointError(f"{path}: truncated (expert bytes end past the end of the file)")
+            raise ExpertReadError(f"{path}: truncated (expert bytes end past the end of the file)")
         if not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)  # keep the page cache out of it
 
@@ -235,11 +235,19 @@ class Lease:
             self._store = None  # type: ignore[assignment]
 
 
+class _Request(Future):
+    """A request for one expert: resolves to a Lease when `pin` (the caller reads the bytes), else to None."""
+
+    def __init__(self, key: Key, pin: bool):
+        super().__init__()
+        self.key, self.pin = key, pin
+
+
 class _Load:
     __slots__ = ("futures", "prefetch")
 
     def __init__(self, prefetch: bool):
-        self.futures: list[Future] = []
+        self.futures: list[_Request] = []
         self.prefetch = prefetch
 
 
@@ -324,7 +332,7 @@ class ExpertStore:
         for f in futs:
             f.result()
             if progress:
-                progress(self.layout.entry(*f.result_key).nbytes)  # type: ignore[attr-defined]
+                progress(self.layout.entry(*f.key).nbytes)
 
     def read_copy(self, key: Key) -> list[torch.Tensor]:
         """Read one expert into a fresh buffer outside the pool (to fill the device cache); its segment views."""
@@ -374,8 +382,7 @@ class ExpertStore:
         return n
 
     def _request(self, key: Key, prio: int, pin: bool, count: bool, speculative: bool = False) -> Future | None:
-        fut: Future = Future()
-        fut.result_key = key  # type: ignore[attr-defined]
+        fut = _Request(key, pin)
         with self._cv:
             if self._closed:
                 raise RuntimeError("expert store is closed")
@@ -405,7 +412,6 @@ class ExpertStore:
                         load.prefetch = False
                     else:
                         self.counters.misses += 1
-                fut.pin = pin  # type: ignore[attr-defined]
                 load.futures.append(fut)
                 return fut
             if speculative and not self._free and not self._evictable_below(self.policy.score(key)):
@@ -416,7 +422,6 @@ class ExpertStore:
             if speculative:
                 self.counters.prefetch_issued += 1
             load = _Load(prefetch=speculative)
-            fut.pin = pin  # type: ignore[attr-defined]
             load.futures.append(fut)
             self._loading[key] = load
         self._io.submit(prio, lambda: self._load(key, speculative))
@@ -458,7 +463,7 @@ class ExpertStore:
                         for f in load.futures:
                             f.set_exception(RuntimeError("expert store is closed"))
                         return
-                    if load.futures and any(getattr(f, "pin", False) for f in load.futures):
+                    if load.futures and any(f.pin for f in load.futures):
                         # a demand request joined this dropped prefetch: retry as a demand load
                         self._loading[key] = load
                         load.prefetch = False
@@ -484,7 +489,7 @@ class ExpertStore:
                     self._prefetched.add(key)
                 leases = []
                 for f in load.futures:
-                    if getattr(f, "pin", False):
+                    if f.pin:
                         self._refs[slot] += 1
                         leases.append((f, Lease(self, key, slot, self.tier)))
                     else:
@@ -519,7 +524,7 @@ class ExpertStore:
 # ---------------------------------------------------------------------------------------------- device tier
 def _triton_q():
     """offload.kernels.triton_q, or None where it cannot be imported (a partial checkout)."""
-    try:
+    try:  # deferred: the Triton kernels (and triton itself) load only when a device cache decides on them
         from offload.kernels import triton_q  # noqa: PLC0415
 
         return triton_q

@@ -618,7 +618,7 @@ def _greedy(path: Path, n: int = 5) -> tuple[list[int], torch.Tensor]:
     from k2local.checkpoint import open_checkpoint
     from k2local.engine import LoadOptions
     from k2local.model import KimiK2Model
-    from offload.planner import build_backend
+    from k2local.placement import build_backend
 
     src = open_checkpoint(path)
     backend = build_backend(src, LoadOptions(experts_on="ram", extra={"save_routing_stats": False}),

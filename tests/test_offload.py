@@ -19,8 +19,8 @@ from k2local.engine import LoadOptions
 from k2local.model import KimiK2Model
 from offload.cache import FrequencyPolicy, LRUPolicy
 from offload.executor import RouterPredictor
-from offload.expert_layout import layout_for
-from offload.planner import Bandwidths, Hardware, PlanError, build_backend, make_plan, predict_decode_tps
+from k2local.placement import build_backend, layout_for, make_plan
+from offload.planner import Bandwidths, Hardware, PlanError, predict_decode_tps
 from offload.routing_stats import RoutingStats
 from offload.store import ExpertStore
 
@@ -289,7 +289,7 @@ CHILD = textwrap.dedent("""
     from k2local.checkpoint import SafetensorsSource
     from k2local.engine import LoadOptions
     from k2local.model import KimiK2Model
-    from offload.planner import build_backend
+    from k2local.placement import build_backend
 
     class NoExperts:  # warms up every non-expert code path without touching expert bytes
         def forward(self, layer, x, idx, w):

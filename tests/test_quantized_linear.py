@@ -114,7 +114,7 @@ def test_gpu_mode_dequantizes_per_use(q8_gguf: Path) -> None:
 
 def test_planner_counts_quantized_weights(q8_gguf: Path) -> None:
     from k2local.engine import LoadOptions
-    from offload.planner import make_plan
+    from k2local.placement import make_plan
 
     src = open_checkpoint(q8_gguf)
     dense = make_plan(src, LoadOptions(cpu_only=True, quantized_weights=False), torch.device("cpu"), torch.float32)

@@ -9,7 +9,7 @@ import torch
 
 from k2local.checkpoint import open_checkpoint
 from k2local.model import KimiK2Model
-from offload.experts_dense import DenseExperts
+from k2local.placement import DenseExperts
 from offload.threads import full_threads, torch_threads
 
 

@@ -105,8 +105,7 @@ MODEL = """
     from k2local.checkpoint import open_checkpoint
     from k2local.engine import LoadOptions
     from k2local.model import KimiK2Model
-    from offload.planner import build_backend
-    from offload.expert_layout import layout_for
+    from k2local.placement import build_backend, layout_for
     from offload.store import DeviceCache, ExpertStore
     from offload.kernels import triton_q as tq
 
@@ -247,7 +246,7 @@ def test_cuda_model_with_fused_experts_matches(tiny_q3: Path, monkeypatch) -> No
     from k2local.checkpoint import open_checkpoint
     from k2local.engine import LoadOptions
     from k2local.model import KimiK2Model
-    from offload.planner import build_backend
+    from k2local.placement import build_backend
 
     src = open_checkpoint(tiny_q3)
     prompt = list(range(3, 83))
@@ -283,7 +282,7 @@ def test_big_batches_go_to_the_gpu_only_as_raw_bytes(model: str, request, monkey
     from k2local.checkpoint import open_checkpoint
     from k2local.engine import LoadOptions
     from offload.kernels import triton_q as tq
-    from offload.planner import build_backend
+    from k2local.placement import build_backend
 
     src = open_checkpoint(request.getfixturevalue(model))
     b = build_backend(src, LoadOptions(experts_on="ram", extra={"save_routing_stats": False}), torch.device("cpu"),

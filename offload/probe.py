@@ -1,0 +1,143 @@
+"""Measuring the machine for the planner: memory sizes, and RAM, disk, CPU-expert and GPU bandwidths.
+
+Each measurement takes well under a second; `measure_bandwidths` runs them all the way the tiers will read.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import torch
+
+from offload.executor import OffloadExperts
+from offload.expert_layout import ExpertLayout
+from offload.planner import MiB, Bandwidths, Hardware
+from offload.store import ALIGN, ExpertStore, FileReader, plan_slot
+
+try:  # the expert kernels' own streaming loop measures RAM the way they read it; torch otherwise
+    from offload import kernels as _kernels
+except ImportError:  # pragma: no cover (kernels are part of the project; tolerate a partial checkout)
+    _kernels = None  # type: ignore[assignment]
+
+
+def probe_hardware(device: torch.device | None = None) -> Hardware:
+    vm = psutil.virtual_memory()
+    hw = Hardware(vm.total, vm.available, cpus=os.cpu_count() or 1)
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        dev = device if device is not None and device.index is not None else torch.device("cuda", 0)
+        free, total = torch.cuda.mem_get_info(dev)
+        hw.vram_free, hw.vram_total, hw.gpu_name = free, total, torch.cuda.get_device_name(dev)
+    return hw
+
+
+def _best(f, reps: int = 3) -> float:
+    f()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return max(best, 1e-9)
+
+
+def measure_ram_bandwidth(nbytes: int = 256 * MiB) -> float:
+    """RAM read GB/s with all threads: the expert kernels' own streaming loop when built, else a torch sum."""
+    if _kernels is not None and _kernels.available():
+        bw = _kernels.read_bandwidth(nbytes=nbytes, reps=3)
+        if bw > 0:
+            return bw
+    a = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / _best(lambda: a.sum()) / 1e9
+
+
+def measure_disk_bandwidth(layout: ExpertLayout, max_bytes: int = 256 * MiB, max_s: float = 1.0
+                           ) -> tuple[float, bool]:
+    """GB/s reading whole experts the way the disk tier does (O_DIRECT when possible); (GB/s, direct?)."""
+    reader = FileReader(direct=True)
+    keys = layout.keys()
+    if not keys or not layout.files():
+        return 0.0, False
+    step = max(1, len(keys) // 97)
+    order = keys[::step] + keys
+    plan0 = max((plan_slot(layout.entry(*k)) for k in keys[:8]), key=lambda p: p.size)
+    buf = torch.empty(plan0.size + 2 * ALIGN, dtype=torch.uint8)
+    start = (-buf.data_ptr()) % ALIGN
+    arr = buf[start:].numpy()
+    total, t0 = 0, time.perf_counter()
+    try:
+        for k in order:
+            plan = plan_slot(layout.entry(*k))
+            if plan.size > arr.size:
+                continue
+            for (soff, foff, length), seg, (_, need) in zip(plan.reads, layout.entry(*k).segments, plan.data):
+                if seg.path is not None:
+                    reader.read_into(seg.path, foff, memoryview(arr[soff:soff + length]),  # type: ignore[arg-type]
+                                     need + seg.offset - foff)
+                    total += need
+            if total >= max_bytes or time.perf_counter() - t0 > max_s:
+                break
+        direct = reader.direct_files > 0
+    finally:
+        reader.close()
+    return total / max(time.perf_counter() - t0, 1e-9) / 1e9, direct
+
+
+def measure_cpu_expert(layout: ExpertLayout, dtype: torch.dtype = torch.float32, max_s: float = 1.0) -> float:
+    """Weight GB/s of the CPU expert path for one decode token (k experts of the first MoE layer, resident)."""
+    if not layout.moe_layers:
+        return 0.0
+    layer = layout.moe_layers[0]
+    n = max(1, min(layout.n_experts, (64 * MiB) // max(1, layout.expert_bytes(layer))))
+    k = min(n, 8)
+    store = ExpertStore(layout, keys=[(layer, e) for e in range(n)], io_threads=2)
+    try:
+        store.preload()
+        ex = OffloadExperts(layout, store, "cpu", dtype, prefetch=False)
+        x = torch.randn(1, layout.entry(layer, 0).formats[0].cols, dtype=dtype)
+        w = torch.full((1, k), 1.0 / k, dtype=dtype)
+        groups = [torch.arange(s, s + k).view(1, k) for s in range(0, n - k + 1, k)]
+        ex.forward(layer, x, groups[0], w)  # warm-up
+        best, t_end, i = float("inf"), time.perf_counter() + max_s, 0
+        while i < 3 * len(groups) and (i < 3 or time.perf_counter() < t_end):
+            t = time.perf_counter()
+            ex.forward(layer, x, groups[i % len(groups)], w)
+            best = min(best, time.perf_counter() - t)
+            i += 1
+        return k * layout.expert_bytes(layer) / best / 1e9
+    finally:
+        store.close()
+
+
+def measure_gpu(device: torch.device) -> tuple[float | None, float | None]:
+    """(device memory GB/s, pinned host-to-device GB/s); None without CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None, None
+    n = 256 * MiB
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+
+    def copy() -> None:
+        b.copy_(a)
+        torch.cuda.synchronize(device)
+    gpu = 2 * n / _best(copy) / 1e9
+    h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+
+    def h2d() -> None:
+        a.copy_(h, non_blocking=True)
+        torch.cuda.synchronize(device)
+    return gpu, n / _best(h2d) / 1e9
+
+
+def measure_bandwidths(layout: ExpertLayout, device: torch.device, dtype: torch.dtype = torch.float32
+                       ) -> Bandwidths:
+    """Quick measurements (about a second): RAM, disk (as the disk tier reads), CPU expert path, GPU."""
+    ram = measure_ram_bandwidth()
+    disk, direct = measure_disk_bandwidth(layout)
+    cpu_dtype = dtype if device.type == "cpu" else torch.float32
+    try:
+        cpu = measure_cpu_expert(layout, cpu_dtype)
+    except Exception:  # noqa: BLE001 (a missing codec should not stop the plan)
+        cpu = None
+    gpu, h2d = measure_gpu(device)
+    return Bandwidths(ram=ram, disk=disk, cpu_expert=cpu, gpu=gpu, h2d=h2d, disk_direct=direct)
