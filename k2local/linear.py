@@ -13,7 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FLOAT_TYPES = (0, 1, 30)  # ggml F32, F16, BF16: no gain over a dense tensor
+from quant import types as qtypes
+
+FLOAT_TYPES = tuple(int(t) for t in qtypes.FLOAT_TYPES)  # ggml F32, F16, BF16: no gain over a dense tensor
 # Below this many weights a CPU kernel call costs more than it saves (call and thread wake-up overhead).
 # Measured here (2 cores): keeping every matrix of >= 64K weights quantized decodes the tiny q8 model 1.7x and a
 # K2-shaped synthetic q4 model 1.3x faster than dequantized float32 weights.

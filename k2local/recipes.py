@@ -12,11 +12,13 @@ from typing import Callable
 
 from k2local.errors import K2Error
 from quant.gguf_file import block_size, qtype_of
+from quant.types import FLOAT_TYPES as _FLOAT_QTYPES
+from quant.types import file_type
 
 EXPERT_KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 KEEP_F32_KINDS = ("norm", "exp_probs_b", "ffn_gate_inp")
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-FLOAT_TYPES = ("F32", "F16", "BF16")
+FLOAT_TYPES = tuple(t.name for t in _FLOAT_QTYPES)  # ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,9 @@ def _uniform(t: str) -> Chooser:
     return lambda r: t
 
 
-# LlamaFileType values (gguf.LlamaFileType)
-_FT = {"F32": 0, "F16": 1, "Q8_0": 7, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32,
-       "Q4_K_S": 14, "Q3_K_S": 11, "Q2_K_S": 21, "Q4_0": 2, "Q5_0": 8, "Q5_1": 9, "Q4_1": 3}
+# general.file_type of the recipes (gguf.LlamaFileType, through quant.types)
+_FT = {n: file_type(n) for n in ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S",
+                                 "Q2_K", "Q2_K_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1")}
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("q8", "everything Q8_0", _uniform("Q8_0"), _FT["Q8_0"]),

@@ -20,6 +20,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from . import kquants, q8_0
+from . import types as qtypes
 
 QType = GGMLQuantizationType
 BlockFn = Callable[..., torch.Tensor]
@@ -39,17 +40,25 @@ class Codec:
 
 _FLOAT_DTYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 
-_CODECS: dict[QType, Codec] = {
-    QType.F32: Codec(QType.F32, 1, 4),
-    QType.F16: Codec(QType.F16, 1, 2),
-    QType.BF16: Codec(QType.BF16, 1, 2),
-    QType.Q8_0: Codec(QType.Q8_0, q8_0.QK8_0, q8_0.BLOCK_BYTES, q8_0.quantize_q8_0, q8_0.dequantize_q8_0),
-    QType.Q2_K: Codec(QType.Q2_K, kquants.QK_K, 84, kquants.quantize_q2_k, kquants.dequantize_q2_k, True),
-    QType.Q3_K: Codec(QType.Q3_K, kquants.QK_K, 110, kquants.quantize_q3_k, kquants.dequantize_q3_k, True),
-    QType.Q4_K: Codec(QType.Q4_K, kquants.QK_K, 144, kquants.quantize_q4_k, kquants.dequantize_q4_k, True),
-    QType.Q5_K: Codec(QType.Q5_K, kquants.QK_K, 176, kquants.quantize_q5_k, kquants.dequantize_q5_k, True),
-    QType.Q6_K: Codec(QType.Q6_K, kquants.QK_K, 210, kquants.quantize_q6_k, kquants.dequantize_q6_k, True),
-}
+
+def _codec(qtype: QType, quantize_blocks: BlockFn | None = None, dequantize_blocks: BlockFn | None = None,
+           uses_imatrix: bool = False) -> Codec:
+    """A Codec with the type's block geometry from the type table (quant.types)."""
+    t = qtypes.info(qtype)
+    return Codec(qtype, t.block_size, t.type_size, quantize_blocks, dequantize_blocks, uses_imatrix)
+
+
+_CODECS: dict[QType, Codec] = {c.qtype: c for c in [
+    _codec(QType.F32),
+    _codec(QType.F16),
+    _codec(QType.BF16),
+    _codec(QType.Q8_0, q8_0.quantize_q8_0, q8_0.dequantize_q8_0),
+    _codec(QType.Q2_K, kquants.quantize_q2_k, kquants.dequantize_q2_k, True),
+    _codec(QType.Q3_K, kquants.quantize_q3_k, kquants.dequantize_q3_k, True),
+    _codec(QType.Q4_K, kquants.quantize_q4_k, kquants.dequantize_q4_k, True),
+    _codec(QType.Q5_K, kquants.quantize_q5_k, kquants.dequantize_q5_k, True),
+    _codec(QType.Q6_K, kquants.quantize_q6_k, kquants.dequantize_q6_k, True),
+]}
 
 SUPPORTED_TYPES: tuple[QType, ...] = tuple(_CODECS)
 
@@ -92,7 +101,7 @@ def bytes_per_row(qtype: QType | int, cols: int) -> int:
     c = codec(qtype)
     if cols <= 0 or cols % c.block_size:
         raise ValueError(f"{c.qtype.name} needs a row length that is a multiple of {c.block_size}, got {cols}")
-    return cols // c.block_size * c.block_bytes
+    return qtypes.row_bytes(c.qtype, cols)
 
 
 def can_quantize(qtype: QType | int, cols: int) -> bool:

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGMLQuantizationType, GGUFValueType
+
+from quant import types as qtypes
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -36,34 +38,35 @@ class GGUFFormatError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------------ types & sizes
+# quant.types holds the table; these raise GGUFFormatError (a ValueError) as the rest of this module does.
 def qtype_of(name_or_type: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
     """'Q4_K' / 'q4_k' / 12 -> GGMLQuantizationType."""
-    if isinstance(name_or_type, str):
-        try:
-            return GGMLQuantizationType[name_or_type.upper()]
-        except KeyError:
-            raise GGUFFormatError(f"unknown ggml type {name_or_type!r}") from None
     try:
-        return GGMLQuantizationType(int(name_or_type))
-    except ValueError:
-        raise GGUFFormatError(f"unknown ggml type id {name_or_type!r}") from None
+        return qtypes.qtype_of(name_or_type)
+    except ValueError as e:
+        raise GGUFFormatError(str(e)) from None
 
 
 def block_size(qtype: int) -> int:
-    return GGML_QUANT_SIZES[qtype_of(qtype)][0]
+    try:
+        return qtypes.block_size(qtype)
+    except ValueError as e:
+        raise GGUFFormatError(str(e)) from None
 
 
 def row_bytes(qtype: int, cols: int) -> int:
     """Bytes of one row of `cols` values in `qtype` (cols must be a multiple of the block size)."""
-    blk, size = GGML_QUANT_SIZES[qtype_of(qtype)]
-    if cols % blk:
-        raise GGUFFormatError(f"{qtype_of(qtype).name} needs a multiple of {blk} columns, got {cols}")
-    return cols // blk * size
+    try:
+        return qtypes.row_bytes(qtype, cols)
+    except ValueError as e:
+        raise GGUFFormatError(str(e)) from None
 
 
 def bits_per_weight(qtype: int) -> float:
-    blk, size = GGML_QUANT_SIZES[qtype_of(qtype)]
-    return 8.0 * size / blk
+    try:
+        return qtypes.bits_per_weight(qtype)
+    except ValueError as e:
+        raise GGUFFormatError(str(e)) from None
 
 
 def tensor_nbytes(shape: Iterable[int], qtype: int) -> int:
@@ -94,7 +97,7 @@ def _own_codec_has(qtype: GGMLQuantizationType) -> Any:
 def can_quantize(qtype: int, cols: int) -> bool:
     """Whether `qtype` rows of `cols` values can be produced here (block fit and an available encoder)."""
     qt = qtype_of(qtype)
-    if cols % GGML_QUANT_SIZES[qt][0]:
+    if cols % qtypes.block_size(qt):
         return False
     if qt in _FLOAT or qt == GGMLQuantizationType.BF16:
         return True
@@ -106,7 +109,7 @@ def _gguf_py_quantizes(qt: GGMLQuantizationType) -> bool:
     from gguf import quants  # noqa: PLC0415
 
     try:
-        quants.quantize(np.zeros((1, GGML_QUANT_SIZES[qt][0]), np.float32), qt)
+        quants.quantize(np.zeros((1, qtypes.block_size(qt)), np.float32), qt)
         return True
     except (quants.QuantError, NotImplementedError, KeyError, TypeError):
         return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import types as qtypes
 from .ggml_float import (
     bytes_to_fp16,
     div,
@@ -24,7 +25,7 @@ from .ggml_float import (
 from .kquant_search import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants
 
 QK_K = 256
-BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_BYTES = {n: qtypes.type_size(n) for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}  # quant.types
 
 _U8 = torch.uint8
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import types as qtypes
 from .ggml_float import bytes_to_fp16, div, fp16_bytes, roundf, to_fp16
 
-QK8_0 = 32
-BLOCK_BYTES = 34
+QK8_0 = qtypes.block_size("Q8_0")  # 32
+BLOCK_BYTES = qtypes.type_size("Q8_0")  # 34
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,10 @@ quantizing normal values (gguf-py, bit-exact with llama.cpp).
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from gguf.quants import quantize
+
+from quant import types as qtypes
 
 Q = GGMLQuantizationType
 _CODEBOOK = (Q.IQ4_XS, Q.IQ4_NL, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S)
@@ -44,7 +46,8 @@ def random_blocks(qtype: int, rows: int, cols: int, rng: np.random.Generator) ->
     qt = Q(int(qtype))
     if qt in LEGACY:
         return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qt)
-    blk, nbytes = GGML_QUANT_SIZES[qt]
+    t = qtypes.info(qt)
+    blk, nbytes = t.block_size, t.type_size
     b = rng.integers(0, 256, (rows * cols // blk, nbytes), dtype=np.uint8)
     for off in SCALE_OFFSETS[qt] or (None,):  # each scale (d, then dmin) its own draw; IQ1_M: its one d
         d = rng.uniform(0.002, 0.03, b.shape[0]).astype(np.float16)

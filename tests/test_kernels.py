@@ -510,7 +510,7 @@ def _simde_include() -> str | None:
 
 @pytest.fixture(scope="module")
 def emulated_avx512(tmp_path_factory):
-    """k2kern.c built with -DK2K_EMULATE_AVX512 (AVX-512 intrinsics from SIMDe) when the CPU lacks AVX-512."""
+    """The library built with -DK2K_EMULATE_AVX512 (AVX-512 intrinsics from SIMDe) when the CPU lacks AVX-512."""
     if not K.available():
         pytest.skip("compiled kernels unavailable")
     if K.set_isa("best").startswith("avx512"):
@@ -524,10 +524,11 @@ def emulated_avx512(tmp_path_factory):
 
 
 def _build_variant(tmp_path_factory, cc: str, tag: str, flags: list[str]) -> ctypes.CDLL:
-    """k2kern.c built once more (AVX2 baseline, -O1) with test-only flags, loaded and set up as the package's own."""
+    """The library (csrc/*.c) built once more (AVX2 baseline, -O1) with test-only flags, loaded and set up as the
+    package's own."""
     out = tmp_path_factory.mktemp(tag) / f"k2kern-{tag}.so"
     cmd = [cc, "-O1", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-mavx2", "-mfma", "-mf16c", "-mbmi2",
-           *flags, f'-DK2K_SRC_TAG="{tag}"', "-o", str(out), str(K._SRC), "-lm"]
+           *flags, f'-DK2K_SRC_TAG="{tag}"', "-o", str(out), *map(str, K._build.sources()), "-lm"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     lib = ctypes.CDLL(str(out))
@@ -724,7 +725,7 @@ def test_avx2_level_with_and_without_avxvnni(qt, isas):
 
 @pytest.fixture(scope="module")
 def fake_avxvnni(tmp_path_factory):
-    """k2kern.c built with -DK2K_FAKE_AVXVNNI: the AVX-VNNI kernels on any AVX2 CPU (vpdpbusd / vpdpwssd as AVX2
+    """The library built with -DK2K_FAKE_AVXVNNI: the AVX-VNNI kernels on any AVX2 CPU (vpdpbusd / vpdpwssd as AVX2
     sequences with the same integer results), so that CPUs without AVX-VNNI, CI's included, check them."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not K.available() or cc is None or K.set_isa("best") not in ("avx2", "avx512-vnni", "avx512-vnni-gfni"):

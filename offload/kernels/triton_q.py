@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from quant import types as qtypes
+
 try:  # optional: a CUDA build of torch installs it; `pip install k2local[gpu]` otherwise
     import triton
     import triton.language as tl
@@ -41,13 +43,10 @@ __all__ = ["QTYPES", "available", "disable", "enabled", "qmatmul_gpu", "row_byte
 
 log = logging.getLogger(__name__)
 
-# ggml type id -> (name, values per block, bytes per block); a "super-block" below is 256 values (Q8_0: 8 blocks)
+# ggml type id -> (name, values per block, bytes per block) of the types with a kernel here (quant.types'
+# TRITON_KERNEL_TYPES); a "super-block" below is 256 values (Q8_0: 8 blocks)
 QTYPES: dict[int, tuple[str, int, int]] = {
-    2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
-    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
-    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
-    23: ("IQ4_XS", 256, 136), 29: ("IQ1_M", 256, 56),
+    int(t): (t.name, qtypes.block_size(t), qtypes.type_size(t)) for t in qtypes.TRITON_KERNEL_TYPES
 }
 # codebook types -> the type whose table (offload.kernels.iq_tables: rows of 8 bytes for IQ2_* / IQ1_*, 4 for
 # IQ3_*, the 16 IQ4_NL values) they read
@@ -102,10 +101,10 @@ def row_bytes(qtype: int, cols: int) -> int:
     if not supported(qtype):
         raise ValueError(f"no Triton kernel for ggml type {qtype!r}; supported: "
                          f"{', '.join(n for n, _, _ in QTYPES.values())}")
-    name, bs, bb = QTYPES[int(qtype)]
+    name, bs, _ = QTYPES[int(qtype)]
     if cols <= 0 or cols % bs:
         raise ValueError(f"{name} rows need a multiple of {bs} values, got {cols}")
-    return cols // bs * bb
+    return qtypes.row_bytes(qtype, cols)
 
 
 def _jit(fn=None, **kw):
