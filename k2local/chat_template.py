@@ -1,9 +1,11 @@
 """Render a checkpoint's Jinja chat template the way HF transformers does, plus k2local's own Kimi K2 template.
 
-The environment matches ``transformers``' ``apply_chat_template``: an ImmutableSandboxedEnvironment with
+The environment matches ``transformers``' ``apply_chat_template``: a sandboxed environment with
 ``trim_blocks``/``lstrip_blocks``, the ``loopcontrols`` extension, a no-op ``{% generation %}`` tag, a ``tojson``
 filter that does not escape HTML or non-ASCII and accepts ``indent``/``separators``/``sort_keys``, and the globals
-``raise_exception`` and ``strftime_now``.
+``raise_exception`` and ``strftime_now``. Unlike transformers' ImmutableSandboxedEnvironment it lets a template
+mutate the lists and dicts it creates itself (the Kimi-K2-Thinking template calls ``ids.append`` / ``ids.pop(0)``
+on a namespace list, which llama.cpp renders); the data passed in (messages, tools, kwargs) is a read-only copy.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import SandboxedEnvironment, modifies_known_mutable
 
 from k2local.errors import K2Error
 
@@ -145,9 +147,42 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def make_environment() -> ImmutableSandboxedEnvironment:
-    """A sandboxed Jinja environment configured like HF transformers' chat-template renderer."""
-    env = ImmutableSandboxedEnvironment(
+class _InputList(list):  # type: ignore[type-arg]
+    """A list passed into a template: read like a list, refused mutation by :class:`_TemplateSandbox`."""
+
+
+class _InputDict(dict):  # type: ignore[type-arg]
+    """A dict passed into a template: read like a dict, refused mutation by :class:`_TemplateSandbox`."""
+
+
+def _template_data(value: Any) -> Any:
+    """A deep copy of template inputs whose lists and dicts the template may read but not mutate."""
+    if isinstance(value, Mapping):
+        return _InputDict((k, _template_data(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return _InputList(_template_data(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_template_data(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return frozenset(value)
+    return value
+
+
+class _TemplateSandbox(SandboxedEnvironment):
+    """Jinja's sandbox (no private attributes, no unsafe callables) that refuses mutating the inputs (as
+    ImmutableSandboxedEnvironment refuses mutating anything) but allows it on the template's own lists and dicts."""
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if isinstance(obj, (_InputList, _InputDict)) and modifies_known_mutable(obj, attr):
+            return False
+        return super().is_safe_attribute(obj, attr, value)
+
+
+def make_environment() -> SandboxedEnvironment:
+    """A sandboxed Jinja environment configured like HF transformers' chat-template renderer.
+
+    Pass inputs through ``_template_data`` (as :meth:`ChatTemplate.render` does) to keep them read-only."""
+    env = _TemplateSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
     )
     env.filters["tojson"] = _tojson
@@ -209,7 +244,7 @@ class ChatTemplate:
         self._tool_use = self._compile(env, tool_use_source, f"{origin} (tool_use)") if tool_use_source else None
 
     @staticmethod
-    def _compile(env: ImmutableSandboxedEnvironment, source: str, origin: str) -> jinja2.Template:
+    def _compile(env: SandboxedEnvironment, source: str, origin: str) -> jinja2.Template:
         if not isinstance(source, str) or not source.strip():
             raise ChatTemplateError(f"{origin}: chat template is empty or not a string")
         try:
@@ -284,7 +319,7 @@ class ChatTemplate:
         context = {**self.special_tokens, **kw, "messages": msgs, "tools": tools,
                    "add_generation_prompt": add_generation_prompt}
         try:
-            return template.render(**context)
+            return template.render(**_template_data(context))
         except _RaisedByTemplate as e:
             raise ChatTemplateError(f"{self.origin}: template raised: {e.message}") from e
         except jinja2.TemplateError as e:
