@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from k2local.checkpoint import open_checkpoint  # noqa: E402
+from k2local.weights.hf_checkpoint import open_checkpoint  # noqa: E402
 from k2local.engine import LoadOptions  # noqa: E402
 from k2local.model import KimiK2Model  # noqa: E402
 from k2local.placement import build_backend, layout_for  # noqa: E402
@@ -50,7 +50,7 @@ SHAPES = {
 def synthetic_model(workdir: Path, recipe: str, shape: str = "small") -> tuple[Path, Path]:
     """A Kimi K2 layout checkpoint with SHAPES[shape] (FP8, random weights) and its GGUF; cached in workdir."""
     from k2local import tiny  # noqa: PLC0415
-    from k2local.convert import convert  # noqa: PLC0415
+    from k2local.convert.to_gguf import convert  # noqa: PLC0415
 
     synth = SHAPES[shape]
     tag = "-".join(f"{v}" for v in synth.values())

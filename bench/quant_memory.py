@@ -151,8 +151,8 @@ def child(args: list[str], report: Path) -> None:
     """Run `k2local quantize ARGS` in this process, writing memory figures to `report` (JSON)."""
     import torch  # noqa: F401, PLC0415
 
-    import k2local.cli_quantize  # noqa: F401, PLC0415
-    import k2local.convert  # noqa: F401, PLC0415
+    import k2local.cli.quantize  # noqa: F401, PLC0415
+    import k2local.convert.to_gguf  # noqa: F401, PLC0415
     from k2local.cli import main  # noqa: PLC0415
 
     base = proc_status()

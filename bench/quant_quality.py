@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from k2local.checkpoint import open_checkpoint  # noqa: E402
-from k2local.convert import convert  # noqa: E402
+from k2local.weights.hf_checkpoint import open_checkpoint  # noqa: E402
+from k2local.convert.to_gguf import convert  # noqa: E402
 from k2local.model import KimiK2Model  # noqa: E402
 from tests.peers import llama_cpp as llama  # noqa: E402
 
@@ -102,7 +102,7 @@ def main() -> None:
     if not llama.available():
         sys.exit("llama-cpp-python is needed for the comparison (pip install -e .[test])")
     from k2local.engine import load_tokenizer_and_template  # noqa: PLC0415
-    from k2local.imatrix import IMatrix, collect  # noqa: PLC0415
+    from k2local.convert.imatrix import IMatrix, collect  # noqa: PLC0415
     from k2local.tiny import default_tiny_path  # noqa: PLC0415
 
     model = Path(a.model) if a.model else default_tiny_path("kimi_k2")

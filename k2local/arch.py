@@ -193,7 +193,7 @@ class GGUFDef:
 
     @property
     def kind(self) -> str:
-        """The recipe's tensor kind (k2local.recipes.TensorRole.kind): the GGUF base name, "norm" for norms."""
+        """The recipe's tensor kind (k2local.convert.recipes.TensorRole.kind): the GGUF base name, "norm" for norms."""
         return "norm" if self.role is Role.NORM else TENSOR_NAMES[self.key].removeprefix("blk.{bid}.")
 
     def shape(self, cfg: ModelConfig) -> tuple[int, ...]:

@@ -6,12 +6,12 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
-from k2local.chat_template import ChatTemplate
-from k2local.checkpoint import WeightSource, open_checkpoint
+from k2local.chat.template import ChatTemplate
+from k2local.weights.hf_checkpoint import WeightSource, open_checkpoint
 from k2local.generate import Generator
 from k2local.model import ExpertBackend, KimiK2Model
 from k2local.placement import LoadOptions, build_backend, dense_too_big_for_gpu, pick_device, pick_dtype
-from k2local.tokenizer import load_tokenizer
+from k2local.tokenizer.tiktoken_bpe import load_tokenizer
 
 __all__ = ["Engine", "LoadOptions", "build_experts", "load_tokenizer_and_template"]
 

@@ -13,8 +13,8 @@ from k2local.model import KimiK2Model
 from k2local.sampler import Sampler, SamplingParams
 
 if TYPE_CHECKING:
-    from k2local.chat_template import ChatTemplate
-    from k2local.tokenizer_common import TextTokenizer
+    from k2local.chat.template import ChatTemplate
+    from k2local.tokenizer.common import TextTokenizer
 
 GenerationFinish = Literal["stop", "length", "cancelled"]
 

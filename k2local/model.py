@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from k2local import arch
-from k2local.checkpoint import WeightSource
+from k2local.weights.hf_checkpoint import WeightSource
 from k2local.config import ModelConfig
 from k2local.linear import MIN_QUANT_PARAMS, QuantWeight, linear, quantized_heads, quantized_weight
 from k2local.weights import sanitize

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from k2local.checkpoint import SCALE_SUFFIX, SafetensorsSource, WeightSource, expert_name
+from k2local.weights.hf_checkpoint import SCALE_SUFFIX, SafetensorsSource, WeightSource, expert_name
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
 from k2local.linear import quantized_bytes_per_param

@@ -88,7 +88,7 @@ def iq_gguf(tiny_k2, tmp_path_factory, ggml_quantize_chunk) -> Path:
     with an importance matrix) to IQ types (IQ_EXPERT_TYPES), everything else kept in F32."""
     import gguf
 
-    from k2local.convert import convert
+    from k2local.convert.to_gguf import convert
 
     d = tmp_path_factory.mktemp("iq")
     f32 = convert(tiny_k2, d / "tiny-f32.gguf", "f32").paths[0]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from k2local.checkpoint import WeightSource, expert_name
+from k2local.weights.hf_checkpoint import WeightSource, expert_name
 
 
 def hf_model(src: WeightSource):

@@ -11,9 +11,9 @@ from gguf import GGUFReader, TensorNameMap
 from gguf.constants import MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 
 from k2local import arch
-from k2local.checkpoint import SafetensorsSource
+from k2local.weights.hf_checkpoint import SafetensorsSource
 from k2local.config import ModelConfig
-from k2local.convert import plan_tensors
+from k2local.convert.to_gguf import plan_tensors
 from k2local.tiny import VARIANTS
 from k2local.weights import sanitize
 from tests.test_quantize import f32_gguf, gguf_dir  # noqa: F401 (shared fixtures)
@@ -197,15 +197,15 @@ def test_int4_slot() -> None:
         sanitize.repack_int4(torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1), (1, 8), 32)
 
 
-@pytest.mark.parametrize("module", ["k2local.gguf_source", "k2local.checkpoint", "k2local.arch",
+@pytest.mark.parametrize("module", ["k2local.weights.gguf_checkpoint", "k2local.weights.hf_checkpoint", "k2local.arch",
                                     "k2local.weights.sanitize"])
 def test_no_checkpoint_gguf_source_circle(module: str) -> None:
     """gguf_source and the schema import nothing that imports them back (checkpoint imports gguf_source)."""
     code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
-            "print(' '.join(m for m in ('k2local.checkpoint', 'k2local.gguf_source') if m in sys.modules))")
+            "print(' '.join(m for m in ('k2local.weights.hf_checkpoint', 'k2local.weights.gguf_checkpoint') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, cwd=ROOT, check=True)
     loaded = set(out.stdout.split())
-    if module != "k2local.checkpoint":
-        assert "k2local.checkpoint" not in loaded, module
+    if module != "k2local.weights.hf_checkpoint":
+        assert "k2local.weights.hf_checkpoint" not in loaded, module
     if module in ("k2local.arch", "k2local.weights.sanitize"):
-        assert "k2local.gguf_source" not in loaded, module
+        assert "k2local.weights.gguf_checkpoint" not in loaded, module

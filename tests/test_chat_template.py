@@ -9,7 +9,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from k2local.chat_template import KIMI_K2_TEMPLATE, ChatTemplate, ChatTemplateError
+from k2local.chat.template import KIMI_K2_TEMPLATE, ChatTemplate, ChatTemplateError
 
 
 def _kimi_dir() -> Path | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from k2local.checkpoint import SafetensorsSource, open_checkpoint
+from k2local.weights.hf_checkpoint import SafetensorsSource, open_checkpoint
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
 from quant.fp8 import dequantize_fp8_block, quantize_fp8_block

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import pytest
 
-from k2local.chat_session import LineAssembler, SessionError, parse_conversation
+from k2local.cli.chat_session import LineAssembler, SessionError, parse_conversation
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -263,7 +263,7 @@ def test_hard_interrupt_keeps_partial_answer_and_drops_cache() -> None:
         def chat_ids(self, messages) -> list[int]:
             return [1, 2, 3]
 
-    from k2local.chat_session import ChatSession
+    from k2local.cli.chat_session import ChatSession
 
     s = ChatSession(Eng())
     t = s.ask("hi")

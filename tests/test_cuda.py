@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from k2local.checkpoint import SafetensorsSource
+from k2local.weights.hf_checkpoint import SafetensorsSource
 from k2local.engine import Engine, LoadOptions
 from k2local.model import KimiK2Model
 from k2local.sampler import SamplingParams
@@ -39,8 +39,8 @@ def test_engine_on_cuda_bf16_generates_like_cpu(tiny_k2) -> None:
 
 def test_quantized_weights_on_gpu_match_dense(tiny_k2, tmp_path) -> None:
     """Non-expert GGUF weights kept block-quantized in VRAM (dequantized per use) give the dense logits."""
-    convert = pytest.importorskip("k2local.convert").convert
-    from k2local.checkpoint import open_checkpoint
+    convert = pytest.importorskip("k2local.convert.to_gguf").convert
+    from k2local.weights.hf_checkpoint import open_checkpoint
     from k2local.linear import QuantWeight
 
     gguf = tmp_path / "tiny-q8.gguf"

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from k2local.chat_template import ChatTemplate
-from k2local.checkpoint import open_checkpoint
+from k2local.chat.template import ChatTemplate
+from k2local.weights.hf_checkpoint import open_checkpoint
 from k2local.errors import CheckpointError
-from k2local.hf_tokenizer import HFTokenizer, pre_tokenizer_name
-from k2local.tiny_tokenizer import DEEPSEEK_ADDED, DEEPSEEK_TINY_TEMPLATE, write_tiny_deepseek_tokenizer
-from k2local.tokenizer import TokenizerError, load_tokenizer
+from k2local.tokenizer.hf import HFTokenizer, pre_tokenizer_name
+from k2local.tiny.tokenizer import DEEPSEEK_ADDED, DEEPSEEK_TINY_TEMPLATE, write_tiny_deepseek_tokenizer
+from k2local.tokenizer.tiktoken_bpe import TokenizerError, load_tokenizer
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 STRINGS = [
@@ -61,7 +61,7 @@ def ds_engine(tiny_ds: Path):
 
 @pytest.fixture(scope="module")
 def ds_gguf(tiny_ds: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from k2local.convert import convert
+    from k2local.convert.to_gguf import convert
 
     return convert(tiny_ds, tmp_path_factory.mktemp("ds-gguf") / "tiny-ds-f32.gguf", "f32").paths[0]
 
@@ -178,7 +178,7 @@ def test_chat_template_matches_plain_jinja2_and_transformers(tiny_ds: Path, tok:
 
 # ------------------------------------------------------------------------------------------------------ generation
 def test_generation_stops_on_eos(ds_engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    from k2local.chat_session import ChatSession
+    from k2local.cli.chat_session import ChatSession
     from k2local.sampler import SamplingParams
 
     eng = ds_engine
@@ -308,7 +308,7 @@ def test_bad_tokenizer_json_errors_name_the_file(tiny_ds: Path, tmp_path: Path) 
 
 def test_gguf_metadata_refuses_other_pre_tokenizers(tiny_ds: Path, tmp_path: Path) -> None:
     from k2local.config import ModelConfig
-    from k2local.gguf_vocab import tokenizer_metadata
+    from k2local.tokenizer.gguf_vocab import tokenizer_metadata
 
     d = _copy_tokenizer(tiny_ds, tmp_path)
     spec = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
@@ -325,7 +325,7 @@ def test_completions_prompt_gets_bos_like_transformers(tiny_ds: Path, tok: HFTok
 
     import transformers
 
-    from k2local.server import _completion_prompt
+    from k2local.server.app import _completion_prompt
 
     auto = transformers.AutoTokenizer.from_pretrained(str(tiny_ds))
     _, ids = _completion_prompt(SimpleNamespace(tokenizer=tok), "Hello world")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from k2local.checkpoint import SafetensorsSource
+from k2local.weights.hf_checkpoint import SafetensorsSource
 from k2local.generate import ContextOverflow, Generator
 from k2local.model import KimiK2Model
 from k2local.sampler import Sampler, SamplingParams

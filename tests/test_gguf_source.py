@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from k2local.arch import expected_tensor_names
-from k2local.checkpoint import open_checkpoint
-from k2local.convert import plan_tensors
+from k2local.weights.hf_checkpoint import open_checkpoint
+from k2local.convert.to_gguf import plan_tensors
 from k2local.errors import CheckpointError
-from k2local.gguf_source import GGUFSource
+from k2local.weights.gguf_checkpoint import GGUFSource
 from quant.gguf_file import GGUFStreamWriter, TensorSpec, quantize_rows, strv
 from tests.test_quantize import f32_gguf, gguf_dir, q8_gguf  # noqa: F401 (shared fixtures; gguf_dir is theirs)
 
@@ -64,8 +64,8 @@ def test_q8_dequantizes_close_and_expert_bytes_are_zero_copy(q8_gguf, tiny_k2) -
 
 
 def test_tokenizer_and_template_from_metadata(f32_gguf, tiny_k2) -> None:
-    from k2local.chat_template import ChatTemplate
-    from k2local.tokenizer import Tokenizer
+    from k2local.chat.template import ChatTemplate
+    from k2local.tokenizer.tiktoken_bpe import Tokenizer
 
     tok, tmpl = open_checkpoint(f32_gguf).tokenizer_and_template()
     ref_tok, ref_tmpl = Tokenizer.from_dir(tiny_k2), ChatTemplate.from_dir(tiny_k2)

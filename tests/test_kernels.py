@@ -616,7 +616,7 @@ def _check_lib_moe(lib, x, experts, types, idx, wts) -> None:
 # ---------------------------------------------------------------------------------------------- end to end
 
 def _greedy(path: Path, n: int = 5) -> tuple[list[int], torch.Tensor]:
-    from k2local.checkpoint import open_checkpoint
+    from k2local.weights.hf_checkpoint import open_checkpoint
     from k2local.engine import LoadOptions
     from k2local.model import KimiK2Model
     from k2local.placement import build_backend

@@ -8,13 +8,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("k2local", "offload", "quant")
 
-# Circles that other branches of the redesign remove (each entry must match a whole strongly connected component,
-# so a new module joining one still fails). removed by the redesign merge: delete this allowlist after merging.
-KNOWN_CIRCLES: set[frozenset[str]] = {
-    frozenset({"k2local.tokenizer", "k2local.hf_tokenizer"}),  # removed by the redesign merge
-    frozenset({"k2local.server", "k2local.server_anthropic"}),  # removed by the redesign merge
-}
-
 
 def _modules() -> dict[str, Path]:
     """Dotted module name -> file, for every module and package __init__ of PACKAGES."""
@@ -184,13 +177,11 @@ def test_offload_imports_nothing_from_k2local() -> None:
 
 
 def test_no_import_circles() -> None:
-    """No circle among module-level imports of k2local/, offload/ and quant/ (besides the allowlisted ones)."""
+    """No circle among module-level imports of k2local/, offload/ and quant/."""
     known = _modules()
     edges, lines = _graph(module_level=True)
     found = []
     for comp in _components(edges):
-        if frozenset(comp) in KNOWN_CIRCLES:
-            continue
         found.append(_describe(_cycle(comp, edges), lines, known) + f"  [component: {', '.join(comp)}]")
     assert not found, "import circle(s) among module-level imports:\n" + "\n".join(found)
 
@@ -211,3 +202,20 @@ def test_the_scan_sees_circles_and_relative_imports(tmp_path: Path) -> None:
     tree = ast.parse("import os\ndef f():\n    import p.a\nif True:\n    from p import sub\n")
     assert [type(n).__name__ for n in _import_nodes(tree, module_level=True)] == ["Import", "ImportFrom"]
     assert len(_import_nodes(tree, module_level=False)) == 3
+
+
+def test_every_module_imports_alone_in_a_fresh_process() -> None:
+    """`python -c "import M"` works for every module: no module relies on another having been imported first."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    mods = sorted(m for m in _modules() if not m.endswith("__main__"))
+
+    def try_import(m: str) -> str | None:
+        p = subprocess.run([sys.executable, "-c", f"import {m}"], cwd=ROOT, capture_output=True, text=True)
+        return None if p.returncode == 0 else f"{m}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
+
+    with ThreadPoolExecutor(4) as pool:
+        failed = [r for r in pool.map(try_import, mods) if r]
+    assert not failed, "\n".join(failed)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from k2local.checkpoint import SafetensorsSource, expert_name, open_checkpoint
+from k2local.weights.hf_checkpoint import SafetensorsSource, expert_name, open_checkpoint
 from k2local.engine import LoadOptions
 from k2local.model import KimiK2Model
 from offload.cache import FrequencyPolicy, LRUPolicy
@@ -195,8 +195,8 @@ def test_bf16_checkpoint_streams_from_disk(tiny_factory) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_k2, tmp_path_factory) -> Path:
-    convert = pytest.importorskip("k2local.convert").convert
-    pytest.importorskip("k2local.gguf_source")
+    convert = pytest.importorskip("k2local.convert.to_gguf").convert
+    pytest.importorskip("k2local.weights.gguf_checkpoint")
 
     out = tmp_path_factory.mktemp("gguf") / "tiny-q8.gguf"
     convert(tiny_k2, out, "q8")
@@ -267,7 +267,7 @@ def test_predicted_speed_follows_the_tiers(src) -> None:
 
 
 def test_cli_plan_table_json_and_refusal(tiny_k2) -> None:
-    from k2local.cli_plan import plan
+    from k2local.cli.plan import plan
 
     r = CliRunner().invoke(plan, [str(tiny_k2), "--cpu-only", "--no-measure"])
     assert r.exit_code == 0, r.output
@@ -286,7 +286,7 @@ def test_cli_plan_table_json_and_refusal(tiny_k2) -> None:
 # ---------------------------------------------------------------------------------------------- RSS budget
 CHILD = textwrap.dedent("""
     import json, sys, threading, time, psutil, torch
-    from k2local.checkpoint import SafetensorsSource
+    from k2local.weights.hf_checkpoint import SafetensorsSource
     from k2local.engine import LoadOptions
     from k2local.model import KimiK2Model
     from k2local.placement import build_backend

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from k2local.checkpoint import open_checkpoint
-from k2local.convert import convert, describe_recipes, plan_tensors, projected_size
+from k2local.weights.hf_checkpoint import open_checkpoint
+from k2local.convert.to_gguf import convert, describe_recipes, plan_tensors, projected_size
 from k2local.errors import CheckpointError, K2Error
 from k2local.model import KimiK2Model
-from k2local.recipes import Recipe, TensorRole, get_recipe, resolve_type
+from k2local.convert.recipes import Recipe, TensorRole, get_recipe, resolve_type
 from quant.gguf_file import GGUFStreamWriter, TensorSpec, split_parts, strv
 from tests.peers import llama_cpp as llama
 
@@ -242,7 +242,7 @@ def test_projected_sizes_for_kimi_k2() -> None:
 
 # --------------------------------------------------------------------------------------------- imatrix, errors
 def test_imatrix_roundtrip_and_quantize_with_it(tiny_k2, tmp_path) -> None:
-    from k2local.imatrix import IMatrix, collect
+    from k2local.convert.imatrix import IMatrix, collect
 
     text = (ROOT / "README.md").read_text() * 2
     imat = collect(tiny_k2, text, ctx=64, max_chunks=3)
@@ -381,7 +381,7 @@ def test_cli_quantize_and_list(tiny_k2, tmp_path) -> None:
 # ------------------------------------------------------------------------------------------------- peak memory
 _MEM_CHILD = r"""
 import json, sys, threading, time
-from k2local.convert import convert
+from k2local.convert.to_gguf import convert
 
 def status():
     out = {}

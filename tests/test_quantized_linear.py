@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from k2local.checkpoint import open_checkpoint
+from k2local.weights.hf_checkpoint import open_checkpoint
 from k2local.linear import QuantWeight, quantized_weight
 from k2local.model import KimiK2Model
 
 kernels = pytest.importorskip("offload.kernels")
-convert = pytest.importorskip("k2local.convert").convert
+convert = pytest.importorskip("k2local.convert.to_gguf").convert
 
 
 @pytest.fixture(scope="module")

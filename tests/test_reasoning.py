@@ -19,8 +19,8 @@ from k2local.chat.reasoning import (
     prompt_opens_reasoning,
     split,
 )
-from k2local.chat_template import ChatTemplate, ChatTemplateError
-from k2local.toolcalls import (
+from k2local.chat.template import ChatTemplate, ChatTemplateError
+from k2local.chat.toolcalls import (
     ARGUMENT_BEGIN,
     CALL_BEGIN,
     CALL_END,

@@ -26,7 +26,7 @@ import uvicorn
 
 from k2local.engine import Engine, LoadOptions
 from k2local.sampler import SamplingParams
-from k2local.server import create_app
+from k2local.server.app import create_app
 from k2local.tiny import default_tiny_path
 
 KEY = "sk-test-key"
@@ -401,8 +401,8 @@ def test_deepseek_forced_tool_choice_served(served_ds: Served) -> None:
 
 
 def test_deepseek_forced_tool_choice_prefix() -> None:
-    from k2local.server_requests import tool_mode
-    from k2local.toolcalls import DEEPSEEK
+    from k2local.server.requests import tool_mode
+    from k2local.chat.toolcalls import DEEPSEEK
 
     history = [{"role": "assistant", "tool_calls": [{}]}]
     named = tool_mode("fn:get_weather", [WEATHER], history, DEEPSEEK)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from k2local.checkpoint import open_checkpoint
+from k2local.weights.hf_checkpoint import open_checkpoint
 from k2local.model import KimiK2Model
 from k2local.placement import DenseExperts
 from offload.threads import full_threads, torch_threads

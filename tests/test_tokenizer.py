@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from k2local.chat_template import KIMI_K2_TEMPLATE
-from k2local.tiny_tokenizer import write_tiny_tokenizer
-from k2local.tokenizer import (
+from k2local.chat.template import KIMI_K2_TEMPLATE
+from k2local.tiny.tokenizer import write_tiny_tokenizer
+from k2local.tokenizer.tiktoken_bpe import (
     KIMI_SPECIAL_OFFSETS,
     MAX_NO_WHITESPACES_CHARS,
     Tokenizer,
@@ -244,7 +244,7 @@ def test_token_type_values_match_gguf() -> None:
 def test_gguf_merges_drive_a_gpt2_bpe(tiny: Tokenizer) -> None:
     """The exported merges reproduce tiktoken's tokenization in an independent BPE (HF tokenizers)."""
     hf = pytest.importorskip("tokenizers")
-    from k2local.tokenizer import KIMI_PAT_STR
+    from k2local.tokenizer.tiktoken_bpe import KIMI_PAT_STR
 
     tokens, types, merges = gguf_vocab(tiny)
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 1}
@@ -313,9 +313,9 @@ def test_bad_ids(tiny: Tokenizer) -> None:
 
 
 def test_from_dir_picks_tiktoken_then_tokenizer_json(tiny_dir: Path, tmp_path: Path) -> None:
-    from k2local.hf_tokenizer import HFTokenizer
-    from k2local.tiny_tokenizer import write_tiny_deepseek_tokenizer
-    from k2local.tokenizer import load_tokenizer
+    from k2local.tokenizer.hf import HFTokenizer
+    from k2local.tiny.tokenizer import write_tiny_deepseek_tokenizer
+    from k2local.tokenizer.tiktoken_bpe import load_tokenizer
 
     write_tiny_deepseek_tokenizer(tmp_path)
     assert isinstance(Tokenizer.from_dir(tmp_path), HFTokenizer)  # tokenizer.json only (DeepSeek-V3)
@@ -332,10 +332,10 @@ def test_from_dir_picks_tiktoken_then_tokenizer_json(tiny_dir: Path, tmp_path: P
 def test_gguf_metadata_without_chat_template(tiny_k2: Path, tiny_ds: Path) -> None:
     """A GGUF's own template wins; without one Kimi K2 gets k2local's Kimi template, DeepSeek-V3 a clear error (the
     tiny checkpoint's DeepSeek-style template is test data, not DeepSeek-V3's)."""
-    from k2local.chat_template import ChatTemplate
-    from k2local.checkpoint import open_checkpoint
+    from k2local.chat.template import ChatTemplate
+    from k2local.weights.hf_checkpoint import open_checkpoint
     from k2local.errors import CheckpointError
-    from k2local.gguf_vocab import tokenizer_and_template_from_gguf, tokenizer_metadata
+    from k2local.tokenizer.gguf_vocab import tokenizer_and_template_from_gguf, tokenizer_metadata
 
     msgs = [{"role": "user", "content": "hi"}]
     for src, kimi in ((tiny_k2, True), (tiny_ds, False)):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from k2local.toolcalls import (
+from k2local.chat.toolcalls import (
     DEEPSEEK,
     KIMI,
     ContentDelta,
@@ -260,7 +260,7 @@ def test_deepseek_ids_and_format_round_trip() -> None:
 
 
 def test_dialect_picked_from_tokenizer(tiny_k2, tiny_ds) -> None:
-    from k2local.tokenizer import load_tokenizer
+    from k2local.tokenizer.tiktoken_bpe import load_tokenizer
 
     assert tool_dialect(load_tokenizer(tiny_ds)) is DEEPSEEK
     assert tool_dialect(load_tokenizer(tiny_k2)) is KIMI

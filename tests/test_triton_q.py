@@ -102,7 +102,7 @@ def test_kernels_match_dequantize_matmul() -> None:
 
 MODEL = """
     import json, os, sys, torch
-    from k2local.checkpoint import open_checkpoint
+    from k2local.weights.hf_checkpoint import open_checkpoint
     from k2local.engine import LoadOptions
     from k2local.model import KimiK2Model
     from k2local.placement import build_backend, layout_for
@@ -156,7 +156,7 @@ MODEL = """
 
 @pytest.fixture(scope="module")
 def tiny_q3(tiny_k2, tmp_path_factory) -> Path:
-    convert = pytest.importorskip("k2local.convert").convert
+    convert = pytest.importorskip("k2local.convert.to_gguf").convert
     out = tmp_path_factory.mktemp("gguf") / "tiny-q3.gguf"
     convert(tiny_k2, out, "q3")  # experts Q3_K (gate, up) and Q4_K (down)
     return out
@@ -243,7 +243,7 @@ def test_cuda_kernels_match_dequantize_matmul() -> None:
 def test_cuda_model_with_fused_experts_matches(tiny_q3: Path, monkeypatch) -> None:
     """On CUDA: device-cached experts as raw bytes + fused kernels, and a long prompt whose host experts are shipped
     to the GPU and computed there by the same kernels, give the tokens and logits of the dequantizing path."""
-    from k2local.checkpoint import open_checkpoint
+    from k2local.weights.hf_checkpoint import open_checkpoint
     from k2local.engine import LoadOptions
     from k2local.model import KimiK2Model
     from k2local.placement import build_backend
@@ -279,7 +279,7 @@ def test_big_batches_go_to_the_gpu_only_as_raw_bytes(model: str, request, monkey
     """A prefill batch is shipped to the GPU only when every expert can travel as its raw bytes: the fused kernels,
     or a torch decoder that runs on the GPU (the K-quants have one). Codebook (IQ) experts without the fused kernels
     stay on the CPU kernels: dequantizing them on the host to ship dense takes ~1 s per Kimi K2 expert."""
-    from k2local.checkpoint import open_checkpoint
+    from k2local.weights.hf_checkpoint import open_checkpoint
     from k2local.engine import LoadOptions
     from offload.kernels import triton_q as tq
     from k2local.placement import build_backend

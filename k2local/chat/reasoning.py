@@ -13,11 +13,11 @@ Semantics follow vLLM's ``kimi_k2`` reasoning parser, on decoded text::
   (``<|tool_calls_section_begin|>`` by default), which stays at the start of the content so that the tool-call
   parser sees it. A ``<think>`` inside reasoning is dropped, so no think tag reaches the reasoning text.
 - After reasoning has ended (or when it never started) the rest of the output is content, verbatim: that is the
-  text to hand on to :class:`k2local.toolcalls.ToolCallStreamParser`. Output that ends while still in reasoning
+  text to hand on to :class:`k2local.chat.toolcalls.ToolCallStreamParser`. Output that ends while still in reasoning
   (a length cut) is all reasoning and has empty content.
 
 :func:`split` parses a whole output; :class:`ReasoningStreamParser` parses text deltas cut anywhere (``"</th"`` +
-``"ink>"``) and emits :class:`ReasoningDelta` / :class:`~k2local.toolcalls.ContentDelta` events whose
+``"ink>"``) and emits :class:`ReasoningDelta` / :class:`~k2local.chat.toolcalls.ContentDelta` events whose
 concatenations equal :func:`split`'s result. Tags are matched as text, so the detokenizer must keep ``<think>``,
 ``</think>`` and the tool-call markers in its output (not skip them as special tokens).
 """
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
-from k2local.toolcalls import SECTION_BEGIN, ContentDelta
+from k2local.chat.toolcalls import SECTION_BEGIN, ContentDelta
 
 __all__ = [
     "THINK_END",

@@ -182,7 +182,7 @@ def _version() -> str:
 
 def probe_gguf(work: Path) -> Path:
     """A tiny deepseek2 GGUF with Q8_0 tensors (the kind that makes llama.cpp abort on AMX CPUs)."""
-    from k2local.convert import convert  # noqa: PLC0415 - k2local is heavy: only the probe needs it
+    from k2local.convert.to_gguf import convert  # noqa: PLC0415 - k2local is heavy: only the probe needs it
     from k2local.tiny import make_tiny  # noqa: PLC0415
 
     return convert(make_tiny(work / "tiny", "kimi_k2"), work / "probe-q8.gguf", "q8").paths[0]

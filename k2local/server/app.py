@@ -24,13 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2local.generate import ChatBackend
 from k2local.sampler import SamplingParams
-from k2local.server_anthropic import (
+from k2local.server.anthropic import (
     anthropic_plan,
     anthropic_stop,
     anthropic_stream,
     json_input,
 )
-from k2local.server_events import (
+from k2local.server.events import (
     openai_finish,
     run_to_end,
     sse,
@@ -38,7 +38,7 @@ from k2local.server_events import (
     stream_response,
     usage_json,
 )
-from k2local.server_requests import (
+from k2local.server.requests import (
     APIError,
     Plan,
     ToolMode,
@@ -56,12 +56,12 @@ from k2local.server_requests import (
     tool_mode,
     want_usage,
 )
-from k2local.server_worker import Done, Failed, Job, Output, RequestKind, ServerEvent, TokenSource, Worker
-from k2local.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart, tool_dialect
+from k2local.server.worker import Done, Failed, Job, Output, RequestKind, ServerEvent, TokenSource, Worker
+from k2local.chat.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart, tool_dialect
 
 __all__ = ["APIError", "create_app"]
 
-log = logging.getLogger("k2local.server")
+log = logging.getLogger("k2local.server.app")
 
 
 # ------------------------------------------------------------------------------------------------ the app

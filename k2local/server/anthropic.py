@@ -6,8 +6,8 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from k2local.server_events import sse, stream_events
-from k2local.server_requests import (
+from k2local.server.events import sse, stream_events
+from k2local.server.requests import (
     ANTHROPIC_TYPES,
     DEFAULT_TEMPERATURE,
     ChatPlanner,
@@ -19,8 +19,8 @@ from k2local.server_requests import (
     sampling_params,
     stop_strings,
 )
-from k2local.server_worker import Done, Failed, Job, ServerEvent
-from k2local.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart
+from k2local.server.worker import Done, Failed, Job, ServerEvent
+from k2local.chat.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart
 
 ANTHROPIC_TEMPERATURE_SCALE = 0.6  # Moonshot's Anthropic API: real temperature = request temperature * 0.6
 

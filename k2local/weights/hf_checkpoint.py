@@ -14,7 +14,7 @@ import torch
 from k2local.arch import expected_tensor_names, expert_name
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
-from k2local.gguf_source import GGUFSource
+from k2local.weights.gguf_checkpoint import GGUFSource
 from k2local.weights import sanitize
 from k2local.weights.sanitize import SCALE_SUFFIX
 

@@ -13,9 +13,9 @@ from typing import Literal, Union
 
 from k2local.generate import ChatBackend, ContextOverflow, GenerationResult, Generator
 from k2local.sampler import SamplingParams
-from k2local.server_requests import APIError, ToolMode
-from k2local.tokenizer_common import TextTokenizer
-from k2local.toolcalls import (
+from k2local.server.requests import APIError, ToolMode
+from k2local.tokenizer.common import TextTokenizer
+from k2local.chat.toolcalls import (
     ContentDelta,
     ToolCall,
     ToolCallArgsDelta,
@@ -27,7 +27,7 @@ from k2local.toolcalls import (
     tool_dialect,
 )
 
-log = logging.getLogger("k2local.server")
+log = logging.getLogger("k2local.server.app")
 MIN_COPY_PREFIX = 16  # shared prompt tokens worth copying from another conversation's KV cache
 TokenSource = Callable[[list[int]], "Iterable[int] | None"]
 RequestKind = Literal["chat", "completion", "messages"]

@@ -106,7 +106,7 @@ def _random_weights(cfg: ModelConfig, gen: torch.Generator) -> dict[str, torch.T
 
 def _write_tokenizer(out: Path, variant: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
     """The variant's tokenizer files plus config.json and generation_config.json; returns the config dict."""
-    from k2local.tiny_tokenizer import write_tiny_deepseek_tokenizer, write_tiny_tokenizer  # noqa: PLC0415
+    from k2local.tiny.tokenizer import write_tiny_deepseek_tokenizer, write_tiny_tokenizer  # noqa: PLC0415
 
     if TOKENIZER_LAYOUT[variant] == "tokenizer.json":
         tv = write_tiny_deepseek_tokenizer(out)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
-    from k2local.tokenizer_common import TextTokenizer
+    from k2local.tokenizer.common import TextTokenizer
 
 __all__ = [
     "ARGUMENT_BEGIN",

@@ -5,8 +5,8 @@ engine).
 Both follow llama.cpp's converter: a "gpt2" vocabulary of GPT-2 byte-level strings, token types (NORMAL, CONTROL for
 special or special-looking added tokens, USER_DEFINED for other added tokens, UNUSED `[PAD{i}]` for embedding rows
 past the tokenizer), merges, bos/eos/pad/unk ids, add_bos, and the checkpoint's chat template. Pre-tokenizer
-`kimi-k2` is read back as Kimi's tiktoken :class:`~k2local.tokenizer.Tokenizer`, `deepseek-v3` as a `tokenizers` BPE
-with DeepSeek-V3's pre-tokenizer (:class:`~k2local.hf_tokenizer.HFTokenizer`).
+`kimi-k2` is read back as Kimi's tiktoken :class:`~k2local.tokenizer.tiktoken_bpe.Tokenizer`, `deepseek-v3` as a `tokenizers` BPE
+with DeepSeek-V3's pre-tokenizer (:class:`~k2local.tokenizer.hf.HFTokenizer`).
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import tokenizers
 from gguf import GGUFValueType, Keys
 from tokenizers import AddedToken, decoders, models, processors
 
-from k2local.chat_template import KIMI_K2_TEMPLATE, ChatTemplate, ChatTemplateError
+from k2local.chat.template import KIMI_K2_TEMPLATE, ChatTemplate, ChatTemplateError
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
-from k2local.hf_tokenizer import HFTokenizer, deepseek_v3_pre_tokenizer, pre_tokenizer_name
-from k2local.tokenizer import Tokenizer, gguf_vocab, load_tokenizer, ranks_from_gguf_tokens
-from k2local.tokenizer_common import (
+from k2local.tokenizer.hf import HFTokenizer, deepseek_v3_pre_tokenizer, pre_tokenizer_name
+from k2local.tokenizer.tiktoken_bpe import Tokenizer, gguf_vocab, load_tokenizer, ranks_from_gguf_tokens
+from k2local.tokenizer.common import (
     TOKEN_TYPE_CONTROL,
     TOKEN_TYPE_NORMAL,
     TOKEN_TYPE_UNKNOWN,

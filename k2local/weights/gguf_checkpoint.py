@@ -20,7 +20,7 @@ from k2local import arch
 from k2local.arch import expected_tensor_names
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
-from k2local.gguf_vocab import tokenizer_and_template_from_gguf
+from k2local.tokenizer.gguf_vocab import tokenizer_and_template_from_gguf
 from k2local.weights import sanitize
 from quant.gguf_file import GGUFFormatError, TensorSpec, dequantize_rows, qtype_of, split_parts
 
@@ -280,7 +280,7 @@ class GGUFSource:
 
     # ------------------------------------------------------------------------------------ tokenizer, template
     def tokenizer_and_template(self):
-        """(tokenizer, ChatTemplate) from tokenizer.ggml.* and tokenizer.chat_template (k2local.gguf_vocab)."""
+        """(tokenizer, ChatTemplate) from tokenizer.ggml.* and tokenizer.chat_template (k2local.tokenizer.gguf_vocab)."""
         return tokenizer_and_template_from_gguf(self.meta, str(self.path))
 
 

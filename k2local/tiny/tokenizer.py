@@ -19,10 +19,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from k2local.chat_template import KIMI_K2_TEMPLATE
-from k2local.hf_tokenizer import deepseek_v3_pre_tokenizer, deepseek_v3_pre_tokenizer_json
-from k2local.tokenizer import KIMI_SPECIAL_OFFSETS
-from k2local.tokenizer_common import bytes_to_gpt2
+from k2local.chat.template import KIMI_K2_TEMPLATE
+from k2local.tokenizer.hf import deepseek_v3_pre_tokenizer, deepseek_v3_pre_tokenizer_json
+from k2local.tokenizer.tiktoken_bpe import KIMI_SPECIAL_OFFSETS
+from k2local.tokenizer.common import bytes_to_gpt2
 
 __all__ = ["DEEPSEEK_TINY_TEMPLATE", "TINY_N_BASE", "TinyVocab", "train_bpe", "write_tiny_deepseek_tokenizer",
            "write_tiny_tokenizer"]

@@ -1,7 +1,7 @@
 """What both tokenizers share: the interface the rest of k2local uses, streaming decode, the GPT-2 byte alphabet of
 GGUF / ``tokenizer.json`` vocabularies, the JSON readers of tokenizer files, and the error type.
 
-:class:`k2local.tokenizer.Tokenizer` (Kimi K2's tiktoken BPE) and :class:`k2local.hf_tokenizer.HFTokenizer`
+:class:`k2local.tokenizer.tiktoken_bpe.Tokenizer` (Kimi K2's tiktoken BPE) and :class:`k2local.tokenizer.hf.HFTokenizer`
 (a ``tokenizer.json``, DeepSeek-V3 family) both build on this module and satisfy :class:`TextTokenizer`; neither
 imports the other's module for it. Standard library only, so anything may import it.
 """

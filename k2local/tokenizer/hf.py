@@ -1,7 +1,7 @@
 """Hugging Face ``tokenizer.json`` tokenizers (DeepSeek-V3 family: byte-level BPE) run by the ``tokenizers`` library.
 
-:class:`HFTokenizer` has the public interface of :class:`k2local.tokenizer.Tokenizer` (encode / decode / streaming
-decode / special tokens / bos, eos, stop ids: :class:`k2local.tokenizer_common.TextTokenizer`), so the generator,
+:class:`HFTokenizer` has the public interface of :class:`k2local.tokenizer.tiktoken_bpe.Tokenizer` (encode / decode / streaming
+decode / special tokens / bos, eos, stop ids: :class:`k2local.tokenizer.common.TextTokenizer`), so the generator,
 chat session, server and chat template code use either. Encoding and decoding are the library's; k2local only keeps
 a per-id byte table (what the ByteLevel decoder turns each token into) so that text can be streamed without splitting
 UTF-8 characters.
@@ -17,7 +17,7 @@ from typing import Any
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from k2local.tokenizer_common import (
+from k2local.tokenizer.common import (
     StreamDecoder,
     TokenizerError,
     bytes_to_gpt2,

@@ -63,7 +63,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, served_m
     import uvicorn  # noqa: PLC0415
 
     from k2local.engine import Engine, LoadOptions  # noqa: PLC0415
-    from k2local.server import create_app  # noqa: PLC0415
+    from k2local.server.app import create_app  # noqa: PLC0415
 
     if not _is_loopback(host) and not api_key:
         click.secho(f"warning: listening on {host} without --api-key: anyone who can reach this port can use "

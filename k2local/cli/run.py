@@ -19,10 +19,10 @@ from rich.table import Table
 from k2local.errors import USER_ERRORS, K2Error
 
 if TYPE_CHECKING:
-    from k2local.chat_session import ChatSession, TurnResult
+    from k2local.cli.chat_session import ChatSession, TurnResult
     from k2local.engine import Engine, LoadOptions
 
-# The function-local imports below (`noqa: PLC0415`) defer torch, which k2local.chat_session, .engine, .sampler,
+# The function-local imports below (`noqa: PLC0415`) defer torch, which k2local.cli.chat_session, .engine, .sampler,
 # .tiny and .checkpoint import (about 2 s): `k2local run --help` and argument errors stay instant.
 
 RANDOM_NOTICE = ("No MODEL given: running the built-in tiny checkpoint. Its weights are RANDOM, so its answers "
@@ -60,7 +60,7 @@ def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_to
     interactive = sys.stdin.isatty()
     question = None if interactive else _read_stdin()
     # torch loads with these (about 2 s): imported here so --help and the errors above are instant
-    from k2local.chat_session import ChatSession  # noqa: PLC0415
+    from k2local.cli.chat_session import ChatSession  # noqa: PLC0415
     from k2local.engine import LoadOptions  # noqa: PLC0415
     from k2local.sampler import SamplingParams  # noqa: PLC0415
 
@@ -117,7 +117,7 @@ def _resolve_model(model: Path | None, console: Console | None) -> tuple[Path, b
 def _count_tensors(path: Path) -> int | None:
     """The progress bar's total: tensors outside the routed experts plus one step per routed expert."""
     try:
-        from k2local.checkpoint import expected_tensor_names, open_checkpoint  # noqa: PLC0415
+        from k2local.weights.hf_checkpoint import expected_tensor_names, open_checkpoint  # noqa: PLC0415
 
         cfg = open_checkpoint(path).config
         routed = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)) * cfg.n_routed_experts
@@ -166,7 +166,7 @@ def plan_summary(engine: Engine, opts: LoadOptions, loaded_bytes: int = 0) -> An
     plan = getattr(backend, "plan", None)  # offload's backends carry their placement plan; DenseExperts has none
     if plan is not None:
         try:
-            from k2local.cli_plan import plan_table  # noqa: PLC0415 (offload's planner imports torch)
+            from k2local.cli.plan import plan_table  # noqa: PLC0415 (offload's planner imports torch)
 
             notes = [f"[yellow]note:[/] {n}" for n in plan.notes]
             return Group(plan_table(plan), *notes)
@@ -220,7 +220,7 @@ def _tensor_bytes(obj: Any) -> tuple[int, str]:
 def _answer_once(session: ChatSession, question: str, json_out: bool, random_weights: bool,
                  err: Console | None) -> None:
     """Piped input: one question, the answer on stdout, exit."""
-    from k2local.chat_session import status_line  # noqa: PLC0415
+    from k2local.cli.chat_session import status_line  # noqa: PLC0415
 
     out = sys.stdout
     if json_out:
@@ -296,7 +296,7 @@ def _save_history(readline: Any) -> None:
 
 def _chat(session: ChatSession, json_out: bool, random_weights: bool) -> None:
     """The interactive loop: read a message (multi-line aware), run a command or a turn, repeat until /exit."""
-    from k2local.chat_session import LineAssembler, is_command, literal, run_command  # noqa: PLC0415
+    from k2local.cli.chat_session import LineAssembler, is_command, literal, run_command  # noqa: PLC0415
 
     con = Console(highlight=False)
     eng = session.engine
@@ -339,7 +339,7 @@ def _chat(session: ChatSession, json_out: bool, random_weights: bool) -> None:
 
 def _turn(con: Console, session: ChatSession, text: str, json_out: bool, random_weights: bool) -> None:
     """One answer, streamed; first Ctrl-C stops it gracefully, a second one interrupts the model mid-step."""
-    from k2local.chat_session import status_line  # noqa: PLC0415
+    from k2local.cli.chat_session import status_line  # noqa: PLC0415
 
     stop = threading.Event()
 

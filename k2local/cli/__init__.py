@@ -15,11 +15,11 @@ from k2local.errors import USER_ERRORS
 
 # subcommand name -> "module:function" (imported only when that subcommand runs, so start-up stays fast)
 SUBCOMMANDS = {
-    "run": "k2local.cli_run:run",
-    "serve": "k2local.cli_serve:serve",
-    "quantize": "k2local.cli_quantize:quantize",
-    "imatrix": "k2local.cli_quantize:imatrix",
-    "plan": "k2local.cli_plan:plan",
+    "run": "k2local.cli.run:run",
+    "serve": "k2local.cli.serve:serve",
+    "quantize": "k2local.cli.quantize:quantize",
+    "imatrix": "k2local.cli.quantize:imatrix",
+    "plan": "k2local.cli.plan:plan",
     "make-tiny": "k2local.cli:make_tiny_cmd",
 }
 

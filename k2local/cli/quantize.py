@@ -26,10 +26,10 @@ def _list_recipes(src: str | None) -> None:
     from rich.table import Table  # noqa: PLC0415
 
     from k2local.config import ModelConfig  # noqa: PLC0415
-    from k2local.convert import describe_recipes  # noqa: PLC0415
+    from k2local.convert.to_gguf import describe_recipes  # noqa: PLC0415
 
     if src:
-        from k2local.checkpoint import open_checkpoint  # noqa: PLC0415
+        from k2local.weights.hf_checkpoint import open_checkpoint  # noqa: PLC0415
 
         cfg, what = open_checkpoint(src).config, Path(src).name
     else:
@@ -70,8 +70,8 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
     from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,  # noqa: PLC0415
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    from k2local.convert import convert, parse_size  # noqa: PLC0415
-    from k2local.recipes import get_recipe  # noqa: PLC0415
+    from k2local.convert.to_gguf import convert, parse_size  # noqa: PLC0415
+    from k2local.convert.recipes import get_recipe  # noqa: PLC0415
     from quant.gguf_file import split_name  # noqa: PLC0415
 
     rec = get_recipe(recipe)
@@ -129,7 +129,7 @@ def imatrix(model: str, textfile: str, out: str, ctx: int, chunks: int | None) -
     """Collect an importance matrix for MODEL (checkpoint dir or GGUF) from calibration text TEXTFILE."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa
 
-    from k2local.imatrix import collect  # noqa: PLC0415
+    from k2local.convert.imatrix import collect  # noqa: PLC0415
 
     tp = Path(textfile)
     try:

@@ -200,7 +200,7 @@ class _RecordingExperts:
         ex = getattr(self.inner, "experts", None)
         if isinstance(ex, dict) and layer in ex:
             return ex[layer][e]
-        from k2local.checkpoint import expert_name  # noqa: PLC0415
+        from k2local.weights.hf_checkpoint import expert_name  # noqa: PLC0415
 
         return tuple(self.source.get(expert_name(layer, e, p)) for p in ("gate", "up", "down"))
 
@@ -268,7 +268,7 @@ def collect(model_path: str | Path, text: str, ctx: int = 512, max_chunks: int |
             progress: Callable[[int, int], None] | None = None, dataset: str = "") -> IMatrix:
     """Run the model at `model_path` over `text` in chunks of `ctx` tokens and return the statistics."""
     import k2local.model as kmodel  # noqa: PLC0415
-    from k2local.checkpoint import open_checkpoint  # noqa: PLC0415
+    from k2local.weights.hf_checkpoint import open_checkpoint  # noqa: PLC0415
     from k2local.engine import load_tokenizer_and_template  # noqa: PLC0415
     from k2local.placement import DenseExperts  # noqa: PLC0415
 

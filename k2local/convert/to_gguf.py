@@ -3,7 +3,7 @@
 Writes what llama.cpp's own converter writes: its metadata keys, `kv_b_proj` split into `attn_k_b`/`attn_v_b`, routed
 experts stacked into `ffn_*_exps`, the router bias as `exp_probs_b.bias`, sigmoid gating, YaRN keys, a gpt2-style
 vocabulary (from `tiktoken.model`, pre `kimi-k2`, or a DeepSeek-V3 `tokenizer.json`, pre `deepseek-v3`) and the
-chat template. Each tensor gets the type its recipe picks (k2local.recipes). Streams row chunks (experts in row
+chat template. Each tensor gets the type its recipe picks (k2local.convert.recipes). Streams row chunks (experts in row
 chunks too), so peak memory stays bounded whatever the model size; the output is resumable and atomic
 (quant.gguf_file.GGUFStreamWriter).
 """
@@ -25,12 +25,12 @@ import torch
 from gguf import Keys
 
 from k2local import arch
-from k2local.checkpoint import WeightSource, open_checkpoint
+from k2local.weights.hf_checkpoint import WeightSource, open_checkpoint
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError, K2Error
-from k2local.gguf_vocab import tokenizer_metadata
-from k2local.imatrix import IMatrix
-from k2local.recipes import RECIPES, Recipe, TensorRole, get_recipe, resolve_type
+from k2local.tokenizer.gguf_vocab import tokenizer_metadata
+from k2local.convert.imatrix import IMatrix
+from k2local.convert.recipes import RECIPES, Recipe, TensorRole, get_recipe, resolve_type
 from k2local.weights import sanitize
 from quant.gguf_file import (GGUFFormatError, GGUFStreamWriter, MetaValue, TensorSpec, boolv, can_quantize,
                              f32v, qtype_of, quantize_rows, strv, tensor_nbytes, u32)

@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from k2local.checkpoint import open_checkpoint
+from k2local.weights.hf_checkpoint import open_checkpoint
 from k2local.placement import LoadOptions, layout_for, make_plan, pick_device, pick_dtype
 from offload.options import OffloadOptions
 from offload.planner import Bandwidths, Plan, decode_breakdown, human, predict_decode_tps

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from k2local.server_worker import Done, Failed, Job, ServerEvent
+from k2local.server.worker import Done, Failed, Job, ServerEvent
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:

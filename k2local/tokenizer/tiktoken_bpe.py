@@ -6,8 +6,8 @@ literal special-token strings in the input become control tokens unless ``allow_
 Also converts to and from the GPT-2 style vocabulary that GGUF files store.
 
 :func:`load_tokenizer` / :meth:`Tokenizer.from_dir` pick ``tiktoken.model`` when a checkpoint has it, else its
-Hugging Face ``tokenizer.json`` (DeepSeek-V3 family, :class:`k2local.hf_tokenizer.HFTokenizer`; both satisfy
-:class:`k2local.tokenizer_common.TextTokenizer`, whose module holds what they share).
+Hugging Face ``tokenizer.json`` (DeepSeek-V3 family, :class:`k2local.tokenizer.hf.HFTokenizer`; both satisfy
+:class:`k2local.tokenizer.common.TextTokenizer`, whose module holds what they share).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import tiktoken
 
-from k2local.hf_tokenizer import HFTokenizer
-from k2local.tokenizer_common import (
+from k2local.tokenizer.hf import HFTokenizer
+from k2local.tokenizer.common import (
     TOKEN_TYPE_BYTE,
     TOKEN_TYPE_CONTROL,
     TOKEN_TYPE_NORMAL,
@@ -213,7 +213,7 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer | HFTokenizer:
         """A checkpoint directory's tokenizer: ``tiktoken.model`` (Kimi K2, Moonlight) when present, else
-        ``tokenizer.json`` (DeepSeek-V3 family, returned as :class:`k2local.hf_tokenizer.HFTokenizer`).
+        ``tokenizer.json`` (DeepSeek-V3 family, returned as :class:`k2local.tokenizer.hf.HFTokenizer`).
 
         For ``tiktoken.model`` without ``tokenizer_config.json`` the Kimi K2 special-token table is assumed.
         """

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from fastapi.responses import JSONResponse
 
 from k2local.sampler import SamplingParams
-from k2local.toolcalls import (
+from k2local.chat.toolcalls import (
     KIMI,
     ToolDialect,
     count_tool_calls,
@@ -289,7 +289,7 @@ class Plan:
 
 
 class ChatPlanner(Protocol):
-    """What an endpoint module needs from the server (k2local.server.Server): the served model's name and the chat
+    """What an endpoint module needs from the server (k2local.server.app.Server): the served model's name and the chat
     planner (messages -> a validated Plan)."""
 
     model_name: str

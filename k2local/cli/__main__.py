@@ -1,0 +1,4 @@
+"""`python -m k2local.cli`."""
+from k2local.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Checkpoint -> GGUF: the converter, quantization recipes, importance matrices."""
