@@ -1,4 +1,4 @@
-"""`k2local` command line. Each subcommand lives in its own module (k2local/cli_*.py) and registers here."""
+"""`k2local` command line. Each subcommand lives in its own module (k2local/cli/*.py) and registers here."""
 from __future__ import annotations
 
 import importlib

@@ -1,6 +1,6 @@
 """Terminal-chat logic without the terminal: conversation state, multi-line input, slash commands, save/load.
 
-`k2local run` (cli_run.py) draws the UI; everything here is plain Python so it can be tested directly.
+`k2local run` (cli/run.py) draws the UI; everything here is plain Python so it can be tested directly.
 """
 from __future__ import annotations
 
