@@ -235,7 +235,7 @@ def test_gguf_vocab_tiny(tiny: Tokenizer) -> None:
 
 def test_token_type_values_match_gguf() -> None:
     gguf = pytest.importorskip("gguf")
-    from k2local import tokenizer as t
+    from k2local.tokenizer import tiktoken_bpe as t
 
     assert (t.TOKEN_TYPE_NORMAL, t.TOKEN_TYPE_CONTROL, t.TOKEN_TYPE_UNUSED) == (
         gguf.TokenType.NORMAL, gguf.TokenType.CONTROL, gguf.TokenType.UNUSED)
