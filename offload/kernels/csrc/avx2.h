@@ -62,8 +62,8 @@ AI T256 __m256i dpbusd_v(__m256i u, __m256i s, const int VN) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-/* The bodies below take VN (0: AVX2, 1: AVX-VNNI, same integer sums) and get a T256 and (in the AVX-VNNI section)
- * a TVNNI instantiation through this wrapper. */
+/* The bodies (avx2.c, avx2_iq.c) take VN (0: AVX2, 1: AVX-VNNI, same integer sums) and get a T256 and a TVNNI
+ * instantiation through this wrapper. */
 #define NT_BODY(name, body, ATTR, VN)                                                                             \
     AI ATTR void name##_nt(const uint8_t *w, int nb, const act_t *a, const int NT, float *out, ptrdiff_t os,      \
                            const uint8_t *pf) {                                                                   \
