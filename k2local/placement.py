@@ -200,6 +200,20 @@ def routers(source: WeightSource, moe_layers: list[int]) -> Routers:
     return out
 
 
+def source_notes(source: WeightSource) -> list[str]:
+    """What the user should know about how this checkpoint runs (plan notes, a log line at load)."""
+    cfg = source.config
+    out = []
+    if cfg.multimodal is not None:
+        left = getattr(source, "other_tensors", 0)
+        out.append(f"{cfg.multimodal} is a multimodal checkpoint: k2local runs its text model only; images are not "
+                   f"supported" + (f" ({left} vision/projector tensors left out)" if left else ""))
+    if cfg.is_int4:
+        out.append("routed experts are INT4 (compressed-tensors, group 32): repacked to Q4_0 as they are read, "
+                   "the same 4-bit codes")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- planning
 def make_plan(source: WeightSource, opts: LoadOptions, device: torch.device | None = None,
               dtype: torch.dtype | None = None, hw: Hardware | None = None, stats: RoutingStats | None = None,
@@ -211,7 +225,9 @@ def make_plan(source: WeightSource, opts: LoadOptions, device: torch.device | No
     model = footprint(source, opts, device, dtype)
     if stats is None:
         stats = RoutingStats.load_or_new(stats_path(opts.offload, model.model_id), model.n_layers, layout.n_experts)
-    return plan_placement(model, layout, device, dtype, hw, stats, opts.budgets, opts.offload)
+    plan = plan_placement(model, layout, device, dtype, hw, stats, opts.budgets, opts.offload)
+    plan.notes[:0] = source_notes(source)
+    return plan
 
 
 class DenseExperts(_DenseExperts):
