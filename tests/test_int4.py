@@ -237,3 +237,27 @@ def test_scale_out_of_fp16_range_fails_the_read(tmp_path: Path, tiny_int4: Path)
     with pytest.raises(ExpertReadError, match="outside fp16's range") as e:
         seg.fill(memoryview(bytearray(seg.nbytes)))
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+def test_quantize_int4_copies_the_codes_and_llama_cpp_loads_it(tiny_int4: Path, tmp_path: Path) -> None:
+    from k2local.convert.to_gguf import convert
+    from k2local.weights.hf_checkpoint import open_checkpoint
+    from tests.test_quantize import assert_agree
+
+    res = convert(tiny_int4, tmp_path / "tiny-int4.gguf", "int4-bf16")
+    assert res.int4_inexact_blocks == 0 and res.types.get("Q4_0") == 9  # 3 MoE layers x gate/up/down
+    gguf = open_checkpoint(res.paths[0])
+    hf = SafetensorsSource(tiny_int4)
+    for layer, e, p in [(1, 0, "gate"), (2, 7, "up"), (3, 15, "down")]:
+        n = expert_name(layer, e, p)
+        assert gguf.tensor_type(n) == "Q4_0"
+        assert torch.equal(gguf.get(n), hf.get(n))  # exactly the INT4 values: no re-rounding
+        data, qtype, rows, cols = gguf.expert_tensor(layer, p)
+        q, _ = sanitize.repack_int4(*hf.raw(n))
+        assert int(qtype) == int(QType.Q4_0) and np.array_equal(np.asarray(data[e]).reshape(-1), q.numpy().reshape(-1))
+    n = "model.layers.1.self_attn.o_proj.weight"
+    assert gguf.tensor_type(n) == "BF16" and torch.equal(gguf.get(n), hf.get(n))
+    # llama.cpp loads it and agrees with k2local on it
+    pytest.importorskip("llama_cpp")
+    assert_agree(res.paths[0], 0.05)

@@ -250,6 +250,16 @@ class SafetensorsSource:
         except ValueError as e:
             raise CheckpointError(f"{packed_i.file}: {name}: {e}") from None
 
+    def q4_0_rows(self, name: str, r0: int, r1: int) -> tuple[torch.Tensor, int]:
+        """Rows r0:r1 of INT4 weight `name` as Q4_0 bytes (uint8 [n, cols / 32 * 18]: the same 4-bit codes, the
+        scale as fp16) and how many block scales were not fp16 values (rounded; see sanitize.repack_int4)."""
+        packed_i, _ = self.int4_parts(name)  # type: ignore[misc]
+        pname, sname = self._int4[name]
+        try:
+            return sanitize.repack_int4(self._read(pname, r0, r1), self._read(sname, r0, r1))
+        except ValueError as e:
+            raise CheckpointError(f"{packed_i.file}: {name}: {e}") from None
+
     def raw(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tensor as stored, and its FP8 block scale_inv (None for BF16/F32 tensors); for an INT4 weight its
         weight_packed and weight_scale."""
