@@ -57,8 +57,13 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Build from a config.json dict; a nested `text_config` (Kimi K2.5 style) is unwrapped."""
+        multimodal = None
         if "text_config" in d and isinstance(d["text_config"], dict) and "hidden_size" not in d:
-            d = d["text_config"]
+            outer = d
+            d = dict(d["text_config"])
+            multimodal = str(outer.get("model_type") or (outer.get("architectures") or ["multimodal"])[0])
+            if "quantization_config" not in d and isinstance(outer.get("quantization_config"), dict):
+                d["quantization_config"] = outer["quantization_config"]  # K2.5 keeps it beside text_config
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
@@ -67,6 +72,20 @@ class ModelConfig:
         names = {f.name for f in fields(cls)} - {"extra"}
         kw = {k: v for k, v in d.items() if k in names}
         cfg = cls(**kw, extra={k: v for k, v in d.items() if k not in names})
+        if multimodal is not None:
+            cfg.extra["k2local_multimodal"] = multimodal
+        q = cfg.quantization_config
+        if q is not None:
+            method = q.get("quant_method") if isinstance(q, dict) else None
+            if method not in (None, "fp8", "compressed-tensors"):
+                raise CheckpointError(f"{source}: unsupported quantization_config quant_method {method!r} "
+                                      "(k2local reads fp8 and compressed-tensors pack-quantized INT4)")
+            if method == "compressed-tensors":
+                from k2local.weights.sanitize import int4_scheme_problem  # noqa: PLC0415
+
+                problem = int4_scheme_problem(q)
+                if problem:
+                    raise CheckpointError(f"{source}: unsupported quantization_config: {problem}")
         if cfg.scoring_func not in ("sigmoid", "softmax"):
             raise CheckpointError(f"{source}: unsupported scoring_func {cfg.scoring_func!r}")
         if cfg.hidden_act != "silu":
@@ -112,6 +131,18 @@ class ModelConfig:
     def is_fp8(self) -> bool:
         q = self.quantization_config or {}
         return q.get("quant_method") == "fp8"
+
+    @property
+    def is_int4(self) -> bool:
+        """compressed-tensors pack-quantized INT4 routed experts (Kimi K2 Thinking, K2.5)."""
+        q = self.quantization_config or {}
+        return q.get("quant_method") == "compressed-tensors" and q.get("format") == "pack-quantized"
+
+    @property
+    def multimodal(self) -> str | None:
+        """The multimodal model this text config was nested in (Kimi K2.5), or None; k2local runs its text model
+        only (images are not supported)."""
+        return self.extra.get("k2local_multimodal")
 
     def is_moe_layer(self, i: int) -> bool:
         return (

@@ -1,6 +1,7 @@
 """Engine: a loaded model with its tokenizer and chat template; what the CLI and the server drive."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -10,9 +11,11 @@ from k2local.chat.template import ChatTemplate
 from k2local.weights.hf_checkpoint import WeightSource, open_checkpoint
 from k2local.generate import Generator
 from k2local.model import ExpertBackend, KimiK2Model
-from k2local.placement import LoadOptions, build_backend, dense_too_big_for_gpu, pick_device, pick_dtype
+from k2local.placement import (LoadOptions, build_backend, dense_too_big_for_gpu, pick_device, pick_dtype,
+                               source_notes)
 from k2local.tokenizer.tiktoken_bpe import load_tokenizer
 
+log = logging.getLogger("k2local")
 __all__ = ["Engine", "LoadOptions", "build_experts", "load_tokenizer_and_template"]
 
 
@@ -30,6 +33,8 @@ class Engine:
              experts: ExpertBackend | None = None) -> "Engine":
         opts = opts or LoadOptions()
         source = open_checkpoint(path)
+        if source.config.multimodal is not None:
+            log.warning(source_notes(source)[0])
         device = pick_device(opts)
         dtype = pick_dtype(opts, device, source)
         if opts.quantized_weights is None and device.type == "cuda":

@@ -7,9 +7,10 @@ workspace), the device and dtype, the memory budgets and typed options, and the 
 """
 from __future__ import annotations
 
-import json
+import logging
 import mmap
-import struct
+import os
+import threading
 from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
@@ -21,8 +22,9 @@ from k2local.weights.hf_checkpoint import SCALE_SUFFIX, SafetensorsSource, Weigh
 from k2local.config import ModelConfig
 from k2local.errors import CheckpointError
 from k2local.linear import quantized_bytes_per_param
+from k2local.weights.sanitize import q4_0_nbytes, repack_int4
 from offload.backend import Routers, build_expert_backend
-from offload.errors import PlanError
+from offload.errors import ExpertReadError, PlanError
 from offload.executor import OffloadExperts
 from offload.expert_layout import PROJS, ExpertEntry, ExpertLayout, MatrixFormat, Segment
 from offload.experts_dense import DenseExperts as _DenseExperts
@@ -30,6 +32,9 @@ from offload.options import Budgets, OffloadOptions
 from offload.planner import MiB, Hardware, ModelFootprint, Plan, plan_placement, stats_path
 from offload.probe import probe_hardware
 from offload.routing_stats import RoutingStats
+from quant.types import QType
+
+log = logging.getLogger("k2local")
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -195,6 +200,20 @@ def routers(source: WeightSource, moe_layers: list[int]) -> Routers:
     return out
 
 
+def source_notes(source: WeightSource) -> list[str]:
+    """What the user should know about how this checkpoint runs (plan notes, a log line at load)."""
+    cfg = source.config
+    out = []
+    if cfg.multimodal is not None:
+        left = getattr(source, "other_tensors", 0)
+        out.append(f"{cfg.multimodal} is a multimodal checkpoint: k2local runs its text model only; images are not "
+                   f"supported" + (f" ({left} vision/projector tensors left out)" if left else ""))
+    if cfg.is_int4:
+        out.append("routed experts are INT4 (compressed-tensors, group 32): repacked to Q4_0 as they are read, "
+                   "the same 4-bit codes")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- planning
 def make_plan(source: WeightSource, opts: LoadOptions, device: torch.device | None = None,
               dtype: torch.dtype | None = None, hw: Hardware | None = None, stats: RoutingStats | None = None,
@@ -206,7 +225,9 @@ def make_plan(source: WeightSource, opts: LoadOptions, device: torch.device | No
     model = footprint(source, opts, device, dtype)
     if stats is None:
         stats = RoutingStats.load_or_new(stats_path(opts.offload, model.model_id), model.n_layers, layout.n_experts)
-    return plan_placement(model, layout, device, dtype, hw, stats, opts.budgets, opts.offload)
+    plan = plan_placement(model, layout, device, dtype, hw, stats, opts.budgets, opts.offload)
+    plan.notes[:0] = source_notes(source)
+    return plan
 
 
 class DenseExperts(_DenseExperts):
@@ -245,27 +266,92 @@ _ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }  # the dtypes a routed expert (or its FP8 scale) may be stored in
 
 
-def _safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return 8 + n, json.loads(f.read(n))
+class Int4Repack:
+    """Reads one INT4 (compressed-tensors) expert matrix from its shard and writes it as Q4_0 bytes: a Segment's
+    `fill` (offload's RAM and disk tiers and the GPU cache read it like any expert; no dequantized copy is made).
+    Scales that are not fp16 values are rounded per block (see sanitize.repack_int4) and counted in
+    `INT4_STATS`; a scale past fp16's range fails the read with a one-line error."""
+
+    _fds: dict[str, int] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, name: str, packed: Any, scale: Any):
+        self.name, self.packed, self.scale = name, packed, scale
+        self.rows, self.cols = packed.shape[0], packed.shape[1] * 8
+
+    @classmethod
+    def _fd(cls, path: str) -> int:
+        with cls._lock:
+            fd = cls._fds.get(path)
+            if fd is None:
+                try:
+                    fd = cls._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise ExpertReadError(f"{path}: cannot open expert file ({e.strerror})") from None
+            return fd
+
+    @staticmethod
+    def _pread(info: Any) -> bytearray:
+        path = str(info.file)
+        fd, buf, got = Int4Repack._fd(path), bytearray(info.nbytes), 0
+        view = memoryview(buf)
+        while got < info.nbytes:
+            try:
+                n = os.preadv(fd, [view[got:]], info.offset + got)
+            except OSError as e:
+                raise ExpertReadError(f"{path}: read failed at {info.offset + got} ({e.strerror})") from None
+            if n <= 0:
+                raise ExpertReadError(f"{path}: truncated (expert bytes end past the end of the file)")
+            got += n
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)  # as the disk tier does
+        return buf
+
+    def __call__(self, out: memoryview) -> None:
+        packed = torch.frombuffer(self._pread(self.packed), dtype=torch.int32).view(self.rows, self.cols // 8)
+        sdt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[self.scale.dtype]
+        scale = torch.frombuffer(self._pread(self.scale), dtype=sdt).view(self.rows, -1)
+        try:
+            q, inexact = repack_int4(packed, scale)
+        except ValueError as e:
+            raise ExpertReadError(f"{self.packed.file}: {self.name}: {e}") from None
+        if inexact:
+            INT4_STATS.note(self.name, inexact)
+        torch.frombuffer(out, dtype=torch.uint8).copy_(q.view(-1))
+
+
+class Int4Stats:
+    """Blocks whose bf16 scale was not an fp16 value (rounded to the nearest one when repacked to Q4_0)."""
+
+    def __init__(self) -> None:
+        self.blocks = 0
+        self.matrices: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note(self, name: str, blocks: int) -> None:
+        with self._lock:
+            first = not self.matrices
+            self.blocks += blocks
+            self.matrices.add(name)
+        if first:
+            log.warning("%s: %d block scale(s) of this INT4 expert are not fp16 values (below 2^-17): rounded to the "
+                        "nearest fp16 in Q4_0 (weights off by < 2^-21); later ones are counted in "
+                        "k2local.placement.INT4_STATS", name, blocks)
+
+
+INT4_STATS = Int4Stats()
 
 
 def layout_from_safetensors(source: SafetensorsSource) -> ExpertLayout:
-    """Expert segments of a Hugging Face checkpoint (FP8 + scale_inv, or BF16/F16/F32), from the shard headers."""
+    """Expert segments of a Hugging Face checkpoint (FP8 + scale_inv, or BF16/F16/F32), from the shard headers.
+    INT4 (compressed-tensors) experts appear as ggml Q4_0 matrices whose bytes are repacked as they are read."""
     cfg = source.config
-    headers: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def locate(name: str) -> tuple[Segment, str, tuple[int, ...]]:
-        shard = source.weight_map.get(name)
-        if shard is None:
+        if name not in source.weight_map:
             raise CheckpointError(f"{source.path}: tensor {name} not in checkpoint")
-        if shard not in headers:
-            headers[shard] = _safetensors_header(source.path / shard)
-        base, hdr = headers[shard]
-        info = hdr[name]
-        start, end = info["data_offsets"]
-        return Segment(str(source.path / shard), base + start, end - start), info["dtype"], tuple(info["shape"])
+        info = source.tensor_location(name)
+        return Segment(str(info.file), info.offset, info.nbytes), info.dtype, tuple(info.shape)
 
     block = tuple(getattr(source, "block", (128, 128)))
     entries: dict[int, list[ExpertEntry]] = {}
@@ -278,6 +364,13 @@ def layout_from_safetensors(source: SafetensorsSource) -> ExpertLayout:
             fmts: list[MatrixFormat] = []
             for p in PROJS:
                 name = expert_name(layer, e, p)
+                parts = source.int4_parts(name) if source.is_int4 else None
+                if parts is not None:
+                    rows, cols = parts[0].shape[0], parts[0].shape[1] * 8
+                    segs.append(Segment(None, 0, q4_0_nbytes(rows, cols), fill=Int4Repack(name, *parts),
+                                        origin=str(parts[0].file)))
+                    fmts.append(MatrixFormat("ggml", rows, cols, qtype=int(QType.Q4_0)))
+                    continue
                 seg, dt, shape = locate(name)
                 if dt not in _ST_DTYPES or len(shape) != 2:
                     raise CheckpointError(f"{source.path}: {name}: unsupported expert dtype/shape {dt} {shape}")

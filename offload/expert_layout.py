@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,12 +22,23 @@ PROJS = ("gate", "up", "down")  # an expert's matrices, in segment order
 
 @dataclass(frozen=True)
 class Segment:
-    """`nbytes` bytes at `offset` in file `path`; or, for sources without a file, a slice of `array`."""
+    """`nbytes` bytes at `offset` in file `path`; or, for sources without a file, a slice of `array`; or bytes that
+    `fill` writes on each read (experts the application repacks as they are read, e.g. INT4 checkpoints as Q4_0:
+    `fill(buf)` fills the writable memoryview `buf` of `nbytes` bytes, `origin` names the file it reads)."""
 
     path: str | None
     offset: int
     nbytes: int
     array: Any = None  # np.ndarray (uint8, contiguous) when path is None
+    fill: Callable[[memoryview], None] | None = None  # with path None and no array
+    origin: str | None = None  # the file `fill` reads (for the plan's file list)
+
+    def copy_into(self, buf: memoryview) -> None:
+        """Bytes of a segment without a path (array or fill) into `buf` (exactly nbytes long)."""
+        if self.fill is not None:
+            self.fill(buf)
+        else:
+            buf[:] = memoryview(self.array).cast("B")
 
 
 @dataclass(frozen=True)
@@ -159,4 +170,5 @@ class ExpertLayout:
         return [(layer, e) for layer in self.moe_layers for e in range(self.n_experts)]
 
     def files(self) -> list[str]:
-        return sorted({s.path for es in self.entries.values() for e in es for s in e.segments if s.path})
+        return sorted({s.path or s.origin for es in self.entries.values() for e in es for s in e.segments
+                       if s.path or s.origin})

@@ -341,7 +341,7 @@ class ExpertStore:
         arr = buf.numpy()
         for (soff, foff, length), seg, (_, need) in zip(plan.reads, self.layout.entry(*key).segments, plan.data):
             if seg.path is None:
-                arr[soff:soff + need] = seg.array
+                seg.copy_into(memoryview(arr[soff:soff + need]))  # type: ignore[arg-type]
             else:
                 self.reader.read_into(seg.path, foff, memoryview(arr[soff:soff + length]),  # type: ignore[arg-type]
                                       need + seg.offset - foff)
@@ -476,7 +476,7 @@ class ExpertStore:
             for (soff, foff, length), seg, (_, need) in zip(self._plans[key].reads, entry.segments,
                                                             self._plans[key].data):
                 if seg.path is None:
-                    self.pool.memview(slot, soff, need)[:] = memoryview(seg.array).cast("B")
+                    seg.copy_into(self.pool.memview(slot, soff, need))
                 else:
                     self.reader.read_into(seg.path, foff, self.pool.memview(slot, soff, length),
                                           need + (seg.offset - foff))

@@ -193,8 +193,9 @@ def test_fp8_quirks() -> None:
 def test_int4_slot() -> None:
     assert sanitize.is_int4({"quant_method": "compressed-tensors", "format": "pack-quantized"})
     assert not sanitize.is_int4({"quant_method": "fp8"}) and not sanitize.is_int4(None)
-    with pytest.raises(NotImplementedError):
-        sanitize.repack_int4(torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1), (1, 8), 32)
+    # the slot is filled (tests/test_int4.py covers it): a group size other than Q4_0's 32 is refused
+    with pytest.raises(ValueError, match="group size"):
+        sanitize.repack_int4(torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 1), (1, 8), 8)
 
 
 @pytest.mark.parametrize("module", ["k2local.weights.gguf_checkpoint", "k2local.weights.hf_checkpoint", "k2local.arch",

@@ -47,7 +47,9 @@ def cli() -> None:
 
 @click.command("make-tiny")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--variant", type=click.Choice(["kimi_k2", "deepseek_v3", "moonlight"]), default="kimi_k2")
+@click.option("--variant", type=click.Choice(["kimi_k2", "deepseek_v3", "moonlight", "kimi_k2_thinking", "kimi_k25"]),
+              default="kimi_k2", help="kimi_k2_thinking: INT4 routed experts (compressed-tensors), BF16 rest, the "
+              "K2-Thinking chat template; kimi_k25: the same text model nested in a K2.5-style multimodal layout")
 @click.option("--seed", type=int, default=0)
 def make_tiny_cmd(out: str, variant: str, seed: int) -> None:
     """Write a tiny random checkpoint with Kimi K2's exact file layout to OUT."""

@@ -117,6 +117,9 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res.types.items()))
     total = sum(p.stat().st_size for p in res.paths)
     click.echo(f"wrote {', '.join(str(p) for p in res.paths)} ({_fmt_bytes(total)}; recipe {rec.name}: {types})")
+    if res.int4_inexact_blocks:
+        click.echo(f"note: {res.int4_inexact_blocks} INT4 block scale(s) were not fp16 values (below 2^-17): rounded "
+                   "to the nearest fp16 in Q4_0, the codes kept", err=True)
 
 
 @click.command("imatrix")

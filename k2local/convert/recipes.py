@@ -101,6 +101,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("q2", "experts Q2_K (down Q3_K), first 2 / last MoE layers Q4_K; attention, shared expert, dense "
                  "layers Q8_0; output Q6_K (Unsloth-style dynamic 2-bit)",
            _experts("Q2_K", "Q3_K", head="Q6_K", edge=("Q4_K", "Q4_K"), edge_layers=(2, 1)), _FT["Q2_K"]),
+    # INT4 checkpoints (Kimi K2 Thinking, K2.5): the experts' 4-bit codes copied into Q4_0, not re-rounded
+    Recipe("int4", "experts Q4_0 (from an INT4 checkpoint: its 4-bit codes copied, lossless where the scales are "
+                   "fp16 values); rest Q8_0", _experts("Q4_0", "Q4_0"), _FT["Q4_0"]),
+    Recipe("int4-bf16", "experts Q4_0 as int4; rest BF16 (the INT4 checkpoint's other weights kept exactly)",
+           _experts("Q4_0", "Q4_0", rest="BF16", head="BF16"), _FT["Q4_0"]),
     Recipe("bf16", "unquantized BF16 (norms F32)", _uniform("BF16"), _FT["BF16"]),
     Recipe("f16", "unquantized F16 (norms F32)", _uniform("F16"), _FT["F16"]),
     Recipe("f32", "unquantized F32 (reference)", _uniform("F32"), _FT["F32"]),

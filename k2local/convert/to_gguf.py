@@ -1,9 +1,10 @@
-"""Hugging Face Kimi K2 / DeepSeek-V3 checkpoint (FP8 or BF16 safetensors) -> GGUF (arch `deepseek2`).
+"""Hugging Face Kimi K2 / DeepSeek-V3 checkpoint (FP8, BF16 or INT4 safetensors) -> GGUF (arch `deepseek2`).
 
 Writes what llama.cpp's own converter writes: its metadata keys, `kv_b_proj` split into `attn_k_b`/`attn_v_b`, routed
 experts stacked into `ffn_*_exps`, the router bias as `exp_probs_b.bias`, sigmoid gating, YaRN keys, a gpt2-style
 vocabulary (from `tiktoken.model`, pre `kimi-k2`, or a DeepSeek-V3 `tokenizer.json`, pre `deepseek-v3`) and the
-chat template. Each tensor gets the type its recipe picks (k2local.convert.recipes). Streams row chunks (experts in row
+chat template. Each tensor gets the type its recipe picks (k2local.convert.recipes); INT4 (compressed-tensors)
+routed experts going to Q4_0 keep their 4-bit codes (repacked, not re-rounded), every other target dequantizes them. Streams row chunks (experts in row
 chunks too), so peak memory stays bounded whatever the model size; the output is resumable and atomic
 (quant.gguf_file.GGUFStreamWriter).
 """
@@ -214,6 +215,8 @@ class ConvertResult:
     resumed_bytes: int
     total_bytes: int
     types: dict[str, int]  # ggml type name -> number of tensors
+    # INT4 -> Q4_0 blocks whose bf16 scale was not an fp16 value (rounded to the nearest; 0 = the copy is exact)
+    int4_inexact_blocks: int = 0
 
 
 def source_fingerprint(src: WeightSource) -> str:
@@ -288,6 +291,7 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
     weights_total = sum(p.numel for p in plan)
     resumed_weights = sum(by_name[t.name].numel for t in writer.tensors[: writer.current_index])
     reader = RowReader(src)
+    int4_inexact = 0
     dev = torch.device(device) if device and device != "cpu" else None
     if on_start:
         on_start(weights_total, resumed_weights)
@@ -299,6 +303,18 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
                 if start_row and progress:
                     progress(spec.name, start_row * spec.cols)
                 row = start_row
+                if _copies_int4(p, spec, src):  # INT4 experts -> Q4_0: the same codes, repacked
+                    for e, r0 in sanitize.stacked_experts(p.shape[0], p.shape[1], start_row):
+                        r = r0
+                        while r < p.shape[1]:
+                            r1 = min(p.shape[1], r + max(1, CHUNK_WEIGHTS // spec.cols))
+                            q, inexact = src.q4_0_rows(p.hf[e], r, r1)  # type: ignore[attr-defined]
+                            int4_inexact += inexact
+                            writer.write(q.numpy())
+                            if progress:
+                                progress(spec.name, (r1 - r) * spec.cols)
+                            r = r1
+                    continue
                 for chunk in _chunks(p, reader, start_row):
                     _write_rows(writer, chunk.to(dev) if dev is not None else chunk, spec, row, imat)
                     row += chunk.shape[0]
@@ -311,7 +327,13 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
     counts: dict[str, int] = {}
     for t in types:
         counts[t] = counts.get(t, 0) + 1
-    return ConvertResult(paths, writer.resumed_bytes, writer.bytes_total, counts)
+    return ConvertResult(paths, writer.resumed_bytes, writer.bytes_total, counts, int4_inexact)
+
+
+def _copies_int4(p: PlannedTensor, spec: TensorSpec, src: WeightSource) -> bool:
+    """Whether planned tensor `p` is INT4 routed experts written as Q4_0 by copying their codes."""
+    return (p.build == "experts" and spec.qtype == int(qtype_of("Q4_0")) and getattr(src, "is_int4", False)
+            and all(src.int4_parts(n) is not None for n in p.hf))  # type: ignore[attr-defined]
 
 
 def _write_rows(writer: GGUFStreamWriter, chunk: torch.Tensor, spec: TensorSpec, row0: int, imat) -> None:

@@ -35,8 +35,15 @@ _KIMI_K2: dict[str, Any] = dict(
     max_position_embeddings=131072, fp8=True,
 )
 
+# Kimi K2 Thinking layout: routed experts native INT4 (compressed-tensors pack-quantized, group 32), the rest BF16.
+_KIMI_K2_THINKING: dict[str, Any] = dict(_KIMI_K2, fp8=False, int4=True)
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "kimi_k2": _KIMI_K2,
+    "kimi_k2_thinking": _KIMI_K2_THINKING,
+    # Kimi K2.5 layout: the K2 Thinking text model nested in a multimodal checkpoint (text_config, weights under
+    # language_model.); the tiny one has no vision tower weights beyond a stub
+    "kimi_k25": dict(_KIMI_K2_THINKING, nested=True),
     # DeepSeek-V3 flavour: group-limited routing (4 groups, keep 2), different YaRN, 2 dense layers.
     "deepseek_v3": dict(
         _KIMI_K2, model_type="deepseek_v3", n_group=4, topk_group=2, routed_scaling_factor=2.5,
@@ -54,7 +61,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 # Tokenizer layout per variant: Kimi K2 and Moonlight ship tiktoken.model, DeepSeek-V3 a HF tokenizer.json.
-TOKENIZER_LAYOUT = {"kimi_k2": "tiktoken", "deepseek_v3": "tokenizer.json", "moonlight": "tiktoken"}
+TOKENIZER_LAYOUT = {"kimi_k2": "tiktoken", "deepseek_v3": "tokenizer.json", "moonlight": "tiktoken",
+                    "kimi_k2_thinking": "tiktoken", "kimi_k25": "tiktoken"}
+# Variants that ship their own chat template (k2local/chat/templates/, put into tokenizer_config.json)
+CHAT_TEMPLATE = {"kimi_k2_thinking": "kimi_k2_thinking.jinja", "kimi_k25": "kimi_k2_thinking.jinja"}
+INT4_QUANTIZATION_CONFIG: dict[str, Any] = {
+    "config_groups": {"group_0": {
+        "input_activations": None, "output_activations": None, "targets": ["Linear"],
+        "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": 32, "num_bits": 4,
+                    "observer": "minmax", "observer_kwargs": {}, "strategy": "group", "symmetric": True,
+                    "type": "int"}}},
+    "format": "pack-quantized",
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+}
 # Variants whose files changed since TINY_VERSION (the cached built-in checkpoint is rebuilt for them).
 _VARIANT_VERSION = {"deepseek_v3": 2}
 
@@ -68,6 +88,8 @@ def _config_json(variant: str, vocab_size: int, bos_id: int, eos_id: int, overri
                  ) -> dict[str, Any]:
     v = dict(VARIANTS[variant], **(overrides or {}))
     fp8 = v.pop("fp8")
+    int4 = v.pop("int4", False)
+    v.pop("nested", None)
     cfg: dict[str, Any] = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "attention_bias": False, "attention_dropout": 0.0,
@@ -85,6 +107,23 @@ def _config_json(variant: str, vocab_size: int, bos_id: int, eos_id: int, overri
     if fp8:
         cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                       "weight_block_size": [128, 128]}
+    if int4:
+        cfg["quantization_config"] = json.loads(json.dumps(INT4_QUANTIZATION_CONFIG))
+    if VARIANTS[variant].get("nested"):  # Kimi K2.5: the text config inside the multimodal one
+        text = dict(sorted(cfg.items()))
+        text.pop("k2local_tiny")
+        qc = text.pop("quantization_config", None)
+        outer: dict[str, Any] = {
+            "architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+            "auto_map": {"AutoConfig": "configuration_kimi_k25.KimiK25Config",
+                         "AutoModel": "modeling_kimi_k25.KimiK25ForConditionalGeneration"},
+            "bos_token_id": bos_id, "eos_token_id": eos_id, "k2local_tiny": tiny_version(variant),
+            "media_placeholder_token_id": vocab_size - 1, "text_config": text, "torch_dtype": "bfloat16",
+            "vision_config": {"model_type": "moonvit", "hidden_size": 64, "num_hidden_layers": 1, "patch_size": 14},
+        }
+        if qc is not None:
+            outer["quantization_config"] = qc
+        return dict(sorted(outer.items()))
     return dict(sorted(cfg.items()))
 
 
@@ -120,6 +159,13 @@ def _write_tokenizer(out: Path, variant: str, overrides: dict[str, Any] | None) 
         gen = {"bos_token_id": n_base, "eos_token_id": n_base + 2, "temperature": 0.6}
     (out / "config.json").write_text(json.dumps(cfg_d, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if variant in CHAT_TEMPLATE:  # the checkpoint's own template, in tokenizer_config.json as real checkpoints do
+        tpl = (Path(__file__).resolve().parents[1] / "chat" / "templates" / CHAT_TEMPLATE[variant]).read_text()
+        tc_path = out / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+        tc["chat_template"] = tpl
+        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+        (out / "chat_template.jinja").unlink(missing_ok=True)  # it would win over tokenizer_config.json's
     return cfg_d
 
 
@@ -138,9 +184,14 @@ def make_tiny(out: str | Path, variant: str = "kimi_k2", seed: int = 0, shards: 
     weights = _random_weights(cfg, gen)
     stored: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
-        stored.update(stored_as_checkpoint(name, w, cfg.is_fp8))
+        stored.update(stored_as_checkpoint(name, w, cfg.is_fp8, int4=cfg.is_int4))
     for i in range(cfg.num_hidden_layers):  # present in real K2 checkpoints; runners ignore it
         stored[arch.ROTARY_INV_FREQ.format(bid=i)] = cfg.rope_inv_freq()[0].to(torch.bfloat16)
+    if VARIANTS[variant].get("nested"):  # K2.5: text weights under language_model., a vision tower beside them
+        stored = {"language_model." + n: t for n, t in stored.items()}
+        g2 = torch.Generator().manual_seed(seed + 1)
+        stored["vision_tower.patch_embed.proj.weight"] = torch.randn(64, 3 * 14 * 14, generator=g2).to(torch.bfloat16)
+        stored["mm_projector.proj.0.weight"] = torch.randn(cfg.hidden_size, 64, generator=g2).to(torch.bfloat16)
     _write_shards(out, stored, shards)
     return out
 

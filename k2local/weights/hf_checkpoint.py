@@ -18,6 +18,7 @@ from k2local.weights.gguf_checkpoint import GGUFSource
 from k2local.weights import sanitize
 from k2local.weights.sanitize import SCALE_SUFFIX
 
+TEXT_PREFIX = "language_model."  # Kimi K2.5: the text model inside the multimodal checkpoint
 __all__ = ["SCALE_SUFFIX", "SafetensorsSource", "WeightSource", "expected_tensor_names", "expert_name",
            "open_checkpoint"]
 _ST_DTYPES: dict[str, torch.dtype] = {
@@ -142,7 +143,6 @@ class SafetensorsSource:
             wm = {k: "model.safetensors" for k in header if k != "__metadata__"}
         else:
             raise CheckpointError(f"{self.path}: no model.safetensors.index.json or model.safetensors")
-        self.weight_map: dict[str, str] = wm
         self._readers: dict[Path, _ShardReader] = {}
         self._info: dict[str, _TensorInfo] = {}
         for shard in sorted(set(wm.values())):
@@ -156,6 +156,26 @@ class SafetensorsSource:
                                                    tuple(int(d) for d in v["shape"]), base + b, e - b)
                 except (KeyError, TypeError, ValueError):
                     raise CheckpointError(f"{self.path / shard}: corrupt header entry for {name}") from None
+        # Kimi K2.5 (multimodal): the text model's tensors are under `language_model.`; only those are read, by
+        # their text-model names (the vision tower and projector are left out: images are not supported)
+        self.other_tensors = 0
+        if any(n.startswith(TEXT_PREFIX) for n in wm):
+            text = {n[len(TEXT_PREFIX):]: n for n in wm if n.startswith(TEXT_PREFIX)}
+            self.other_tensors = len(wm) - len(text)
+            wm = {short: wm[full] for short, full in text.items()}
+            self._info = {short: self._info[full] for short, full in text.items() if full in self._info}
+        self.weight_map: dict[str, str] = wm
+        # compressed-tensors INT4 (Kimi K2 Thinking, K2.5): `<base>.weight` stands for weight_packed + weight_scale
+        self._int4: dict[str, tuple[str, str]] = {}
+        if self.config.is_int4:
+            for n in list(wm):
+                if n.endswith(".weight_packed"):
+                    base = n[: -len("_packed")]
+                    sname = base + "_scale"
+                    if sname not in wm:
+                        raise CheckpointError(f"{self.path}: INT4 tensor {n} has no {sname}")
+                    self._int4[base] = (n, sname)
+                    wm.setdefault(base, wm[n])
         if validate:
             missing = [n for n in expected_tensor_names(self.config) if n not in wm]
             if missing:
@@ -163,7 +183,29 @@ class SafetensorsSource:
                 raise CheckpointError(f"{index}: missing tensor(s) {', '.join(missing[:3])}{more}")
 
     def names(self) -> Iterable[str]:
-        return (n for n in self.weight_map if not sanitize.is_scale_name(n))
+        return (n for n in self.weight_map if not sanitize.is_scale_name(n) and sanitize.int4_base(n) is None)
+
+    @property
+    def is_int4(self) -> bool:
+        return bool(self._int4)
+
+    def int4_parts(self, name: str) -> tuple[_TensorInfo, _TensorInfo] | None:
+        """Where INT4 weight `name`'s weight_packed and weight_scale are (None for tensors that are not INT4)."""
+        parts = self._int4.get(name)
+        if parts is None:
+            return None
+        packed, scale = (self._tensor_info(p) for p in parts)
+        rows, cols = packed.shape[0], packed.shape[1] * 8 if len(packed.shape) == 2 else 0
+        if (packed.dtype != "I32" or len(packed.shape) != 2 or scale.dtype not in ("BF16", "F16", "F32")
+                or len(scale.shape) != 2 or scale.shape[0] != rows or scale.shape[1] * sanitize.INT4_GROUP != cols):
+            raise CheckpointError(f"{packed.file}: {name}: INT4 weight_packed {packed.dtype} {list(packed.shape)} / "
+                                  f"weight_scale {scale.dtype} {list(scale.shape)} are not int32 [out, in/8] with "
+                                  f"one scale per {sanitize.INT4_GROUP} inputs")
+        return packed, scale
+
+    def tensor_location(self, name: str) -> _TensorInfo:
+        """File, dtype, shape, absolute offset and size of stored tensor `name`."""
+        return self._tensor_info(name)
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -199,8 +241,31 @@ class SafetensorsSource:
             reader = self._readers[info.file] = _ShardReader(info.file)
         return reader.read(offset, nbytes, self.drop_cache).view(dtype).reshape(shape)
 
+    def _get_int4(self, name: str, r0: int | None = None, r1: int | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        packed_i, scale_i = self.int4_parts(name)  # type: ignore[misc]
+        pname, sname = self._int4[name]
+        try:
+            return sanitize.dequantize_int4(self._read(pname, r0, r1), self._read(sname, r0, r1), dtype=dtype)
+        except ValueError as e:
+            raise CheckpointError(f"{packed_i.file}: {name}: {e}") from None
+
+    def q4_0_rows(self, name: str, r0: int, r1: int) -> tuple[torch.Tensor, int]:
+        """Rows r0:r1 of INT4 weight `name` as Q4_0 bytes (uint8 [n, cols / 32 * 18]: the same 4-bit codes, the
+        scale as fp16) and how many block scales were not fp16 values (rounded; see sanitize.repack_int4)."""
+        packed_i, _ = self.int4_parts(name)  # type: ignore[misc]
+        pname, sname = self._int4[name]
+        try:
+            return sanitize.repack_int4(self._read(pname, r0, r1), self._read(sname, r0, r1))
+        except ValueError as e:
+            raise CheckpointError(f"{packed_i.file}: {name}: {e}") from None
+
     def raw(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The tensor as stored, and its FP8 block scale_inv (None for BF16/F32 tensors)."""
+        """The tensor as stored, and its FP8 block scale_inv (None for BF16/F32 tensors); for an INT4 weight its
+        weight_packed and weight_scale."""
+        if name in self._int4:
+            self.int4_parts(name)
+            return self._read(self._int4[name][0]), self._read(self._int4[name][1])
         t = self._read(name)
         scale = None
         if sanitize.needs_scale(t):
@@ -211,7 +276,10 @@ class SafetensorsSource:
         return t, scale
 
     def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight dequantized to `dtype` (FP8 block scales applied, partial edge blocks handled)."""
+        """The weight dequantized to `dtype` (FP8 block scales applied, partial edge blocks handled; INT4 codes
+        times their group scales)."""
+        if name in self._int4:
+            return self._get_int4(name, dtype=dtype)
         t, scale = self.raw(name)
         try:
             return sanitize.dequantize(t, scale, self.block, dtype)
@@ -220,6 +288,8 @@ class SafetensorsSource:
 
     def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 of a 2-D weight as float32, reading only those rows (and their FP8 scale rows)."""
+        if name in self._int4:
+            return self._get_int4(name, r0, r1)
         info = self._tensor_info(name)
         if info.dtype not in sanitize.FP8_DTYPES:
             return self._read(name, r0, r1).to(torch.float32)
@@ -235,10 +305,15 @@ class SafetensorsSource:
             raise CheckpointError(f"{info.file}: {name} rows {r0}:{r1}: {e}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._int4:
+            packed, _ = self.int4_parts(name)  # type: ignore[misc]
+            return (packed.shape[0], packed.shape[1] * 8)
         return self._tensor_info(name).shape
 
     def nbytes(self, name: str) -> int:
         """Bytes the tensor occupies on disk (scale included)."""
+        if name in self._int4:
+            return sum(self._tensor_info(n).nbytes for n in self._int4[name])
         size = self._tensor_info(name).nbytes
         if sanitize.scale_name(name) in self.weight_map:
             size += self.nbytes(sanitize.scale_name(name))

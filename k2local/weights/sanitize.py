@@ -9,7 +9,8 @@ lazy:
   kv_lora] / w_uv [heads, v, kv_lora], GGUF (llama.cpp) as attn_k_b [heads, kv_lora, nope] / attn_v_b.
 - Expert stacking: HF stores each routed expert's matrices apart, GGUF stacks a layer's experts per projection
   into ffn_{gate,up,down}_exps [n_expert, rows, cols] (some files fuse gate and up: ffn_gate_up_exps).
-- INT4 repack: the slot for compressed-tensors INT4 checkpoints (Kimi K2 Thinking), not implemented yet.
+- INT4 repack: compressed-tensors INT4 routed experts (Kimi K2 Thinking, K2.5) are the Q4_0 code with a bf16
+  scale: repacked to Q4_0 bytes (nibble order, scale to fp16), dequantized for reference and conversion.
 """
 from __future__ import annotations
 
@@ -61,13 +62,19 @@ def fp8_row_window(r0: int, r1: int, block_rows: int, scale_rows: int) -> tuple[
     return a0, min(a0 // block_rows, scale_rows), min(-(-r1 // block_rows), scale_rows)
 
 
-def stored_as_checkpoint(name: str, w: torch.Tensor, fp8: bool) -> dict[str, torch.Tensor]:
+def stored_as_checkpoint(name: str, w: torch.Tensor, fp8: bool, int4: bool = False) -> dict[str, torch.Tensor]:
     """Tensors as the real checkpoints store weight `name`: FP8 + scale for linear layers, BF16 for embeddings,
-    head, router and norms, F32 for the router bias (or BF16 everything but the bias when not fp8)."""
+    head, router and norms, F32 for the router bias (or BF16 everything but the bias when not fp8). With `int4`
+    (Kimi K2 Thinking), routed experts as compressed-tensors INT4 (weight_packed, weight_scale, weight_shape) and
+    everything else BF16 (the bias F32)."""
     p = arch.parse_hf_name(name)
     key = p.key if p is not None else None
     if key == arch.MODEL_TENSOR.FFN_EXP_PROBS_B:
         return {name: w.float()}
+    if int4 and p is not None and p.tensor.role is arch.Role.ROUTED_EXPERT:
+        packed, scale = quantize_int4(w)
+        return {name + "_packed": packed, name + "_scale": scale,
+                name + "_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
     keep_bf16 = key in (arch.MODEL_TENSOR.TOKEN_EMBD, arch.MODEL_TENSOR.OUTPUT, arch.MODEL_TENSOR.FFN_GATE_INP)
     if fp8 and w.dim() == 2 and not keep_bf16:
         q, s = quantize_fp8_block(w)
@@ -120,7 +127,14 @@ def find_stacked_experts(tensors: Mapping[str, Any], layer: int, proj: str) -> t
 
 
 # ------------------------------------------------------------------------------------------------- INT4 repack
+# compressed-tensors "pack-quantized" (Kimi K2 Thinking, K2.5): per routed-expert linear `<base>.weight_packed`
+# int32 [out, in/8] (element j of a word in bits 4j..4j+3, stored as u = q + 8), `<base>.weight_scale` bf16
+# [out, in/group], `<base>.weight_shape` [2]; w = (u - 8) * scale[group]. Only the routed experts are INT4.
 INT4_SUFFIXES = ("_packed", "_scale", "_shape")  # compressed-tensors pack-quantized: weight_packed, ...
+INT4_GROUP = 32  # the group size k2local repacks to Q4_0 (Q4_0's block)
+Q4_0_BLOCK_BYTES = 18  # ggml Q4_0: fp16 d, then 16 bytes (byte k: value k low nibble, value k + 16 high)
+FP16_MAX = 65504.0
+FP16_EXACT_MIN = 2.0 ** -17  # every bf16 value in [2^-17, 65504] is an fp16 value (normal or subnormal)
 
 
 def is_int4(quantization_config: Mapping[str, Any] | None) -> bool:
@@ -129,7 +143,118 @@ def is_int4(quantization_config: Mapping[str, Any] | None) -> bool:
     return q.get("quant_method") == "compressed-tensors" and q.get("format") == "pack-quantized"
 
 
-def repack_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], group_size: int) -> torch.Tensor:
-    """The slot for INT4 checkpoints: unpack compressed-tensors' int32-packed 4-bit weights and their group scales
-    into a float weight (or repack them for a GGUF type). Not implemented yet."""
-    raise NotImplementedError("INT4 (compressed-tensors) checkpoints are not supported yet")
+def int4_scheme_problem(quantization_config: Mapping[str, Any] | None) -> str | None:
+    """Why a compressed-tensors quantization_config is not one k2local runs (None when it is: pack-quantized,
+    4-bit symmetric int, group strategy, group size 32, weights only)."""
+    q = quantization_config or {}
+    if q.get("format") != "pack-quantized":
+        return f"compressed-tensors format {q.get('format')!r} (k2local reads pack-quantized)"
+    groups = q.get("config_groups") or {}
+    if not isinstance(groups, dict) or not groups:
+        return "compressed-tensors without config_groups"
+    for gname, g in groups.items():
+        w = (g or {}).get("weights") or {}
+        got = (w.get("num_bits"), w.get("type"), w.get("strategy"), w.get("group_size"), w.get("symmetric"))
+        if got != (4, "int", "group", INT4_GROUP, True):
+            return (f"config group {gname}: weights num_bits/type/strategy/group_size/symmetric = {list(got)} "
+                    f"(k2local reads 4/int/group/{INT4_GROUP}/true)")
+        if (g or {}).get("input_activations") or (g or {}).get("output_activations"):
+            return f"config group {gname}: quantized activations are not supported"
+    return None
+
+
+def int4_base(name: str) -> str | None:
+    """`<base>.weight` for a stored `<base>.weight_packed` / `_scale` / `_shape` name, else None."""
+    for suf in INT4_SUFFIXES:
+        if name.endswith(".weight" + suf):
+            return name[: -len(suf)]
+    return None
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [out, in/8] -> the stored codes u (uint8, 0..15) [out, in], element j of a word from bits 4j..4j+3."""
+    b = packed.contiguous().view(torch.uint8).reshape(packed.shape[0], -1)  # little-endian: byte k = elements 2k, 2k+1
+    out = torch.empty(b.shape[0], b.shape[1] * 2, dtype=torch.uint8)
+    out[:, 0::2] = b & 15
+    out[:, 1::2] = b >> 4
+    return out
+
+
+def pack_int4(u: torch.Tensor) -> torch.Tensor:
+    """The inverse of unpack_int4: codes u (0..15) [out, in] -> int32 [out, in/8]."""
+    u = u.to(torch.uint8)
+    b = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+    return b.view(torch.int32)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int] | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w = (u - 8) * scale[group], [out, in] in `dtype` (computed in float32: exact for bf16 scales). ValueError on
+    shapes that do not fit together."""
+    rows, cols = packed.shape[0], packed.shape[1] * 8
+    if shape is not None and (int(shape[0]), int(shape[1])) != (rows, cols):
+        raise ValueError(f"weight_shape {list(shape)} does not match weight_packed {list(packed.shape)}")
+    if scale.dim() != 2 or scale.shape[0] != rows or scale.shape[1] == 0 or cols % scale.shape[1]:
+        raise ValueError(f"weight_scale {list(scale.shape)} does not fit weight [{rows}, {cols}]")
+    g = cols // scale.shape[1]
+    q = unpack_int4(packed).to(torch.float32).sub_(8).view(rows, -1, g)
+    return (q * scale.to(torch.float32)[:, :, None]).view(rows, cols).to(dtype)
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [out, in] as compressed-tensors stores it (symmetric, scale = absmax / 7 in bf16, q in
+    [-7, 7] as QAT checkpoints use): (weight_packed int32 [out, in/8], weight_scale bf16 [out, in/group])."""
+    rows, cols = w.shape
+    g = w.float().view(rows, cols // group, group)
+    scale = (g.abs().amax(-1) / 7).to(torch.bfloat16)
+    s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)[:, :, None]
+    q = torch.round(g / s).clamp(-8, 7).to(torch.int16) + 8
+    return pack_int4(q.view(rows, cols).to(torch.uint8)), scale
+
+
+def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """Which bf16 scales are fp16 values (bool, same shape). bf16 has 8 exponent bits and 8 significant bits, fp16
+    5 and 11: every bf16 in [2^-17, 65504] (and 0) converts exactly; above 65504 fp16 overflows, below 2^-17 only
+    values that are multiples of 2^-24 (fp16's subnormal step) survive."""
+    s = scale.to(torch.float32)
+    return s.to(torch.float16).to(torch.float32) == s
+
+
+def repack_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int] | None = None,
+                group_size: int = INT4_GROUP) -> tuple[torch.Tensor, int]:
+    """compressed-tensors INT4 (group 32) -> ggml Q4_0 bytes, uint8 [out, in/32 * 18]; and how many blocks' scales
+    were not fp16-exact.
+
+    The 4-bit codes are copied as they are (Q4_0 is the same code: w = (u - 8) * d); only the nibble order changes
+    (INT4: byte k of a group = elements 2k, 2k+1; Q4_0: elements k, k + 16) and the scale goes bf16 -> fp16. Where a
+    scale is not an fp16 value (below 2^-17) the block is requantized: d = the nearest fp16 to the scale, codes
+    kept (they are also round(w / d), since |scale / d - 1| < 1/16 there), so each weight is off by at most
+    8 * |scale - d| (< 2^-21). A scale above fp16's range (|w| > 458k) cannot be Q4_0: ValueError."""
+    if group_size != INT4_GROUP:
+        raise ValueError(f"INT4 group size {group_size} cannot be repacked to Q4_0 (needs {INT4_GROUP})")
+    rows, cols = packed.shape[0], packed.shape[1] * 8
+    if shape is not None and (int(shape[0]), int(shape[1])) != (rows, cols):
+        raise ValueError(f"weight_shape {list(shape)} does not match weight_packed {list(packed.shape)}")
+    nb = cols // INT4_GROUP
+    if tuple(scale.shape) != (rows, nb):
+        raise ValueError(f"weight_scale {list(scale.shape)} does not fit weight [{rows}, {cols}] in groups of 32")
+    s32 = scale.to(torch.float32)
+    d = s32.to(torch.float16)
+    if not torch.isfinite(d).all():
+        bad = s32[~torch.isfinite(d)].abs().max().item()
+        raise ValueError(f"INT4 scale {bad:g} is outside fp16's range: cannot be Q4_0")
+    inexact = int((d.to(torch.float32) != s32).sum())
+    b = packed.contiguous().view(torch.uint8).reshape(rows, nb, 16)
+    lo, hi = b & 15, b >> 4  # elements 0, 2, ..., 30 and 1, 3, ..., 31 of each group
+    e = torch.empty(rows, nb, 32, dtype=torch.uint8)
+    e[..., 0::2] = lo
+    e[..., 1::2] = hi
+    out = torch.empty(rows, nb, Q4_0_BLOCK_BYTES, dtype=torch.uint8)
+    out[..., :2] = d.contiguous().view(torch.uint8).view(rows, nb, 2)
+    out[..., 2:] = e[..., :16] | (e[..., 16:] << 4)
+    return out.view(rows, nb * Q4_0_BLOCK_BYTES), inexact
+
+
+def q4_0_nbytes(rows: int, cols: int) -> int:
+    """Bytes of a [rows, cols] Q4_0 matrix (the same as its INT4 packed + bf16 scale bytes)."""
+    return rows * cols // INT4_GROUP * Q4_0_BLOCK_BYTES
