@@ -245,13 +245,14 @@ def repack_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int
         raise ValueError(f"INT4 scale {bad:g} is outside fp16's range: cannot be Q4_0")
     inexact = int((d.to(torch.float32) != s32).sum())
     b = packed.contiguous().view(torch.uint8).reshape(rows, nb, 16)
-    lo, hi = b & 15, b >> 4  # elements 0, 2, ..., 30 and 1, 3, ..., 31 of each group
-    e = torch.empty(rows, nb, 32, dtype=torch.uint8)
-    e[..., 0::2] = lo
-    e[..., 1::2] = hi
+    # INT4 byte k holds elements 2k (low) and 2k+1 (high); Q4_0 byte m holds m (low) and m + 16 (high). So Q4_0
+    # bytes 2k, 2k+1 are the low / high nibbles of INT4 bytes k and k + 8 (a = b[:8], c = b[8:]).
+    a, c = b[..., :8], b[..., 8:]
     out = torch.empty(rows, nb, Q4_0_BLOCK_BYTES, dtype=torch.uint8)
     out[..., :2] = d.contiguous().view(torch.uint8).view(rows, nb, 2)
-    out[..., 2:] = e[..., :16] | (e[..., 16:] << 4)
+    q = out[..., 2:].unflatten(-1, (8, 2))
+    q[..., 0] = (a & 15) | (c << 4)
+    q[..., 1] = (a >> 4) | (c & 0xF0)
     return out.view(rows, nb * Q4_0_BLOCK_BYTES), inexact
 
 
