@@ -24,30 +24,10 @@ from k2local.chat.reasoning import THINK_END, THINK_START
 from k2local.chat.toolcalls import SECTION_BEGIN
 from k2local.tiny import default_tiny_path
 from tests.conftest import shared_kimi_dir
+from tests.thinking_models import K25_TEMPLATE, thinking_checkpoint
 from tests.test_server import KEY, WEATHER, Script, Served, _serve, collect_stream
 
 anthropic = pytest.importorskip("anthropic")
-
-K25_TEMPLATE = r"""{%- for m in messages -%}
-{%- if m['role'] == 'assistant' -%}
-<|im_assistant|>assistant<|im_middle|>
-{%- if m.get('reasoning_content') -%}<think>{{ m['reasoning_content'] }}</think>{%- else -%}<think></think>{%- endif -%}
-{{- m['content'] or '' -}}
-{%- if m.get('tool_calls') -%}<|tool_calls_section_begin|>
-{%- for tc in m['tool_calls'] -%}<|tool_call_begin|>{{ tc['id'] }}<|tool_call_argument_begin|>
-{{- tc['function']['arguments'] }}<|tool_call_end|>{%- endfor -%}<|tool_calls_section_end|>
-{%- endif -%}<|im_end|>
-{%- elif m['role'] == 'tool' -%}
-<|im_system|>tool<|im_middle|>## Return of {{ m['tool_call_id'] }}
-{{ m['content'] }}<|im_end|>
-{%- else -%}
-<|im_{{ m['role'] }}|>{{ m['role'] }}<|im_middle|>{{ m['content'] }}<|im_end|>
-{%- endif -%}
-{%- endfor -%}
-{%- if mood is defined -%}[mood={{ mood }}]{%- endif -%}
-{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>
-{%- if thinking is defined and not thinking -%}<think></think>{%- else -%}<think>{%- endif -%}
-{%- endif -%}"""
 
 CALL = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
         "{\"city\": \"Paris\"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>")
@@ -77,16 +57,6 @@ class CutScript(Script):
         return out
 
 
-def _thinking_checkpoint(dst: Path, template: str) -> Path:
-    src = default_tiny_path()
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name != "chat_template.jinja":
-            (dst / f.name).symlink_to(f)
-    (dst / "chat_template.jinja").write_text(template, encoding="utf-8")
-    return dst
-
-
 def _serve_with(path: Path, model: str) -> Iterator[Served]:
     gen = _serve(path, model)
     s = next(gen)
@@ -101,7 +71,7 @@ def _serve_with(path: Path, model: str) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    yield from _serve_with(_thinking_checkpoint(tmp_path_factory.mktemp("k25") / "ckpt", K25_TEMPLATE),
+    yield from _serve_with(thinking_checkpoint(tmp_path_factory.mktemp("k25") / "ckpt", K25_TEMPLATE),
                            "kimi-k25-tiny")
 
 
@@ -113,7 +83,7 @@ THINKING_JINJA = KIMI_DIR / "Kimi-K2-Thinking.jinja" if KIMI_DIR else None
 def k2_thinking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     if THINKING_JINJA is None or not THINKING_JINJA.is_file():
         pytest.skip("../shared/kimi_k2/Kimi-K2-Thinking.jinja not present")
-    path = _thinking_checkpoint(tmp_path_factory.mktemp("k2t") / "ckpt", THINKING_JINJA.read_text(encoding="utf-8"))
+    path = thinking_checkpoint(tmp_path_factory.mktemp("k2t") / "ckpt", THINKING_JINJA.read_text(encoding="utf-8"))
     yield from _serve_with(path, "kimi-k2-thinking-tiny")
 
 

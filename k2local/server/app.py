@@ -66,7 +66,7 @@ from k2local.server.requests import (
     want_usage,
 )
 from k2local.server.worker import Done, Failed, Job, Output, RequestKind, ServerEvent, TokenSource, Worker
-from k2local.chat.reasoning import THINK_END, THINK_START, ReasoningDelta, prompt_opens_reasoning
+from k2local.chat.reasoning import ReasoningDelta, prompt_opens_reasoning, template_thinks
 from k2local.chat.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart, tool_dialect
 
 __all__ = ["APIError", "create_app"]
@@ -146,9 +146,7 @@ class Server:
         """A thinking model: its chat template writes ``<think>`` / ``</think>`` (K2-Thinking, K2.5, DeepSeek-R1).
         Its output is parsed for reasoning even when the prompt does not open it (the model may write the tag)."""
         if self._thinks is None:
-            t = getattr(self.backend, "template", None)
-            sources = [getattr(t, "source", None), getattr(t, "tool_use_source", None)]
-            self._thinks = any(isinstance(src, str) and (THINK_START in src or THINK_END in src) for src in sources)
+            self._thinks = template_thinks(getattr(self.backend, "template", None))
         return self._thinks
 
     # -- running ------------------------------------------------------------------------------------------------
