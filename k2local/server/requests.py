@@ -233,7 +233,7 @@ def template_kwargs(body: dict) -> dict[str, Any]:
 def thinking_disabled(kwargs: dict[str, Any]) -> bool:
     """True when the template kwargs turn thinking off (``thinking`` / ``enable_thinking`` false): the output is
     then passed through as content, unparsed (vLLM's ``kimi_k2`` reasoning parser does the same)."""
-    return any(k in kwargs and not kwargs[k] for k in ("thinking", "enable_thinking"))
+    return any(kwargs.get(k) is not None and not kwargs[k] for k in ("thinking", "enable_thinking"))
 
 
 def _assistant_tool_calls(calls: Any, where: str, first_index: int) -> list[dict]:
