@@ -49,8 +49,11 @@ class Engine:
         return cls(source, model, tokenizer, template, max_ctx, Path(path).name)
 
     def chat_ids(self, messages: list[dict], tools: list[dict] | None = None,
-                 add_generation_prompt: bool = True) -> list[int]:
-        text = self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+                 add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        """Render through the chat template (``template_kwargs`` become template variables, e.g. ``thinking``)
+        and tokenize."""
+        text = self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                    **template_kwargs)
         return self.tokenizer.encode(text, allow_special=True)
 
     def new_generator(self) -> Generator:

@@ -39,6 +39,7 @@ __all__ = [
     "ReasoningStreamParser",
     "prompt_opens_reasoning",
     "split",
+    "template_thinks",
 ]
 
 THINK_START = "<think>"
@@ -63,6 +64,14 @@ def prompt_opens_reasoning(prompt: str) -> bool:
     header, or with ``<think></think>`` (thinking disabled), gives False. A prompt that prefills part of the
     reasoning itself (continuing an assistant turn) must be judged by the caller."""
     return prompt.rstrip().endswith(THINK_START)
+
+
+def template_thinks(template: object) -> bool:
+    """True for a thinking model's chat template (a :class:`~k2local.chat.template.ChatTemplate`, or anything with
+    ``source`` / ``tool_use_source`` strings): one that writes ``<think>`` or ``</think>`` (K2-Thinking, K2.5,
+    DeepSeek-R1). Such a model's output is parsed for reasoning even when the prompt does not open it."""
+    sources = (getattr(template, "source", None), getattr(template, "tool_use_source", None))
+    return any(isinstance(s, str) and (THINK_START in s or THINK_END in s) for s in sources)
 
 
 def _check_markers(tool_markers: Sequence[str]) -> tuple[str, ...]:

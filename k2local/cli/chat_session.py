@@ -11,6 +11,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from k2local.chat.reasoning import (
+    THINK_END,
+    THINK_START,
+    ReasoningDelta,
+    ReasoningStreamParser,
+    prompt_opens_reasoning,
+    template_thinks,
+)
 from k2local.errors import K2Error
 from k2local.generate import ChatBackend, GenerationResult
 from k2local.sampler import SamplingParams
@@ -28,6 +36,7 @@ Type a message and press Enter. Commands:
   /load FILE         read a conversation saved with /save (or a JSON list of messages)
   /stats             speed, tokens reused from the KV cache, context used
   /set NAME VALUE    change temperature, top_p, top_k, max_tokens or seed ("/set" lists them)
+  /think [on|off|show]  thinking models: show or hide (fold) the reasoning; "show" prints the last one
   /exit              leave (also /quit, /bye, or Ctrl-D)
 Multi-line input: end a line with \\ to continue it, or wrap text in """ ... """.
 Start a message with // to send a literal leading /.
@@ -100,6 +109,7 @@ class TurnResult:
     result: GenerationResult | None
     context_used: int
     context_max: int
+    reasoning: str = ""  # a thinking model's reasoning (not part of text)
 
     def to_json(self, model: str) -> dict[str, Any]:
         """The scriptable form (`k2local run --json`)."""
@@ -110,7 +120,10 @@ class TurnResult:
         timings = {"prefill_s": round(r.prefill_s, 6), "decode_s": round(r.decode_s, 6),
                    "prefill_tokens_per_s": round(r.prefill_tps, 3),
                    "decode_tokens_per_s": round(r.decode_tps, 3)} if r else {}
-        return {"model": model, "message": {"role": "assistant", "content": self.text},
+        message = {"role": "assistant", "content": self.text}
+        if self.reasoning:
+            message["reasoning_content"] = self.reasoning
+        return {"model": model, "message": message,
                 "finish_reason": self.finish_reason, "usage": usage, "timings": timings,
                 "context": {"used": self.context_used, "max": self.context_max}}
 
@@ -155,6 +168,7 @@ class ChatSession:
     messages: list[dict[str, Any]] = field(default_factory=list)
     last: TurnResult | None = None
     totals: Totals = field(default_factory=Totals)
+    show_reasoning: bool = True  # /think on|off: whether the terminal shows a thinking model's reasoning
 
     def __post_init__(self) -> None:
         self.generator = self.engine.new_generator()
@@ -181,13 +195,24 @@ class ChatSession:
 
     # -- a turn --------------------------------------------------------------------------------------------------------
 
+    @property
+    def thinks(self) -> bool:
+        """A thinking model (its chat template writes ``<think>``): answers are parsed for reasoning."""
+        return template_thinks(getattr(self.engine, "template", None))
+
     def ask(self, text: str, on_text: Callable[[str], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> TurnResult:
+            should_stop: Callable[[], bool] | None = None,
+            on_reasoning: Callable[[str], None] | None = None) -> TurnResult:
         """Send a user message; stream visible text pieces to on_text; append the answer to the conversation.
 
         A stop request (should_stop) ends the answer early and keeps what was written. A KeyboardInterrupt
         raised inside the model (a second Ctrl-C) does the same but also drops the KV cache, whose state is then
         unknown. Special tokens (end-of-turn included) never reach on_text or the stored answer.
+
+        A thinking model's reasoning (``<think>...</think>``, or from the start when the prompt opened it; see
+        :mod:`k2local.chat.reasoning`) goes to on_reasoning instead, is kept apart in ``TurnResult.reasoning``
+        and is stored on the answer as ``reasoning_content`` (the chat template decides what earlier turns'
+        reasoning the model sees again). A model that does not think is unaffected.
         """
         self.messages.append({"role": "user", "content": text})
         try:
@@ -199,15 +224,40 @@ class ChatSession:
             self.messages.pop()
             raise SessionError(f"cannot render the chat template: {e}") from None
         tok = self.engine.tokenizer
-        stream = tok.stream_decoder(skip_special_tokens=True)
+        thinker = None
+        keep: frozenset[int] = frozenset()
+        if self.thinks:  # a template that opens <think> in the prompt writes it, so it thinks
+            thinker = ReasoningStreamParser(start_in_reasoning=prompt_opens_reasoning(tok.decode(ids[-16:])))
+            keep = frozenset(i for i in map(tok.token_to_id, (THINK_START, THINK_END))
+                             if i is not None and i in tok.skip_ids)
+        stream = (tok.stream_decoder(skip_special_tokens=True, keep=keep) if keep
+                  else tok.stream_decoder(skip_special_tokens=True))
         pieces: list[str] = []
+        thoughts: list[str] = []
         stops = frozenset() if self.ignore_eos else frozenset(self.engine.stop_ids)
 
-        def emit(piece: str) -> None:
+        def show(piece: str) -> None:
             if piece:
                 pieces.append(piece)
                 if on_text:
                     on_text(piece)
+
+        def route(events: Any) -> None:
+            for ev in events:
+                if isinstance(ev, ReasoningDelta):
+                    thoughts.append(ev.text)
+                    if on_reasoning:
+                        on_reasoning(ev.text)
+                else:
+                    show(ev.text)
+
+        def emit(piece: str) -> None:
+            if not piece:
+                return
+            if thinker is None:
+                show(piece)
+            else:
+                route(thinker.feed(piece))
 
         def on_token(tid: int) -> bool:
             if tid not in stops:
@@ -224,16 +274,21 @@ class ChatSession:
             self.messages.pop()
             raise
         emit(stream.flush())
-        answer = "".join(pieces)
+        if thinker is not None:
+            route(thinker.finish())
+        answer, reasoning = "".join(pieces), "".join(thoughts)
         reason = result.finish_reason if result else "cancelled"
-        if reason == "cancelled" and not answer:
+        if reason == "cancelled" and not answer and not reasoning:
             self.messages.pop()  # interrupted before anything was said: the turn never happened
         else:
-            if result is not None:
+            if result is not None and not reasoning:
                 self._answer_ids[len(self.messages)] = [t for t in result.tokens if t not in stops]
-            self.messages.append({"role": "assistant", "content": answer})
+            msg: dict[str, Any] = {"role": "assistant", "content": answer}
+            if reasoning:
+                msg["reasoning_content"] = reasoning
+            self.messages.append(msg)
         turn = TurnResult(answer, reason, result, self.context_used if result else len(ids),
-                          self.engine.max_context)
+                          self.engine.max_context, reasoning)
         self._count(turn)
         return turn
 
@@ -436,6 +491,8 @@ def run_command(session: ChatSession, message: str) -> CommandOutcome:
             return CommandOutcome(f"loaded {n} messages from {arg}", loaded=True)
         if cmd == "/stats":
             return CommandOutcome(format_stats(session.stats()))
+        if cmd == "/think":
+            return _think_command(session, arg.lower())
         if cmd == "/set":
             if not arg:
                 return CommandOutcome(session.settings())
@@ -446,6 +503,22 @@ def run_command(session: ChatSession, message: str) -> CommandOutcome:
     except SessionError as e:
         return CommandOutcome(str(e), error=True)
     return CommandOutcome(f"unknown command {head}; /help lists the commands", error=True)
+
+
+def _think_command(session: ChatSession, arg: str) -> CommandOutcome:
+    """/think [on|off|show]: show or fold a thinking model's reasoning; "show" prints the last answer's."""
+    if arg in ("", "toggle"):
+        session.show_reasoning = not session.show_reasoning
+    elif arg in ("on", "off"):
+        session.show_reasoning = arg == "on"
+    elif arg in ("show", "last"):
+        last = session.last.reasoning if session.last else ""
+        return CommandOutcome(last or "no reasoning in the last answer")
+    else:
+        raise SessionError("usage: /think [on|off|show]")
+    note = "" if session.thinks else " (this model's template does not think; nothing to show)"
+    return CommandOutcome(("reasoning shown" if session.show_reasoning else
+                           "reasoning hidden (folded to one line; /think show prints the last one)") + note)
 
 
 def format_stats(s: SessionStats) -> str:

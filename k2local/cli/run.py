@@ -228,7 +228,12 @@ def _answer_once(session: ChatSession, question: str, json_out: bool, random_wei
         out.write(json.dumps(_json(turn, session, random_weights), ensure_ascii=False) + "\n")
     else:
         writer = _TextWriter(out, sanitize=out.isatty())
-        turn = session.ask(question, on_text=writer.write)
+        # a thinking model's reasoning is not part of the answer on stdout; with -v it goes to stderr
+        view = _ThinkingView(_TextWriter(sys.stderr, sanitize=True), shown=True, dim=sys.stderr.isatty()) \
+            if err is not None else None
+        turn = session.ask(question, on_text=writer.write, on_reasoning=view.reasoning if view else None)
+        if view is not None:
+            view.end()
         writer.end()
     out.flush()
     if err is not None:
@@ -264,6 +269,58 @@ class _TextWriter:
             self.out.write("\n")
             self.at_line_start = True
         self.out.flush()
+
+
+_DIM, _UNDIM, _ERASE_LINE = "\x1b[2m", "\x1b[22m", "\r\x1b[K"
+
+
+class _ThinkingView:
+    """A thinking model's reasoning as it streams, before the answer: dimmed, or (``shown`` False, ``/think off``)
+    folded to one line that says how long the model thought (``/think show`` prints it afterwards)."""
+
+    def __init__(self, writer: _TextWriter, shown: bool, dim: bool):
+        self.writer, self.shown, self.dim = writer, shown, dim
+        self.open = False  # reasoning is being written
+        self.words = 0
+
+    def reasoning(self, piece: str) -> None:
+        if not self.open:
+            self.open = True
+            if not self.shown:
+                self._raw(self._fold("thinking…"))
+        self.words += len(piece.split())
+        if self.shown:
+            self._raw(_DIM if self.dim else "")
+            self.writer.write(piece)
+            self._raw(_UNDIM if self.dim else "")
+
+    def text(self, piece: str) -> None:
+        """Answer text: closes the reasoning first (a line break, or the folded line's final form)."""
+        if self.open:
+            self.end()
+        self.writer.write(piece)
+
+    def end(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        if self.shown:
+            self.writer.end()
+            self._raw("\n")
+        else:
+            summary = self._fold(f"thought for {self.words} words")
+            self._raw(_ERASE_LINE + summary if self.dim else "")
+            self._raw("\n")
+        self.writer.at_line_start = True
+
+    def _fold(self, what: str) -> str:
+        line = f"⋯ {what} (hidden; /think on shows reasoning, /think show the last)"
+        return f"{_DIM}{line}{_UNDIM}" if self.dim else line
+
+    def _raw(self, s: str) -> None:
+        if s:
+            self.writer.out.write(s)
+            self.writer.out.flush()
 
 
 def _history_path() -> Path:
@@ -349,20 +406,25 @@ def _turn(con: Console, session: ChatSession, text: str, json_out: bool, random_
         stop.set()
 
     writer = _TextWriter(sys.stdout)
+    view = _ThinkingView(writer, session.show_reasoning, dim=sys.stdout.isatty())
     turn: TurnResult | None = None
     old = signal.signal(signal.SIGINT, on_sigint)
     try:
-        turn = session.ask(text, on_text=None if json_out else writer.write, should_stop=stop.is_set)
+        turn = session.ask(text, on_text=None if json_out else view.text, should_stop=stop.is_set,
+                           on_reasoning=None if json_out else view.reasoning)
     except USER_ERRORS as e:
+        view.end()
         writer.end()
         con.print(f"error: {e}", style="red", markup=False, soft_wrap=True)
         if "context" in str(e):
             con.print("/clear starts a new conversation; --max-context raises the limit", style="dim")
     except KeyboardInterrupt:
+        view.end()
         writer.end()
         con.print("interrupted", style="dim")
     finally:
         signal.signal(signal.SIGINT, old)
+    view.end()
     writer.end()
     if turn is None:
         return

@@ -1,4 +1,10 @@
-"""Anthropic's ``/v1/messages``: request translation and streamed events."""
+"""Anthropic's ``/v1/messages``: request translation and streamed events.
+
+A thinking model's reasoning is answered as a ``thinking`` content block before the text and tool_use blocks
+(streamed as ``thinking_delta`` events). Its ``signature`` is empty: k2local signs nothing, and takes thinking
+blocks sent back in later turns as they are, handing their text to the chat template as the turn's
+``reasoning_content``. The request's ``thinking`` ({"type": "enabled" | "disabled"}) becomes the template's
+``thinking`` variable (K2.5-style templates read it; "disabled" also turns reasoning parsing off)."""
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +26,7 @@ from k2local.server.requests import (
     stop_strings,
 )
 from k2local.server.worker import Done, Failed, Job, ServerEvent
+from k2local.chat.reasoning import ReasoningDelta
 from k2local.chat.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart
 
 ANTHROPIC_TEMPERATURE_SCALE = 0.6  # Moonshot's Anthropic API: real temperature = request temperature * 0.6
@@ -61,6 +68,7 @@ def _anthropic_messages(body: dict) -> list[dict]:
         if not isinstance(content, list):
             raise bad_param(None, f"{where}: content must be a string or a list of blocks")
         texts: list[str] = []
+        thoughts: list[str] = []
         calls: list[dict] = []
         for j, b in enumerate(content):
             kind = b.get("type") if isinstance(b, dict) else None
@@ -75,12 +83,18 @@ def _anthropic_messages(body: dict) -> list[dict]:
                 text = "" if res is None else _anthropic_text(res, f"{where}.content.{j}")
                 out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
                             "content": ("Error: " + text) if b.get("is_error") else text})
+            elif kind == "thinking" and role == "assistant":
+                if not isinstance(b.get("thinking"), str):
+                    raise bad_param(None, f"{where}.content.{j}: a thinking block needs 'thinking' text")
+                thoughts.append(b["thinking"])
             elif kind in ("thinking", "redacted_thinking"):
-                continue
+                continue  # redacted (encrypted) reasoning: nothing a local template can use
             else:
                 raise bad_param(None, f"{where}.content.{j}: unsupported block type {kind!r}")
         if role == "assistant":
             msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+            if thoughts:
+                msg["reasoning_content"] = "".join(thoughts)
             if calls:
                 msg["tool_calls"] = calls
             out.append(msg)
@@ -126,7 +140,24 @@ def anthropic_plan(srv: ChatPlanner, body: dict) -> Plan:
     stops = stop_strings(body, "stop_sequences")
     messages = _anthropic_messages(body)
     tools, choice = _anthropic_tools(body)
-    return srv.chat_plan(messages, tools, choice, params, stops)
+    return srv.chat_plan(messages, tools, choice, params, stops, _thinking_kwargs(body))
+
+
+def _thinking_kwargs(body: dict) -> dict[str, Any]:
+    """The request's ``thinking`` setting as the chat template's ``thinking`` variable (absent: the template's
+    default)."""
+    t = body.get("thinking")
+    if t is None:
+        return {}
+    kind = t.get("type") if isinstance(t, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise bad_param(None, "thinking: type must be 'enabled', 'adaptive' or 'disabled'")
+    return {"thinking": kind != "disabled"}
+
+
+def thinking_block(text: str) -> dict[str, Any]:
+    """A finished ``thinking`` content block (its signature empty: see the module docstring)."""
+    return {"type": "thinking", "thinking": text, "signature": ""}
 
 
 def anthropic_stop(d: Done) -> str:
@@ -162,7 +193,17 @@ async def anthropic_stream(srv: ChatPlanner, job: Job, events: asyncio.Queue[Ser
             yield sse({"type": "content_block_stop", "index": block}, "content_block_stop")
 
     async for ev in stream_events(job, events):
-        if isinstance(ev, ContentDelta):
+        if isinstance(ev, ReasoningDelta):
+            if open_kind != "thinking":
+                for s in close():
+                    yield s
+                block, open_kind = block + 1, "thinking"
+                yield sse({"type": "content_block_start", "index": block,
+                            "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+                           "content_block_start")
+            yield sse({"type": "content_block_delta", "index": block,
+                        "delta": {"type": "thinking_delta", "thinking": ev.text}}, "content_block_delta")
+        elif isinstance(ev, ContentDelta):
             if open_kind != "text":
                 for s in close():
                     yield s

@@ -2,7 +2,13 @@
 
 One worker thread owns the model and runs queued requests one at a time. A small pool of Generators keeps KV
 caches, so a request that continues a cached conversation only prefills its new tokens. Output tokens go through
-one path for every endpoint: stream-decode -> stop strings -> tool-call parser (Kimi's or DeepSeek's dialect) -> events -> JSON / SSE.
+one path for every endpoint: stream-decode -> stop strings -> reasoning parser (thinking models) -> tool-call parser
+(Kimi's or DeepSeek's dialect) -> events -> JSON / SSE.
+
+Thinking models (a chat template that writes ``<think>``, or a prompt that opens it): the reasoning is parsed out of
+the output and answered as OpenAI's ``reasoning_content`` (message and stream deltas) and Anthropic's ``thinking``
+blocks; a model that does not think, or a request that turns thinking off (``chat_template_kwargs``
+``{"thinking": false}``), gets its output as content exactly as before.
 A client that disconnects (streaming or not) cancels its request, queued or running.
 """
 from __future__ import annotations
@@ -29,6 +35,7 @@ from k2local.server.anthropic import (
     anthropic_stop,
     anthropic_stream,
     json_input,
+    thinking_block,
 )
 from k2local.server.events import (
     openai_finish,
@@ -53,10 +60,13 @@ from k2local.server.requests import (
     require_n1,
     sampling_params,
     stop_strings,
+    template_kwargs,
+    thinking_disabled,
     tool_mode,
     want_usage,
 )
 from k2local.server.worker import Done, Failed, Job, Output, RequestKind, ServerEvent, TokenSource, Worker
+from k2local.chat.reasoning import ReasoningDelta, prompt_opens_reasoning, template_thinks
 from k2local.chat.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart, tool_dialect
 
 __all__ = ["APIError", "create_app"]
@@ -73,6 +83,7 @@ class Server:
     def __init__(self, backend: ChatBackend, model_name: str, api_key: str | None, worker: Worker):
         self.backend, self.model_name, self.api_key, self.worker = backend, model_name, api_key, worker
         self.created = int(time.time())
+        self._thinks: bool | None = None
 
     # -- auth and body ------------------------------------------------------------------------------------------
     def auth(self, request: Request) -> None:
@@ -113,15 +124,30 @@ class Server:
         return Plan(prompt, params, stops, tools)
 
     def chat_plan(self, messages: list[dict], tools: list[dict] | None, choice: str, params: SamplingParams,
-                  stops: list[str]) -> Plan:
+                  stops: list[str], template_kwargs: dict[str, Any] | None = None) -> Plan:
         mode = tool_mode(choice, tools, messages, tool_dialect(self.backend.tokenizer))
+        kw = template_kwargs or {}
         try:
-            prompt = self.backend.chat_ids(messages, tools if choice != "none" else None)
+            prompt = self.backend.chat_ids(messages, tools if choice != "none" else None, **kw)
         except (ValueError, TypeError, KeyError) as e:  # ChatTemplateError is a ValueError
             raise bad_param("messages", f"cannot render the conversation: {e}") from None
-        if mode.prefix:
+        plan_reasoning = start = False
+        if mode.prefix:  # a forced tool choice: the turn starts inside a call, never in reasoning
             prompt = prompt + self.backend.tokenizer.encode(mode.prefix, allow_special=True)
-        return self.finish_plan(prompt, params, stops, mode, "messages")
+        elif not thinking_disabled(kw):
+            start = prompt_opens_reasoning(self.backend.tokenizer.decode(prompt[-16:]))
+            plan_reasoning = start or self.thinks
+        plan = self.finish_plan(prompt, params, stops, mode, "messages")
+        plan.reasoning, plan.start_in_reasoning = plan_reasoning, start
+        return plan
+
+    @property
+    def thinks(self) -> bool:
+        """A thinking model: its chat template writes ``<think>`` / ``</think>`` (K2-Thinking, K2.5, DeepSeek-R1).
+        Its output is parsed for reasoning even when the prompt does not open it (the model may write the tag)."""
+        if self._thinks is None:
+            self._thinks = template_thinks(getattr(self.backend, "template", None))
+        return self._thinks
 
     # -- running ------------------------------------------------------------------------------------------------
     def start(self, plan: Plan, kind: RequestKind) -> tuple[Job, asyncio.Queue[ServerEvent]]:
@@ -134,7 +160,7 @@ class Server:
             except RuntimeError:  # the event loop is gone (server shutting down)
                 pass
 
-        out = Output(self.backend.tokenizer, plan.stops, plan.tools, post)
+        out = Output(self.backend.tokenizer, plan.stops, plan.tools, post, plan.reasoning, plan.start_in_reasoning)
         job = Job(plan.prompt, plan.params, out, post, kind=kind)
         self.worker.submit(job)
         return job, events
@@ -206,13 +232,16 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
         stops = stop_strings(body, "stop")
         stream = flag(body, "stream")
         include_usage = want_usage(body, stream)
-        plan = await run_in_threadpool(srv.chat_plan, messages, tools, choice, params, stops)
+        kw = template_kwargs(body)
+        plan = await run_in_threadpool(srv.chat_plan, messages, tools, choice, params, stops, kw)
         job, events = srv.start(plan, "chat")
         cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         if stream:
             return stream_response(_chat_stream(srv, job, events, cid, created, include_usage))
         d = await run_to_end(request, job, events)
         msg: dict[str, Any] = {"role": "assistant", "content": d.content if (d.content or not d.tool_calls) else None}
+        if d.reasoning:
+            msg["reasoning_content"] = d.reasoning
         if d.tool_calls:
             msg["tool_calls"] = [c.to_openai() for c in d.tool_calls]
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
@@ -251,7 +280,8 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
         if flag(body, "stream"):
             return stream_response(anthropic_stream(srv, job, events, mid))
         d = await run_to_end(request, job, events)
-        content: list[dict] = [{"type": "text", "text": d.content}] if d.content or not d.tool_calls else []
+        content: list[dict] = [thinking_block(d.reasoning)] if d.reasoning else []
+        content += [{"type": "text", "text": d.content}] if d.content or not d.tool_calls else []
         content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": json_input(c.arguments)}
                     for c in d.tool_calls]
         return {"id": mid, "type": "message", "role": "assistant", "model": model_name, "content": content,
@@ -295,6 +325,8 @@ async def _chat_stream(srv: Server, job: Job, events: asyncio.Queue[ServerEvent]
     async for ev in stream_events(job, events):
         if isinstance(ev, ContentDelta):
             yield chunk({"content": ev.text})
+        elif isinstance(ev, ReasoningDelta):
+            yield chunk({"reasoning_content": ev.text})
         elif isinstance(ev, ToolCallStart):
             yield chunk({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
                                          "function": {"name": ev.name, "arguments": ""}}]})

@@ -189,6 +189,8 @@ def chat_messages(raw: Any) -> list[dict]:
             raise bad_param("messages", f"{where}: content must be a string, a list of content parts, or null")
         msg = {k: v for k, v in m.items() if v is not None}
         msg["role"] = "system" if role == "developer" else role
+        if role == "assistant":
+            _assistant_reasoning(msg, where)
         calls = m.get("tool_calls")
         if role == "assistant" and calls:
             msg["tool_calls"] = _assistant_tool_calls(calls, where, n_calls)
@@ -199,6 +201,39 @@ def chat_messages(raw: Any) -> list[dict]:
             msg["content"] = ""
         out.append(msg)
     return out
+
+
+def _assistant_reasoning(msg: dict, where: str) -> None:
+    """An earlier answer's reasoning, as the client sends it back: ``reasoning_content`` (or vLLM's newer
+    ``reasoning``), kept on the message as ``reasoning_content`` for the template (K2-Thinking reads it)."""
+    if "reasoning_content" not in msg and "reasoning" in msg:
+        msg["reasoning_content"] = msg.pop("reasoning")
+    r = msg.get("reasoning_content")
+    if r is not None and not isinstance(r, str):
+        raise bad_param("messages", f"{where}: reasoning_content must be a string")
+
+
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt")
+
+
+def template_kwargs(body: dict) -> dict[str, Any]:
+    """``chat_template_kwargs`` (vLLM / SGLang extra body, e.g. ``{"thinking": false}``): extra variables for the
+    checkpoint's chat template."""
+    kw = body.get("chat_template_kwargs")
+    if kw is None:
+        return {}
+    if not isinstance(kw, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kw):
+        raise bad_param("chat_template_kwargs", "'chat_template_kwargs' must be an object whose keys are names")
+    clash = [k for k in kw if k in RESERVED_TEMPLATE_KWARGS]
+    if clash:
+        raise bad_param("chat_template_kwargs", f"chat_template_kwargs may not set {', '.join(clash)}")
+    return dict(kw)
+
+
+def thinking_disabled(kwargs: dict[str, Any]) -> bool:
+    """True when the template kwargs turn thinking off (``thinking`` / ``enable_thinking`` false): the output is
+    then passed through as content, unparsed (vLLM's ``kimi_k2`` reasoning parser does the same)."""
+    return any(kwargs.get(k) is not None and not kwargs[k] for k in ("thinking", "enable_thinking"))
 
 
 def _assistant_tool_calls(calls: Any, where: str, first_index: int) -> list[dict]:
@@ -286,6 +321,8 @@ class Plan:
     params: SamplingParams
     stops: list[str]
     tools: ToolMode
+    reasoning: bool = False  # parse reasoning out of the output (a thinking model, thinking not turned off)
+    start_in_reasoning: bool = False  # the prompt opened <think>: the output starts inside the reasoning
 
 
 class ChatPlanner(Protocol):
@@ -295,4 +332,4 @@ class ChatPlanner(Protocol):
     model_name: str
 
     def chat_plan(self, messages: list[dict], tools: list[dict] | None, choice: str, params: SamplingParams,
-                  stops: list[str]) -> Plan: ...
+                  stops: list[str], template_kwargs: dict[str, Any] | None = None) -> Plan: ...

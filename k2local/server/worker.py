@@ -1,5 +1,9 @@
 """The server's model thread: queued jobs, KV-cache slots with prefix reuse, and the one output path
-(stream decode -> stop strings -> tool-call parser of the model's dialect -> events)."""
+(stream decode -> stop strings -> reasoning parser -> tool-call parser of the model's dialect -> events).
+
+Stop strings apply to the generated text as decoded, reasoning included (as in vLLM, where stop strings are
+matched by the detokenizer before any reasoning parser runs): a stop string the model writes inside its
+``<think>`` ends the output there, and the reasoning parser then sees the output cut at that point."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +19,7 @@ from k2local.generate import ChatBackend, ContextOverflow, GenerationResult, Gen
 from k2local.sampler import SamplingParams
 from k2local.server.requests import APIError, ToolMode
 from k2local.tokenizer.common import TextTokenizer
+from k2local.chat.reasoning import THINK_END, THINK_START, ReasoningDelta, ReasoningStreamParser
 from k2local.chat.toolcalls import (
     ContentDelta,
     ToolCall,
@@ -47,6 +52,7 @@ class Done:
     cached_tokens: int
     content: str
     tool_calls: list[ToolCall]
+    reasoning: str = ""  # the model's reasoning (empty for a model that does not think, or with reasoning off)
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,10 @@ class Failed:
     error: APIError
 
 
-ServerEvent = Union[ContentDelta, ToolCallStart, ToolCallArgsDelta, Done, Failed]
-"""What the worker posts for one request, in order: text and tool-call deltas (the tool-call parser's typed events;
-a forced tool choice's call ids already rewritten), then exactly one Done or Failed."""
+ServerEvent = Union[ReasoningDelta, ContentDelta, ToolCallStart, ToolCallArgsDelta, Done, Failed]
+"""What the worker posts for one request, in order: reasoning, text and tool-call deltas (the reasoning and
+tool-call parsers' typed events; a forced tool choice's call ids already rewritten), then exactly one Done or
+Failed. Reasoning deltas come only first (the reasoning ends before any content or tool call)."""
 
 
 class _StopMatcher:
@@ -96,32 +103,41 @@ class _StopMatcher:
 
 
 def _marker_ids(tokenizer: TextTokenizer, dialect: ToolDialect) -> frozenset[int]:
-    """Ids of the dialect's markers that ``skip_special_tokens`` would drop."""
+    """Ids of the dialect's markers and of ``<think>`` / ``</think>`` that ``skip_special_tokens`` would drop (the
+    parsers match them as text, so the decoder must keep them)."""
     skip = tokenizer.skip_ids
     if not skip:
         return frozenset()
-    ids = (tokenizer.token_to_id(m) for m in dialect.markers)
+    ids = (tokenizer.token_to_id(m) for m in (*dialect.markers, THINK_START, THINK_END))
     return frozenset(i for i in ids if i is not None and i in skip)
 
 
 class Output:
-    """Token ids -> text -> stop strings -> tool-call parser -> events. Runs on the worker thread.
+    """Token ids -> text -> stop strings -> reasoning parser -> tool-call parser -> events. Runs on the worker thread.
 
-    The parser's dialect (Kimi K2 or DeepSeek-V3 markers) comes from the tokenizer's special tokens."""
+    The tool-call parser's dialect (Kimi K2 or DeepSeek-V3 markers) comes from the tokenizer's special tokens.
+    ``reasoning`` turns on the reasoning parser (:class:`k2local.chat.reasoning.ReasoningStreamParser`, ended by
+    ``<think>``'s close or by the dialect's tool-call section) with ``start_in_reasoning`` as the prompt decided;
+    its reasoning becomes :class:`ReasoningDelta` events and its content goes on to the tool-call parser. It is
+    never used with a forced tool choice's prefix (the turn then starts inside a tool call, not in reasoning).
+    """
 
     def __init__(self, tokenizer: TextTokenizer, stops: Sequence[str], tools: ToolMode,
-                 emit: Callable[[ServerEvent], None]):
+                 emit: Callable[[ServerEvent], None], reasoning: bool = False, start_in_reasoning: bool = False):
         dialect = tool_dialect(tokenizer)
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True, keep=_marker_ids(tokenizer, dialect))
         self.stop = _StopMatcher(stops)
         self.tools = tools
         self.emit = emit
         self.parser = ToolCallStreamParser(dialect, tools.call_base) if tools.parse else None
+        self.thinker = (ReasoningStreamParser(start_in_reasoning, (dialect.section_begin,))
+                        if reasoning and not (self.parser and tools.prefix) else None)
         self.content: list[str] = []
+        self.reasoning: list[str] = []
         self._calls: list[ToolCallStart] = []
         self._args: list[list[str]] = []  # argument fragments of each call
         if self.parser and tools.prefix:
-            self._route(tools.prefix)
+            self._content(tools.prefix)
 
     @property
     def calls(self) -> list[ToolCall]:
@@ -141,6 +157,8 @@ class Output:
             self._text(self.decoder.flush())
             if self.stop.hit is None:
                 self._route(self.stop.flush())
+        if self.thinker:
+            self._thought(self.thinker.finish())
         if self.parser:
             self._events(self.parser.finish())
 
@@ -150,6 +168,22 @@ class Output:
             self._route(out)
 
     def _route(self, text: str) -> None:
+        if not text:
+            return
+        if self.thinker is None:
+            self._content(text)
+        else:
+            self._thought(self.thinker.feed(text))
+
+    def _thought(self, events: Iterable[ReasoningDelta | ContentDelta]) -> None:
+        for ev in events:
+            if isinstance(ev, ReasoningDelta):
+                self.reasoning.append(ev.text)
+                self.emit(ev)
+            else:
+                self._content(ev.text)
+
+    def _content(self, text: str) -> None:
         if not text:
             return
         if self.parser is None:
@@ -311,4 +345,4 @@ class Worker:
                      job.kind, res.prompt_tokens, res.cached_tokens, len(res.tokens), reason, res.prefill_tps,
                      res.decode_tps)
         job.post(Done(reason, out.stop.hit, res.prompt_tokens, len(res.tokens), res.cached_tokens,
-                      "".join(out.content), calls))
+                      "".join(out.content), calls, "".join(out.reasoning)))
