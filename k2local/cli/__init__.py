@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.BadParameter as e:
+        if isinstance(e, click.MissingParameter):
+            e.show()
+            sys.exit(e.exit_code)
+        click.echo(f"k2local: error: {e.format_message()}", err=True)  # one line naming the flag, no usage block
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from k2local.cli.options import PositiveInt
 from k2local.errors import K2Error
 
 
@@ -123,8 +124,9 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
 @click.argument("model", type=click.Path())
 @click.argument("textfile", type=click.Path())
 @click.option("-o", "--out", default="imatrix.gguf", show_default=True, type=click.Path())
-@click.option("--ctx", default=512, show_default=True, help="tokens per chunk")
-@click.option("--chunks", type=int, default=None, help="use at most this many chunks")
+@click.option("--ctx", type=PositiveInt(2, "tokens"), default=512, show_default=True, help="tokens per chunk")
+@click.option("--chunks", type=PositiveInt(1, "chunks"), default=None,
+              help="use at most this many chunks [default: all the text gives]")
 def imatrix(model: str, textfile: str, out: str, ctx: int, chunks: int | None) -> None:
     """Collect an importance matrix for MODEL (checkpoint dir or GGUF) from calibration text TEXTFILE."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa

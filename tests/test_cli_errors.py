@@ -1,0 +1,121 @@
+"""Bad input to every command, as a new user would type it: the real CLI in a subprocess must answer with exit
+status 2 and one line naming the flag or file, never a traceback, and leave no half-written files behind."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(_k2local_cache: Path) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, K2LOCAL_CACHE=str(_k2local_cache), PYTHONPATH=path, COLUMNS="200",
+                OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+
+def k2(env: dict[str, str], *args: str, cwd: Path | None = None, stdin: str | None = "",
+       timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "k2local.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=str(cwd) if cwd else None, input=stdin, timeout=timeout)
+
+
+def one_line_error(p: subprocess.CompletedProcess, *names: str) -> str:
+    """The run failed with exit 2 and a single error line that names each of `names`; that line."""
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    errs = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errs) == 1, p.stderr
+    for n in names:
+        assert n in errs[0], (n, errs[0])
+    return errs[0]
+
+
+# ---------------------------------------------------------------------------------------------- flag values
+BAD_FLAGS = [
+    ("--ram", "nan"), ("--ram", "inf"), ("--ram", "-1"), ("--ram", "abc"),
+    ("--gpu-mem", "-1"), ("--gpu-mem", "0"), ("--gpu-mem", "nan"),
+    ("--max-context", "0"), ("--max-context", "-5"), ("--max-context", "15"), ("--max-context", "1e8"),
+]
+
+
+def main_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """k2local.cli.main in this process (the CLI's real entry point, minus the interpreter start-up), as a
+    CompletedProcess; an exception that escapes main (what would be a traceback) fails the test."""
+    from k2local.cli import main
+
+    code: object = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.mark.parametrize("command", ["run", "serve", "plan"])
+@pytest.mark.parametrize(("flag", "value"), BAD_FLAGS)
+def test_bad_flag_values_are_one_line(capsys, tiny_k2, command: str, flag: str, value: str) -> None:
+    p = main_in_process(capsys, command, str(tiny_k2), f"{flag}={value}")
+    line = one_line_error(p, flag)
+    assert "cannot load" not in line  # the flag is blamed, not the model
+    assert p.stderr.strip() == line.strip() and not p.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "serve", "plan"])
+def test_bad_flag_value_subprocess(env, tiny_k2, tmp_path, command: str) -> None:
+    p = k2(env, command, str(tiny_k2), "--ram", "nan", cwd=tmp_path)
+    assert p.stderr.strip() == one_line_error(p, "--ram", "nan").strip()
+
+
+@pytest.mark.parametrize("command", ["run", "serve", "plan"])
+def test_shared_flags_have_one_help(capsys, command: str) -> None:
+    """run, serve and plan describe --max-context, --gpu-mem and --ram identically, defaults included."""
+    p = main_in_process(capsys, command, "--help")
+    assert p.returncode == 0
+    out = " ".join(p.stdout.split())
+    assert "--max-context INTEGER Context window in tokens, at least 16 [default: 8192" in out
+    assert "--gpu-mem GIB GiB of GPU memory to use [default: what is free" in out
+    assert "--ram GIB GiB of RAM for routed experts [default:" in out
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--chunks", "0"), ("--chunks", "-3"), ("--ctx", "0")])
+def test_imatrix_counts_rejected(capsys, tiny_k2, tmp_path, flag: str, value: str) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text("hello world\n")
+    p = main_in_process(capsys, "imatrix", str(tiny_k2), str(text), "-o", str(tmp_path / "im.gguf"), flag, value)
+    one_line_error(p, flag)
+    assert not (tmp_path / "im.gguf").exists()
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="checks a machine without a GPU")
+def test_plan_without_gpu_shows_no_gpu_rows_and_ignores_gpu_mem(env, tiny_k2) -> None:
+    import json
+
+    p = k2(env, "plan", str(tiny_k2), "--no-measure", "--gpu-mem", "8")
+    assert p.returncode == 0, p.stderr
+    out = " ".join(p.stdout.split())
+    assert "GPU memory" not in out and "host to GPU" not in out
+    assert "--gpu-mem 8 is ignored" in out
+    p = k2(env, "plan", str(tiny_k2), "--no-measure", "--gpu-mem", "8", "--json")
+    d = json.loads(p.stdout)
+    assert d["bandwidths"]["gpu"] is None and d["bandwidths"]["h2d"] is None
+    assert any("--gpu-mem 8 is ignored" in n for n in d["plan"]["notes"])
+
+
+def test_max_context_beyond_the_model_is_said(env, tiny_k2) -> None:
+    p = k2(env, "plan", str(tiny_k2), "--no-measure", "--cpu-only", "--max-context", "100000000")
+    assert p.returncode == 0, p.stderr
+    out = " ".join(p.stdout.split())
+    assert "--max-context 100000000 is more than this model supports" in out and "using 131072 tokens" in out
