@@ -77,10 +77,13 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
 
     rec = get_recipe(recipe)
     out_p = Path(out)
-    if device == "auto":
-        import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA GPU is available here; use --device cpu (the same bytes) or auto",
+                                 param_hint="'--device'")
     limit = parse_size(split_max_size)
     existing = [p for p in [out_p, split_name(out_p, 0, 1)] if p.exists()] + \
         sorted(out_p.parent.glob(out_p.name.removesuffix(".gguf") + "-00001-of-*.gguf"))
