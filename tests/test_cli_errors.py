@@ -119,3 +119,112 @@ def test_max_context_beyond_the_model_is_said(env, tiny_k2) -> None:
     assert p.returncode == 0, p.stderr
     out = " ".join(p.stdout.split())
     assert "--max-context 100000000 is more than this model supports" in out and "using 131072 tokens" in out
+
+
+# ---------------------------------------------------------------------------------------------- bad checkpoints
+@pytest.fixture
+def bad_config(tiny_k2, tmp_path):
+    """bad_config({"field": value}) -> a copy of the tiny checkpoint (linked shards) with config.json changed."""
+    import json
+
+    def make(change: dict) -> Path:
+        d = tmp_path / "bad"
+        d.mkdir()
+        for f in tiny_k2.iterdir():
+            (d / f.name).symlink_to(f)
+        (d / "config.json").unlink()
+        cfg = json.loads((tiny_k2 / "config.json").read_text())
+        cfg.update(change)
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    return make
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": "big"}, {"num_hidden_layers": -1}, {"rope_theta": "x"},
+                                    {"num_experts_per_tok": 99}])
+def test_bad_config_field_names_file_and_field(capsys, bad_config, tmp_path, change: dict) -> None:
+    src = bad_config(change)
+    field = next(iter(change))
+    for args in (["plan", str(src), "--no-measure"], ["quantize", str(src), str(tmp_path / "o.gguf")]):
+        p = main_in_process(capsys, *args)
+        one_line_error(p, str(src / "config.json"), repr(field))
+    assert not list(tmp_path.glob("o.gguf*"))  # no output, no resume state
+
+
+def test_bad_config_run_subprocess(env, bad_config, tmp_path) -> None:
+    src = bad_config({"hidden_size": "big"})
+    p = k2(env, "run", str(src), stdin="hi\n", cwd=tmp_path)
+    one_line_error(p, "config.json", "'hidden_size'")
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="checks a machine without CUDA")
+def test_quantize_device_cuda_without_cuda(capsys, tiny_k2, tmp_path) -> None:
+    p = main_in_process(capsys, "quantize", str(tiny_k2), str(tmp_path / "o.gguf"), "--device", "cuda")
+    one_line_error(p, "--device", "CUDA")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def truncated_gguf(tiny_k2, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("gguf")
+    from k2local.convert.to_gguf import convert
+
+    full = convert(tiny_k2, d / "full.gguf", "q8").paths[0]
+    return full
+
+
+@pytest.mark.parametrize("keep", [100, 5000, 1_000_000, 3_000_000])
+def test_truncated_gguf_says_truncated(capsys, truncated_gguf, tmp_path, keep: int) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(truncated_gguf.read_bytes()[:keep])
+    p = main_in_process(capsys, "plan", str(cut), "--no-measure")
+    line = one_line_error(p, str(cut), "truncated")
+    assert "reshape" not in line and "out of bounds" not in line
+
+
+def test_missing_tokenizer_said_once(capsys, tiny_k2, tmp_path) -> None:
+    d = tmp_path / "notok"
+    d.mkdir()
+    for f in tiny_k2.iterdir():
+        if f.name != "tiktoken.model":
+            (d / f.name).symlink_to(f)
+    p = main_in_process(capsys, "quantize", str(d), str(tmp_path / "o.gguf"))
+    line = one_line_error(p, str(d), "no tokenizer found")
+    assert "tokenizer: " not in line and line.count(str(d)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- make-tiny
+def test_make_tiny_unwritable_place(capsys) -> None:
+    one_line_error(main_in_process(capsys, "make-tiny", "/proc/x"), "/proc/x")
+
+
+def test_make_tiny_refuses_existing_checkpoint_unless_force(env, tmp_path) -> None:
+    out = tmp_path / "t"
+    assert k2(env, "make-tiny", str(out)).returncode == 0
+    before = sorted(f.name for f in out.iterdir())
+    one_line_error(k2(env, "make-tiny", str(out), "--variant", "deepseek_v3"), str(out), "--force")
+    assert sorted(f.name for f in out.iterdir()) == before and (out / "tiktoken.model").exists()
+    p = k2(env, "make-tiny", str(out), "--variant", "deepseek_v3", "--force")
+    assert p.returncode == 0, p.stderr
+    names = {f.name for f in out.iterdir()}
+    assert "tokenizer.json" in names and "tiktoken.model" not in names  # replaced whole, never mixed
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["t"]  # no temp or old directory left
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tiny tmpfs (needs root); skipped where it cannot be mounted."""
+    d = tmp_path / "fs"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], capture_output=True)
+    if r.returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_make_tiny_full_disk_leaves_nothing(env, small_fs) -> None:
+    p = k2(env, "make-tiny", str(small_fs / "t"))
+    one_line_error(p, str(small_fs / "t"), "No space left")
+    assert list(small_fs.iterdir()) == []

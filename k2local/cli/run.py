@@ -149,7 +149,10 @@ def _load(path: Path, opts: LoadOptions, console: Console, show: bool) -> tuple[
             engine = Engine.load(path, opts, progress=on_tensor)
     except USER_ERRORS:
         raise
-    except (ValueError, OSError) as e:  # tokenizer / chat template / file problems
+    except OSError as e:  # file problems: the file and the reason, not Python's "[Errno 21] ..."
+        where = e.filename or path
+        raise K2Error(f"{where}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # tokenizer / chat template problems
         raise K2Error(f"cannot load {path}: {e}") from None
     if show:
         console.print(f"loaded {engine.name}: {seen['n']} tensors, {seen['bytes'] / 1e9:.2f} GB "

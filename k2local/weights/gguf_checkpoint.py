@@ -106,7 +106,13 @@ class GGUFSource:
         except CheckpointError:
             raise
         except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on corrupt input
-            raise CheckpointError(f"{q}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+            msg = str(e)
+            if any(s in msg for s in ("cannot reshape", "out of bounds", "unpack requires", "buffer is smaller",
+                                        "larger dtype")):
+                size = q.stat().st_size if q.exists() else 0
+                raise CheckpointError(f"{q}: truncated GGUF file ({size:,} bytes, less than its header describes); "
+                                      "download or convert it again") from None
+            raise CheckpointError(f"{q}: not a valid GGUF file ({msg})") from None
 
     def _check_tensors(self) -> None:
         missing = [n for n in expected_tensor_names(self.config) if not self.has(n)]
