@@ -12,6 +12,7 @@ import torch
 from k2local.errors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3", "deepseek_v2", "kimi_vl")
+RANDOM_WEIGHTS_KEY = "k2local.tiny"  # GGUF metadata key of a checkpoint from `k2local make-tiny` (its version)
 
 
 @dataclass
@@ -108,6 +109,12 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def random_weights(self) -> bool:
+        """Made by `k2local make-tiny` (config.json key "k2local_tiny", GGUF key RANDOM_WEIGHTS_KEY): its weights are
+        random and it answers with nonsense."""
+        return bool(self.extra.get("k2local_tiny"))
 
     @property
     def is_fp8(self) -> bool:

@@ -228,3 +228,16 @@ def test_make_tiny_full_disk_leaves_nothing(env, small_fs) -> None:
     p = k2(env, "make-tiny", str(small_fs / "t"))
     one_line_error(p, str(small_fs / "t"), "No space left")
     assert list(small_fs.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- random weights
+def test_make_tiny_checkpoints_and_their_ggufs_say_random_weights(env, tiny_k2, truncated_gguf, tmp_path) -> None:
+    import json
+
+    for model in (tiny_k2, truncated_gguf):  # the fixture's full GGUF, converted from the tiny checkpoint
+        p = k2(env, "run", str(model), "--json", "--max-tokens", "2", stdin="hi\n", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["random_weights"] is True
+        assert "RANDOM WEIGHTS" in p.stderr
+        p = k2(env, "plan", str(model), "--no-measure", "--json", cwd=tmp_path)
+        assert json.loads(p.stdout)["random_weights"] is True

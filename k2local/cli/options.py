@@ -108,3 +108,9 @@ def context_notes(asked: int | None, used: int, model_limit: int) -> list[str]:
 def effective_context(asked: int | None, model_limit: int) -> int:
     """The context window a load uses: --max-context (or the default) capped at the model's limit."""
     return min(asked or DEFAULT_CONTEXT, model_limit)
+
+
+def random_weights_notice(name: str) -> str:
+    """The warning for a checkpoint from `k2local make-tiny` (or a GGUF converted from one)."""
+    return (f"{name} has RANDOM WEIGHTS (made by k2local make-tiny): its answers are gibberish; it is for trying "
+            "k2local and for tests")

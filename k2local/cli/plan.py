@@ -10,7 +10,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from k2local.cli.options import context_notes, effective_context, gpu_notes, placement_options
+from k2local.cli.options import (context_notes, effective_context, gpu_notes, placement_options,
+                                 random_weights_notice)
 from k2local.weights.hf_checkpoint import open_checkpoint
 from k2local.placement import LoadOptions, layout_for, make_plan, pick_device, pick_dtype
 from offload.options import OffloadOptions
@@ -77,7 +78,8 @@ def plan(model: Path, gpu_mem: float | None, ram: float | None, experts_on: str 
     layout = layout_for(source)
     p = make_plan(source, opts, device, dtype, layout=layout)
     limit = source.config.max_position_embeddings
-    p.notes[:0] = gpu_notes(gpu_mem, cpu_only) + context_notes(max_context, effective_context(max_context, limit),
+    random_weights = source.config.random_weights
+    p.notes[:0] = ([random_weights_notice(str(model))] if random_weights else []) + gpu_notes(gpu_mem, cpu_only) + context_notes(max_context, effective_context(max_context, limit),
                                                                 limit)
     typical = TYPICAL if device.type == "cuda" else replace(TYPICAL, gpu=None, h2d=None)  # no GPU: no GPU rows
     bw = typical if no_measure else measure_bandwidths(layout, device, dtype)
@@ -85,7 +87,7 @@ def plan(model: Path, gpu_mem: float | None, ram: float | None, experts_on: str 
     if json_out:
         d = asdict(p)
         d["device_experts"] = len(p.device_experts)
-        click.echo(json.dumps({"plan": d, "bandwidths": asdict(bw), "measured": not no_measure,
+        click.echo(json.dumps({"plan": d, "random_weights": random_weights, "bandwidths": asdict(bw), "measured": not no_measure,
                                "predicted_decode_tps": tps, "expert_bytes_per_token": decode_breakdown(p)}))
         return
     con = Console()

@@ -16,7 +16,7 @@ from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from k2local.cli.options import context_notes, gpu_notes, placement_options
+from k2local.cli.options import context_notes, gpu_notes, placement_options, random_weights_notice
 from k2local.errors import USER_ERRORS, K2Error
 
 if TYPE_CHECKING:
@@ -77,6 +77,9 @@ def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_to
     engine, loaded_bytes = _load(path, opts, err, show_loading)
     for note in context_notes(max_context, engine.max_context, engine.source.config.max_position_embeddings):
         err.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
+    if not random_weights and engine.source.config.random_weights:
+        random_weights = True
+        err.print(f"warning: {random_weights_notice(str(path))}", style="bold yellow", markup=False, soft_wrap=True)
     if show_loading:
         err.print(plan_summary(engine, opts, loaded_bytes))
     session = ChatSession(engine, params, system=system, ignore_eos=ignore_eos)

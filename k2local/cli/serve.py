@@ -7,7 +7,7 @@ import socket
 
 import click
 
-from k2local.cli.options import context_notes, gpu_notes, placement_options
+from k2local.cli.options import context_notes, gpu_notes, placement_options, random_weights_notice
 from k2local.errors import K2Error
 
 
@@ -66,6 +66,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, served_m
         click.secho(f"warning: listening on {host} without --api-key: anyone who can reach this port can use "
                     "the model", fg="yellow", err=True)
     sock = _bind(host, port)
+    tiny_default = model is None
     if model is None:
         from k2local.tiny import default_tiny_path  # noqa: PLC0415
 
@@ -80,6 +81,8 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, served_m
     engine = Engine.load(model, opts)
     for note in context_notes(max_context, engine.max_context, engine.source.config.max_position_embeddings):
         click.secho(f"note: {note}", fg="yellow", err=True)
+    if engine.source.config.random_weights and not tiny_default:
+        click.secho(f"warning: {random_weights_notice(model)}", fg="yellow", err=True)
     name = served_model_name or engine.name
     app = create_app(engine, name, api_key=api_key, cache_slots=cache_slots)
     logging.getLogger("k2local").setLevel(log_level.upper())

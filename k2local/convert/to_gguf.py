@@ -26,7 +26,7 @@ from gguf import Keys
 
 from k2local import arch
 from k2local.weights.hf_checkpoint import WeightSource, open_checkpoint
-from k2local.config import ModelConfig
+from k2local.config import RANDOM_WEIGHTS_KEY, ModelConfig
 from k2local.errors import CheckpointError, K2Error
 from k2local.tokenizer.gguf_vocab import tokenizer_metadata
 from k2local.convert.imatrix import IMatrix
@@ -274,6 +274,8 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
     _check_imatrix(imat, plan, imatrix)
     metadata = model_metadata(cfg, name or src_path.name, rec.file_type)
     metadata.update(tokenizer_metadata(src_path, cfg))
+    if cfg.random_weights:  # a make-tiny checkpoint: its GGUF says so too
+        metadata[RANDOM_WEIGHTS_KEY] = u32(int(cfg.extra["k2local_tiny"]))
     specs = [TensorSpec(p.name, p.shape, int(qtype_of(t))) for p, t in zip(plan, types)]
     extra = json.dumps({"v": CONVERTER_VERSION, "recipe": rec.name, "src": source_fingerprint(src),
                         "imatrix": imat.fingerprint() if imat else None}, sort_keys=True)
