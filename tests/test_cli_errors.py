@@ -241,3 +241,64 @@ def test_make_tiny_checkpoints_and_their_ggufs_say_random_weights(env, tiny_k2, 
         assert "RANDOM WEIGHTS" in p.stderr
         p = k2(env, "plan", str(model), "--no-measure", "--json", cwd=tmp_path)
         assert json.loads(p.stdout)["random_weights"] is True
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+def test_split_max_size_below_largest_tensor(capsys, tiny_k2, tmp_path) -> None:
+    p = main_in_process(capsys, "quantize", str(tiny_k2), str(tmp_path / "o.gguf"), "--split-max-size", "1K")
+    one_line_error(p, "--split-max-size", "largest tensor")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_up_front_space_check_in_mb(env, tiny_k2, small_fs) -> None:
+    p = k2(env, "quantize", str(tiny_k2), str(small_fs / "o.gguf"), "-r", "q8")
+    line = one_line_error(p, str(small_fs), "MB", "free some space and rerun")
+    assert "0.0 GiB" not in line and "0.1 GiB" not in line
+    assert list(small_fs.iterdir()) == []
+
+
+def test_quantize_disk_full_midway_leaves_nothing(capsys, monkeypatch, tiny_k2, tmp_path) -> None:
+    import errno
+
+    from quant import gguf_file
+
+    real = gguf_file.GGUFStreamWriter.write
+    calls = [0]
+
+    def write(self, data):  # the disk fills up partway through (the up-front check passed)
+        calls[0] += 1
+        if calls[0] == 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(gguf_file.GGUFStreamWriter, "write", write)
+    p = main_in_process(capsys, "quantize", str(tiny_k2), str(tmp_path / "o.gguf"), "-r", "q8")
+    one_line_error(p, "no space left", "rerun")
+    assert list(tmp_path.iterdir()) == []  # no .partial, no .resume.json, no .resume.json.tmp
+
+
+def test_quantize_sigterm_saves_a_resume_point(capsys, monkeypatch, tiny_k2, tmp_path) -> None:
+    import signal
+
+    from k2local.convert import to_gguf
+
+    real = to_gguf._write_rows
+    calls = [0]
+
+    def write_rows(*a, **k):
+        calls[0] += 1
+        if calls[0] == 15:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(to_gguf, "_write_rows", write_rows)
+    out = tmp_path / "o.gguf"
+    p = main_in_process(capsys, "quantize", str(tiny_k2), str(out), "-r", "q8")
+    assert p.returncode == 128 + signal.SIGTERM and "rerun the same command to resume" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert (tmp_path / "o.gguf.resume.json").exists() and not out.exists()
+    monkeypatch.setattr(to_gguf, "_write_rows", real)
+    p = main_in_process(capsys, "quantize", str(tiny_k2), str(out), "-r", "q8")
+    assert p.returncode == 0 and "resuming" in p.stdout + p.stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["o.gguf"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is removed again

@@ -1,6 +1,8 @@
 """`k2local quantize` (HF checkpoint -> GGUF) and `k2local imatrix` (activation statistics for quantization)."""
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import click
@@ -107,16 +109,26 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
         progress.update(task, advance=n, description=tensor)
         progress.update(task, weights=_counts(progress.tasks[0].completed, state["total"]))
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        """kill / a service manager stopping us: save a resume point exactly as Ctrl-C does."""
+        state["terminated"] = 1
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         res = convert(src, out_p, rec, imatrix=imatrix_path, split_max_bytes=limit, name=name,
                       progress=on_progress, on_start=on_start, device=device)
     except KeyboardInterrupt:
         progress.stop()
-        click.echo("interrupted; rerun the same command to resume", err=True)
+        why = "terminated" if state.get("terminated") else "interrupted"
+        click.echo(f"{why}; rerun the same command to resume", err=True)
+        if state.get("terminated"):
+            sys.exit(128 + signal.SIGTERM)
         raise
     except OSError as e:
         raise K2Error(f"{out}: {e.strerror or e}") from None
     finally:
+        signal.signal(signal.SIGTERM, old_term)
         progress.stop()
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res.types.items()))
     total = sum(p.stat().st_size for p in res.paths)
