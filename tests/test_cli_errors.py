@@ -302,3 +302,16 @@ def test_quantize_sigterm_saves_a_resume_point(capsys, monkeypatch, tiny_k2, tmp
     assert p.returncode == 0 and "resuming" in p.stdout + p.stderr
     assert sorted(f.name for f in tmp_path.iterdir()) == ["o.gguf"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is removed again
+
+
+# ---------------------------------------------------------------------------------------------- help
+def test_help_texts(capsys) -> None:
+    top = main_in_process(capsys, "--help").stdout
+    assert "..." not in top and "make-tiny" in top
+    q = main_in_process(capsys, "quantize", "--help").stdout
+    assert "Usage: k2local quantize [OPTIONS] SRC OUT" in q
+    mt = " ".join(main_in_process(capsys, "make-tiny", "--help").stdout.split())
+    assert "exact file layout" not in mt
+    assert "deepseek_v3 = DeepSeek-V3" in mt and "moonlight = Moonlight" in mt and "--seed INTEGER Seed" in mt
+    serve = " ".join(main_in_process(capsys, "serve", "--help").stdout.split())
+    assert "--max-context INTEGER Context window in tokens, at least 16 [default: 8192" in serve

@@ -57,7 +57,7 @@ def bandwidth_table(bw: Bandwidths, measured: bool) -> Table:
     return t
 
 
-@click.command("plan")
+@click.command("plan", short_help="Show where a model's weights would go, whether it fits, and the speed to expect.")
 @click.argument("model", type=click.Path(path_type=Path))
 @placement_options
 @click.option("--routing-stats", type=click.Path(path_type=Path), default=None,

@@ -46,9 +46,9 @@ def _list_recipes(src: str | None) -> None:
     click.echo("Also: pure:TYPE (every weight TYPE, e.g. pure:Q4_K, like llama-quantize --pure).")
 
 
-@click.command("quantize")
-@click.argument("src", required=False, type=click.Path())
-@click.argument("out", required=False, type=click.Path())
+@click.command("quantize", short_help="Convert a Hugging Face checkpoint (FP8 or BF16) into a GGUF file.")
+@click.argument("src", required=False, type=click.Path(), metavar="SRC")  # optional only with --list-recipes
+@click.argument("out", required=False, type=click.Path(), metavar="OUT")
 @click.option("--recipe", "-r", default="q4", show_default=True, help="see --list-recipes")
 @click.option("--imatrix", "imatrix_path", type=click.Path(),
               help="importance matrix file (from k2local imatrix or llama-imatrix)")
@@ -64,6 +64,7 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
     """Convert the Hugging Face checkpoint SRC (FP8 or BF16 safetensors) into the GGUF file OUT.
 
     Interrupted runs resume when rerun with the same arguments; OUT only appears once complete.
+    SRC and OUT are required, except with --list-recipes (SRC then optional: sizes projected for it).
     """
     if list_recipes:
         _list_recipes(src)
@@ -135,7 +136,7 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
     click.echo(f"wrote {', '.join(str(p) for p in res.paths)} ({_fmt_bytes(total)}; recipe {rec.name}: {types})")
 
 
-@click.command("imatrix")
+@click.command("imatrix", short_help="Collect an importance matrix from calibration text (for quantize --imatrix).")
 @click.argument("model", type=click.Path())
 @click.argument("textfile", type=click.Path())
 @click.option("-o", "--out", default="imatrix.gguf", show_default=True, type=click.Path())

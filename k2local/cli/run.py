@@ -31,7 +31,7 @@ RANDOM_NOTICE = ("No MODEL given: running the built-in tiny checkpoint. Its weig
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")  # keep \t and \n; never let the model drive the tty
 
 
-@click.command("run")
+@click.command("run", short_help="Chat with a model in the terminal (or answer piped input).")
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--temperature", type=float, default=0.6, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)

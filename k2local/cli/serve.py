@@ -34,7 +34,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-@click.command("serve")
+@click.command("serve", short_help="Serve a model over an OpenAI-compatible (and Anthropic) HTTP API.")
 @click.argument("model", required=False, type=click.Path(exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback exposes the model to your network.")
