@@ -307,7 +307,7 @@ def test_quantize_sigterm_saves_a_resume_point(capsys, monkeypatch, tiny_k2, tmp
 # ---------------------------------------------------------------------------------------------- help
 def test_help_texts(capsys) -> None:
     top = main_in_process(capsys, "--help").stdout
-    assert "..." not in top and "make-tiny" in top
+    assert "..." not in top.split("Commands:")[1] and "make-tiny" in top
     q = main_in_process(capsys, "quantize", "--help").stdout
     assert "Usage: k2local quantize [OPTIONS] SRC OUT" in q
     mt = " ".join(main_in_process(capsys, "make-tiny", "--help").stdout.split())
