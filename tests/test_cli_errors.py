@@ -315,3 +315,29 @@ def test_help_texts(capsys) -> None:
     assert "deepseek_v3 = DeepSeek-V3" in mt and "moonlight = Moonlight" in mt and "--seed INTEGER Seed" in mt
     serve = " ".join(main_in_process(capsys, "serve", "--help").stdout.split())
     assert "--max-context INTEGER Context window in tokens, at least 16 [default: 8192" in serve
+
+
+# ---------------------------------------------------------------------------------------------- chat /save
+def test_save_missing_directory_and_full_disk(env, small_fs, tmp_path) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "k2local.cli", "run", "--max-tokens", "2", "--temperature", "0"],
+                          env={**env, "TERM": "xterm"}, cwd=str(tmp_path), encoding="utf-8", timeout=120,
+                          dimensions=(50, 200))
+    child.expect_exact(">>> ")
+    child.sendline("/save no/such/dir/c.json")
+    child.expect("directory no/such/dir does not exist")
+    child.expect_exact(">>> ")
+    assert not (tmp_path / "no").exists()  # a typo is refused, not created
+    filler = small_fs / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the small filesystem to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    child.sendline(f"/save {small_fs}/c.json")
+    child.expect("No space left on device; free some space and /save again")
+    child.expect_exact(">>> ")
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]  # no hidden temp file
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
