@@ -12,6 +12,7 @@ import torch
 from k2local.errors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3", "deepseek_v2", "kimi_vl")
+RANDOM_WEIGHTS_KEY = "k2local.tiny"  # GGUF metadata key of a checkpoint from `k2local make-tiny` (its version)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class ModelConfig:
             )
         names = {f.name for f in fields(cls)} - {"extra"}
         kw = {k: v for k, v in d.items() if k in names}
+        _check_fields(kw, source)
         cfg = cls(**kw, extra={k: v for k, v in d.items() if k not in names})
         if multimodal is not None:
             cfg.extra["k2local_multimodal"] = multimodal
@@ -126,6 +128,12 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def random_weights(self) -> bool:
+        """Made by `k2local make-tiny` (config.json key "k2local_tiny", GGUF key RANDOM_WEIGHTS_KEY): its weights are
+        random and it answers with nonsense."""
+        return bool(self.extra.get("k2local_tiny"))
 
     @property
     def is_fp8(self) -> bool:
@@ -211,6 +219,58 @@ class ModelConfig:
         keep = 1 - ramp  # 1 = extrapolate (original freq), 0 = interpolate (freq / factor)
         inv = (extra / factor) * (1 - keep) + extra * keep
         return inv, float(attn)
+
+
+# config.json fields by the values they may take; one bad value is a CheckpointError naming the file and field
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group", "moe_layer_freq",
+                  "max_position_embeddings")
+# 0 allowed (a GGUF of a model without dense layers or experts has no such length)
+_COUNTS = ("intermediate_size", "moe_intermediate_size", "num_experts_per_tok", "n_routed_experts",
+           "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
+_POSITIVE_FLOATS = ("routed_scaling_factor", "rms_norm_eps", "rope_theta")
+_BOOLS = ("norm_topk_prob", "tie_word_embeddings")
+_STRINGS = ("model_type", "topk_method", "scoring_func", "hidden_act")
+_DICTS = ("rope_scaling", "quantization_config")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_fields(kw: dict[str, Any], source: str) -> None:
+    """Each known config.json field has the type and range the model needs (one place for all of them)."""
+
+    def bad(name: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{source}: field {name!r} must be {want}, not {kw[name]!r}")
+
+    for name, v in kw.items():
+        if name in _POSITIVE_INTS and not (_is_int(v) and v >= 1):
+            raise bad(name, "a positive integer")
+        if name in _COUNTS and not (_is_int(v) and v >= 0):
+            raise bad(name, "an integer of 0 or more")
+        if name == "q_lora_rank" and not (v is None or (_is_int(v) and v >= 1)):
+            raise bad(name, "null or a positive integer")
+        if name in _POSITIVE_FLOATS and not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v) and v > 0):
+            raise bad(name, "a positive number")
+        if name in _BOOLS and not isinstance(v, bool):
+            raise bad(name, "true or false")
+        if name in _STRINGS and not isinstance(v, str):
+            raise bad(name, "a string")
+        if name in _DICTS and not (v is None or isinstance(v, dict)):
+            raise bad(name, "null or an object")
+        if name == "bos_token_id" and not (v is None or (_is_int(v) and v >= 0)):
+            raise bad(name, "null or a token id")
+        if name == "eos_token_id" and not (v is None or (_is_int(v) and v >= 0) or (
+                isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v))):
+            raise bad(name, "null, a token id or a list of token ids")
+    experts, k = kw.get("n_routed_experts"), kw.get("num_experts_per_tok")
+    if experts and k is not None and not 1 <= k <= experts:
+        raise bad("num_experts_per_tok", f"between 1 and n_routed_experts ({experts})")
+    groups, topk_groups = kw.get("n_group"), kw.get("topk_group")
+    if groups is not None and topk_groups is not None and topk_groups > groups:
+        raise bad("topk_group", f"at most n_group ({groups})")
 
 
 def _yarn_mscale(scale: float, mscale: float) -> float:

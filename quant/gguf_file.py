@@ -449,9 +449,13 @@ class GGUFStreamWriter:
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "tensor": self._cur, "bytes": self._cur_done,
-                                   "files": [p.name for p in self.paths]}))
-        os.replace(tmp, self.state_path)
+        try:
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "tensor": self._cur, "bytes": self._cur_done,
+                                       "files": [p.name for p in self.paths]}))
+            os.replace(tmp, self.state_path)
+        except BaseException:  # a full disk (or an interrupt) must not leave an empty .tmp behind
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _open(self) -> int:
         st = self._load_state()
@@ -583,6 +587,7 @@ class GGUFStreamWriter:
         for p in self.partials:
             p.unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
+        self.state_path.with_name(self.state_path.name + ".tmp").unlink(missing_ok=True)
 
     def __enter__(self) -> "GGUFStreamWriter":
         return self

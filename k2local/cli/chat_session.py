@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -352,14 +354,37 @@ class ChatSession:
         """Write the conversation as JSON (atomically)."""
         path = Path(path).expanduser()
         data = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        created = None
+        if not path.parent.is_dir():
+            # one new folder next to existing ones (/save chats/x.json) is made, and said; a longer missing path
+            # is more likely a typo and is refused rather than built
+            if not path.parent.parent.is_dir():
+                raise SessionError(f"{path}: cannot write: directory {path.parent} does not exist")
+            try:
+                path.parent.mkdir()
+            except OSError as e:
+                raise SessionError(f"{path}: cannot create directory {path.parent}: {e.strerror or e}") from None
+            created = path.parent
+        if path.is_dir():
+            raise SessionError(f"{path}: is a directory; give a file name")
+        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(data)
             os.replace(tmp, path)
+            tmp = None
         except OSError as e:
-            raise SessionError(f"{path}: cannot write: {e.strerror or e}") from None
+            hint = "; free some space and /save again" if e.errno == errno.ENOSPC else ""
+            raise SessionError(f"{path}: cannot write: {e.strerror or e}{hint}") from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                if created is not None:
+                    with contextlib.suppress(OSError):
+                        created.rmdir()
+        self.created_dir = created
         return path
 
     def load(self, path: str | Path) -> int:
@@ -369,8 +394,10 @@ class ChatSession:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SessionError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise SessionError(f"{path}: cannot read: {e}") from None
+        except OSError as e:
+            raise SessionError(f"{path}: cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise SessionError(f"{path}: cannot read: not UTF-8 text ({e.reason})") from None
         except json.JSONDecodeError as e:
             raise SessionError(f"{path}: not valid JSON: {e}") from None
         system, messages = parse_conversation(data, str(path))
@@ -397,7 +424,12 @@ class ChatSession:
         if name not in kinds:
             raise SessionError(f"unknown setting {name!r}; one of {', '.join(kinds)}")
         try:
-            new = SamplingParams(**{**asdict(self.params), name: kinds[name](value)})
+            converted = kinds[name](value)
+        except ValueError:
+            want = "a number" if kinds[name] is float else "a whole number" + (" or none" if name == "seed" else "")
+            raise SessionError(f"{name}: {value!r} is not {want}") from None
+        try:
+            new = SamplingParams(**{**asdict(self.params), name: converted})
             new.validate()
         except ValueError as e:
             raise SessionError(f"{name}: {e}") from None
@@ -483,7 +515,9 @@ def run_command(session: ChatSession, message: str) -> CommandOutcome:
             if not arg:
                 raise SessionError("usage: /save FILE")
             path = session.save(arg)
-            return CommandOutcome(f"saved {len(session.messages)} messages to {path}")
+            made = getattr(session, "created_dir", None)
+            return CommandOutcome(f"saved {len(session.messages)} messages to {path}"
+                                  + (f" (created the directory {made})" if made is not None else ""))
         if cmd == "/load":
             if not arg:
                 raise SessionError("usage: /load FILE")

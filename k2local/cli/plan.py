@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -10,6 +10,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from k2local.cli.options import (context_notes, effective_context, gpu_notes, placement_options,
+                                 random_weights_notice)
 from k2local.weights.hf_checkpoint import open_checkpoint
 from k2local.placement import LoadOptions, layout_for, make_plan, pick_device, pick_dtype
 from offload.options import OffloadOptions
@@ -55,14 +57,9 @@ def bandwidth_table(bw: Bandwidths, measured: bool) -> Table:
     return t
 
 
-@click.command("plan")
+@click.command("plan", short_help="Show where a model's weights would go, whether it fits, and the speed to expect.")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--gpu-mem", type=float, default=None, help="GiB of GPU memory to use [default: what is free].")
-@click.option("--ram", type=float, default=None, help="GiB of RAM for routed experts [default: what is free].")
-@click.option("--experts-on", type=click.Choice(["ram", "disk"]), default=None,
-              help="Where routed experts live [default: RAM if they fit, else disk].")
-@click.option("--cpu-only", is_flag=True, help="Plan without a GPU.")
-@click.option("--max-context", type=int, default=None, help="Context window in tokens [default: 8192].")
+@placement_options
 @click.option("--routing-stats", type=click.Path(path_type=Path), default=None,
               help="Saved routing statistics to pick GPU-resident experts [default: the model's cache file].")
 @click.option("--no-measure", is_flag=True, help="Skip the one-second bandwidth measurements; typical figures.")
@@ -80,12 +77,17 @@ def plan(model: Path, gpu_mem: float | None, ram: float | None, experts_on: str 
     dtype = pick_dtype(opts, device, source)
     layout = layout_for(source)
     p = make_plan(source, opts, device, dtype, layout=layout)
-    bw = TYPICAL if no_measure else measure_bandwidths(layout, device, dtype)
+    limit = source.config.max_position_embeddings
+    random_weights = source.config.random_weights
+    p.notes[:0] = ([random_weights_notice(str(model))] if random_weights else []) + gpu_notes(gpu_mem, cpu_only) + context_notes(max_context, effective_context(max_context, limit),
+                                                                limit)
+    typical = TYPICAL if device.type == "cuda" else replace(TYPICAL, gpu=None, h2d=None)  # no GPU: no GPU rows
+    bw = typical if no_measure else measure_bandwidths(layout, device, dtype)
     tps = predict_decode_tps(p, bw)
     if json_out:
         d = asdict(p)
         d["device_experts"] = len(p.device_experts)
-        click.echo(json.dumps({"plan": d, "bandwidths": asdict(bw), "measured": not no_measure,
+        click.echo(json.dumps({"plan": d, "random_weights": random_weights, "bandwidths": asdict(bw), "measured": not no_measure,
                                "predicted_decode_tps": tps, "expert_bytes_per_token": decode_breakdown(p)}))
         return
     con = Console()

@@ -1,10 +1,13 @@
 """`k2local quantize` (HF checkpoint -> GGUF) and `k2local imatrix` (activation statistics for quantization)."""
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import click
 
+from k2local.cli.options import PositiveInt
 from k2local.errors import K2Error
 
 
@@ -43,9 +46,9 @@ def _list_recipes(src: str | None) -> None:
     click.echo("Also: pure:TYPE (every weight TYPE, e.g. pure:Q4_K, like llama-quantize --pure).")
 
 
-@click.command("quantize")
-@click.argument("src", required=False, type=click.Path())
-@click.argument("out", required=False, type=click.Path())
+@click.command("quantize", short_help="Convert a Hugging Face checkpoint (FP8 or BF16) into a GGUF file.")
+@click.argument("src", required=False, type=click.Path(), metavar="SRC")  # optional only with --list-recipes
+@click.argument("out", required=False, type=click.Path(), metavar="OUT")
 @click.option("--recipe", "-r", default="q4", show_default=True, help="see --list-recipes")
 @click.option("--imatrix", "imatrix_path", type=click.Path(),
               help="importance matrix file (from k2local imatrix or llama-imatrix)")
@@ -61,6 +64,7 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
     """Convert the Hugging Face checkpoint SRC (FP8 or BF16 safetensors) into the GGUF file OUT.
 
     Interrupted runs resume when rerun with the same arguments; OUT only appears once complete.
+    SRC and OUT are required, except with --list-recipes (SRC then optional: sizes projected for it).
     """
     if list_recipes:
         _list_recipes(src)
@@ -76,10 +80,13 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
 
     rec = get_recipe(recipe)
     out_p = Path(out)
-    if device == "auto":
-        import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA GPU is available here; use --device cpu (the same bytes) or auto",
+                                 param_hint="'--device'")
     limit = parse_size(split_max_size)
     existing = [p for p in [out_p, split_name(out_p, 0, 1)] if p.exists()] + \
         sorted(out_p.parent.glob(out_p.name.removesuffix(".gguf") + "-00001-of-*.gguf"))
@@ -103,16 +110,26 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
         progress.update(task, advance=n, description=tensor)
         progress.update(task, weights=_counts(progress.tasks[0].completed, state["total"]))
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        """kill / a service manager stopping us: save a resume point exactly as Ctrl-C does."""
+        state["terminated"] = 1
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         res = convert(src, out_p, rec, imatrix=imatrix_path, split_max_bytes=limit, name=name,
                       progress=on_progress, on_start=on_start, device=device)
     except KeyboardInterrupt:
         progress.stop()
-        click.echo("interrupted; rerun the same command to resume", err=True)
+        why = "terminated" if state.get("terminated") else "interrupted"
+        click.echo(f"{why}; rerun the same command to resume", err=True)
+        if state.get("terminated"):
+            sys.exit(128 + signal.SIGTERM)
         raise
     except OSError as e:
         raise K2Error(f"{out}: {e.strerror or e}") from None
     finally:
+        signal.signal(signal.SIGTERM, old_term)
         progress.stop()
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res.types.items()))
     total = sum(p.stat().st_size for p in res.paths)
@@ -122,12 +139,13 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
                    "to the nearest fp16 in Q4_0, the codes kept", err=True)
 
 
-@click.command("imatrix")
+@click.command("imatrix", short_help="Collect an importance matrix from calibration text (for quantize --imatrix).")
 @click.argument("model", type=click.Path())
 @click.argument("textfile", type=click.Path())
 @click.option("-o", "--out", default="imatrix.gguf", show_default=True, type=click.Path())
-@click.option("--ctx", default=512, show_default=True, help="tokens per chunk")
-@click.option("--chunks", type=int, default=None, help="use at most this many chunks")
+@click.option("--ctx", type=PositiveInt(2, "tokens"), default=512, show_default=True, help="tokens per chunk")
+@click.option("--chunks", type=PositiveInt(1, "chunks"), default=None,
+              help="use at most this many chunks [default: all the text gives]")
 def imatrix(model: str, textfile: str, out: str, ctx: int, chunks: int | None) -> None:
     """Collect an importance matrix for MODEL (checkpoint dir or GGUF) from calibration text TEXTFILE."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa

@@ -16,6 +16,7 @@ from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from k2local.cli.options import context_notes, gpu_notes, placement_options, random_weights_notice
 from k2local.errors import USER_ERRORS, K2Error
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ RANDOM_NOTICE = ("No MODEL given: running the built-in tiny checkpoint. Its weig
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")  # keep \t and \n; never let the model drive the tty
 
 
-@click.command("run")
+@click.command("run", short_help="Chat with a model in the terminal (or answer piped input).")
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--temperature", type=float, default=0.6, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -39,12 +40,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")  # keep \t and \n; n
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
 @click.option("--system", "system", default=None, help="System prompt.")
 @click.option("--json", "json_out", is_flag=True, help="Print each answer as one JSON object (for scripts).")
-@click.option("--max-context", type=int, default=None, help="Context window in tokens [default: 8192].")
-@click.option("--gpu-mem", type=float, default=None, help="GiB of GPU memory to use.")
-@click.option("--ram", type=float, default=None, help="GiB of RAM to use for experts.")
-@click.option("--experts-on", type=click.Choice(["ram", "disk"]), default=None,
-              help="Where routed experts live [default: the planner decides].")
-@click.option("--cpu-only", is_flag=True, help="Do not use a GPU.")
+@placement_options
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens (benchmarks).")
 @click.option("-v", "--verbose", is_flag=True, help="With piped input: loading and speed on stderr.")
 def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_tokens: int, seed: int | None,
@@ -69,8 +65,6 @@ def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_to
         params.validate()
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    if max_context is not None and max_context < 2:
-        raise click.BadParameter("--max-context must be at least 2")
     err = Console(stderr=True, highlight=False)
     show_loading = interactive or verbose or err.is_terminal
 
@@ -78,7 +72,14 @@ def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_to
     path, random_weights = _resolve_model(model, err if show_loading else None)
     if random_weights:
         err.print(RANDOM_NOTICE, style="bold yellow")
+    for note in gpu_notes(gpu_mem, cpu_only):
+        err.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
     engine, loaded_bytes = _load(path, opts, err, show_loading)
+    for note in context_notes(max_context, engine.max_context, engine.source.config.max_position_embeddings):
+        err.print(f"note: {note}", style="yellow", markup=False, soft_wrap=True)
+    if not random_weights and engine.source.config.random_weights:
+        random_weights = True
+        err.print(f"warning: {random_weights_notice(str(path))}", style="bold yellow", markup=False, soft_wrap=True)
     if show_loading:
         err.print(plan_summary(engine, opts, loaded_bytes))
     session = ChatSession(engine, params, system=system, ignore_eos=ignore_eos)
@@ -151,7 +152,10 @@ def _load(path: Path, opts: LoadOptions, console: Console, show: bool) -> tuple[
             engine = Engine.load(path, opts, progress=on_tensor)
     except USER_ERRORS:
         raise
-    except (ValueError, OSError) as e:  # tokenizer / chat template / file problems
+    except OSError as e:  # file problems: the file and the reason, not Python's "[Errno 21] ..."
+        where = e.filename or path
+        raise K2Error(f"{where}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # tokenizer / chat template problems
         raise K2Error(f"cannot load {path}: {e}") from None
     if show:
         console.print(f"loaded {engine.name}: {seen['n']} tensors, {seen['bytes'] / 1e9:.2f} GB "

@@ -7,6 +7,7 @@ import socket
 
 import click
 
+from k2local.cli.options import context_notes, gpu_notes, placement_options, random_weights_notice
 from k2local.errors import K2Error
 
 
@@ -33,7 +34,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-@click.command("serve")
+@click.command("serve", short_help="Serve a model over an OpenAI-compatible (and Anthropic) HTTP API.")
 @click.argument("model", required=False, type=click.Path(exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback exposes the model to your network.")
@@ -41,13 +42,9 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--api-key", default=None, envvar="K2LOCAL_API_KEY",
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health (env K2LOCAL_API_KEY).")
 @click.option("--served-model-name", default=None, help="Model id clients must send (default: the MODEL folder name).")
-@click.option("--max-context", type=click.IntRange(min=16), default=None, help="Context window in tokens.")
+@placement_options
 @click.option("--cache-slots", type=click.IntRange(min=1), default=4, show_default=True,
               help="Conversations whose KV cache is kept between requests.")
-@click.option("--gpu-mem", type=float, default=None, help="GiB of GPU memory to use.")
-@click.option("--ram", type=float, default=None, help="GiB of RAM for experts.")
-@click.option("--experts-on", type=click.Choice(["ram", "disk"]), default=None, help="Where routed experts live.")
-@click.option("--cpu-only", is_flag=True, help="Do not use a GPU.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(model: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
@@ -69,6 +66,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, served_m
         click.secho(f"warning: listening on {host} without --api-key: anyone who can reach this port can use "
                     "the model", fg="yellow", err=True)
     sock = _bind(host, port)
+    tiny_default = model is None
     if model is None:
         from k2local.tiny import default_tiny_path  # noqa: PLC0415
 
@@ -77,8 +75,14 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, served_m
                     "with nonsense; use it to try the API, then pass a real Kimi K2 checkpoint.", fg="yellow",
                     err=True)
     opts = LoadOptions(max_context=max_context, cpu_only=cpu_only, gpu_mem=gpu_mem, ram=ram, experts_on=experts_on)
+    for note in gpu_notes(gpu_mem, cpu_only):
+        click.secho(f"note: {note}", fg="yellow", err=True)
     click.echo(f"loading {model} ...", err=True)
     engine = Engine.load(model, opts)
+    for note in context_notes(max_context, engine.max_context, engine.source.config.max_position_embeddings):
+        click.secho(f"note: {note}", fg="yellow", err=True)
+    if engine.source.config.random_weights and not tiny_default:
+        click.secho(f"warning: {random_weights_notice(model)}", fg="yellow", err=True)
     name = served_model_name or engine.name
     app = create_app(engine, name, api_key=api_key, cache_slots=cache_slots)
     logging.getLogger("k2local").setLevel(log_level.upper())

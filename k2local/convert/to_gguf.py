@@ -11,6 +11,7 @@ chunks too), so peak memory stays bounded whatever the model size; the output is
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -27,7 +28,7 @@ from gguf import Keys
 
 from k2local import arch
 from k2local.weights.hf_checkpoint import WeightSource, open_checkpoint
-from k2local.config import ModelConfig
+from k2local.config import RANDOM_WEIGHTS_KEY, ModelConfig
 from k2local.errors import CheckpointError, K2Error
 from k2local.tokenizer.gguf_vocab import tokenizer_metadata
 from k2local.convert.imatrix import IMatrix
@@ -277,10 +278,25 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
     _check_imatrix(imat, plan, imatrix)
     metadata = model_metadata(cfg, name or src_path.name, rec.file_type)
     metadata.update(tokenizer_metadata(src_path, cfg))
+    if cfg.random_weights:  # a make-tiny checkpoint: its GGUF says so too
+        metadata[RANDOM_WEIGHTS_KEY] = u32(int(cfg.extra["k2local_tiny"]))
     specs = [TensorSpec(p.name, p.shape, int(qtype_of(t))) for p, t in zip(plan, types)]
     extra = json.dumps({"v": CONVERTER_VERSION, "recipe": rec.name, "src": source_fingerprint(src),
                         "imatrix": imat.fingerprint() if imat else None}, sort_keys=True)
-    writer = GGUFStreamWriter(out, metadata, specs, split_max_bytes=split_max_bytes, fingerprint_extra=extra)
+    if split_max_bytes > 0 and specs:
+        big = max(specs, key=lambda t: t.nbytes)
+        if big.nbytes > split_max_bytes:
+            raise K2Error(f"--split-max-size {_human(split_max_bytes)} is smaller than the largest tensor ({big.name}, "
+                          f"{_human(big.nbytes)}); give at least {_human(big.nbytes)}, or 0 for one file")
+    try:
+        writer = GGUFStreamWriter(out, metadata, specs, split_max_bytes=split_max_bytes, fingerprint_extra=extra)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        stem = out.name.removesuffix(".gguf")
+        for p in [*out.parent.glob(f"{stem}*.gguf.partial"), *out.parent.glob(f"{stem}*.gguf.resume.json*")]:
+            p.unlink(missing_ok=True)
+        raise K2Error(f"{out.parent}: no space left on device; free some space and rerun") from None
     try:
         _check_disk(out, writer.bytes_total - writer.resumed_bytes)
     except K2Error:
@@ -324,6 +340,12 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
             paths = writer.finish()
     except GGUFFormatError as e:
         raise K2Error(f"{out}: {e}") from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        writer.discard()  # a full disk: the partial output would only hold the space that is missing
+        raise K2Error(f"{out.parent}: no space left on device; the partial output was removed. Free at least "
+                      f"{_human(writer.bytes_total)} and rerun") from None
     counts: dict[str, int] = {}
     for t in types:
         counts[t] = counts.get(t, 0) + 1
@@ -406,10 +428,20 @@ def _check_imatrix(imat, plan: list[PlannedTensor], path) -> None:
                           f"is {list(p.shape)} (an imatrix of another model?)")
 
 
+def _human(n: float) -> str:
+    """Bytes in the unit that keeps 2-3 significant digits: 512 B, 15.3 MB, 1.2 GB (powers of 1000, like df -H)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def _check_disk(out: Path, need: int) -> None:
     free = shutil.disk_usage(out.parent).free
     if need > free:
-        raise K2Error(f"{out.parent}: needs {need / 2**30:.1f} GiB free for the output, has {free / 2**30:.1f} GiB")
+        raise K2Error(f"{out.parent}: the output needs {_human(need)} free, only {_human(free)} is; free some "
+                      "space and rerun")
 
 
 def describe_recipes(cfg: ModelConfig | None = None) -> list[tuple[str, str, float, int]]:

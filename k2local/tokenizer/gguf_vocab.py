@@ -59,7 +59,8 @@ def tokenizer_metadata(src_dir: Path, cfg: ModelConfig) -> dict[str, MetaValue]:
             tokens, types, merges = gguf_vocab(tok)
             pre, add_bos, add_eos = "kimi-k2", False, None  # Tokenizer always uses Kimi's regex, never adds BOS
     except TokenizerError as e:
-        raise CheckpointError(f"{src_dir}: tokenizer: {e}") from None
+        msg = str(e)  # most already name the file: do not say the directory twice
+        raise CheckpointError(msg if msg.startswith(str(src_dir)) else f"{src_dir}: tokenizer: {msg}") from None
     if len(tokens) < cfg.vocab_size:  # embedding rows beyond the tokenizer: unused padding ids
         types += [TOKEN_TYPE_UNUSED] * (cfg.vocab_size - len(tokens))
         tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]

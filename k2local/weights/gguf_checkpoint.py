@@ -18,7 +18,7 @@ from gguf import GGUFReader, Keys
 
 from k2local import arch
 from k2local.arch import expected_tensor_names
-from k2local.config import ModelConfig
+from k2local.config import RANDOM_WEIGHTS_KEY, ModelConfig
 from k2local.errors import CheckpointError
 from k2local.tokenizer.gguf_vocab import tokenizer_and_template_from_gguf
 from k2local.weights import sanitize
@@ -106,7 +106,13 @@ class GGUFSource:
         except CheckpointError:
             raise
         except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on corrupt input
-            raise CheckpointError(f"{q}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+            msg = str(e)
+            if any(s in msg for s in ("cannot reshape", "out of bounds", "unpack requires", "buffer is smaller",
+                                        "larger dtype")):
+                size = q.stat().st_size if q.exists() else 0
+                raise CheckpointError(f"{q}: truncated GGUF file ({size:,} bytes, less than its header describes); "
+                                      "download or convert it again") from None
+            raise CheckpointError(f"{q}: not a valid GGUF file ({msg})") from None
 
     def _check_tensors(self) -> None:
         missing = [n for n in expected_tensor_names(self.config) if not self.has(n)]
@@ -352,6 +358,8 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, GGUFTensor], where
     for key in ("bos_token_id", "eos_token_id"):
         if d[key] is not None:
             d[key] = int(d[key])
+    if meta.get(RANDOM_WEIGHTS_KEY):  # converted from a make-tiny checkpoint: random weights
+        d["k2local_tiny"] = int(meta[RANDOM_WEIGHTS_KEY])
     try:
         return ModelConfig.from_dict(d, source=where)
     except TypeError as e:
