@@ -11,14 +11,6 @@ from k2local.cli.options import PositiveInt
 from k2local.errors import K2Error
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _counts(done: float, total: float) -> str:
     unit, div = next(((u, d) for u, d in (("T", 1e12), ("G", 1e9), ("M", 1e6)) if total >= d), ("", 1.0))
     return f"{done / div:.2f}/{total / div:.2f}{unit}"
@@ -29,7 +21,7 @@ def _list_recipes(src: str | None) -> None:
     from rich.table import Table  # noqa: PLC0415
 
     from k2local.config import ModelConfig  # noqa: PLC0415
-    from k2local.convert.to_gguf import describe_recipes  # noqa: PLC0415
+    from k2local.convert.to_gguf import describe_recipes, human_bytes  # noqa: PLC0415
 
     if src:
         from k2local.weights.hf_checkpoint import open_checkpoint  # noqa: PLC0415
@@ -41,7 +33,7 @@ def _list_recipes(src: str | None) -> None:
     for col in ("recipe", "bits/weight", "size", "what"):
         table.add_column(col, justify="right" if col in ("bits/weight", "size") else "left")
     for name, summary, bpw, size in describe_recipes(cfg):
-        table.add_row(name, f"{bpw:.2f}", _fmt_bytes(size), summary)
+        table.add_row(name, f"{bpw:.2f}", human_bytes(size), summary)
     Console().print(table)
     click.echo("Also: pure:TYPE (every weight TYPE, e.g. pure:Q4_K, like llama-quantize --pure).")
 
@@ -74,7 +66,7 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
     from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,  # noqa: PLC0415
                                TimeElapsedColumn, TimeRemainingColumn)
 
-    from k2local.convert.to_gguf import convert, parse_size  # noqa: PLC0415
+    from k2local.convert.to_gguf import convert, human_bytes, parse_size  # noqa: PLC0415
     from k2local.convert.recipes import get_recipe  # noqa: PLC0415
     from quant.gguf_file import split_name  # noqa: PLC0415
 
@@ -133,7 +125,7 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
         progress.stop()
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res.types.items()))
     total = sum(p.stat().st_size for p in res.paths)
-    click.echo(f"wrote {', '.join(str(p) for p in res.paths)} ({_fmt_bytes(total)}; recipe {rec.name}: {types})")
+    click.echo(f"wrote {', '.join(str(p) for p in res.paths)} ({human_bytes(total)}; recipe {rec.name}: {types})")
     if res.int4_inexact_blocks:
         click.echo(f"note: {res.int4_inexact_blocks} INT4 block scale(s) were not fp16 values (below 2^-17): rounded "
                    "to the nearest fp16 in Q4_0, the codes kept", err=True)

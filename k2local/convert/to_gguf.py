@@ -286,8 +286,8 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
     if split_max_bytes > 0 and specs:
         big = max(specs, key=lambda t: t.nbytes)
         if big.nbytes > split_max_bytes:
-            raise K2Error(f"--split-max-size {_human(split_max_bytes)} is smaller than the largest tensor ({big.name}, "
-                          f"{_human(big.nbytes)}); give at least {_human(big.nbytes)}, or 0 for one file")
+            raise K2Error(f"--split-max-size {human_bytes(split_max_bytes)} is smaller than the largest tensor ({big.name}, "
+                          f"{human_bytes(big.nbytes)}); give at least {human_bytes(big.nbytes)}, or 0 for one file")
     try:
         writer = GGUFStreamWriter(out, metadata, specs, split_max_bytes=split_max_bytes, fingerprint_extra=extra)
     except OSError as e:
@@ -345,7 +345,7 @@ def convert(src_path: str | Path, out: str | Path, recipe: str | Recipe = "q4", 
             raise
         writer.discard()  # a full disk: the partial output would only hold the space that is missing
         raise K2Error(f"{out.parent}: no space left on device; the partial output was removed. Free at least "
-                      f"{_human(writer.bytes_total)} and rerun") from None
+                      f"{human_bytes(writer.bytes_total)} and rerun") from None
     counts: dict[str, int] = {}
     for t in types:
         counts[t] = counts.get(t, 0) + 1
@@ -428,7 +428,7 @@ def _check_imatrix(imat, plan: list[PlannedTensor], path) -> None:
                           f"is {list(p.shape)} (an imatrix of another model?)")
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     """Bytes in the unit that keeps 2-3 significant digits: 512 B, 15.3 MB, 1.2 GB (powers of 1000, like df -H)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -440,7 +440,7 @@ def _human(n: float) -> str:
 def _check_disk(out: Path, need: int) -> None:
     free = shutil.disk_usage(out.parent).free
     if need > free:
-        raise K2Error(f"{out.parent}: the output needs {_human(need)} free, only {_human(free)} is; free some "
+        raise K2Error(f"{out.parent}: the output needs {human_bytes(need)} free, only {human_bytes(free)} is; free some "
                       "space and rerun")
 
 
