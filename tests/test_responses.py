@@ -15,9 +15,10 @@ import httpx
 import openai
 import pytest
 
+from k2local.chat.toolcalls import ContentDelta
+from k2local.tiny import default_tiny_path
 from tests.test_server import CALL_TEXT, CONTEXT, KEY, TWO_CALLS, Served, _serve
 from tests.thinking_models import K25_TEMPLATE, thinking_checkpoint
-from k2local.tiny import default_tiny_path
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather for a city", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
@@ -239,8 +240,8 @@ CODEX_TOOLS = [  # Codex's tool kinds (kept small: the tiny model's context is 5
     {"type": "web_search"},
     {"type": "local_shell"},
 ]
-SHELL_CALL = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.shell:1<|tool_call_argument_begin|>"
-              "{\"command\": [\"ls\"]}<|tool_call_end|><|tool_call_begin|>functions.shell:2"
+SHELL_CALL = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.shell:2<|tool_call_argument_begin|>"
+              "{\"command\": [\"ls\"]}<|tool_call_end|><|tool_call_begin|>functions.shell:3"
               "<|tool_call_argument_begin|>{\"command\": [\"pwd\"]}<|tool_call_end|><|tool_calls_section_end|>"
               "<|im_end|>")
 
@@ -263,6 +264,10 @@ def codex_body(served: Served, tag: str) -> dict:
              "call_id": "functions.shell:0"},
             {"type": "function_call_output", "call_id": "functions.shell:0",
              "output": "{\"output\":\"clean\",\"metadata\":{\"exit_code\":0}}"},
+            {"type": "function_call", "name": "view_image", "arguments": "{\"path\":\"a.png\"}",
+             "call_id": "functions.view_image:1"},
+            {"type": "function_call_output", "call_id": "functions.view_image:1",
+             "output": [{"type": "input_text", "text": "a.png:"}, {"type": "input_image", "image_url": "data:,"}]},
             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": f"Now ls [[{tag}]]"}]},
         ]}
 
@@ -276,7 +281,7 @@ def test_codex_shaped_request(served: Served) -> None:
     check_sequence([d["type"] for _, d in events], [d["sequence_number"] for _, d in events])
     done_items = [d["item"] for _, d in events if d["type"] == "response.output_item.done"]
     [call] = done_items  # parallel_tool_calls false: the second call is dropped
-    assert call["type"] == "function_call" and call["call_id"] == "functions.shell:1"
+    assert call["type"] == "function_call" and call["call_id"] == "functions.shell:2"
     assert json.loads(call["arguments"]) == {"command": ["ls"]}
     completed = events[-1][1]["response"]
     assert completed["status"] == "completed" and completed["id"].startswith("resp_"), completed["usage"]
@@ -288,6 +293,7 @@ def test_codex_shaped_request(served: Served) -> None:
     assert ("<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|><|tool_call_begin|>functions.shell:0"
             "<|tool_call_argument_begin|>{\"command\":[\"git\",\"status\"]}<|tool_call_end|>") in prompt
     assert "## Return of functions.shell:0\n{\"output\":\"clean\"" in prompt
+    assert "## Return of functions.view_image:1\na.png:[an image or file was here" in prompt
     # store false: nothing kept
     assert httpx.get(served.url + "/v1/responses/" + completed["id"],
                      headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
@@ -399,3 +405,35 @@ def test_sdk_errors(served: Served) -> None:
             model=served.model, input="hi")
     r = served.post("/v1/responses", "{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_sampled_stream_of_the_random_model(served: Served) -> None:
+    with served.client.responses.stream(model=served.model, input="Hello", max_output_tokens=6) as stream:
+        events = list(stream)
+    types = [e.type for e in events]
+    check_sequence(types, [e.sequence_number for e in events])
+    final = events[-1].response
+    assert final.usage.output_tokens <= 6
+    assert types.count("response.output_item.added") == types.count("response.output_item.done") == len(final.output)
+
+
+def test_failure_mid_stream_is_an_error_event_then_response_failed() -> None:
+    """A request that fails after it started streaming (the worker's Failed): ``error``, then ``response.failed``
+    with the open item marked incomplete."""
+    from types import SimpleNamespace
+
+    from k2local.server.requests import APIError
+    from k2local.server.responses import _Items
+    from k2local.server.worker import Failed
+
+    req = SimpleNamespace(echo={"model": "m"}, parallel=True, encrypted=False)
+    items = _Items(req, "resp_x", None, stream=True)  # type: ignore[arg-type]
+    evs = items.start() + items.feed(ContentDelta("partial"))
+    evs += items.feed(Failed(APIError(400, "too long", param="messages", code="context_length_exceeded")))
+    types = [e["type"] for e in evs]
+    assert types[-4:] == ["response.content_part.done", "response.output_item.done", "error", "response.failed"]
+    assert evs[-2]["code"] == "context_length_exceeded" and evs[-2]["message"] == "too long"
+    failed = evs[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "context_length_exceeded"
+    assert failed["output"][0]["status"] == "incomplete" and failed["output"][0]["content"][0]["text"] == "partial"
+    assert [e["sequence_number"] for e in evs] == list(range(len(evs)))

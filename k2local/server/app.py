@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server over one Engine, plus Anthropic's ``/v1/messages``.
+"""OpenAI-compatible HTTP server over one Engine, plus Anthropic's ``/v1/messages`` and OpenAI's ``/v1/responses``
+(k2local.server.responses).
 
 One worker thread owns the model and runs queued requests one at a time. A small pool of Generators keeps KV
 caches, so a request that continues a cached conversation only prefills its new tokens. Output tokens go through

@@ -66,6 +66,7 @@ log = logging.getLogger("k2local.server.responses")
 
 MAX_STORED = 256  # stored responses kept for previous_response_id (oldest dropped first)
 ENCRYPTED_PREFIX = "k2local:"  # our (plain, base64) stand-in for encrypted reasoning content
+IMAGE_NOTE = "[an image or file was here: this model reads text only]"  # stands for one in a tool's output
 _MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text", "refusal")
 _IGNORED_ITEMS = ("web_search_call", "file_search_call", "local_shell_call", "local_shell_call_output",
@@ -79,8 +80,9 @@ def _new_id(prefix: str) -> str:
 
 # ------------------------------------------------------------------------------------------- request -> chat
 
-def _text_of(content: Any, where: str) -> str:
-    """A message's (or a tool output's) content: a string or a list of text parts -> text."""
+def _text_of(content: Any, where: str, images: str | None = None) -> str:
+    """A message's (or a tool output's) content: a string or a list of text parts -> text. Image, file and audio
+    parts are an error, or (tool outputs: `images`) replaced by that note, so that an agent's session goes on."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -90,6 +92,8 @@ def _text_of(content: Any, where: str) -> str:
         kind = p.get("type") if isinstance(p, dict) else None
         if kind in _TEXT_PARTS and isinstance(p.get("text", p.get("refusal")), str):
             out.append(p.get("text", p.get("refusal")))
+        elif kind in ("input_image", "input_file", "input_audio") and images is not None:
+            out.append(images)
         elif kind in ("input_image", "input_file", "input_audio"):
             raise bad_param("input", f"{where}.content[{j}]: {kind} is not supported (this model reads text only)")
         else:
@@ -169,7 +173,7 @@ def input_messages(raw: Any) -> list[dict]:
             output = item.get("output")
             if output is None:
                 raise bad_param("input", f"{where}: a {kind} item needs an output")
-            out.append({"role": "tool", "tool_call_id": call_id, "content": _text_of(output, where + ".output")})
+            out.append({"role": "tool", "tool_call_id": call_id, "content": _text_of(output, where + ".output", IMAGE_NOTE)})
         elif kind == "reasoning":
             text = _reasoning_text(item, where)
             if text:
