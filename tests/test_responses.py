@@ -186,6 +186,10 @@ def test_tool_choice_forms(served: Served) -> None:
     r = served.client.responses.create(model=served.model, input="[[plain]]", tools=[WEATHER], tool_choice="none")
     assert r.output_text == "No tools."
     assert "tool_declare" not in served.script.last_prompt_with("plain")
+    r = served.client.responses.create(model=served.model, input="[[plain]]", tools=[WEATHER, CLOCK], tool_choice={
+        "type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "get_time"}]})
+    prompt = served.script.last_prompt_with("plain")
+    assert '"name":"get_time"' in prompt and "get_weather" not in prompt
 
 
 def test_parallel_tool_calls_false_keeps_one_call(served: Served) -> None:

@@ -279,7 +279,11 @@ class ResponsesRequest:
             raise bad_param("input", "'input' holds no message, function call or function call output")
         messages = lead + self.conversation
         tools, self.tools_echo = request_tools(body.get("tools"))
-        choice = request_tool_choice(body.get("tool_choice"), tools)
+        tc = body.get("tool_choice")
+        if isinstance(tc, dict) and tc.get("type") == "allowed_tools" and tools:  # only these reach the model
+            allowed = {t.get("name") for t in tc.get("tools") or [] if isinstance(t, dict)}
+            tools = [t for t in tools if t["function"]["name"] in allowed] or None
+        choice = request_tool_choice(tc, tools)
         params = sampling_params(body, None, max_keys=("max_output_tokens",))
         self.max_output_tokens = integer_param(body, "max_output_tokens", None, lo=1)
         self.parallel = body.get("parallel_tool_calls") is not False
