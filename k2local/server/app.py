@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server over one Engine, plus Anthropic's ``/v1/messages``.
+"""OpenAI-compatible HTTP server over one Engine, plus Anthropic's ``/v1/messages`` and OpenAI's ``/v1/responses``
+(k2local.server.responses).
 
 One worker thread owns the model and runs queued requests one at a time. A small pool of Generators keeps KV
 caches, so a request that continues a cached conversation only prefills its new tokens. Output tokens go through
@@ -65,6 +66,7 @@ from k2local.server.requests import (
     tool_mode,
     want_usage,
 )
+from k2local.server.responses import register_responses
 from k2local.server.worker import Done, Failed, Job, Output, RequestKind, ServerEvent, TokenSource, Worker
 from k2local.chat.reasoning import ReasoningDelta, prompt_opens_reasoning, template_thinks
 from k2local.chat.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart, tool_dialect
@@ -296,6 +298,7 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
         plan = await run_in_threadpool(anthropic_plan, srv, body)
         return {"input_tokens": len(plan.prompt)}
 
+    register_responses(app, srv)  # POST /v1/responses, GET / DELETE /v1/responses/{id}
     return app
 
 
