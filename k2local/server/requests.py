@@ -33,6 +33,16 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
+class ContextLengthError(APIError):
+    """A prompt that does not fit the context window (OpenAI's wording; Anthropic's endpoint rewords it)."""
+
+    def __init__(self, prompt_tokens: int, limit: int, param: str):
+        super().__init__(400, f"This model's maximum context length is {limit} tokens. However, your request has "
+                              f"{prompt_tokens} prompt tokens. Please reduce the length of the {param}.",
+                         param=param, code="context_length_exceeded")
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                     500: "api_error", 503: "overloaded_error"}
@@ -332,4 +342,5 @@ class ChatPlanner(Protocol):
     model_name: str
 
     def chat_plan(self, messages: list[dict], tools: list[dict] | None, choice: str, params: SamplingParams,
-                  stops: list[str], template_kwargs: dict[str, Any] | None = None) -> Plan: ...
+                  stops: list[str], template_kwargs: dict[str, Any] | None = None, *,
+                  check_context: bool = True) -> Plan: ...
