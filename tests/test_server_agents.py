@@ -182,3 +182,38 @@ def _f32():
     import torch
 
     return torch.float32
+
+
+# ------------------------------------------------------------------------------------ markers out of content
+
+def test_no_marker_leaks_without_tools(s: Agents) -> None:
+    s.script.outputs["leak"] = CALL_TEXT
+    s.script.outputs["stray"] = "A<|tool_call_argument_begin|>B<|tool_call_end|> C<|im_end|>"
+    msgs = [{"role": "user", "content": "hi [[leak]]"}]
+    r = s.openai.chat.completions.create(model=s.model, messages=msgs, max_tokens=100)
+    assert r.choices[0].message.content == "Let me check." and not r.choices[0].message.tool_calls
+    streamed = "".join(c.choices[0].delta.content or "" for c in s.openai.chat.completions.create(
+        model=s.model, messages=msgs, max_tokens=100, stream=True) if c.choices)
+    assert streamed == "Let me check."
+    a = s.anthropic.messages.create(model=s.model, max_tokens=100, messages=msgs)
+    assert [b.type for b in a.content] == ["text"] and a.content[0].text == "Let me check."
+    r = s.openai.chat.completions.create(model=s.model, max_tokens=100,
+                                         messages=[{"role": "user", "content": "hi [[stray]]"}])
+    assert "<|" not in r.choices[0].message.content and r.choices[0].message.content.startswith("A")
+    # raw completions are the model's text verbatim, markers included
+    raw = s.openai.completions.create(model=s.model, max_tokens=100, prompt="x [[leak]]").choices[0].text
+    assert raw == CALL_TEXT.removesuffix("<|im_end|>")
+
+
+def test_stop_strings_never_match_inside_markers(s: Agents) -> None:
+    s.script.outputs["stopmark"] = CALL_TEXT
+    for stop in (["tool_call"], ["<|"], ["section"]):
+        r = s.openai.chat.completions.create(model=s.model, max_tokens=100, tools=[WEATHER], stop=stop,
+                                             messages=[{"role": "user", "content": "w? [[stopmark]]"}])
+        m = r.choices[0].message
+        assert m.content == "Let me check." and r.choices[0].finish_reason == "tool_calls", stop
+        assert json.loads(m.tool_calls[0].function.arguments) == {"city": "Paris"}
+    # in the visible text they still cut
+    r = s.openai.chat.completions.create(model=s.model, max_tokens=100, tools=[WEATHER], stop=["check"],
+                                         messages=[{"role": "user", "content": "w? [[stopmark]]"}])
+    assert r.choices[0].message.content == "Let me " and not r.choices[0].message.tool_calls

@@ -266,7 +266,7 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
         echo = flag(body, "echo")
         include_usage = want_usage(body, stream)
         prompt_text, prompt_ids = await run_in_threadpool(_completion_prompt, srv.backend, body.get("prompt"))
-        plan = srv.finish_plan(prompt_ids, params, stops, ToolMode(), "prompt")
+        plan = srv.finish_plan(prompt_ids, params, stops, ToolMode(raw=True), "prompt")
         job, events = srv.start(plan, "completion")
         cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         prefix = prompt_text if echo else ""

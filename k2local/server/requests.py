@@ -305,6 +305,7 @@ class ToolMode:
     prefix: str = ""  # forced start of the assistant turn (fed to the parser as if the model wrote it)
     id_base: int | None = None  # forced choice: ids are rewritten to functions.NAME:(id_base + i)
     call_base: int = 0  # tool calls earlier in the conversation: numbers the ids of dialects without ids (DeepSeek)
+    raw: bool = False  # a raw completion: the model's text verbatim, markers included (nothing parsed or hidden)
 
 
 def tool_mode(choice: str, tools: list[dict] | None, messages: list[dict], dialect: ToolDialect | None = None
