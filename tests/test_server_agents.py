@@ -217,3 +217,101 @@ def test_stop_strings_never_match_inside_markers(s: Agents) -> None:
     r = s.openai.chat.completions.create(model=s.model, max_tokens=100, tools=[WEATHER], stop=["check"],
                                          messages=[{"role": "user", "content": "w? [[stopmark]]"}])
     assert r.choices[0].message.content == "Let me " and not r.choices[0].message.tool_calls
+
+
+# -------------------------------------------------------------------------------- forced tool choice, many tools
+
+A_TOOLS = [_anthropic_tool(WEATHER), _anthropic_tool(CLOCK)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_required_and_any_always_call_a_declared_tool(s: Agents, seed: int) -> None:
+    """On random weights (nothing scripted) the answer still is a call to one of the declared tools."""
+    r = s.openai.chat.completions.create(model=s.model, max_tokens=12, seed=seed, temperature=1.0,
+                                         tools=[WEATHER, CLOCK], tool_choice="required",
+                                         messages=[{"role": "user", "content": "do something"}])
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    a = s.anthropic.messages.create(model=s.model, max_tokens=12, tools=A_TOOLS, tool_choice={"type": "any"},
+                                    messages=[{"role": "user", "content": f"go {seed}"}])
+    uses = [b for b in a.content if b.type == "tool_use"]
+    assert uses and uses[0].name in ("get_weather", "get_time") and isinstance(uses[0].input, dict)
+
+
+@pytest.mark.parametrize("choice", [{"type": "any"}, {"type": "tool", "name": "get_weather"}])
+def test_forced_tool_streamed_partial_json_accumulates(s: Agents, choice: dict) -> None:
+    """The SDK's stream accumulator parses the concatenated partial_json: it must be JSON, random weights or not."""
+    for seed in range(3):
+        with s.anthropic.messages.stream(model=s.model, max_tokens=16, tools=A_TOOLS, tool_choice=choice,
+                                         messages=[{"role": "user", "content": f"call {seed}"}]) as st:
+            final = st.get_final_message()
+        uses = [b for b in final.content if b.type == "tool_use"]
+        assert uses and uses[0].name in ("get_weather", "get_time") and isinstance(uses[0].input, dict)
+    s.script.outputs["pj"] = '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>'
+    with s.anthropic.messages.stream(model=s.model, max_tokens=100, tools=A_TOOLS,
+                                     tool_choice={"type": "tool", "name": "get_weather"},
+                                     messages=[{"role": "user", "content": "Paris [[pj]]"}]) as st:
+        final = st.get_final_message()
+    assert final.content[-1].input == {"city": "Paris"} and final.stop_reason == "tool_use"
+
+
+# ------------------------------------------------------------------------------------------ sampling parameters
+
+def _ids(s: Agents, text: str) -> list[int]:
+    return s.engine.tokenizer.encode(text)
+
+
+def test_logit_bias_makes_the_token_come(s: Agents) -> None:
+    [tok] = _ids(s, "Z")
+    r = s.openai.chat.completions.create(model=s.model, max_tokens=6, temperature=1.0, seed=5,
+                                         logit_bias={str(tok): 100}, messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "Z" * 6
+    gen = s.worker.finished[-1]
+    assert gen.params.logit_bias == {tok: 100.0} and set(gen.result.tokens) == {tok}
+    # -100 bans it, even for greedy decoding
+    first = s.openai.chat.completions.create(model=s.model, max_tokens=1, temperature=0,
+                                             messages=[{"role": "user", "content": "hi"}])
+    top = s.worker.finished[-1].result.tokens[0]
+    s.openai.chat.completions.create(model=s.model, max_tokens=1, temperature=0, logit_bias={str(top): -100},
+                                     messages=[{"role": "user", "content": "hi"}])
+    assert s.worker.finished[-1].result.tokens[0] != top and first.choices[0].message.content is not None
+    for bad in ({"x": 1}, {str(tok): 101}, {"99999999": 1}):
+        with pytest.raises(openai.BadRequestError) as e:
+            s.openai.chat.completions.create(model=s.model, max_tokens=1, logit_bias=bad,
+                                             messages=[{"role": "user", "content": "hi"}])
+        assert e.value.param == "logit_bias"
+
+
+def test_penalties_change_the_output(s: Agents) -> None:
+    msgs = [{"role": "user", "content": "repeat"}]
+
+    def tokens(**kw) -> list[int]:
+        s.openai.chat.completions.create(model=s.model, max_tokens=24, temperature=0, messages=msgs,
+                                         extra_body={"ignore_eos": True}, **kw)
+        return s.worker.finished[-1].result.tokens
+
+    plain = tokens()
+    assert len(set(plain)) < len(plain)  # greedy decoding on random weights repeats itself
+    for kw in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        pen = tokens(**kw)
+        assert pen != plain and len(set(pen)) > len(set(plain)), kw
+    with pytest.raises(openai.BadRequestError) as e:
+        tokens(presence_penalty=3)
+    assert e.value.param == "presence_penalty"
+
+
+def test_unsupported_sampling_options_are_refused_clearly(s: Agents) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    for kw, param in (({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
+                      ({"logprobs": True, "top_logprobs": 2}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as e:
+            s.openai.chat.completions.create(model=s.model, max_tokens=1, messages=msgs, **kw)
+        assert e.value.param == param and e.value.status_code == 400
+
+
+def test_deeply_nested_json_is_a_400(s: Agents) -> None:
+    deep = '{"model": "x", "messages": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        r = s.post(path, deep)
+        assert r.status_code == 400, r.text
+    assert "nested" in s.post("/v1/chat/completions", deep).json()["error"]["message"]

@@ -52,6 +52,7 @@ from k2local.server.requests import (
     ToolMode,
     bad_param,
     chat_messages,
+    check_logit_bias,
     check_model,
     check_unsupported,
     error_response,
@@ -105,6 +106,8 @@ class Server:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"We could not parse the JSON body of your request ({e}).") from None
+        except RecursionError:
+            raise APIError(400, "We could not parse the JSON body of your request (nested too deeply).") from None
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object.")
         check_model(body, self.model_name)
@@ -116,6 +119,7 @@ class Server:
         ctx = self.backend.max_context
         if not prompt:
             raise bad_param(param, "the prompt is empty")
+        check_logit_bias(params, self.backend.tokenizer.vocab_size)
         if len(prompt) >= ctx:
             if check_context:
                 raise ContextLengthError(len(prompt), ctx, param)
@@ -138,6 +142,9 @@ class Server:
         plan_reasoning = start = False
         if mode.prefix:  # a forced tool choice: the turn starts inside a call, never in reasoning
             prompt = prompt + self.backend.tokenizer.encode(mode.prefix, allow_special=True)
+            if mode.choices:  # 'required' / 'any' among several tools: the name must be a declared one
+                params.prefix_choices = tuple(tuple(self.backend.tokenizer.encode(c, allow_special=True))
+                                              for c in mode.choices)
         elif not thinking_disabled(kw):
             start = prompt_opens_reasoning(self.backend.tokenizer.decode(prompt[-16:]))
             plan_reasoning = start or self.thinks
