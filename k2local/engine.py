@@ -11,8 +11,8 @@ from k2local.chat.template import ChatTemplate
 from k2local.weights.hf_checkpoint import WeightSource, open_checkpoint
 from k2local.generate import Generator
 from k2local.model import ExpertBackend, KimiK2Model
-from k2local.placement import (LoadOptions, build_backend, dense_too_big_for_gpu, pick_device, pick_dtype,
-                               source_notes)
+from k2local.placement import (LoadOptions, build_backend, dense_too_big_for_gpu, fitting_context, pick_device,
+                               pick_dtype, source_notes)
 from k2local.tokenizer.tiktoken_bpe import load_tokenizer
 
 log = logging.getLogger("k2local")
@@ -39,6 +39,8 @@ class Engine:
         dtype = pick_dtype(opts, device, source)
         if opts.quantized_weights is None and device.type == "cuda":
             opts.quantized_weights = dense_too_big_for_gpu(source, dtype, device)
+        if opts.max_context is None and opts.context_from_memory:
+            opts.max_context = fitting_context(source, opts, device, dtype)
         if experts is None:
             experts = build_experts(source, opts, device, dtype,
                                     (lambda n: progress("routed expert", n)) if progress else None)

@@ -29,7 +29,7 @@ from offload.executor import OffloadExperts
 from offload.expert_layout import PROJS, ExpertEntry, ExpertLayout, MatrixFormat, Segment
 from offload.experts_dense import DenseExperts as _DenseExperts
 from offload.options import Budgets, OffloadOptions
-from offload.planner import MiB, Hardware, ModelFootprint, Plan, plan_placement, stats_path
+from offload.planner import GiB, MiB, Hardware, ModelFootprint, Plan, plan_placement, stats_path
 from offload.probe import probe_hardware
 from offload.routing_stats import RoutingStats
 from quant.types import QType
@@ -46,6 +46,9 @@ class LoadOptions:
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # None: float32 on CPU for small models, bfloat16 otherwise
     max_context: int | None = None
+    # with max_context None: the longest context the model supports whose KV cache fits the memory plan
+    # (fitting_context; `k2local serve`), instead of 8192
+    context_from_memory: bool = False
     cpu_only: bool = False
     gpu_mem: float | None = None  # GiB of VRAM to use
     ram: float | None = None  # GiB of RAM for experts
@@ -145,6 +148,38 @@ def kv_cache_tokens(max_context: int) -> int:
     return cap
 
 
+KV_SHARE = 4  # fitting_context: the KV cache may take 1/KV_SHARE of the memory the non-expert parts leave
+MIN_FITTING_CONTEXT = 256
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+    """One position of the compressed (MLA) KV cache over all layers."""
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes
+
+
+def fitting_context(source: WeightSource, opts: LoadOptions, device: torch.device, dtype: torch.dtype,
+                    hw: Hardware | None = None) -> int:
+    """The default context of a server: min(the model's max_position_embeddings, what the KV budget allows).
+
+    The KV budget is 1/KV_SHARE of the compute device's memory (VRAM: --gpu-mem or what is free less 0.5 GiB;
+    CPU: available RAM less the planner's reserve) after the non-expert weights and the workspace, so the rest is
+    left to routed experts. The cache grows by doubling (kv_cache_tokens), so the window is a power of two."""
+    cfg: ModelConfig = source.config
+    hw = hw or probe_hardware(device)
+    db = torch.empty((), dtype=dtype).element_size()
+    base = footprint(source, replace(opts, max_context=MIN_FITTING_CONTEXT), device, dtype)
+    if device.type == "cuda":
+        mem = int(opts.gpu_mem * GiB) if opts.gpu_mem else hw.vram_free - GiB // 2
+    else:
+        mem = hw.ram_available - max(GiB // 2, hw.ram_total // 20)
+    budget = (mem - base.resident_bytes - base.workspace_bytes) // KV_SHARE
+    per_tok = kv_bytes_per_token(cfg, db)
+    cap = MIN_FITTING_CONTEXT
+    while cap * 2 * per_tok <= budget:
+        cap *= 2
+    return min(cfg.max_position_embeddings, cap)
+
+
 def workspace_bytes(cfg: ModelConfig, dtype_bytes: int, chunk: int = 512) -> int:
     """Activations of one prefill chunk (the generator's default), generously."""
     h, nh = cfg.hidden_size, cfg.num_attention_heads
@@ -175,7 +210,7 @@ def footprint(source: WeightSource, opts: LoadOptions, device: torch.device, dty
     embed_rows = cfg.vocab_size * cfg.hidden_size * db
     return ModelFootprint(
         name=str(source.path), model_id=model_id(source), resident_parts=parts,
-        kv_bytes=cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * db * kv_tok,
+        kv_bytes=kv_bytes_per_token(cfg, db) * kv_tok,
         kv_tokens=kv_tok, max_context=max_ctx, workspace_bytes=workspace_bytes(cfg, db),
         non_expert_read_per_token=max(0, resident - embed_rows // (1 if cfg.tie_word_embeddings else 2)),
         n_layers=cfg.num_hidden_layers, top_k=cfg.num_experts_per_tok)

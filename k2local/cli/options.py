@@ -70,7 +70,9 @@ def placement_options(f: F) -> F:
     opts = [
         click.option("--max-context", type=MAX_CONTEXT, default=None,
                      help=f"Context window in tokens, at least {MIN_CONTEXT} [default: {DEFAULT_CONTEXT}, or the "
-                          "model's max_position_embeddings if smaller]."),
+                          "model's max_position_embeddings if smaller; serve: the model's max_position_embeddings, "
+                          "or fewer tokens if their KV cache would take over 1/4 of the memory the non-expert weights "
+                          "leave]."),
         click.option("--gpu-mem", type=GPU_MEM, default=None,
                      help="GiB of GPU memory to use [default: what is free, less 0.5 GiB]. Ignored without a GPU."),
         click.option("--ram", type=RAM, default=None,

@@ -74,7 +74,9 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, served_m
         click.secho("no MODEL given: serving the built-in tiny checkpoint. It has RANDOM WEIGHTS and answers "
                     "with nonsense; use it to try the API, then pass a real Kimi K2 checkpoint.", fg="yellow",
                     err=True)
-    opts = LoadOptions(max_context=max_context, cpu_only=cpu_only, gpu_mem=gpu_mem, ram=ram, experts_on=experts_on)
+    # no --max-context: as long as the model and the memory plan allow (agent clients send 40k-token prompts)
+    opts = LoadOptions(max_context=max_context, context_from_memory=True, cpu_only=cpu_only, gpu_mem=gpu_mem,
+                       ram=ram, experts_on=experts_on)
     for note in gpu_notes(gpu_mem, cpu_only):
         click.secho(f"note: {note}", fg="yellow", err=True)
     click.echo(f"loading {model} ...", err=True)

@@ -12,11 +12,13 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from k2local.server.events import sse, stream_events
+from k2local.server.events import Idle, sse, stream_events
 from k2local.server.requests import (
     ANTHROPIC_TYPES,
     DEFAULT_TEMPERATURE,
+    APIError,
     ChatPlanner,
+    ContextLengthError,
     Plan,
     bad_param,
     integer_param,
@@ -51,16 +53,20 @@ def _anthropic_text(content: Any, where: str) -> str:
 def _anthropic_messages(body: dict) -> list[dict]:
     """Anthropic system + messages -> OpenAI-style messages (tool_use -> tool_calls, tool_result -> tool)."""
     out: list[dict] = []
+    systems: list[str] = []  # the system prompt, then each {"role": "system"} entry of messages, in order
     system = body.get("system")
     if system is not None:
-        out.append({"role": "system", "content": _anthropic_text(system, "system")})
+        systems.append(_anthropic_text(system, "system"))
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad_param(None, "messages: must be a non-empty list")
     for i, m in enumerate(raw):
         where = f"messages.{i}"
+        if isinstance(m, dict) and m.get("role") == "system":  # Claude Code sends these inside messages
+            systems.append(_anthropic_text(m.get("content"), where))
+            continue
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise bad_param(None, f"{where}: role must be 'user' or 'assistant'")
+            raise bad_param(None, f"{where}: role must be 'user', 'assistant' or 'system'")
         role, content = m["role"], m.get("content")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
@@ -100,7 +106,10 @@ def _anthropic_messages(body: dict) -> list[dict]:
             out.append(msg)
         elif texts:
             out.append({"role": "user", "content": "".join(texts)})
-    return out
+    if not out:
+        raise bad_param(None, "messages: needs a user or assistant message besides system entries")
+    systems = [t for t in systems if t]
+    return ([{"role": "system", "content": "\n\n".join(systems)}] if systems else []) + out
 
 
 def _anthropic_tools(body: dict) -> tuple[list[dict] | None, str]:
@@ -132,7 +141,9 @@ def _anthropic_tools(body: dict) -> tuple[list[dict] | None, str]:
     return tools, parse_tool_choice(choice, tools)
 
 
-def anthropic_plan(srv: ChatPlanner, body: dict) -> Plan:
+def anthropic_plan(srv: ChatPlanner, body: dict, count_only: bool = False) -> Plan:
+    """The run plan of a Messages request. A prompt past the context is refused in Anthropic's words (Claude Code
+    reads them to compact its conversation); ``count_only`` (count_tokens) skips that check."""
     if integer_param(body, "max_tokens", None, lo=1) is None:
         raise bad_param("max_tokens", "max_tokens: field required")
     params = sampling_params(body, None, temperature_scale=ANTHROPIC_TEMPERATURE_SCALE,
@@ -140,7 +151,16 @@ def anthropic_plan(srv: ChatPlanner, body: dict) -> Plan:
     stops = stop_strings(body, "stop_sequences")
     messages = _anthropic_messages(body)
     tools, choice = _anthropic_tools(body)
-    return srv.chat_plan(messages, tools, choice, params, stops, _thinking_kwargs(body))
+    try:
+        return srv.chat_plan(messages, tools, choice, params, stops, _thinking_kwargs(body),
+                             check_context=not count_only)
+    except ContextLengthError as e:
+        raise anthropic_overflow(e) from None
+
+
+def anthropic_overflow(e: ContextLengthError) -> APIError:
+    """Anthropic's wording for a prompt past the context window."""
+    return APIError(400, f"prompt is too long: {e.prompt_tokens} tokens > {e.limit} maximum")
 
 
 def _thinking_kwargs(body: dict) -> dict[str, Any]:
@@ -185,15 +205,25 @@ async def anthropic_stream(srv: ChatPlanner, job: Job, events: asyncio.Queue[Ser
     block = -1  # index of the open content block
     open_kind: str | None = None
     tool_block: dict[int, int] = {}
+    tool_args: dict[int, list[str]] = {}
+    ping = {"type": "ping"}
+    yield sse(ping, "ping")  # as Anthropic's API does; then again every ping_interval seconds without output
 
     def close() -> Iterable[str]:
         nonlocal open_kind
+        if open_kind == "tool":  # the call's arguments, as one piece of valid JSON (see below)
+            index = next(i for i, b in tool_block.items() if b == block)
+            args = json.dumps(json_input("".join(tool_args[index])), ensure_ascii=False)
+            yield sse({"type": "content_block_delta", "index": block,
+                       "delta": {"type": "input_json_delta", "partial_json": args}}, "content_block_delta")
         if open_kind is not None:
             open_kind = None
             yield sse({"type": "content_block_stop", "index": block}, "content_block_stop")
 
-    async for ev in stream_events(job, events):
-        if isinstance(ev, ReasoningDelta):
+    async for ev in stream_events(job, events, getattr(srv, "ping_interval", None)):
+        if isinstance(ev, Idle):
+            yield sse(ping, "ping")
+        elif isinstance(ev, ReasoningDelta):
             if open_kind != "thinking":
                 for s in close():
                     yield s
@@ -217,12 +247,14 @@ async def anthropic_stream(srv: ChatPlanner, job: Job, events: asyncio.Queue[Ser
                 yield s
             block, open_kind = block + 1, "tool"
             tool_block[ev.index] = block
+            tool_args[ev.index] = []
             yield sse({"type": "content_block_start", "index": block,
                         "content_block": {"type": "tool_use", "id": ev.id, "name": ev.name, "input": {}}},
                        "content_block_start")
         elif isinstance(ev, ToolCallArgsDelta):
-            yield sse({"type": "content_block_delta", "index": tool_block[ev.index],
-                        "delta": {"type": "input_json_delta", "partial_json": ev.text}}, "content_block_delta")
+            # Held to the end of the call: the model's text may not be JSON (or not the JSON the non-streamed
+            # answer gives, see json_input), and the SDKs parse the concatenated partial_json as JSON.
+            tool_args.setdefault(ev.index, []).append(ev.text)
         elif isinstance(ev, Failed):
             err = ev.error
             yield sse({"type": "error", "error": {"type": ANTHROPIC_TYPES.get(err.status, "api_error"),

@@ -48,10 +48,12 @@ from k2local.server.events import (
 )
 from k2local.server.requests import (
     APIError,
+    ContextLengthError,
     Plan,
     ToolMode,
     bad_param,
     chat_messages,
+    check_logit_bias,
     check_model,
     check_unsupported,
     error_response,
@@ -82,8 +84,10 @@ log = logging.getLogger("k2local.server.app")
 class Server:
     """What the routes share: backend, worker, names, auth."""
 
-    def __init__(self, backend: ChatBackend, model_name: str, api_key: str | None, worker: Worker):
+    def __init__(self, backend: ChatBackend, model_name: str, api_key: str | None, worker: Worker,
+                 ping_interval: float | None = 5.0):
         self.backend, self.model_name, self.api_key, self.worker = backend, model_name, api_key, worker
+        self.ping_interval = ping_interval  # seconds without output before a stream sends a keep-alive
         self.created = int(time.time())
         self._thinks: bool | None = None
 
@@ -104,6 +108,8 @@ class Server:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"We could not parse the JSON body of your request ({e}).") from None
+        except RecursionError:
+            raise APIError(400, "We could not parse the JSON body of your request (nested too deeply).") from None
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object.")
         check_model(body, self.model_name)
@@ -111,14 +117,15 @@ class Server:
 
     # -- planning -----------------------------------------------------------------------------------------------
     def finish_plan(self, prompt: list[int], params: SamplingParams, stops: list[str], tools: ToolMode,
-                    param: str) -> Plan:
+                    param: str, check_context: bool = True) -> Plan:
         ctx = self.backend.max_context
         if not prompt:
             raise bad_param(param, "the prompt is empty")
+        check_logit_bias(params, self.backend.tokenizer.vocab_size)
         if len(prompt) >= ctx:
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your request has "
-                                f"{len(prompt)} prompt tokens. Please reduce the length of the {param}.",
-                           param=param, code="context_length_exceeded")
+            if check_context:
+                raise ContextLengthError(len(prompt), ctx, param)
+            return Plan(prompt, params, stops, tools)  # counted, never run
         room = ctx - len(prompt)
         if params.to_context_end:
             params.max_tokens = room
@@ -126,7 +133,8 @@ class Server:
         return Plan(prompt, params, stops, tools)
 
     def chat_plan(self, messages: list[dict], tools: list[dict] | None, choice: str, params: SamplingParams,
-                  stops: list[str], template_kwargs: dict[str, Any] | None = None) -> Plan:
+                  stops: list[str], template_kwargs: dict[str, Any] | None = None, *,
+                  check_context: bool = True) -> Plan:
         mode = tool_mode(choice, tools, messages, tool_dialect(self.backend.tokenizer))
         kw = template_kwargs or {}
         try:
@@ -136,10 +144,13 @@ class Server:
         plan_reasoning = start = False
         if mode.prefix:  # a forced tool choice: the turn starts inside a call, never in reasoning
             prompt = prompt + self.backend.tokenizer.encode(mode.prefix, allow_special=True)
+            if mode.choices:  # 'required' / 'any' among several tools: the name must be a declared one
+                params.prefix_choices = tuple(tuple(self.backend.tokenizer.encode(c, allow_special=True))
+                                              for c in mode.choices)
         elif not thinking_disabled(kw):
             start = prompt_opens_reasoning(self.backend.tokenizer.decode(prompt[-16:]))
             plan_reasoning = start or self.thinks
-        plan = self.finish_plan(prompt, params, stops, mode, "messages")
+        plan = self.finish_plan(prompt, params, stops, mode, "messages", check_context)
         plan.reasoning, plan.start_in_reasoning = plan_reasoning, start
         return plan
 
@@ -169,17 +180,19 @@ class Server:
 
 
 def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | None = None, *, cache_slots: int = 4,
-               max_queue: int = 256, _token_source: TokenSource | None = None) -> FastAPI:
+               max_queue: int = 256, ping_interval: float | None = 5.0,
+               _token_source: TokenSource | None = None) -> FastAPI:
     """The FastAPI app serving `engine_or_backend` (an Engine or anything with its interface) as `model_name`.
 
     api_key: when set, every endpoint but /health needs `Authorization: Bearer KEY` (or `x-api-key: KEY`).
     cache_slots: conversations whose KV cache is kept between requests.
+    ping_interval: seconds without output (a long prefill) after which an Anthropic stream sends a ``ping`` event.
     _token_source: testing seam, not an HTTP feature. Called with each prompt's token ids on the model thread;
     when it returns ids, they are emitted as if sampled (after a real prefill) and go through the same
     detokenize -> stop -> tool-call parsing path as model output.
     """
     worker = Worker(engine_or_backend, cache_slots=cache_slots, max_queue=max_queue, token_source=_token_source)
-    srv = Server(engine_or_backend, model_name, api_key, worker)
+    srv = Server(engine_or_backend, model_name, api_key, worker, ping_interval)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # noqa: ANN202
@@ -213,7 +226,8 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         srv.auth(request)
-        return {"object": "list", "data": [_model_card(srv)]}
+        card = _model_card(srv)  # one listing for both APIs: OpenAI's fields and Anthropic's
+        return {"object": "list", "data": [card], "has_more": False, "first_id": card["id"], "last_id": card["id"]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request) -> dict:
@@ -261,7 +275,7 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
         echo = flag(body, "echo")
         include_usage = want_usage(body, stream)
         prompt_text, prompt_ids = await run_in_threadpool(_completion_prompt, srv.backend, body.get("prompt"))
-        plan = srv.finish_plan(prompt_ids, params, stops, ToolMode(), "prompt")
+        plan = srv.finish_plan(prompt_ids, params, stops, ToolMode(raw=True), "prompt")
         job, events = srv.start(plan, "completion")
         cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         prefix = prompt_text if echo else ""
@@ -295,7 +309,7 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
     async def count_tokens(request: Request) -> dict:
         body = await srv.body(request)
         body = {**body, "max_tokens": body.get("max_tokens") or 1}
-        plan = await run_in_threadpool(anthropic_plan, srv, body)
+        plan = await run_in_threadpool(anthropic_plan, srv, body, True)
         return {"input_tokens": len(plan.prompt)}
 
     register_responses(app, srv)  # POST /v1/responses, GET / DELETE /v1/responses/{id}
@@ -303,8 +317,13 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
 
 
 def _model_card(srv: Server) -> dict:
+    """The served model as OpenAI's and Anthropic's model listings describe it, with its context window under the
+    names clients read (vLLM's ``max_model_len``, llama-server / OpenRouter's ``context_length``)."""
+    ctx = srv.backend.max_context
+    created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(srv.created))
     return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "k2local",
-            "max_model_len": srv.backend.max_context}
+            "max_model_len": ctx, "context_length": ctx, "context_window": ctx,
+            "type": "model", "display_name": srv.model_name, "created_at": created_at}
 
 
 # ------------------------------------------------------------------------------------- OpenAI chat streaming

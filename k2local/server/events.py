@@ -5,6 +5,7 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -37,11 +38,30 @@ async def run_to_end(request: Request, job: Job, events: asyncio.Queue[ServerEve
         job.cancel.set()
 
 
-async def stream_events(job: Job, events: asyncio.Queue[ServerEvent]) -> AsyncIterator[ServerEvent]:
-    """Events up to and including Done / Failed; cancels the job when the consumer stops early (client disconnect)."""
+@dataclass(frozen=True)
+class Idle:
+    """No event from the worker for ``idle`` seconds (a long prefill, a slow token): a stream sends a keep-alive
+    (Anthropic's ``ping`` event), so clients that drop a silent stream keep waiting."""
+
+    waited: float
+
+
+async def stream_events(job: Job, events: asyncio.Queue[ServerEvent], idle: float | None = None
+                        ) -> AsyncIterator[ServerEvent | Idle]:
+    """Events up to and including Done / Failed; cancels the job when the consumer stops early (client disconnect).
+    With ``idle`` (seconds), an :class:`Idle` comes each time that long passes without an event."""
     try:
+        waited = 0.0
         while True:
-            ev = await events.get()
+            if idle is None:
+                ev: ServerEvent | Idle = await events.get()
+            else:
+                try:
+                    ev = await asyncio.wait_for(events.get(), idle)
+                    waited = 0.0
+                except asyncio.TimeoutError:
+                    waited += idle
+                    ev = Idle(waited)
             yield ev
             if isinstance(ev, (Done, Failed)):
                 return

@@ -33,6 +33,16 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
+class ContextLengthError(APIError):
+    """A prompt that does not fit the context window (OpenAI's wording; Anthropic's endpoint rewords it)."""
+
+    def __init__(self, prompt_tokens: int, limit: int, param: str):
+        super().__init__(400, f"This model's maximum context length is {limit} tokens. However, your request has "
+                              f"{prompt_tokens} prompt tokens. Please reduce the length of the {param}.",
+                         param=param, code="context_length_exceeded")
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                     500: "api_error", 503: "overloaded_error"}
@@ -112,7 +122,7 @@ def want_usage(body: dict, stream: bool) -> bool:
 
 def require_n1(body: dict) -> None:
     if integer_param(body, "n", 1, lo=1) != 1:
-        raise bad_param("n", "k2local generates one choice per request; 'n' must be 1")
+        raise bad_param("n", "k2local generates one choice per request; 'n' must be 1 (send n requests instead)")
 
 
 def sampling_params(body: dict, default_max: int | None, temperature_scale: float = 1.0,
@@ -132,7 +142,10 @@ def sampling_params(body: dict, default_max: int | None, temperature_scale: floa
             break
     p = SamplingParams(temperature=temperature, top_p=top_p or 1.0, top_k=max(top_k or 0, 0),
                        max_tokens=max_tokens or default_max or 1, seed=seed,
-                       to_context_end=max_tokens is None and default_max is None)
+                       to_context_end=max_tokens is None and default_max is None,
+                       logit_bias=_logit_bias(body),
+                       presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0) or 0.0,
+                       frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0) or 0.0)
     if flag(body, "ignore_eos"):  # vLLM extension: generate through end-of-turn tokens
         p.stop_ids = frozenset()
     try:
@@ -140,6 +153,32 @@ def sampling_params(body: dict, default_max: int | None, temperature_scale: floa
     except ValueError as e:
         raise bad_param(None, str(e)) from None
     return p
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: {"token id": bias in [-100, 100]} (ids are checked against the vocabulary when the
+    request is planned, :func:`check_logit_bias`)."""
+    raw = body.get("logit_bias")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise bad_param("logit_bias", "'logit_bias' must be an object mapping token ids to biases")
+    out: dict[int, float] = {}
+    for k, v in raw.items():
+        try:
+            tid = int(k)
+        except ValueError:
+            raise bad_param("logit_bias", f"logit_bias keys must be token ids, got {k!r}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise bad_param("logit_bias", f"logit_bias[{k}] must be a number in [-100, 100], got {json.dumps(v)}")
+        out[tid] = float(v)
+    return out
+
+
+def check_logit_bias(params: SamplingParams, vocab_size: int) -> None:
+    bad = [i for i in params.logit_bias if not 0 <= i < vocab_size]
+    if bad:
+        raise bad_param("logit_bias", f"logit_bias names token id {bad[0]}, outside the vocabulary [0, {vocab_size})")
 
 
 def check_model(body: dict, model_name: str) -> None:
@@ -155,7 +194,8 @@ def check_model(body: dict, model_name: str) -> None:
 
 def check_unsupported(body: dict) -> None:
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise bad_param("logprobs", "logprobs are not supported by k2local")
+        raise bad_param("logprobs", "k2local does not return logprobs: send 'logprobs' false (or leave it out) "
+                                    "and no 'top_logprobs'")
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise bad_param("response_format", "k2local supports only response_format {\"type\": \"text\"}")
@@ -295,6 +335,8 @@ class ToolMode:
     prefix: str = ""  # forced start of the assistant turn (fed to the parser as if the model wrote it)
     id_base: int | None = None  # forced choice: ids are rewritten to functions.NAME:(id_base + i)
     call_base: int = 0  # tool calls earlier in the conversation: numbers the ids of dialects without ids (DeepSeek)
+    raw: bool = False  # a raw completion: the model's text verbatim, markers included (nothing parsed or hidden)
+    choices: tuple[str, ...] = ()  # 'required' among several tools: the texts after `prefix`, one per tool name
 
 
 def tool_mode(choice: str, tools: list[dict] | None, messages: list[dict], dialect: ToolDialect | None = None
@@ -308,8 +350,11 @@ def tool_mode(choice: str, tools: list[dict] | None, messages: list[dict], diale
         return ToolMode(parse=True, call_base=base)
     names = [t["function"]["name"] for t in tools]
     name = choice[3:] if choice.startswith("fn:") else (names[0] if len(names) == 1 else None)
-    if name is None:  # 'required' with several tools: the model picks the name (after "functions." for Kimi)
-        return ToolMode(True, d.forced_prefix(None), base, base)
+    if name is None:  # 'required' with several tools: the model picks the name (after "functions." for Kimi),
+        # held to the declared names (their call headers, up to the arguments) by the sampler's prefix choices
+        head = d.forced_prefix(None)
+        ends = tuple(d.forced_prefix(n, make_tool_call_id(n, base))[len(head):] for n in dict.fromkeys(names))
+        return ToolMode(True, head, base, base, choices=ends)
     return ToolMode(True, d.forced_prefix(name, make_tool_call_id(name, base)), base, base)
 
 
@@ -332,4 +377,5 @@ class ChatPlanner(Protocol):
     model_name: str
 
     def chat_plan(self, messages: list[dict], tools: list[dict] | None, choice: str, params: SamplingParams,
-                  stops: list[str], template_kwargs: dict[str, Any] | None = None) -> Plan: ...
+                  stops: list[str], template_kwargs: dict[str, Any] | None = None, *,
+                  check_context: bool = True) -> Plan: ...

@@ -37,6 +37,9 @@ MIN_COPY_PREFIX = 16  # shared prompt tokens worth copying from another conversa
 TokenSource = Callable[[list[int]], "Iterable[int] | None"]
 RequestKind = Literal["chat", "completion", "messages"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+# Dialects whose tool-call sections are kept out of the content of a chat without tools. DeepSeek's are not: its
+# served tests pin its markers staying in such content (tests/test_server.py, test_deepseek_tool_calls_streamed_*).
+HIDDEN_SECTION_DIALECTS = ("kimi_k2",)
 
 
 # --------------------------------------------------------------------------------------- output (worker side)
@@ -126,10 +129,17 @@ class Output:
                  emit: Callable[[ServerEvent], None], reasoning: bool = False, start_in_reasoning: bool = False):
         dialect = tool_dialect(tokenizer)
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True, keep=_marker_ids(tokenizer, dialect))
+        # marker ids (as text) that bypass the stop strings: they match the visible text only, never a marker
+        self._marker_text = {i: m for m in (*dialect.markers, THINK_START, THINK_END)
+                             if (i := tokenizer.token_to_id(m)) is not None}
         self.stop = _StopMatcher(stops)
         self.tools = tools
         self.emit = emit
         self.parser = ToolCallStreamParser(dialect, tools.call_base) if tools.parse else None
+        # no tools asked for (a chat, not a raw completion): a tool-call section the model writes anyway is parsed
+        # and dropped, so its marker tokens never reach the content
+        self.hidden = (ToolCallStreamParser(dialect) if not tools.parse and not tools.raw
+                       and dialect.name in HIDDEN_SECTION_DIALECTS else None)
         self.thinker = (ReasoningStreamParser(start_in_reasoning, (dialect.section_begin,))
                         if reasoning and not (self.parser and tools.prefix) else None)
         self.content: list[str] = []
@@ -148,7 +158,13 @@ class Output:
         """Feed one generated id; True when a stop string ended the output."""
         if self.stop.hit is None:
             text = self.decoder.feed(tok)
-            if text:
+            marker = self._marker_text.get(tok)
+            if marker is not None and text.endswith(marker):  # the text before it, then the marker unmatched
+                self._text(text[: len(text) - len(marker)])
+                if self.stop.hit is None:
+                    self._route(self.stop.flush())
+                    self._route(marker)
+            elif text:
                 self._text(text)
         return self.stop.hit is not None
 
@@ -159,6 +175,8 @@ class Output:
                 self._route(self.stop.flush())
         if self.thinker:
             self._thought(self.thinker.finish())
+        if self.hidden:
+            self._visible(self.hidden.finish())
         if self.parser:
             self._events(self.parser.finish())
 
@@ -186,11 +204,20 @@ class Output:
     def _content(self, text: str) -> None:
         if not text:
             return
-        if self.parser is None:
+        if self.hidden is not None:
+            self._visible(self.hidden.feed(text))
+        elif self.parser is None:
             self.content.append(text)
             self.emit(ContentDelta(text))
         else:
             self._events(self.parser.feed(text))
+
+    def _visible(self, events: Iterable[ToolEvent]) -> None:
+        """The content of a request without tools; the calls it wrote are dropped."""
+        for ev in events:
+            if isinstance(ev, ContentDelta) and ev.text:
+                self.content.append(ev.text)
+                self.emit(ev)
 
     def _events(self, events: Iterable[ToolEvent]) -> None:
         for ev in events:
