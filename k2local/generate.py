@@ -31,6 +31,7 @@ class GenerationResult:
     cached_tokens: int  # prompt tokens whose KV was reused instead of recomputed
     prefill_s: float
     decode_s: float
+    prefilled: int | None = None  # prompt positions in the KV cache at the end (< prompt_tokens: prefill was cut)
 
     @property
     def prefill_tps(self) -> float:
@@ -98,35 +99,110 @@ class Generator:
                  on_token: TokenCallback | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  choose: TokenChooser | None = None) -> GenerationResult:
-        """Generate after prompt `ids` until a stop id, max_tokens, the context end, or a stop request."""
-        pick: TokenChooser = choose or Sampler(params)
-        stops = params.stop_ids if params.stop_ids is not None else stop_ids
-        t0 = time.perf_counter()
-        logits, reused = self.prefill(ids)
-        t1 = time.perf_counter()
-        out: list[int] = []
-        reason: GenerationFinish = "length"
-        while True:
-            if should_stop and should_stop():
-                reason = "cancelled"
-                break
-            tok = pick(logits)
-            if tok is None:
-                reason = "stop"
-                break
-            out.append(tok)
-            halt = on_token(tok) if on_token else False
-            if tok in stops:
-                reason = "stop"
-                break
-            if halt:
-                reason = "cancelled" if should_stop and should_stop() else "stop"
-                break
-            if len(out) >= params.max_tokens or len(self.tokens) + 1 >= self.max_context:
-                break
-            logits = self.model.forward([tok], self.cache, pos=len(self.tokens))[-1]
-            self.tokens.append(tok)
-        return GenerationResult(out, reason, len(ids), reused, t1 - t0, time.perf_counter() - t1)
+        """Generate after prompt `ids` until a stop id, max_tokens, the context end, or a stop request.
+
+        A stop request (should_stop) is honoured between prefill chunks too: the cache then holds the prompt
+        positions computed so far (``GenerationResult.prefilled``), and a later call reuses them."""
+        run = self.start(ids, params, stop_ids, on_token, should_stop, choose)
+        while not run.step():
+            pass
+        assert run.result is not None
+        return run.result
+
+    def start(self, ids: list[int], params: SamplingParams, stop_ids: set[int] | frozenset[int],
+              on_token: TokenCallback | None = None,
+              should_stop: Callable[[], bool] | None = None,
+              choose: TokenChooser | None = None) -> "Generation":
+        """A generation of this conversation advanced by its caller one step at a time (the server interleaves
+        several); raises ContextOverflow / ValueError for a prompt that cannot start."""
+        return Generation(self, ids, params, stop_ids, on_token, should_stop, choose)
+
+
+class Generation:
+    """One generation, stepped: each :meth:`step` runs one prefill chunk or one decoded token, then returns.
+
+    The Generator's cache and token list are consistent between steps (positions [0, len(tokens)) hold the
+    KV of ``tokens``), so a caller may stop after any step, or copy the cache's prefix elsewhere between steps.
+    A stop request (should_stop) is checked before every step: a long prefill stops within one chunk."""
+
+    def __init__(self, gen: Generator, ids: list[int], params: SamplingParams,
+                 stop_ids: set[int] | frozenset[int], on_token: TokenCallback | None = None,
+                 should_stop: Callable[[], bool] | None = None, choose: TokenChooser | None = None):
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= gen.max_context:
+            raise ContextOverflow(f"prompt has {len(ids)} tokens; the context window is {gen.max_context}")
+        self.gen, self.ids, self.params = gen, list(ids), params
+        self.pick: TokenChooser = choose or Sampler(params)
+        self.stops = params.stop_ids if params.stop_ids is not None else stop_ids
+        self.on_token, self.should_stop = on_token, should_stop
+        self.keep = gen._common_prefix(self.ids)
+        gen.cache.truncate(self.keep)
+        gen.tokens = list(self.ids[: self.keep])
+        self.pos = self.keep  # next prompt position to compute
+        self.logits: torch.Tensor | None = None  # last position's logits, once the prompt is in
+        self.out: list[int] = []
+        self.result: GenerationResult | None = None
+        self.prefill_s = self.decode_s = 0.0  # this generation's own compute time (not others' steps between)
+        self.chunks = 0  # prefill chunks run
+
+    @property
+    def prefilling(self) -> bool:
+        return self.result is None and self.logits is None
+
+    def step(self) -> bool:
+        """Advance by one prefill chunk or one token; True once finished (``result`` is then set)."""
+        if self.result is not None:
+            return True
+        if self.should_stop and self.should_stop():
+            return self._end("cancelled")
+        t = time.perf_counter()
+        if self.logits is None:
+            try:
+                self._prefill_chunk()
+            finally:
+                self.prefill_s += time.perf_counter() - t
+            return False
+        try:
+            return self._decode()
+        finally:
+            dt = time.perf_counter() - t
+            self.decode_s += dt
+            if self.result is not None:
+                self.result.decode_s = self.decode_s
+
+    def _prefill_chunk(self) -> None:
+        g = self.gen
+        chunk = self.ids[self.pos: self.pos + g.prefill_chunk]
+        logits = g.model.forward(chunk, g.cache, pos=self.pos, last_only=True)
+        g.tokens.extend(chunk)
+        self.pos += len(chunk)
+        self.chunks += 1
+        if self.pos >= len(self.ids):
+            self.logits = logits[-1]
+
+    def _decode(self) -> bool:
+        g = self.gen
+        assert self.logits is not None
+        tok = self.pick(self.logits)
+        if tok is None:
+            return self._end("stop")
+        self.out.append(tok)
+        halt = self.on_token(tok) if self.on_token else False
+        if tok in self.stops:
+            return self._end("stop")
+        if halt:
+            return self._end("cancelled" if self.should_stop and self.should_stop() else "stop")
+        if len(self.out) >= self.params.max_tokens or len(g.tokens) + 1 >= g.max_context:
+            return self._end("length")
+        self.logits = g.model.forward([tok], g.cache, pos=len(g.tokens))[-1]
+        g.tokens.append(tok)
+        return False
+
+    def _end(self, reason: GenerationFinish) -> bool:
+        self.result = GenerationResult(self.out, reason, len(self.ids), self.keep, self.prefill_s, self.decode_s,
+                                       prefilled=min(self.pos, len(self.ids)))
+        return True
 
 
 class ChatBackend(Protocol):

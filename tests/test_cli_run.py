@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -147,6 +148,34 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(cli_env, tmp_path: Path) 
     else:
         pytest.fail("Ctrl-C at the prompt was ignored")
     child.expect_exact(PROMPT)
+    exit_with_ctrl_d(child)
+
+
+def test_ctrl_c_during_a_long_prefill_stops_within_one_chunk(cli_env, tmp_path: Path) -> None:
+    """Ctrl-C while a long prompt (about 5k tokens, prefilled in chunks of 512) is prefilled stops it at the next
+    chunk boundary, not at the prompt's end; the computed prefix stays in the KV cache and the next turn reuses it."""
+    system = "The quick brown fox jumps over the lazy dog. " * 500
+    child = spawn(cli_env, tmp_path, "--max-context", "8192", "--max-tokens", "1", "--system", system)
+    child.sendline("hi")
+    child.expect_exact("hi")
+    time.sleep(1.5)  # the prefill is under way (it takes several seconds)
+    t0 = time.monotonic()
+    child.sendintr()
+    child.expect("interrupted · ", timeout=60)
+    took = time.monotonic() - t0
+    cut = status(child)
+    child.expect_exact(PROMPT)
+    assert cut.decode == 0 and 0 < cut.used < cut.prefill  # stopped inside the prompt
+    assert cut.used % 512 == 0  # at a chunk boundary
+
+    child.sendline("hi")  # the same prompt again: the cut prefix is reused, the rest computed
+    child.expect(r"prefill (\d+) tok ([\d.]+) tok/s \((\d+) cached\)")
+    new, speed, cached = int(child.match.group(1)), float(child.match.group(2)), int(child.match.group(3))
+    child.expect_exact(PROMPT)
+    assert cached == cut.used and new + cached == cut.prefill
+    chunk_s = 512 / speed  # one chunk at this machine's measured speed (the last chunks, the slowest)
+    assert took < 2 * chunk_s + 2.0, (took, chunk_s)
+    assert new / speed > took  # and well before the whole prompt would have been done
     exit_with_ctrl_d(child)
 
 

@@ -44,11 +44,13 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--served-model-name", default=None, help="Model id clients must send (default: the MODEL folder name).")
 @placement_options
 @click.option("--cache-slots", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Conversations whose KV cache is kept between requests.")
+              help="Conversations whose KV cache is kept between requests (at least --parallel).")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Requests served at once (interleaved step by step, each on its own KV cache); more wait queued.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(model: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,
-          max_context: int | None, cache_slots: int, gpu_mem: float | None, ram: float | None,
+          max_context: int | None, cache_slots: int, parallel: int, gpu_mem: float | None, ram: float | None,
           experts_on: str | None, cpu_only: bool, log_level: str) -> None:
     """Serve MODEL (a checkpoint folder or GGUF) over an OpenAI-compatible HTTP API.
 
@@ -86,7 +88,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, served_m
     if engine.source.config.random_weights and not tiny_default:
         click.secho(f"warning: {random_weights_notice(model)}", fg="yellow", err=True)
     name = served_model_name or engine.name
-    app = create_app(engine, name, api_key=api_key, cache_slots=cache_slots)
+    app = create_app(engine, name, api_key=api_key, cache_slots=cache_slots, parallel=parallel)
     logging.getLogger("k2local").setLevel(log_level.upper())
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     bound = sock.getsockname()[1]

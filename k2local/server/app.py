@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server over one Engine, plus Anthropic's ``/v1/messages`` and OpenAI's ``/v1/responses``
 (k2local.server.responses).
 
-One worker thread owns the model and runs queued requests one at a time. A small pool of Generators keeps KV
+One worker thread owns the model and runs up to ``parallel`` requests at once, interleaved step by step (a prefill
+chunk or a decoded token each), each on its own KV cache. A small pool of Generators keeps KV
 caches, so a request that continues a cached conversation only prefills its new tokens. Output tokens go through
 one path for every endpoint: stream-decode -> stop strings -> reasoning parser (thinking models) -> tool-call parser
 (Kimi's or DeepSeek's dialect) -> events -> JSON / SSE.
@@ -180,18 +181,20 @@ class Server:
 
 
 def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | None = None, *, cache_slots: int = 4,
-               max_queue: int = 256, ping_interval: float | None = 5.0,
+               max_queue: int = 256, parallel: int = 4, ping_interval: float | None = 5.0,
                _token_source: TokenSource | None = None) -> FastAPI:
     """The FastAPI app serving `engine_or_backend` (an Engine or anything with its interface) as `model_name`.
 
     api_key: when set, every endpoint but /health needs `Authorization: Bearer KEY` (or `x-api-key: KEY`).
-    cache_slots: conversations whose KV cache is kept between requests.
+    cache_slots: conversations whose KV cache is kept between requests (at least ``parallel``).
+    parallel: requests run at once, interleaved step by step on the one model thread (each on its own KV cache).
     ping_interval: seconds without output (a long prefill) after which an Anthropic stream sends a ``ping`` event.
     _token_source: testing seam, not an HTTP feature. Called with each prompt's token ids on the model thread;
     when it returns ids, they are emitted as if sampled (after a real prefill) and go through the same
     detokenize -> stop -> tool-call parsing path as model output.
     """
-    worker = Worker(engine_or_backend, cache_slots=cache_slots, max_queue=max_queue, token_source=_token_source)
+    worker = Worker(engine_or_backend, cache_slots=cache_slots, max_queue=max_queue, token_source=_token_source,
+                    parallel=parallel)
     srv = Server(engine_or_backend, model_name, api_key, worker, ping_interval)
 
     @asynccontextmanager
@@ -221,7 +224,8 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, "queued": worker.jobs.qsize(), "busy": worker.busy}
+        return {"status": "ok", "model": model_name, "queued": worker.jobs.qsize(), "busy": worker.busy,
+                "running": len(worker.active), "parallel": worker.parallel}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

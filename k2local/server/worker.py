@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from k2local.generate import ChatBackend, ContextOverflow, GenerationResult, Generator
+from k2local.generate import ChatBackend, ContextOverflow, Generation, GenerationResult, Generator
 from k2local.sampler import SamplingParams
 from k2local.server.requests import APIError, ToolMode
 from k2local.tokenizer.common import TextTokenizer
@@ -270,18 +270,33 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+@dataclass
+class _Active:
+    """A running request: its job, the slot whose KV cache it uses, its stepped generation."""
+
+    job: Job
+    slot: _Slot
+    run: Generation
+
+
 class Worker:
-    """The thread that owns the model: runs jobs in arrival order over a pool of KV-cache slots."""
+    """The thread that owns the model: admits queued jobs in arrival order, up to ``parallel`` at a time, each on
+    its own KV-cache slot, and interleaves them step by step (one prefill chunk or one decoded token per sequence
+    per round), so every stream makes progress and a new request's first token does not wait for others to end.
+    A cancelled job (client gone) stops at its next step: within one prefill chunk or one token."""
 
     def __init__(self, backend: ChatBackend, cache_slots: int = 4, max_queue: int = 256,
-                 token_source: TokenSource | None = None):
+                 token_source: TokenSource | None = None, parallel: int = 1):
         self.backend = backend
-        self.max_slots = max(1, cache_slots)
+        self.parallel = max(1, parallel)
+        self.max_slots = max(1, cache_slots, self.parallel)
         self.max_queue = max_queue
         self.token_source = token_source
         self.slots: list[_Slot] = []
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.active: list[_Active] = []
         self.busy = False
+        self.steps = 0  # scheduling rounds run (tests and benchmarks read it)
         self.finished: deque[Finished] = deque(maxlen=256)  # recent requests, newest last
         self.thread = threading.Thread(target=self._loop, name="k2local-model", daemon=True)
         self.thread.start()
@@ -298,42 +313,57 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            self.busy = True
-            try:
-                self._run(job)
-            except BaseException as e:  # noqa: BLE001 - the model thread must outlive any one request
-                log.exception("request failed")
-                job.post(Failed(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")))
-            finally:
-                self.busy = False
+            while len(self.active) < self.parallel:  # admit: wait for work only when nothing is running
+                try:
+                    job = self.jobs.get_nowait() if self.active else self.jobs.get()
+                except queue.Empty:
+                    break
+                if job is None:
+                    for a in self.active:
+                        a.job.cancel.set()
+                        self._step(a)
+                    return
+                self.busy = True
+                self._admit(job)
+            self.busy = bool(self.active)
+            self.steps += 1
+            for a in list(self.active):
+                if self._step(a):
+                    self.active.remove(a)
+
+    def _fail(self, job: Job, e: BaseException) -> None:
+        log.exception("request failed")
+        job.post(Failed(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")))
 
     def _pick(self, ids: list[int]) -> _Slot:
         """The slot whose conversation this prompt continues; otherwise a fresh (or least recently used) slot,
-        seeded with the longest shared prefix (e.g. a common system prompt) copied from another slot's cache."""
+        seeded with the longest shared prefix (e.g. a common system prompt) copied from another slot's cache.
+        Slots in use by running requests are never taken, but may give their prefix (their caches are
+        consistent between steps)."""
+        busy = {id(a.slot) for a in self.active}
         scored = [(_common_prefix(s.gen.tokens, ids), s) for s in self.slots]
-        cont = [(n, s) for n, s in scored if n >= s.prompt_len]
+        cont = [(n, s) for n, s in scored if n >= s.prompt_len and id(s) not in busy]
         if cont:
             return max(cont, key=lambda x: (x[0], x[1].last_used))[1]
+        free = [s for s in self.slots if id(s) not in busy]
         if len(self.slots) < self.max_slots:
             target = _Slot(self.backend.new_generator())
             self.slots.append(target)
         else:
-            target = min(self.slots, key=lambda s: s.last_used)
+            target = min(free, key=lambda s: s.last_used)
         n, donor = max(scored, key=lambda x: x[0], default=(0, None))
         if donor is not None and donor is not target and n >= MIN_COPY_PREFIX:
             target.gen.copy_prefix_from(donor.gen, n)
         target.prompt_len = 0
         return target
 
-    def _run(self, job: Job) -> None:
+    def _admit(self, job: Job) -> None:
+        """Start a job on a slot (it runs from the next round), or answer it now (cancelled while queued, a
+        prompt that does not fit)."""
         p = job.params
         stops = p.stop_ids if p.stop_ids is not None else frozenset(self.backend.stop_ids)
         if job.cancel.is_set():
-            res = GenerationResult([], "cancelled", len(job.prompt), 0, 0.0, 0.0)
-            self._finish(job, res)
+            self._finish(job, GenerationResult([], "cancelled", len(job.prompt), 0, 0.0, 0.0, prefilled=0))
             return
         slot = None
         try:
@@ -344,21 +374,39 @@ class Worker:
             if script is not None:
                 it = iter(script)
                 choose = lambda _logits: next(it, None)  # noqa: E731 (scripted output; None ends the turn)
-            res = slot.gen.generate(job.prompt, p, stops, on_token=job.output.on_token,
-                                    should_stop=job.cancel.is_set, choose=choose)
-            slot.prompt_len = len(job.prompt)
-            job.output.close()
+            run = slot.gen.start(job.prompt, p, stops, on_token=job.output.on_token,
+                                 should_stop=job.cancel.is_set, choose=choose)
         except ContextOverflow as e:
             job.post(Failed(APIError(400, str(e), param="messages", code="context_length_exceeded")))
             return
         except Exception as e:  # noqa: BLE001 - reported to the client, logged here
-            log.exception("generation failed")
             if slot is not None:
                 slot.gen.reset()
                 slot.prompt_len = 0
-            job.post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+            self._fail(job, e)
             return
-        self._finish(job, res)
+        slot.prompt_len = 0  # until this request ends, the slot holds no finished prompt
+        self.active.append(_Active(job, slot, run))
+
+    def _step(self, a: _Active) -> bool:
+        """One step of a running request; True when it has ended (answered, failed or cancelled)."""
+        try:
+            if not a.run.step():
+                return False
+            res = a.run.result
+            assert res is not None
+            a.slot.prompt_len = min(len(a.job.prompt), res.prefilled if res.prefilled is not None
+                                    else len(a.job.prompt))
+            a.slot.last_used = time.monotonic()
+            a.job.output.close()
+        except Exception as e:  # noqa: BLE001 - the model thread must outlive any one request
+            log.exception("generation failed")
+            a.slot.gen.reset()
+            a.slot.prompt_len = 0
+            a.job.post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+            return True
+        self._finish(a.job, res)
+        return True
 
     def _finish(self, job: Job, res: GenerationResult) -> None:
         self.finished.append(Finished(job.kind, job.params, res))
