@@ -38,7 +38,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
@@ -48,6 +48,7 @@ from k2local.chat.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStar
 from k2local.server.events import sse, stream_events, stream_response
 from k2local.server.requests import (
     APIError,
+    ChatPlanner,
     Plan,
     bad_param,
     flag,
@@ -57,10 +58,20 @@ from k2local.server.requests import (
     sampling_params,
     template_kwargs,
 )
-from k2local.server.worker import Done, Failed, Job, ServerEvent
+from k2local.generate import ChatBackend
+from k2local.server.worker import Done, Failed, Job, RequestKind, ServerEvent
 
-if TYPE_CHECKING:
-    from k2local.server.app import Server
+
+class Server(ChatPlanner, Protocol):
+    """What this endpoint needs from k2local.server.app.Server (a protocol, so the app can import this module)."""
+
+    backend: ChatBackend
+
+    def auth(self, request: Request) -> None: ...
+
+    async def body(self, request: Request) -> dict: ...
+
+    def start(self, plan: Plan, kind: RequestKind) -> tuple[Job, asyncio.Queue[ServerEvent]]: ...
 
 log = logging.getLogger("k2local.server.responses")
 
@@ -560,7 +571,7 @@ def register_responses(app: FastAPI, srv: Server) -> None:
     async def create(request: Request) -> Any:
         body = await srv.body(request)
         req = await run_in_threadpool(plan, body)
-        job, events = srv.start(req.plan, "responses")  # type: ignore[arg-type]
+        job, events = srv.start(req.plan, "responses")
         items = _Items(req, _new_id("resp"), srv.backend.tokenizer, req.stream)
         if req.stream:
             return stream_response(run_stream(req, job, events, items))

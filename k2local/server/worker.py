@@ -35,7 +35,7 @@ from k2local.chat.toolcalls import (
 log = logging.getLogger("k2local.server.app")
 MIN_COPY_PREFIX = 16  # shared prompt tokens worth copying from another conversation's KV cache
 TokenSource = Callable[[list[int]], "Iterable[int] | None"]
-RequestKind = Literal["chat", "completion", "messages"]
+RequestKind = Literal["chat", "completion", "messages", "responses"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 # Dialects whose tool-call sections are kept out of the content of a chat without tools. DeepSeek's are not: its
 # served tests pin its markers staying in such content (tests/test_server.py, test_deepseek_tool_calls_streamed_*).
