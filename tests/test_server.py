@@ -512,8 +512,15 @@ def _long_body(model: str, **kw) -> dict:
             "temperature": 1.0, **kw}
 
 
+def _quiet(served: Served) -> int:
+    """Wait until no request of an earlier test still runs (requests run side by side, so one could finish after
+    this test's and be taken for it); the count of finished records then."""
+    wait_for(lambda: not served.worker.active and served.worker.jobs.qsize() == 0, "earlier requests finished")
+    return len(served.worker.finished)
+
+
 def test_disconnect_mid_stream_stops_generation(served: Served) -> None:
-    before = len(served.worker.finished)
+    before = _quiet(served)
     body = _long_body(served.model)
     stream = served.client.chat.completions.create(model=body.pop("model"), messages=body.pop("messages"),
                                                    stream=True, extra_body=body)
@@ -532,7 +539,7 @@ def test_disconnect_mid_stream_stops_generation(served: Served) -> None:
 
 
 def test_disconnect_while_waiting_non_streaming(served: Served) -> None:
-    before = len(served.worker.finished)
+    before = _quiet(served)
     with pytest.raises(httpx.ReadTimeout):
         served.post("/v1/chat/completions", _long_body(served.model), timeout=httpx.Timeout(60, read=0.5))
     wait_for(lambda: len(served.worker.finished) > before, "the abandoned request finished")
