@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from k2local.generate import ChatBackend, ContextOverflow, Generation, GenerationResult, Generator
+from k2local.generate import (BatchStep, ChatBackend, ContextOverflow, Generation, GenerationResult, Generator,
+                              step_batch)
 from k2local.sampler import SamplingParams
 from k2local.server.requests import APIError, ToolMode
 from k2local.tokenizer.common import TextTokenizer
@@ -34,6 +35,7 @@ from k2local.chat.toolcalls import (
 
 log = logging.getLogger("k2local.server.app")
 MIN_COPY_PREFIX = 16  # shared prompt tokens worth copying from another conversation's KV cache
+MAX_PREFILL_ROWS = 512  # prompt rows in one shared forward step (other streams' decodes wait at most this long)
 TokenSource = Callable[[list[int]], "Iterable[int] | None"]
 RequestKind = Literal["chat", "completion", "messages", "responses"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
@@ -271,6 +273,28 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 @dataclass
+class BatchStats:
+    """Counters of the worker's shared forward steps (tests, /health and benchmarks read them)."""
+
+    forwards: int = 0  # forward steps run
+    rows: int = 0  # rows (tokens) over all of them
+    prefill_rows: int = 0  # of which prompt rows
+    sequences: int = 0  # sequences over all of them (a step of 4 streams counts 4)
+    shared: int = 0  # steps that carried two or more sequences
+    max_sequences: int = 0  # the most sequences one step carried
+
+    def record(self, step: BatchStep) -> None:
+        if not step.sequences:
+            return
+        self.forwards += 1
+        self.rows += step.rows
+        self.prefill_rows += step.prefill_rows
+        self.sequences += step.sequences
+        self.shared += step.sequences > 1
+        self.max_sequences = max(self.max_sequences, step.sequences)
+
+
+@dataclass
 class _Active:
     """A running request: its job, the slot whose KV cache it uses, its stepped generation."""
 
@@ -281,22 +305,28 @@ class _Active:
 
 class Worker:
     """The thread that owns the model: admits queued jobs in arrival order, up to ``parallel`` at a time, each on
-    its own KV-cache slot, and interleaves them step by step (one prefill chunk or one decoded token per sequence
-    per round), so every stream makes progress and a new request's first token does not wait for others to end.
-    A cancelled job (client gone) stops at its next step: within one prefill chunk or one token."""
+    its own KV-cache slot, and runs them in shared forward steps (continuous batching): each round, every running
+    sequence adds its next decoded token, and those still reading their prompt add their next chunk while the
+    round has prefill room (``max_prefill_rows``, oldest request first), all in one forward. So every stream makes
+    progress, a new request's first token does not wait for others to end, and the model's weights are read once
+    per round for all of them. A cancelled job (client gone) stops at its next step: within one prefill chunk or
+    one token."""
 
     def __init__(self, backend: ChatBackend, cache_slots: int = 4, max_queue: int = 256,
-                 token_source: TokenSource | None = None, parallel: int = 1):
+                 token_source: TokenSource | None = None, parallel: int = 1,
+                 max_prefill_rows: int = MAX_PREFILL_ROWS):
         self.backend = backend
         self.parallel = max(1, parallel)
         self.max_slots = max(1, cache_slots, self.parallel)
         self.max_queue = max_queue
+        self.max_prefill_rows = max(1, max_prefill_rows)
         self.token_source = token_source
         self.slots: list[_Slot] = []
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.active: list[_Active] = []
         self.busy = False
         self.steps = 0  # scheduling rounds run (tests and benchmarks read it)
+        self.batch = BatchStats()
         self.finished: deque[Finished] = deque(maxlen=256)  # recent requests, newest last
         self.thread = threading.Thread(target=self._loop, name="k2local-model", daemon=True)
         self.thread.start()
@@ -321,15 +351,24 @@ class Worker:
                 if job is None:
                     for a in self.active:
                         a.job.cancel.set()
-                        self._step(a)
+                    self._round()
                     return
                 self.busy = True
                 self._admit(job)
             self.busy = bool(self.active)
             self.steps += 1
-            for a in list(self.active):
-                if self._step(a):
-                    self.active.remove(a)
+            self._round()
+
+    def _round(self) -> None:
+        """One shared forward step of every running request; the ended ones are answered and leave."""
+        if not self.active:
+            return
+        model = self.active[0].run.gen.model  # every slot's generator runs the backend's one model
+        self.batch.record(step_batch(model, [a.run for a in self.active], self.max_prefill_rows))
+        for a in list(self.active):
+            if a.run.done:
+                self.active.remove(a)
+                self._end(a)
 
     def _fail(self, job: Job, e: BaseException) -> None:
         log.exception("request failed")
@@ -388,25 +427,24 @@ class Worker:
         slot.prompt_len = 0  # until this request ends, the slot holds no finished prompt
         self.active.append(_Active(job, slot, run))
 
-    def _step(self, a: _Active) -> bool:
-        """One step of a running request; True when it has ended (answered, failed or cancelled)."""
+    def _end(self, a: _Active) -> None:
+        """Answer a request whose generation has ended (finished, cancelled or failed)."""
+        res = a.run.result
         try:
-            if not a.run.step():
-                return False
-            res = a.run.result
+            if a.run.error is not None:
+                raise a.run.error
             assert res is not None
             a.slot.prompt_len = min(len(a.job.prompt), res.prefilled if res.prefilled is not None
                                     else len(a.job.prompt))
             a.slot.last_used = time.monotonic()
             a.job.output.close()
         except Exception as e:  # noqa: BLE001 - the model thread must outlive any one request
-            log.exception("generation failed")
+            log.error("generation failed", exc_info=e)
             a.slot.gen.reset()
             a.slot.prompt_len = 0
             a.job.post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
-            return True
+            return
         self._finish(a.job, res)
-        return True
 
     def _finish(self, job: Job, res: GenerationResult) -> None:
         self.finished.append(Finished(job.kind, job.params, res))
