@@ -100,6 +100,14 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 Runner = Callable[[], dict]
 
 
+def prefill(model: KimiK2Model, ids: list[int], cache, chunk: int) -> torch.Tensor:
+    """The prompt in chunks of `chunk` tokens (0: one call), as k2local.generate.Generator runs it; last logits."""
+    step = chunk or len(ids)
+    for a in range(0, len(ids), step):
+        lg = model.forward(ids[a:a + step], cache, pos=a, last_only=True)
+    return lg[-1]
+
+
 class Sections:
     """Exclusive wall time per named section of nested calls (a section's time excludes the sections it calls)."""
 
@@ -127,15 +135,14 @@ BREAKDOWN = (("routed experts", "experts"), ("dense/attention matrices", "matric
                                                                         "(the rest)", "rest"))
 
 
-def decode_breakdown(model: KimiK2Model, ids: list[int], tokens: int) -> dict[str, float]:
+def decode_breakdown(model: KimiK2Model, ids: list[int], tokens: int, chunk: int) -> dict[str, float]:
     """Seconds per decoded token by BREAKDOWN category, after prefilling `ids`, with timers around every matrix
     (k2local.model.linear and MLA's per-head k_b / v_b), the routed-expert call and the attention method; also the
     token's time with and without the timers ('total', 'untimed'). Attention math = _attention less its matrices."""
     import k2local.model as km  # noqa: PLC0415
 
     cache = model.new_cache()
-    lg = model.forward(ids, cache, last_only=True)[-1]
-    tok = int(lg.argmax())
+    tok = int(prefill(model, ids, cache, chunk).argmax())
     t0 = time.perf_counter()
     for _ in range(tokens):
         tok = int(model.forward([tok], cache)[-1].argmax())
@@ -198,7 +205,7 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
         backend.reset_stats()
         sync()
         t0 = time.perf_counter()
-        lg = model.forward(ids, cache, last_only=True)[-1]
+        lg = prefill(model, ids, cache, args.prefill_chunk)
         sync()
         prefill_s = time.perf_counter() - t0
         backend.reset_stats()
@@ -217,7 +224,7 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
                 "expert_s_per_token": st["timers"].get("forward_s", 0.0) / args.decode,
                 "kernels": st["kernels"], "disk_read_bytes": st["tiers"].get("disk", {}).get("bytes_read", 0)}
 
-    run.breakdown = lambda: (label, decode_breakdown(model, ids, args.decode))  # type: ignore[attr-defined]
+    run.breakdown = lambda: (label, decode_breakdown(model, ids, args.decode, args.prefill_chunk))  # type: ignore[attr-defined]
     return run, backend.close
 
 
@@ -360,6 +367,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="q4", help="quant recipe for the synthetic model's GGUF")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small", help="synthetic model shapes (see SHAPES)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    ap.add_argument("--prefill-chunk", type=int, default=512,
+                    help="k2local prefill chunk (the generator's default; llama-bench's -ub is 512 too); 0: one call")
     ap.add_argument("--decode", type=int, default=32, help="decoded tokens")
     ap.add_argument("--modes", default="ram,disk", help="k2local placements: ram, disk")
     ap.add_argument("--disk-fraction", type=float, default=0.25, help="disk mode: RAM cache as a share of experts")
