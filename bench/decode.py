@@ -151,11 +151,18 @@ def decode_breakdown(model: KimiK2Model, ids: list[int], tokens: int, chunk: int
     sec = Sections()
     saved = (km.linear, model.experts, type(model)._attention, [(lw.uk_q, lw.uv_q) for lw in model.layers])
     experts = model.experts
-    km.linear = sec.wrap(saved[0], "matrices")
+    read = [0]
+
+    def counted(x, w):
+        read[0] += w.nbytes if hasattr(w, "nbytes") else w.numel() * w.element_size()
+        return saved[0](x, w)
+
+    km.linear = sec.wrap(counted, "matrices")
     model.experts = type("TimedExperts", (), {"forward": staticmethod(sec.wrap(experts.forward, "experts"))})()
     model._attention = sec.wrap(functools.partial(type(model)._attention, model), "attention")
     for lw in model.layers:
         if lw.uk_q is not None:
+            read[0] += tokens * (lw.uk_q.w.nbytes + lw.uv_q.w.nbytes)
             lw.uk_q, lw.uv_q = sec.wrap(lw.uk_q, "matrices"), sec.wrap(lw.uv_q, "matrices")
     try:
         t0 = time.perf_counter()
@@ -169,6 +176,7 @@ def decode_breakdown(model: KimiK2Model, ids: list[int], tokens: int, chunk: int
             lw.uk_q, lw.uv_q = uk, uv
     out = {k: v / tokens for k, v in sec.seconds.items()}
     out["total"], out["untimed"] = total, untimed
+    out["matrix_bytes"] = read[0] / tokens
     return out
 
 
@@ -176,9 +184,11 @@ def print_breakdown(b: dict[str, float], label: str, tokens: int) -> None:
     total = b["total"]
     print(f"k2local ({label}): time per decoded token over {tokens} tokens, timers on: {1e3 * total:.1f} ms "
           f"({1 / total:.2f} tok/s; without timers {1e3 * b['untimed']:.1f} ms = {1 / b['untimed']:.2f} tok/s)")
+    gbs = {"matrices": b["matrix_bytes"], "experts": b.get("expert_bytes", 0.0)}
     for what, key in BREAKDOWN:
         v = b.get(key, 0.0)
-        print(f"  {what:<45} {1e3 * v:8.2f} ms  {100 * v / total:5.1f}%")
+        rate = f"  {gbs[key] / 1e6:7.0f} MB at {gbs[key] / v / 1e9:5.1f} GB/s" if gbs.get(key) and v else ""
+        print(f"  {what:<45} {1e3 * v:8.2f} ms  {100 * v / total:5.1f}%{rate}")
 
 
 def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[int]) -> tuple[Runner, Callable]:
@@ -323,6 +333,7 @@ def run_engines(loaders: list[Callable[[], tuple[Runner, Callable] | dict]], rou
     def add_breakdown(run: Runner, r: dict) -> None:
         if breakdown and hasattr(run, "breakdown"):
             r["breakdown"] = run.breakdown()[1]  # type: ignore[attr-defined]
+            r["breakdown"]["expert_bytes"] = r.get("expert_bytes_per_token", 0.0)
 
     if not sequential:
         loaded = []
@@ -366,7 +377,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("K2LOCAL_BENCH_DIR", "/tmp/k2local-bench")))
     ap.add_argument("--recipe", default="q4", help="quant recipe for the synthetic model's GGUF")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small", help="synthetic model shapes (see SHAPES)")
-    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    ap.add_argument("--prompt", default="64", help="prompt tokens (prefill); comma-separated for several lengths, "
+                                                  "e.g. 64,512,2048,8192 (decode is then timed at each depth)")
     ap.add_argument("--prefill-chunk", type=int, default=512,
                     help="k2local prefill chunk (the generator's default; llama-bench's -ub is 512 too); 0: one call")
     ap.add_argument("--decode", type=int, default=32, help="decoded tokens")
@@ -386,6 +398,10 @@ def main() -> None:
                     help="timed runs per engine, taken in turns; the best prefill and decode of each are kept")
     ap.add_argument("--json", action="store_true", help="print results as JSON")
     args = ap.parse_args()
+    try:
+        args.prompts = [int(p) for p in args.prompt.split(",")]
+    except ValueError:
+        ap.error(f"--prompt: expected comma-separated token counts, got {args.prompt!r}")
 
     torch.set_num_threads(args.threads)
     try:
@@ -402,6 +418,29 @@ def main() -> None:
         path = args.model
         gguf = args.gguf or (args.model if args.model.suffix == ".gguf" else None)
     ram_bw = measure_ram_bandwidth()
+    summary = []
+    for n in args.prompts:
+        summary.append((n, bench_prompt(argparse.Namespace(**{**vars(args), "prompt": n}), path, gguf, ram_bw)))
+    if len(summary) > 1 and not args.json:
+        print_summary(summary)
+
+
+def print_summary(summary: list[tuple[int, list[dict]]]) -> None:
+    """One line per prompt length and engine: prefill and decode tok/s, and k2local's ratio to each."""
+    print("\nsummary (decode after the prompt, at its depth):")
+    print(f"{'prompt':>7}  {'engine':<50}{'prefill tok/s':>14}{'decode tok/s':>13}{'k2 pre x':>9}{'k2 dec x':>9}")
+    for n, results in summary:
+        rows = [r for r in results if "decode_tps" in r]
+        ours = next((r for r in rows if r["engine"] == "k2local"), None)
+        for r in rows:
+            rp = f"{ours['prefill_tps'] / r['prefill_tps']:.2f}" if ours and r["prefill_tps"] else ""
+            rd = f"{ours['decode_tps'] / r['decode_tps']:.2f}" if ours and r["decode_tps"] else ""
+            print(f"{n:>7}  {(r['engine'] + ' ' + r['mode'])[:49]:<50}{r['prefill_tps']:>14.1f}"
+                  f"{r['decode_tps']:>13.2f}{rp:>9}{rd:>9}")
+
+
+def bench_prompt(args: argparse.Namespace, path: Path, gguf: Path | None, ram_bw: float) -> list[dict]:
+    """Every engine at one prompt length (args.prompt); prints its table, breakdown and ratios; returns the rows."""
     vocab = open_checkpoint(path).config.vocab_size
     ids = prompt_ids(args.prompt, vocab)
     loaders: list[Callable[[], tuple[Runner, Callable] | dict]] = [
@@ -426,7 +465,7 @@ def main() -> None:
         ik = ik_llama.describe(ik_llama.find(args.ik_llama), args.threads) if gguf is not None else None
         print(json.dumps({"ram_read_gbs": ram_bw, "model": str(path), "threads": args.threads, "results": results,
                           "llama_cpp": peer, "ik_llama_cpp": ik, "sequential": sequential}))
-        return
+        return results
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
@@ -466,6 +505,8 @@ def main() -> None:
         print_ratios(ours[0], [r for r in results if r["engine"] != "k2local" and "decode_tps" in r])
     if len(ours) > 1:
         print("k2local placements give the same tokens:", all(r["tokens"] == ours[0]["tokens"] for r in ours))
+
+    return results
 
 
 if __name__ == "__main__":
