@@ -78,4 +78,9 @@ def tool_grammar(tokenizer: TextTokenizer, dialect: ToolDialect, mode: ToolMode,
                                   parallel=parallel and forced is None)
         return Grammar(tokenizer, lark)
     except GrammarError as e:
-        raise bad_param("tools", f"tools: a parameters schema is not supported: {e}") from None
+        for i, spec in enumerate(specs):  # name the tool whose schema fails
+            try:
+                Grammar(tokenizer, json_grammar(spec.schema))
+            except GrammarError as one:
+                raise bad_param("tools", f"tools[{i}] ({spec.name}): unsupported parameters schema: {one}") from None
+        raise bad_param("tools", f"tools: cannot build the tool-call grammar: {e}") from None
