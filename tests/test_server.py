@@ -599,7 +599,8 @@ def test_error_prompt_longer_than_context(served: Served) -> None:
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_completion_tokens": -3}, "max_completion_tokens"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
     ({"seed": 1.5}, "seed"),
     ({"stop": [1, 2]}, "stop"),
     ({"stream": "yes"}, "stream"),
@@ -610,8 +611,10 @@ def test_error_prompt_longer_than_context(served: Served) -> None:
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": "sometimes", "tools": [WEATHER]}, "tool_choice"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
 ])
 def test_error_bad_parameters(served: Served, bad: dict, param: str) -> None:
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **bad}

@@ -300,10 +300,10 @@ def test_penalties_change_the_output(s: Agents) -> None:
     assert e.value.param == "presence_penalty"
 
 
-def test_unsupported_sampling_options_are_refused_clearly(s: Agents) -> None:
+def test_out_of_range_sampling_options_are_refused_clearly(s: Agents) -> None:
     msgs = [{"role": "user", "content": "hi"}]
-    for kw, param in (({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
-                      ({"logprobs": True, "top_logprobs": 2}, "logprobs")):
+    for kw, param in (({"n": 17}, "n"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                      ({"top_logprobs": 2}, "top_logprobs")):
         with pytest.raises(openai.BadRequestError) as e:
             s.openai.chat.completions.create(model=s.model, max_tokens=1, messages=msgs, **kw)
         assert e.value.param == param and e.value.status_code == 400
