@@ -204,9 +204,7 @@ def plan_summary(engine: Engine, opts: LoadOptions, loaded_bytes: int = 0) -> An
     ex_bytes, ex_dev = _tensor_bytes(getattr(backend, "experts", None))
     ex_where = "GPU" if ex_dev == "cuda" else "RAM"
     table.add_row(ex_where, f"routed experts, all resident ({type(backend).__name__})", _gb(ex_bytes))
-    cfg = model.cfg
-    per_tok = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.dtype.itemsize
-    table.add_row(where, f"KV cache, up to {engine.max_context} tokens", _gb(per_tok * engine.max_context))
+    table.add_row(where, f"KV cache, up to {engine.max_context} tokens", _gb(_kv_bytes(engine)))
     table.add_row("disk", "nothing read during generation", "")
     return table
 
@@ -233,18 +231,22 @@ def placement_line(engine: Engine, loaded_bytes: int = 0) -> str:
             experts.append(f"RAM {human(plan.store_bytes)} ({plan.p_ram:.0%} of uses)")
         else:
             experts += [f"RAM cache {human(plan.store_bytes)} ({plan.p_ram:.0%} of uses)",
-                        f"disk {human(plan.disk_bytes)} ({plan.p_disk:.0%})"]
+                        f"disk {human(plan.disk_bytes)} ({plan.p_disk:.0%} of uses)"]
         weights, kv = plan.resident_bytes, plan.kv_bytes
     else:
         ex_bytes, ex_dev = _tensor_bytes(getattr(backend, "experts", None))
         experts = [f"{'GPU' if ex_dev == 'cuda' else 'RAM'} {human(ex_bytes)} (100% of uses)"]
-        cfg = model.cfg
-        weights = loaded_bytes
-        kv = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.dtype.itemsize \
-            * engine.max_context
+        weights, kv = loaded_bytes, _kv_bytes(engine)
     return (f"placement: {dtype} on {where} · weights {human(weights)} in {'GPU memory' if on_gpu else 'RAM'} · "
             f"experts {', '.join(experts)} · KV cache {human(kv)} for {engine.max_context} tokens · "
             "/plan shows the table")
+
+
+def _kv_bytes(engine: Engine) -> int:
+    """The KV cache of a full context window (MLA: the compressed latent and the rope key per layer and token)."""
+    cfg, model = engine.model.cfg, engine.model
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.dtype.itemsize \
+        * engine.max_context
 
 
 def _threads(n: int) -> str:
