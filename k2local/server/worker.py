@@ -39,9 +39,6 @@ MAX_PREFILL_ROWS = 512  # prompt rows in one shared forward step (other streams'
 TokenSource = Callable[[list[int]], "Iterable[int] | None"]
 RequestKind = Literal["chat", "completion", "messages", "responses"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
-# Dialects whose tool-call sections are kept out of the content of a chat without tools. DeepSeek's are not: its
-# served tests pin its markers staying in such content (tests/test_server.py, test_deepseek_tool_calls_streamed_*).
-HIDDEN_SECTION_DIALECTS = ("kimi_k2",)
 
 
 # --------------------------------------------------------------------------------------- output (worker side)
@@ -148,8 +145,7 @@ class Output:
         self.parser = ToolCallStreamParser(dialect, tools.call_base) if tools.parse else None
         # no tools asked for (a chat, not a raw completion): a tool-call section the model writes anyway is parsed
         # and dropped, so its marker tokens never reach the content
-        self.hidden = (ToolCallStreamParser(dialect) if not tools.parse and not tools.raw
-                       and dialect.name in HIDDEN_SECTION_DIALECTS else None)
+        self.hidden = ToolCallStreamParser(dialect) if not tools.parse and not tools.raw else None
         self.thinker = (ReasoningStreamParser(start_in_reasoning, (dialect.section_begin,))
                         if reasoning and not (self.parser and tools.prefix) else None)
         self.content: list[str] = []
