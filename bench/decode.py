@@ -33,6 +33,9 @@ from k2local.model import KimiK2Model  # noqa: E402
 from k2local.placement import build_backend, layout_for  # noqa: E402
 from offload.probe import measure_ram_bandwidth  # noqa: E402
 from tests.peers import llama_cpp as llama  # noqa: E402
+from bench.disk_tier import (DISK_SHAPES, add_disk_args, capped_runs, cold_stats_path, disk_fields,  # noqa: E402
+                             disk_options, disk_ram_gib, gather_stats, planner_prediction, print_disk_report,
+                             raw_probe)
 
 SHAPES = {
     # small: per-token fixed costs (Python, attention, small matmuls) weigh as much as expert bytes
@@ -45,10 +48,14 @@ SHAPES = {
                     n_routed_experts=24, num_experts_per_tok=8, num_attention_heads=64, q_lora_rank=1536,
                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
 }
+SHAPES.update(DISK_SHAPES)
 
 
-def synthetic_model(workdir: Path, recipe: str, shape: str = "small") -> tuple[Path, Path]:
-    """A Kimi K2 layout checkpoint with SHAPES[shape] (FP8, random weights) and its GGUF; cached in workdir."""
+def synthetic_model(workdir: Path, recipe: str, shape: str = "small", skew: float | None = None
+                    ) -> tuple[Path, Path]:
+    """A Kimi K2 layout checkpoint with SHAPES[shape] (FP8, random weights) and its GGUF; cached in workdir.
+    skew: a copy of the GGUF whose routers' selection bias is Zipf-shaped with this exponent
+    (k2local.tiny.skew_gguf_routers; the checkpoint returned is then the plain one)."""
     from k2local import tiny  # noqa: PLC0415
     from k2local.convert.to_gguf import convert  # noqa: PLC0415
 
@@ -62,6 +69,11 @@ def synthetic_model(workdir: Path, recipe: str, shape: str = "small") -> tuple[P
     if not gguf.exists():
         print(f"converting to {gguf} ({recipe}) ...", file=sys.stderr)
         convert(hf, gguf, recipe)
+    if skew is not None:
+        skewed = workdir / f"synth-{tag}-{recipe}-zipf{skew:g}.gguf"
+        if not skewed.exists():
+            tiny.skew_gguf_routers(gguf, skewed, skew)
+        gguf = skewed
     return hf, gguf
 
 
@@ -73,15 +85,19 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 Runner = Callable[[], dict]
 
 
-def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[int]) -> tuple[Runner, Callable]:
-    """Load k2local with experts in `mode`; returns (one timed prefill + decode, close)."""
+def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[int], stats: str | None = None,
+                   note: str = "", save_stats: bool = False) -> tuple[Runner, Callable]:
+    """Load k2local with experts in `mode`; returns (one timed prefill + decode, close).
+    stats: disk mode's routing statistics file (None: a cold start), saved to on close if save_stats;
+    note: added to the placement label."""
     source = open_checkpoint(path)
     device = torch.device("cpu" if args.cpu_only or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    extra = {"save_routing_stats": False}
+    extra: dict = {"save_routing_stats": False}
     if mode == "disk":
-        total = layout_for(source).total_bytes
-        ram = args.disk_ram if args.disk_ram is not None else total * args.disk_fraction / (1 << 30)
+        extra = disk_options(args, stats or cold_stats_path(args.workdir), save_stats)
+        ram = args.disk_ram if args.disk_ram is not None else disk_ram_gib(
+            source, args.disk_fraction, source.config.num_experts_per_tok)
     else:
         ram = None
     opts = LoadOptions(cpu_only=args.cpu_only, experts_on=mode, ram=ram, gpu_mem=args.gpu_mem, extra=extra)
@@ -90,7 +106,9 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model.forward(ids[:4], model.new_cache(), last_only=True)  # warm-up
     plan = backend.plan
-    label = f"experts in {mode}" + (f" ({plan.store_bytes / (1 << 20):.0f} MiB cache)" if mode == "disk" else "")
+    label = f"experts in {mode}" + (f" ({plan.store_bytes / (1 << 20):.0f} MiB: {plan.store_slots} cached + "
+                                    f"{plan.staging_slots} staging{note})" if mode == "disk" else "")
+    predicted = planner_prediction(backend, device, dtype, args.io_threads) if mode == "disk" else {}
 
     def run() -> dict:
         cache = model.new_cache()
@@ -114,7 +132,8 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
                 "decode_tps": args.decode / decode_s, "expert_bytes_per_token": st["expert_bytes_per_token"],
                 "tokens": toks, "hit_rates": tiers,
                 "expert_s_per_token": st["timers"].get("forward_s", 0.0) / args.decode,
-                "kernels": st["kernels"], "disk_read_bytes": st["tiers"].get("disk", {}).get("bytes_read", 0)}
+                "kernels": st["kernels"], "disk_read_bytes": st["tiers"].get("disk", {}).get("bytes_read", 0),
+                **disk_fields(st, decode_s), **predicted}
 
     return run, backend.close
 
@@ -194,6 +213,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="timed runs per engine, taken in turns; the best prefill and decode of each are kept")
     ap.add_argument("--json", action="store_true", help="print results as JSON")
+    add_disk_args(ap)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -205,7 +225,7 @@ def main() -> None:
         pass
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.model is None:
-        _, gguf = synthetic_model(args.workdir, args.recipe, args.shape)
+        _, gguf = synthetic_model(args.workdir, args.recipe, args.shape, args.skew)
         path = gguf
     else:
         path = args.model
@@ -213,7 +233,13 @@ def main() -> None:
     ram_bw = measure_ram_bandwidth()
     vocab = open_checkpoint(path).config.vocab_size
     ids = prompt_ids(args.prompt, vocab)
-    loaded = [k2local_runner(path, m.strip(), args, ids) for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    loaded = [k2local_runner(path, m, args, ids, stats=str(args.routing_stats) if args.routing_stats else None)
+              for m in modes]
+    if "disk" in modes and args.stats_compare:
+        saved = gather_stats(k2local_runner, path, args, vocab)
+        loaded.append(k2local_runner(path, "disk", args, ids, stats=saved, note=", pre-warmed from saved stats"))
+    raw = raw_probe(path, args.io_threads) if "disk" in modes else None
     missing = []
     if gguf is not None and not args.no_llama:
         got = llama_runner(gguf, args, ids)
@@ -224,6 +250,8 @@ def main() -> None:
     results = best_of_rounds([run for run, _ in loaded], args.rounds) + missing
     for _, close in loaded:
         close()
+    if args.mem_cap is not None:
+        results += capped_runs(args, sys.argv[1:])
     for r in results:  # llama.cpp reads the same expert bytes per token
         r.setdefault("expert_bytes_per_token", results[0].get("expert_bytes_per_token", 0))
     for r in results:
@@ -233,7 +261,7 @@ def main() -> None:
     if args.json:
         peer = llama.describe() if gguf is not None and not args.no_llama else None
         print(json.dumps({"ram_read_gbs": ram_bw, "model": str(path), "threads": args.threads, "results": results,
-                          "llama_cpp": peer}))
+                          "llama_cpp": peer, "raw_disk": raw.__dict__ if raw is not None else None}))
         return
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
@@ -258,6 +286,7 @@ def main() -> None:
     Console(width=max(140, Console().width)).print(t)
     if gguf is not None and not args.no_llama:
         print("peer:", llama.describe())
+    print_disk_report(results, raw)
     ours = [r for r in results if r["engine"] == "k2local" and "tokens" in r]
     theirs = [r for r in results if r["engine"] == "llama.cpp" and "tokens" in r]
     if ours and theirs:
