@@ -34,8 +34,8 @@ from k2local.placement import build_backend, layout_for  # noqa: E402
 from offload.probe import measure_ram_bandwidth  # noqa: E402
 from tests.peers import llama_cpp as llama  # noqa: E402
 from bench.disk_tier import (DISK_SHAPES, add_disk_args, capped_runs, cold_stats_path, disk_fields,  # noqa: E402
-                             disk_options, disk_ram_gib, gather_stats, planner_prediction, print_disk_report,
-                             raw_probe)
+                             disk_options, disk_ram_gib, first_run_hit_rates, gather_stats, planner_prediction,
+                             print_disk_report, print_first_runs, raw_probe, replay_miss_gbs)
 
 SHAPES = {
     # small: per-token fixed costs (Python, attention, small matmuls) weigh as much as expert bytes
@@ -236,10 +236,14 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     loaded = [k2local_runner(path, m, args, ids, stats=str(args.routing_stats) if args.routing_stats else None)
               for m in modes]
+    first_runs = []
     if "disk" in modes and args.stats_compare:
         saved = gather_stats(k2local_runner, path, args, vocab)
+        first_runs = first_run_hit_rates(k2local_runner, path, args, ids, saved)
         loaded.append(k2local_runner(path, "disk", args, ids, stats=saved, note=", pre-warmed from saved stats"))
     raw = raw_probe(path, args.io_threads) if "disk" in modes else None
+    replay = replay_miss_gbs(path, args.io_threads, open_checkpoint(path).config.num_experts_per_tok) \
+        if "disk" in modes else None
     missing = []
     if gguf is not None and not args.no_llama:
         got = llama_runner(gguf, args, ids)
@@ -261,7 +265,8 @@ def main() -> None:
     if args.json:
         peer = llama.describe() if gguf is not None and not args.no_llama else None
         print(json.dumps({"ram_read_gbs": ram_bw, "model": str(path), "threads": args.threads, "results": results,
-                          "llama_cpp": peer, "raw_disk": raw.__dict__ if raw is not None else None}))
+                          "llama_cpp": peer, "raw_disk": raw.__dict__ if raw is not None else None,
+                          "disk_tier_alone_gbs": replay}))
         return
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
@@ -286,7 +291,8 @@ def main() -> None:
     Console(width=max(140, Console().width)).print(t)
     if gguf is not None and not args.no_llama:
         print("peer:", llama.describe())
-    print_disk_report(results, raw)
+    print_disk_report(results, raw, replay)
+    print_first_runs(first_runs)
     ours = [r for r in results if r["engine"] == "k2local" and "tokens" in r]
     theirs = [r for r in results if r["engine"] == "llama.cpp" and "tokens" in r]
     if ours and theirs:

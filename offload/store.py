@@ -189,7 +189,8 @@ class SlotPool:
 
 
 class _IOPool:
-    """A few daemon threads running load jobs by priority (0 = a layer waits on it, 1 = prefetch)."""
+    """A few daemon threads running load jobs by priority (-1 = the other segments of an expert being read,
+    0 = a layer waits on it, 1 = prefetch)."""
 
     def __init__(self, n_threads: int):
         self._q: queue.PriorityQueue = queue.PriorityQueue()
@@ -253,6 +254,22 @@ class _Load:
         self.prefetch = prefetch  # no demand has joined it yet
         self.stale = False  # a prefetch whose layer has run without it: dropped unless started
         self.deferred = False  # a prefetch waiting for a free slot (resubmitted when one frees up)
+
+
+class _Parts:
+    """Segments of one expert read on several I/O threads: who finishes last completes the load."""
+
+    def __init__(self, n: int):
+        self._n, self._err = n, None
+        self._lock = threading.Lock()
+
+    def finish(self, err: BaseException | None) -> tuple[bool, BaseException | None]:
+        """(this was the last part, the first error any part had)."""
+        with self._lock:
+            self._n -= 1
+            if err is not None and self._err is None:
+                self._err = err
+            return self._n == 0, self._err
 
 
 class _BusyClock:
@@ -607,47 +624,79 @@ class ExpertStore:
                     else:
                         self._finish_dropped(key)
                 return
-            entry = self.layout.entry(*key)
-            self.busy.enter()
-            try:
-                for (soff, foff, length), seg, (_, need) in zip(self._plans[key].reads, entry.segments,
-                                                                self._plans[key].data):
-                    if seg.path is None:
-                        seg.copy_into(self.pool.memview(slot, soff, need))
-                    else:
-                        self.reader.read_into(seg.path, foff, self.pool.memview(slot, soff, length),
-                                              need + (seg.offset - foff))
-            finally:
-                self.busy.leave()
-            with self._cv:
-                load = self._loading.pop(key)
-                self._resident[key] = slot
-                self._by_slot[slot] = key
-                self.counters.bytes_read += entry.nbytes
-                if load.prefetch:
-                    self._prefetched.add(key)
-                    self._staged[key] = None
-                else:
-                    self._admit(key)
-                leases = []
-                for f in load.futures:
-                    if f.pin:
-                        self._refs[slot] += 1
-                        leases.append((f, Lease(self, key, slot, self.tier)))
-                    else:
-                        leases.append((f, None))
-                self._cv.notify_all()
-            for f, lease in leases:
-                f.set_result(lease)
+            parts = self._read_parts(key, slot)
+            done = _Parts(len(parts))
+            for part in parts[1:]:  # the other segments on other I/O threads now: more reads in flight
+                self._io.submit(-1, lambda part=part: self._run_part(key, slot, part, done))
+            self._run_part(key, slot, parts[0], done)
         except BaseException as e:  # noqa: BLE001 (delivered to whoever waits)
-            with self._cv:
-                load = self._loading.pop(key, None)
-                if slot is not None and self._by_slot.get(slot) != key:
-                    self._free.append(slot)
-                self._cv.notify_all()
-            for f in (load.futures if load else []):
-                if not f.done():
-                    f.set_exception(e)
+            self._fail(key, slot, e)
+
+    def _read_parts(self, key: Key, slot: int) -> list[Callable[[], None]]:
+        """One closure per segment of `key`, filling its place in `slot`."""
+        entry = self.layout.entry(*key)
+        out: list[Callable[[], None]] = []
+        for (soff, foff, length), seg, (_, need) in zip(self._plans[key].reads, entry.segments,
+                                                        self._plans[key].data):
+            if seg.path is None:
+                out.append(lambda seg=seg, soff=soff, need=need: seg.copy_into(self.pool.memview(slot, soff, need)))
+            else:
+                out.append(lambda seg=seg, soff=soff, foff=foff, length=length, need=need: self.reader.read_into(
+                    seg.path, foff, self.pool.memview(slot, soff, length), need + (seg.offset - foff)))
+        return out
+
+    def _run_part(self, key: Key, slot: int, part: Callable[[], None], done: "_Parts") -> None:
+        err = None
+        self.busy.enter()
+        try:
+            part()
+        except BaseException as e:  # noqa: BLE001
+            err = e
+        finally:
+            self.busy.leave()
+        last, first_err = done.finish(err)
+        if not last:
+            return
+        if first_err is not None:
+            self._fail(key, slot, first_err)
+            return
+        try:
+            self._complete(key, slot)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(key, slot, e)
+
+    def _complete(self, key: Key, slot: int) -> None:
+        """Every segment of `key` is in `slot`: make it resident and hand out the leases waiting for it."""
+        with self._cv:
+            load = self._loading.pop(key)
+            self._resident[key] = slot
+            self._by_slot[slot] = key
+            self.counters.bytes_read += self.layout.entry(*key).nbytes
+            if load.prefetch:
+                self._prefetched.add(key)
+                self._staged[key] = None
+            else:
+                self._admit(key)
+            leases = []
+            for f in load.futures:
+                if f.pin:
+                    self._refs[slot] += 1
+                    leases.append((f, Lease(self, key, slot, self.tier)))
+                else:
+                    leases.append((f, None))
+            self._cv.notify_all()
+        for f, lease in leases:
+            f.set_result(lease)
+
+    def _fail(self, key: Key, slot: int | None, e: BaseException) -> None:
+        with self._cv:
+            load = self._loading.pop(key, None)
+            if slot is not None and self._by_slot.get(slot) != key:
+                self._free.append(slot)
+            self._cv.notify_all()
+        for f in (load.futures if load else []):
+            if not f.done():
+                f.set_exception(e)
 
     def _release(self, slot: int) -> None:
         with self._cv:
