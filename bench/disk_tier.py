@@ -270,7 +270,8 @@ def capped_runs(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any
                 continue
             d = json.loads(p.stdout.strip().splitlines()[-1])
             for r in d["results"]:
-                r["mode"] = f"{r['mode']}, under {args.mem_cap:g} GiB cgroup v{cap.version} cap"
+                r["mode"] = (f"{r['mode']}, under {args.mem_cap:g} GiB cgroup v{cap.version} cap, peak "
+                             f"{peak / (1 << 20):.0f} MiB")
                 r["cap_peak_bytes"] = peak
                 out.append(r)
     finally:
