@@ -108,7 +108,8 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
     plan = backend.plan
     label = f"experts in {mode}" + (f" ({plan.store_bytes / (1 << 20):.0f} MiB: {plan.store_slots} cached + "
                                     f"{plan.staging_slots} staging{note})" if mode == "disk" else "")
-    predicted = planner_prediction(backend, device, dtype, args.io_threads) if mode == "disk" else {}
+    probe = mode == "disk" and not args.capped_child  # a child under --mem-cap measures nothing extra
+    predicted = planner_prediction(backend, device, dtype, args.io_threads) if probe else {}
 
     def run() -> dict:
         cache = model.new_cache()
@@ -241,9 +242,10 @@ def main() -> None:
         saved = gather_stats(k2local_runner, path, args, vocab)
         first_runs = first_run_hit_rates(k2local_runner, path, args, ids, saved)
         loaded.append(k2local_runner(path, "disk", args, ids, stats=saved, note=", pre-warmed from saved stats"))
-    raw = raw_probe(path, args.io_threads) if "disk" in modes else None
+    probe = "disk" in modes and not args.capped_child
+    raw = raw_probe(path, args.io_threads) if probe else None
     replay = replay_miss_gbs(path, args.io_threads, open_checkpoint(path).config.num_experts_per_tok) \
-        if "disk" in modes else None
+        if probe else None
     missing = []
     if gguf is not None and not args.no_llama:
         got = llama_runner(gguf, args, ids)

@@ -34,6 +34,7 @@ def add_disk_args(ap: argparse.ArgumentParser) -> None:
                    help="disk mode: also run with routing statistics saved from a run on another prompt")
     g.add_argument("--mem-cap", type=float, default=None, metavar="GIB",
                    help="run k2local (disk mode) and llama.cpp each in a child under this memory limit (cgroup)")
+    g.add_argument("--capped-child", action="store_true", help=argparse.SUPPRESS)  # set by --mem-cap's children
 
 
 # ---------------------------------------------------------------------------------------------- sizing
@@ -257,8 +258,8 @@ def capped_runs(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any
                                                                                              "--modes"))
     out = []
     try:
-        for label, extra in (("k2local", ["--modes", "disk", "--no-llama", "--json"]),
-                             ("llama.cpp", ["--modes", "", "--json"])):
+        for label, extra in (("k2local", ["--modes", "disk", "--no-llama", "--json", "--capped-child"]),
+                             ("llama.cpp", ["--modes", "", "--json", "--capped-child"])):
             cap.reset_peak()
             p = cap.run(base + extra, timeout=1800)
             peak = cap.peak()
