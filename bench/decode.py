@@ -149,10 +149,13 @@ def llama_runner(gguf: Path, args: argparse.Namespace, ids: list[int]) -> tuple[
 
     # the YaRN betas llama.cpp does not read from the GGUF: without them its rope differs from the checkpoint's;
     # llama.load applies this CPU's extra-buffer-types setting (off where they abort, e.g. AMX CPUs)
-    llm = llama.load(gguf, n_ctx=len(ids) + args.decode + 8, n_threads=args.threads,
+    # under --mem-cap the consumer's llama.cpp: weights mmapped from the file (repacking would copy them into
+    # anonymous memory, which a cap below the model's size kills)
+    bufts = False if args.capped_child else None
+    llm = llama.load(gguf, extra_bufts=bufts, n_ctx=len(ids) + args.decode + 8, n_threads=args.threads,
                      n_threads_batch=args.threads, n_gpu_layers=0, n_batch=max(32, len(ids)), verbose=False,
                      **open_checkpoint(gguf).config.llama_cpp_overrides)
-    repack = "repack on" if llama.config().extra_bufts else "repack OFF"
+    repack = "repack on" if llama.config().extra_bufts and bufts is None else "repack OFF, mmap"
     n_vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:

@@ -4,6 +4,7 @@ statistics, the raw O_DIRECT probe, and the Zipf router bias of the synthetic mo
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +18,9 @@ from offload.cache import FrequencyPolicy
 from offload.probe import measure_raw_disk
 from offload.routing_stats import RoutingStats
 from offload.store import ExpertStore
-from tests.test_offload import greedy_run, opts
+from tests.test_offload import _one_torch_thread, greedy_run, opts  # noqa: F401 (an autouse fixture)
 
 GiB = 1 << 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +140,6 @@ def test_prefetch_never_displaces_cached_or_in_use_experts(skewed) -> None:
         for _ in range(50):  # let queued prefetches run
             if not store._loading:
                 break
-            import time
             time.sleep(0.02)
         assert set(store.cached_keys()) == cached
         assert store.is_resident((layer, 4)) and store.is_resident((layer, 5))
