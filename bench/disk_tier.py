@@ -258,8 +258,9 @@ def capped_runs(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any
                                                                                              "--modes"))
     out = []
     try:
-        for label, extra in (("k2local", ["--modes", "disk", "--no-llama", "--json", "--capped-child"]),
-                             ("llama.cpp", ["--modes", "", "--json", "--capped-child"])):
+        child = ["--json", "--capped-child", "--no-breakdown"]
+        for label, extra in (("k2local", ["--modes", "disk", "--no-llama"] + child),
+                             ("llama.cpp", ["--modes", ""] + child)):
             cap.reset_peak()
             p = cap.run(base + extra, timeout=1800)
             peak = cap.peak()
@@ -271,6 +272,8 @@ def capped_runs(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any
                 continue
             d = json.loads(p.stdout.strip().splitlines()[-1])
             for r in d["results"]:
+                if r.get("engine") != label or "decode_tps" not in r:  # (other peers are not run capped)
+                    continue
                 r["mode"] = (f"{r['mode']}, under {args.mem_cap:g} GiB cgroup v{cap.version} cap, peak "
                              f"{peak / (1 << 20):.0f} MiB")
                 r["cap_peak_bytes"] = peak
