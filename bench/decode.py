@@ -35,6 +35,9 @@ from k2local.placement import build_backend, layout_for  # noqa: E402
 from offload.probe import measure_ram_bandwidth  # noqa: E402
 from tests.peers import ik_llama  # noqa: E402
 from tests.peers import llama_cpp as llama  # noqa: E402
+from bench.disk_tier import (DISK_SHAPES, add_disk_args, capped_runs, cold_stats_path, disk_fields,  # noqa: E402
+                             disk_options, disk_ram_gib, first_run_hit_rates, gather_stats, planner_prediction,
+                             print_disk_report, print_first_runs, raw_probe, replay_miss_gbs)
 
 SHAPES = {
     # small: per-token fixed costs (Python, attention, small matmuls) weigh as much as expert bytes
@@ -55,11 +58,15 @@ SHAPES = {
                    n_routed_experts=8, num_experts_per_tok=8, n_shared_experts=1, num_attention_heads=64,
                    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
 }
+SHAPES.update(DISK_SHAPES)
 RANDOM_GGUF_SHAPES = ("k2deep",)
 
 
-def synthetic_model(workdir: Path, recipe: str, shape: str = "small") -> tuple[Path, Path]:
-    """A Kimi K2 layout checkpoint with SHAPES[shape] (FP8, random weights) and its GGUF; cached in workdir."""
+def synthetic_model(workdir: Path, recipe: str, shape: str = "small", skew: float | None = None
+                    ) -> tuple[Path, Path]:
+    """A Kimi K2 layout checkpoint with SHAPES[shape] (FP8, random weights) and its GGUF; cached in workdir.
+    skew: a copy of the GGUF whose routers' selection bias is Zipf-shaped with this exponent
+    (k2local.tiny.skew_gguf_routers; the checkpoint returned is then the plain one)."""
     from k2local import tiny  # noqa: PLC0415
     from k2local.convert.to_gguf import convert  # noqa: PLC0415
 
@@ -75,6 +82,11 @@ def synthetic_model(workdir: Path, recipe: str, shape: str = "small") -> tuple[P
     if not gguf.exists():
         print(f"converting to {gguf} ({recipe}) ...", file=sys.stderr)
         convert(hf, gguf, recipe)
+    if skew is not None:
+        skewed = workdir / f"synth-{tag}-{recipe}-zipf{skew:g}.gguf"
+        if not skewed.exists():
+            tiny.skew_gguf_routers(gguf, skewed, skew)
+        gguf = skewed
     return hf, gguf
 
 
@@ -191,15 +203,19 @@ def print_breakdown(b: dict[str, float], label: str, tokens: int) -> None:
         print(f"  {what:<45} {1e3 * v:8.2f} ms  {100 * v / total:5.1f}%{rate}")
 
 
-def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[int]) -> tuple[Runner, Callable]:
-    """Load k2local with experts in `mode`; returns (one timed prefill + decode, close)."""
+def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[int], stats: str | None = None,
+                   note: str = "", save_stats: bool = False) -> tuple[Runner, Callable]:
+    """Load k2local with experts in `mode`; returns (one timed prefill + decode, close).
+    stats: disk mode's routing statistics file (None: a cold start), saved to on close if save_stats;
+    note: added to the placement label."""
     source = open_checkpoint(path)
     device = torch.device("cpu" if args.cpu_only or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    extra = {"save_routing_stats": False}
+    extra: dict = {"save_routing_stats": False}
     if mode == "disk":
-        total = layout_for(source).total_bytes
-        ram = args.disk_ram if args.disk_ram is not None else total * args.disk_fraction / (1 << 30)
+        extra = disk_options(args, stats or cold_stats_path(args.workdir), save_stats)
+        ram = args.disk_ram if args.disk_ram is not None else disk_ram_gib(
+            source, args.disk_fraction, source.config.num_experts_per_tok)
     else:
         ram = None
     opts = LoadOptions(cpu_only=args.cpu_only, experts_on=mode, ram=ram, gpu_mem=args.gpu_mem, extra=extra)
@@ -208,7 +224,10 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model.forward(ids[:4], model.new_cache(), last_only=True)  # warm-up
     plan = backend.plan
-    label = f"experts in {mode}" + (f" ({plan.store_bytes / (1 << 20):.0f} MiB cache)" if mode == "disk" else "")
+    label = f"experts in {mode}" + (f" ({plan.store_bytes / (1 << 20):.0f} MiB: {plan.store_slots} cached + "
+                                    f"{plan.staging_slots} staging{note})" if mode == "disk" else "")
+    probe = mode == "disk" and not args.capped_child  # a child under --mem-cap measures nothing extra
+    predicted = planner_prediction(backend, device, dtype, args.io_threads) if probe else {}
 
     def run() -> dict:
         cache = model.new_cache()
@@ -232,7 +251,8 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
                 "decode_tps": args.decode / decode_s, "expert_bytes_per_token": st["expert_bytes_per_token"],
                 "tokens": toks, "hit_rates": tiers,
                 "expert_s_per_token": st["timers"].get("forward_s", 0.0) / args.decode,
-                "kernels": st["kernels"], "disk_read_bytes": st["tiers"].get("disk", {}).get("bytes_read", 0)}
+                "kernels": st["kernels"], "disk_read_bytes": st["tiers"].get("disk", {}).get("bytes_read", 0),
+                **disk_fields(st, decode_s), **predicted}
 
     run.breakdown = lambda: (label, decode_breakdown(model, ids, args.decode, args.prefill_chunk))  # type: ignore[attr-defined]
     return run, backend.close
@@ -248,10 +268,13 @@ def llama_runner(gguf: Path, args: argparse.Namespace, ids: list[int]) -> tuple[
 
     # the YaRN betas llama.cpp does not read from the GGUF: without them its rope differs from the checkpoint's;
     # llama.load applies this CPU's extra-buffer-types setting (off where they abort, e.g. AMX CPUs)
-    llm = llama.load(gguf, n_ctx=len(ids) + args.decode + 8, n_threads=args.threads,
+    # under --mem-cap the consumer's llama.cpp: weights mmapped from the file (repacking would copy them into
+    # anonymous memory, which a cap below the model's size kills)
+    bufts = False if args.capped_child else None
+    llm = llama.load(gguf, extra_bufts=bufts, n_ctx=len(ids) + args.decode + 8, n_threads=args.threads,
                      n_threads_batch=args.threads, n_gpu_layers=0, n_batch=max(32, len(ids)), verbose=False,
                      **open_checkpoint(gguf).config.llama_cpp_overrides)
-    repack = "repack on" if llama.config().extra_bufts else "repack OFF"
+    repack = "repack on" if llama.config().extra_bufts and bufts is None else "repack OFF, mmap"
     n_vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:
@@ -397,6 +420,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="timed runs per engine, taken in turns; the best prefill and decode of each are kept")
     ap.add_argument("--json", action="store_true", help="print results as JSON")
+    add_disk_args(ap)
     args = ap.parse_args()
     try:
         args.prompts = [int(p) for p in args.prompt.split(",")]
@@ -412,7 +436,7 @@ def main() -> None:
         pass
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.model is None:
-        _, gguf = synthetic_model(args.workdir, args.recipe, args.shape)
+        _, gguf = synthetic_model(args.workdir, args.recipe, args.shape, args.skew)
         path = gguf
     else:
         path = args.model
@@ -443,8 +467,20 @@ def bench_prompt(args: argparse.Namespace, path: Path, gguf: Path | None, ram_bw
     """Every engine at one prompt length (args.prompt); prints its table, breakdown and ratios; returns the rows."""
     vocab = open_checkpoint(path).config.vocab_size
     ids = prompt_ids(args.prompt, vocab)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    stats = str(args.routing_stats) if args.routing_stats else None
     loaders: list[Callable[[], tuple[Runner, Callable] | dict]] = [
-        lambda m=m.strip(): k2local_runner(path, m, args, ids) for m in args.modes.split(",") if m.strip()]
+        lambda m=m: k2local_runner(path, m, args, ids, stats=stats) for m in modes]
+    first_runs = []
+    if "disk" in modes and args.stats_compare:
+        saved = gather_stats(k2local_runner, path, args, vocab)
+        first_runs = first_run_hit_rates(k2local_runner, path, args, ids, saved)
+        loaders.append(lambda: k2local_runner(path, "disk", args, ids, stats=saved,
+                                              note=", pre-warmed from saved stats"))
+    probe = "disk" in modes and not args.capped_child
+    raw = raw_probe(path, args.io_threads) if probe else None
+    replay = replay_miss_gbs(path, args.io_threads, open_checkpoint(path).config.num_experts_per_tok) \
+        if probe else None
     missing: list[dict] = []
     if gguf is not None and not args.no_peers:
         ik, absent = ik_llama_engines(gguf, args)
@@ -454,6 +490,8 @@ def bench_prompt(args: argparse.Namespace, path: Path, gguf: Path | None, ram_bw
             loaders.append(lambda: llama_runner(gguf, args, ids))
     sequential = args.sequential or (gguf is not None and one_at_a_time(gguf))
     results = run_engines(loaders, args.rounds, sequential, missing, not args.no_breakdown)
+    if args.mem_cap is not None:
+        results += capped_runs(args, sys.argv[1:])
     for r in results:  # llama.cpp reads the same expert bytes per token
         r.setdefault("expert_bytes_per_token", results[0].get("expert_bytes_per_token", 0))
     for r in results:
@@ -464,7 +502,8 @@ def bench_prompt(args: argparse.Namespace, path: Path, gguf: Path | None, ram_bw
         peer = llama.describe() if gguf is not None and not (args.no_llama or args.no_peers) else None
         ik = ik_llama.describe(ik_llama.find(args.ik_llama), args.threads) if gguf is not None else None
         print(json.dumps({"ram_read_gbs": ram_bw, "model": str(path), "threads": args.threads, "results": results,
-                          "llama_cpp": peer, "ik_llama_cpp": ik, "sequential": sequential}))
+                          "llama_cpp": peer, "ik_llama_cpp": ik, "sequential": sequential,
+                          "raw_disk": raw.__dict__ if raw is not None else None, "disk_tier_alone_gbs": replay}))
         return results
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
@@ -495,6 +534,8 @@ def bench_prompt(args: argparse.Namespace, path: Path, gguf: Path | None, ram_bw
     for r in results:
         if "breakdown" in r:
             print_breakdown(r["breakdown"], r["mode"], args.decode)
+    print_disk_report(results, raw, replay)
+    print_first_runs(first_runs)
     ours = [r for r in results if r["engine"] == "k2local" and "tokens" in r]
     theirs = [r for r in results if r["engine"] == "llama.cpp" and "tokens" in r]
     if ours and theirs:

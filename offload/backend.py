@@ -40,9 +40,12 @@ def build_expert_backend(layout: ExpertLayout, model: ModelFootprint, device: to
     policy = FrequencyPolicy(prior=prior.as_prior(layout.moe_layers))
     store = ExpertStore(layout, n_slots=plan.store_slots if plan.experts_on == "disk" else None, pin=plan.pinned,
                         policy=policy, io_threads=int(options.io_threads), direct_io=bool(options.direct_io),
-                        keys=host_keys, tier=plan.experts_on)
+                        keys=host_keys, tier=plan.experts_on, staging=plan.staging_slots)
     if plan.experts_on == "ram":
         store.preload(progress=progress)
+    elif options.prewarm and prior.tokens.sum() > 0:  # the cache starts with the experts earlier runs used most
+        store.preload([k for k in prior.hot(len(dev_set) + store.cache_slots, layout.moe_layers)
+                       if k not in dev_set], progress=progress)
     cache = None
     if plan.device_experts:
         cache = DeviceCache(layout, device, dtype)

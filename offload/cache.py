@@ -19,6 +19,7 @@ class CacheCounters:
     evictions: int = 0
     bytes_read: int = 0  # bytes brought into this tier (disk reads, host-to-device copies)
     bytes_served: int = 0  # bytes of expert weights computed from this tier
+    miss_bytes: int = 0  # bytes of demanded experts that had to be read (misses and prefetch hits)
 
     @property
     def requests(self) -> int:
@@ -28,9 +29,21 @@ class CacheCounters:
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else 0.0
 
+    @property
+    def cache_hit_rate(self) -> float:
+        """Demand uses found resident without a prefetch's help (what the cache itself holds)."""
+        return (self.hits - self.prefetch_hits) / self.requests if self.requests else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Share of started prefetches that a layer then used."""
+        return self.prefetch_hits / self.prefetch_issued if self.prefetch_issued else 0.0
+
     def as_dict(self) -> dict[str, float]:
         d: dict[str, float] = dict(asdict(self))
         d["hit_rate"] = self.hit_rate
+        d["cache_hit_rate"] = self.cache_hit_rate
+        d["prefetch_precision"] = self.prefetch_precision
         return d
 
     def reset(self) -> None:

@@ -15,7 +15,8 @@ import collections
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -63,6 +64,23 @@ class RouterPredictor:
         return sorted(score, key=lambda e: -score[e])
 
 
+@dataclass
+class PredictionCounters:
+    """How well the next layer's router, applied to the current hidden state, guessed a decode step's experts."""
+
+    predicted: int = 0
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.predicted if self.predicted else 0.0
+
+
+def _release_when_done(f: Future) -> None:
+    if f.exception() is None and f.result() is not None:
+        f.result().release()
+
+
 class OffloadExperts:
     """ExpertBackend over tiers: device cache, RAM store (all resident, or a bounded cache over the disk)."""
 
@@ -91,6 +109,8 @@ class OffloadExperts:
         self._next_layer = {a: b for a, b in zip(layout.moe_layers, layout.moe_layers[1:])}
         self._first_layer = layout.moe_layers[0] if layout.moe_layers else -1
         self.shipped = CacheCounters()  # host experts shipped to the GPU for big batches
+        self.prediction = PredictionCounters()
+        self._guesses: dict[int, set[int]] = {}  # layer -> experts the prefetch guessed for its next decode step
         self.tokens = 0
         self.timers: dict[str, float] = collections.defaultdict(float)
         self._prefetch_q: queue.Queue | None = None
@@ -144,6 +164,12 @@ class OffloadExperts:
                 host.append(key)
         if self.device_cache is not None:
             self.device_cache.counters.misses += len(host)
+        if self._prefetch_q is not None:
+            self.store.retire_prefetches(layer, host)
+            guess = self._guesses.pop(layer, None)
+            if guess is not None and T == 1:  # the router-of-the-next-layer guess, against what was routed
+                self.prediction.predicted += len(guess)
+                self.prediction.correct += len(guess & set(experts))
         ship = self.device.type == "cuda" and T >= self.gpu_prefill_min_tokens and self._decodable_on_device(host)
         x_host = None if ship else x.detach().to("cpu", self.cpu_dtype)
         if self._prefetch_q is not None and layer in self._next_layer:
@@ -207,7 +233,7 @@ class OffloadExperts:
         def pump() -> None:
             nonlocal mi
             while mi < len(misses) and len(pending) < depth:
-                pending.append((misses[mi], store.lease(misses[mi])))
+                pending.append((misses[mi], store.lease(misses[mi], counted=True)))
                 mi += 1
 
         pump()
@@ -218,7 +244,7 @@ class OffloadExperts:
                 if pending:
                     k, fut = pending.popleft()
                 else:  # depth 0 (a one-slot pool): strictly one at a time
-                    k, fut = misses[mi], store.lease(misses[mi])
+                    k, fut = misses[mi], store.lease(misses[mi], counted=True)
                     mi += 1
                 t1 = time.perf_counter()
                 lease = fut.result()
@@ -249,25 +275,43 @@ class OffloadExperts:
         lut = np.full(self.layout.n_experts, -1, dtype=np.int32)
         flat = idx.reshape(-1).numpy()
         cap = max(1, self.store.n_slots - 1)
+
+        def run(leases: list[Lease]) -> None:
+            t1 = time.perf_counter()
+            lut.fill(-1)
+            lut[[lease.key[1] for lease in leases]] = np.arange(len(leases), dtype=np.int32)
+            _kernels.moe_experts(xr, [tuple(lease.views) for lease in leases], qtypes, lut[flat].reshape(-1, 1),
+                                 ones, out=rows, accumulate=True)
+            self.timers["cpu_compute_s"] += time.perf_counter() - t1
+
         for c0 in range(0, len(keys), cap):
             chunk = keys[c0:c0 + cap]
             leases = self.store.pin_resident(chunk)
             got = {lease.key for lease in leases}
+            futs = [self.store.lease(k, counted=True) for k in chunk if k not in got]
+            pending: set[Future] = set(futs)
             try:
-                futs = [self.store.lease(k) for k in chunk if k not in got]
-                t1 = time.perf_counter()
-                for f in futs:
-                    leases.append(f.result())
-                self.timers["io_wait_s"] += time.perf_counter() - t1
-                t1 = time.perf_counter()
-                lut.fill(-1)
-                lut[[lease.key[1] for lease in leases]] = np.arange(len(leases), dtype=np.int32)
-                _kernels.moe_experts(xr, [tuple(lease.views) for lease in leases], qtypes, lut[flat].reshape(-1, 1),
-                                     ones, out=rows, accumulate=True)
-                self.timers["cpu_compute_s"] += time.perf_counter() - t1
+                # the resident experts first while the misses stream in; then each batch of arrived misses (each
+                # (token, slot) row is one expert's output, so how experts are split over calls changes nothing)
+                if leases:
+                    run(leases)
+                    for lease in leases:
+                        lease.release()
+                leases = []
+                while pending:
+                    t1 = time.perf_counter()
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    self.timers["io_wait_s"] += time.perf_counter() - t1
+                    leases = [f.result() for f in done]
+                    run(leases)
+                    for lease in leases:
+                        lease.release()
+                    leases = []
             finally:
                 for lease in leases:
                     lease.release()
+                for f in pending:  # an error above: let go of the leases still to arrive
+                    f.add_done_callback(_release_when_done)
         # weighted sum over the slots as one batched product (torch's elementwise-then-sum took 0.15-0.5 ms here
         # for a single token: it woke the OpenMP pool)
         wf = w.detach().to("cpu", torch.float32)
@@ -367,9 +411,11 @@ class OffloadExperts:
                 return
             layer, x = item
             try:
-                cands = self.predictor.predict(layer, x, self.top_k + 2) if self.predictor else []
-                limit = max(0, min(len(cands), self.top_k * 2, self.store.n_slots // 2))
-                self.store.prefetch([(layer, e) for e in cands[:limit]])
+                cands = self.predictor.predict(layer, x, self.top_k) if self.predictor else []
+                cands = cands[:self.top_k]
+                if x.shape[0] == 1:
+                    self._guesses[layer] = set(cands)
+                self.store.prefetch([(layer, e) for e in cands])
             except Exception:  # noqa: BLE001 (a failed guess must never break generation)
                 pass
 
@@ -384,11 +430,14 @@ class OffloadExperts:
                                                                        "fused": self.device_cache.fused_experts}
             served += self.device_cache.counters.bytes_served
         tiers[self.store.tier] = self.store.counters.as_dict() | {"slots": self.store.n_slots,
+                                                                  "cache_slots": self.store.cache_slots,
+                                                                  "experts": len(self.store.keys),
                                                                   "bytes": self.store.nbytes}
         served += self.store.counters.bytes_served
         return {"tiers": tiers, "tokens": self.tokens, "expert_bytes": served,
                 "expert_bytes_per_token": served / self.tokens if self.tokens else 0.0,
                 "shipped_to_gpu_bytes": self.shipped.bytes_read, "timers": dict(self.timers),
+                "disk_busy_s": self.store.busy.busy_s, "prediction_accuracy": self.prediction.accuracy,
                 "kernels": _kernels.backend() if self.use_kernels and _kernels is not None else "torch"}
 
     def reset_stats(self) -> None:
@@ -396,6 +445,8 @@ class OffloadExperts:
         if self.device_cache is not None:
             self.device_cache.counters.reset()
         self.shipped.reset()
+        self.store.busy.reset()
+        self.prediction = PredictionCounters()
         self.tokens = 0
         self.timers.clear()
 

@@ -26,9 +26,10 @@ class OffloadOptions:
     #                                          CPU-only run a testing aid, 0 by default)
     pin: bool = True  # pin expert RAM under CUDA (unless it is over half of physical memory)
     dense: bool = False  # every routed expert dequantized in memory (the reference backend) instead of the tiers
-    io_threads: int = 4  # threads reading experts from disk
+    io_threads: int = 8  # threads reading experts from disk (each segment of an expert is its own read)
     direct_io: bool = True  # O_DIRECT reads where the file system allows them
     prefetch: bool = True  # guess the next MoE layer's experts (its router applied early) and start reading them
     gpu_prefill_min_tokens: int = 64  # batches of at least this many tokens ship host experts to the GPU
+    prewarm: bool = True  # disk tier: fill the RAM cache with the experts the saved routing statistics rank hottest
     lookahead: int = 2  # expert reads kept in flight while the CPU computes
     kernels: bool = True  # the compiled CPU expert kernels for ggml types (False: torch dequantize + matmul)

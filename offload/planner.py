@@ -20,7 +20,7 @@ from offload.routing_stats import RoutingStats, default_stats_path
 from offload.store import ALIGN, Key, device_expert_bytes, plan_slot
 
 __all__ = ["GiB", "MiB", "Bandwidths", "Hardware", "ModelFootprint", "Plan", "PlanError", "decode_breakdown",
-           "human", "plan_placement", "predict_decode_tps", "stats_path"]
+           "human", "plan_placement", "predict_decode_tps", "staging_slots", "stats_path"]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -58,6 +58,8 @@ class Bandwidths:
     gpu: float | None = None
     h2d: float | None = None
     disk_direct: bool = True  # False: the page cache may have served the disk measurement
+    disk_parallel: float | None = None  # raw O_DIRECT reads of an expert's size, several in flight
+    disk_one_stream: float | None = None  # the same, one read at a time
 
     @property
     def cpu_effective(self) -> float:
@@ -100,6 +102,13 @@ class Plan:
     n_layers: int
     notes: list[str] = field(default_factory=list)
     stats_path: str | None = None
+    staging_slots: int = 0  # disk tier: RAM slots for reads that hold no cache place (prefetches, cold misses)
+
+    @property
+    def hit_rate(self) -> float:
+        """The share of host expert uses the plan expects the RAM tier to serve (all of them when resident)."""
+        host = 1.0 - self.p_device
+        return self.p_ram / host if host > 0 else 1.0
 
     @property
     def cpu_only(self) -> bool:
@@ -118,9 +127,9 @@ class Plan:
             rows.append(("RAM", f"routed experts, resident ({self.store_slots} experts)"
                          + (", pinned" if self.pinned else ""), self.store_bytes, f"{self.p_ram:.0%} of uses"))
         else:
-            rows.append(("RAM", f"expert cache over disk ({self.store_slots} slots)" + (", pinned" if self.pinned
-                                                                                        else ""),
-                         self.store_bytes, f"{self.p_ram:.0%} of uses expected"))
+            rows.append(("RAM", f"expert cache over disk ({self.store_slots} slots + {self.staging_slots} staging)"
+                         + (", pinned" if self.pinned else ""),
+                         self.store_bytes, f"{self.p_ram:.0%} of uses expected (hit rate {self.hit_rate:.0%})"))
             rows.append(("disk", f"routed experts streamed from {len(self.files)} file(s)", self.disk_bytes,
                          f"{self.p_disk:.0%} of uses expected"))
         return rows
@@ -230,15 +239,18 @@ def plan_placement(model: ModelFootprint, layout: ExpertLayout, device: torch.de
                 f"the budget is {gib(budget)} ({'--ram' if budgets.ram is not None else 'available RAM'}). "
                 f"Use --experts-on disk to stream them from the checkpoint with a RAM cache, or raise --ram.")
         slots = len(host_keys)
+        staging = 0
     else:
-        slots = min(len(host_keys), budget // slot_bytes)
+        total = min(len(host_keys), budget // slot_bytes)
         min_slots = min(len(host_keys), model.top_k + MIN_DISK_SLOTS - 2)
-        if host_keys and slots < min_slots:
+        if host_keys and total < min_slots:
             raise PlanError(
                 f"a RAM budget of {human(budget)} is below the {human(min_slots * slot_bytes)} the disk tier "
                 f"needs ({min_slots} experts of {human(slot_bytes)}: one token's experts of a layer plus reads in "
                 f"flight). Raise --ram.")
-    store_bytes = slots * slot_bytes
+        staging = min(staging_slots(model.top_k), total // 2)
+        slots = total - staging
+    store_bytes = (slots + staging) * slot_bytes
 
     # ---- expected shares of expert uses
     p_dev = p_ram = 0.0
@@ -269,8 +281,13 @@ def plan_placement(model: ModelFootprint, layout: ExpertLayout, device: torch.de
         disk_bytes=sum(layout.entry(*k).nbytes for k in host_keys) if experts_on == "disk" else 0,
         files=layout.files(), p_device=p_dev, p_ram=p_ram, p_disk=p_disk, bytes_per_token=per_tok,
         non_expert_read_per_token=model.non_expert_read_per_token, n_layers=model.n_layers, notes=notes,
-        stats_path=stats_path(options, model.model_id),
+        stats_path=stats_path(options, model.model_id), staging_slots=staging,
     )
+
+
+def staging_slots(top_k: int) -> int:
+    """Disk-tier slots beside the cache: one layer's prefetched experts plus two demand reads in flight."""
+    return top_k + 2
 
 
 def _fill_device(layout: ExpertLayout, stats: RoutingStats, device: torch.device, dtype: torch.dtype,
@@ -288,10 +305,13 @@ def _fill_device(layout: ExpertLayout, stats: RoutingStats, device: torch.device
 
 
 def predict_decode_tps(plan: Plan, bw: Bandwidths) -> float:
-    """Decode tokens/s: every byte read per token over the bandwidth of the tier it comes from."""
+    """Decode tokens/s: every byte read per token over the bandwidth of the tier it comes from. Misses are read
+    with several in flight (the raw parallel disk figure when probed) while the CPU computes what has arrived, so
+    the slower of reading and computing them counts."""
     b = plan.bytes_per_token
     cpu = max(bw.cpu_effective, 1e-3) * 1e9
-    t = b * plan.p_ram / cpu + b * plan.p_disk * (1 / (max(bw.disk, 1e-3) * 1e9) + 1 / cpu)
+    disk = max(bw.disk_parallel or bw.disk, 1e-3) * 1e9
+    t = b * plan.p_ram / cpu + b * plan.p_disk * max(1 / disk, 1 / cpu)
     if plan.cpu_only:
         t += plan.non_expert_read_per_token / (max(bw.ram, 1e-3) * 1e9)
     else:

@@ -5,7 +5,10 @@ Each measurement takes well under a second; `measure_bandwidths` runs them all t
 from __future__ import annotations
 
 import os
+import random
+import threading
 import time
+from dataclasses import dataclass
 
 import psutil
 import torch
@@ -13,7 +16,7 @@ import torch
 from offload.executor import OffloadExperts
 from offload.expert_layout import ExpertLayout
 from offload.planner import MiB, Bandwidths, Hardware
-from offload.store import ALIGN, ExpertStore, FileReader, plan_slot
+from offload.store import ALIGN, ExpertStore, FileReader, alloc_aligned, plan_slot
 
 try:  # the expert kernels' own streaming loop measures RAM the way they read it; torch otherwise
     from offload import kernels as _kernels
@@ -86,6 +89,91 @@ def measure_disk_bandwidth(layout: ExpertLayout, max_bytes: int = 256 * MiB, max
     return total / max(time.perf_counter() - t0, 1e-9) / 1e9, direct
 
 
+@dataclass(frozen=True)
+class RawDisk:
+    """Raw O_DIRECT read bandwidth of the expert files at the disk tier's read size (GB/s)."""
+
+    parallel: float  # with `in_flight` reads at a time
+    one_stream: float  # one read at a time
+    in_flight: int
+    read_bytes: int
+    direct: bool  # False: the file system refused O_DIRECT (the page cache may have served reads)
+    dropped_caches: bool  # the page cache was dropped first (needs root and a writable /proc/sys/vm)
+
+
+def drop_page_cache() -> bool:
+    """Ask the kernel to drop clean page-cache pages (root only); whether it worked."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _raw_read_gbs(paths: list[str], read_bytes: int, in_flight: int, max_bytes: int, max_s: float,
+                  seed: int) -> tuple[float, bool]:
+    """GB/s of aligned O_DIRECT preads of `read_bytes` at random offsets of `paths`, `in_flight` threads."""
+    sizes = [os.path.getsize(p) for p in paths]
+    spans = [(p, n) for p, n in zip(paths, sizes) if n >= read_bytes + ALIGN]
+    if not spans:
+        return 0.0, False
+    reader = FileReader(direct=True)
+    rng = random.Random(seed)
+    jobs = []
+    for _ in range(max(in_flight, max_bytes // read_bytes)):
+        p, n = spans[rng.randrange(len(spans))]
+        jobs.append((p, rng.randrange(0, (n - read_bytes) // ALIGN) * ALIGN))
+    it = iter(jobs)
+    lock = threading.Lock()
+    done = [0]
+    t_end = time.perf_counter() + max_s
+
+    def worker() -> None:
+        buf, _ = alloc_aligned(read_bytes)
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]
+        while time.perf_counter() < t_end:
+            with lock:
+                job = next(it, None)
+            if job is None:
+                return
+            reader.read_into(job[0], job[1], view, read_bytes)
+            with lock:
+                done[0] += read_bytes
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(in_flight)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        direct = reader.direct_files > 0
+    finally:
+        reader.close()
+    return done[0] / max(time.perf_counter() - t0, 1e-9) / 1e9, direct
+
+
+def measure_raw_disk(layout: ExpertLayout, in_flight: int = 4, max_bytes: int = 512 * MiB, max_s: float = 1.5
+                     ) -> RawDisk | None:
+    """The device's own limit for the disk tier: O_DIRECT reads of one expert matrix's size at random offsets of
+    the expert files (not read before in this order, so no cache of ours or the kernel's serves them), one at a
+    time and `in_flight` at a time. None when the experts are not plain file bytes."""
+    paths = layout.files()
+    if not paths or not layout.keys():
+        return None
+    reads = [length for k in layout.keys()[:4] for (_, foff, length) in plan_slot(layout.entry(*k)).reads
+             if foff >= 0]
+    if not reads:
+        return None
+    read_bytes = max(reads)
+    dropped = drop_page_cache()
+    one, direct = _raw_read_gbs(paths, read_bytes, 1, max_bytes // 2, max_s / 2, seed=1)
+    par, direct2 = _raw_read_gbs(paths, read_bytes, in_flight, max_bytes, max_s, seed=2)
+    return RawDisk(par, one, in_flight, read_bytes, direct and direct2, dropped)
+
+
 def measure_cpu_expert(layout: ExpertLayout, dtype: torch.dtype = torch.float32, max_s: float = 1.0) -> float:
     """Weight GB/s of the CPU expert path for one decode token (k experts of the first MoE layer, resident)."""
     if not layout.moe_layers:
@@ -132,9 +220,10 @@ def measure_gpu(device: torch.device) -> tuple[float | None, float | None]:
     return gpu, n / _best(h2d) / 1e9
 
 
-def measure_bandwidths(layout: ExpertLayout, device: torch.device, dtype: torch.dtype = torch.float32
-                       ) -> Bandwidths:
-    """Quick measurements (about a second): RAM, disk (as the disk tier reads), CPU expert path, GPU."""
+def measure_bandwidths(layout: ExpertLayout, device: torch.device, dtype: torch.dtype = torch.float32,
+                       io_threads: int = 4) -> Bandwidths:
+    """Quick measurements (a few seconds): RAM, disk (as the disk tier reads, and raw with `io_threads` reads in
+    flight), CPU expert path, GPU."""
     ram = measure_ram_bandwidth()
     disk, direct = measure_disk_bandwidth(layout)
     cpu_dtype = dtype if device.type == "cpu" else torch.float32
@@ -143,4 +232,6 @@ def measure_bandwidths(layout: ExpertLayout, device: torch.device, dtype: torch.
     except Exception:  # noqa: BLE001 (a missing codec should not stop the plan)
         cpu = None
     gpu, h2d = measure_gpu(device)
-    return Bandwidths(ram=ram, disk=disk, cpu_expert=cpu, gpu=gpu, h2d=h2d, disk_direct=direct)
+    raw = measure_raw_disk(layout, in_flight=io_threads)
+    return Bandwidths(ram=ram, disk=disk, cpu_expert=cpu, gpu=gpu, h2d=h2d, disk_direct=direct,
+                      disk_parallel=raw.parallel if raw else None, disk_one_stream=raw.one_stream if raw else None)

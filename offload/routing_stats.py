@@ -72,14 +72,19 @@ class RoutingStats:
         u = np.sort(self.usage(layer))[::-1]
         return float(u[:n].sum())
 
-    def as_prior(self, layers: list[int]) -> dict[tuple[int, int], float]:
-        """Counts as (layer, expert) -> score, for seeding a frequency cache policy (scaled to a few hundred)."""
+    def as_prior(self, layers: list[int], tokens: float = 64.0) -> dict[tuple[int, int], float]:
+        """Counts as (layer, expert) -> score, for seeding a frequency cache policy: each layer's usage weighted
+        as much as `tokens` decoded tokens would be (top-k uses each), so this run's own routing overtakes a
+        stale prior after a few times that many tokens."""
         out: dict[tuple[int, int], float] = {}
-        total = max(1.0, float(self.counts[layers].sum())) if layers else 1.0
-        scale = 256.0 * len(layers) * self.n_experts / total if layers else 0.0
         for layer in layers:
-            for e in np.nonzero(self.counts[layer])[0]:
-                out[(layer, int(e))] = float(self.counts[layer, e]) * scale
+            c = self.counts[layer].astype(np.float64)
+            t = float(self.tokens[layer])
+            if t <= 0 or c.sum() <= 0:
+                continue
+            per_token = c / t  # uses of each expert per token (sums to top-k)
+            for e in np.nonzero(c)[0]:
+                out[(layer, int(e))] = float(per_token[e]) * tokens
         return out
 
     # ------------------------------------------------------------------ persistence

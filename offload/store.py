@@ -6,10 +6,12 @@ once (the RAM budget), and each expert's segments are read straight into its slo
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -187,7 +189,8 @@ class SlotPool:
 
 
 class _IOPool:
-    """A few daemon threads running load jobs by priority (0 = a layer waits on it, 1 = prefetch)."""
+    """A few daemon threads running load jobs by priority (-1 = the other segments of an expert being read,
+    0 = a layer waits on it, 1 = prefetch)."""
 
     def __init__(self, n_threads: int):
         self._q: queue.PriorityQueue = queue.PriorityQueue()
@@ -244,21 +247,73 @@ class _Request(Future):
 
 
 class _Load:
-    __slots__ = ("futures", "prefetch")
+    __slots__ = ("futures", "prefetch", "stale", "deferred")
 
     def __init__(self, prefetch: bool):
         self.futures: list[_Request] = []
-        self.prefetch = prefetch
+        self.prefetch = prefetch  # no demand has joined it yet
+        self.stale = False  # a prefetch whose layer has run without it: dropped unless started
+        self.deferred = False  # a prefetch waiting for a free slot (resubmitted when one frees up)
+
+
+class _Parts:
+    """Segments of one expert read on several I/O threads: who finishes last completes the load."""
+
+    def __init__(self, n: int):
+        self._n, self._err = n, None
+        self._lock = threading.Lock()
+
+    def finish(self, err: BaseException | None) -> tuple[bool, BaseException | None]:
+        """(this was the last part, the first error any part had)."""
+        with self._lock:
+            self._n -= 1
+            if err is not None and self._err is None:
+                self._err = err
+            return self._n == 0, self._err
+
+
+class _BusyClock:
+    """Wall time during which at least one read is in progress (the disk tier's busy time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._n = 0
+        self._since = 0.0
+        self.busy_s = 0.0
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._n == 0:
+                self._since = time.perf_counter()
+            self._n += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._n -= 1
+            if self._n == 0:
+                self.busy_s += time.perf_counter() - self._since
+
+    def reset(self) -> None:
+        with self._lock:
+            self.busy_s = 0.0
+            if self._n:
+                self._since = time.perf_counter()
 
 
 class ExpertStore:
     """Expert bytes in RAM slots. `resident` mode preloads every expert (the RAM tier); otherwise the slots are a
-    cache over the disk (the disk tier): demand misses and prefetches read into a free or evicted slot.
+    cache over the disk (the disk tier): demand misses and prefetches read into a free or reclaimed slot.
+
+    Disk tier: `n_slots` cache slots hold the experts the policy ranks hottest (frequency with aging, seeded by
+    saved routing statistics); `staging` more slots take the reads that do not win a cache place (prefetches,
+    and misses colder than every cached expert) and are reused least recently used first, so a one-off expert or
+    a wrong guess never pushes a hot one out. An expert wins a cache place on demand only (a prefetch is staged
+    until a layer asks for it), and a cached expert it displaces is demoted to staging, not dropped.
     """
 
     def __init__(self, layout: ExpertLayout, n_slots: int | None = None, pin: bool = False,
                  policy: CachePolicy | None = None, io_threads: int = 4, direct_io: bool = True,
-                 keys: list[Key] | None = None, tier: str | None = None):
+                 keys: list[Key] | None = None, tier: str | None = None, staging: int = 0):
         self.layout = layout
         keys = list(keys) if keys is not None else layout.keys()
         self.keys = keys
@@ -266,18 +321,24 @@ class ExpertStore:
         self._views: dict[tuple[int, tuple], tuple[torch.Tensor, ...]] = {}
         slot_bytes = max((self._plans[k].size for k in keys), default=ALIGN)
         self.all_resident = n_slots is None or n_slots >= len(keys)
-        n = len(keys) if self.all_resident else max(1, int(n_slots or 1))
+        self.cache_slots = len(keys) if self.all_resident else max(1, int(n_slots or 1))
+        self.staging_slots = 0 if self.all_resident else max(0, min(int(staging), len(keys) - self.cache_slots))
+        n = self.cache_slots + self.staging_slots
         self.pool = SlotPool(n, slot_bytes, pin)
         self.policy: CachePolicy = policy or FrequencyPolicy()
         self.reader = FileReader(direct_io)
         self.counters = CacheCounters()
+        self.busy = _BusyClock()
         self.tier = tier or ("ram" if self.all_resident else "disk")
         self._resident: dict[Key, int] = {}
+        self._cached: set[Key] = set()  # resident keys holding a cache place (at most cache_slots)
+        self._staged: collections.OrderedDict[Key, None] = collections.OrderedDict()  # the rest, LRU first
         self._by_slot: dict[int, Key] = {}
         self._refs = [0] * n
         self._free = list(range(n - 1, -1, -1))
         self._loading: dict[Key, _Load] = {}
         self._prefetched: set[Key] = set()
+        self._deferred: collections.OrderedDict[Key, None] = collections.OrderedDict()
         self._protect: set[Key] = set()
         self._cv = threading.Condition()
         self._io = _IOPool(io_threads)
@@ -312,6 +373,11 @@ class ExpertStore:
         with self._cv:
             return list(self._resident)
 
+    def cached_keys(self) -> list[Key]:
+        """The resident experts holding a cache place (not staged)."""
+        with self._cv:
+            return list(self._cached) if not self.all_resident else list(self._resident)
+
     def free_slots(self) -> int:
         with self._cv:
             return len(self._free)
@@ -321,11 +387,20 @@ class ExpertStore:
         with self._cv:
             self._protect = set(keys)
 
+    def pinned_keys(self) -> list[Key]:
+        """Experts someone holds a lease on right now."""
+        with self._cv:
+            return [k for k, s in self._resident.items() if self._refs[s] > 0]
+
     # ------------------------------------------------------------------ loading
     def preload(self, keys: Iterable[Key] | None = None, progress: Callable[[int], None] | None = None) -> None:
-        """Read `keys` (default: all, for the RAM tier) with all I/O threads; blocks until done."""
+        """Read `keys` (default: all, for the RAM tier) with all I/O threads; blocks until done. On the disk tier
+        (a pre-warm from routing statistics) at most the cache's size of them, each taking a cache place."""
+        keys = list(keys if keys is not None else self.keys)
+        if not self.all_resident:
+            keys = keys[:self.cache_slots]
         futs = []
-        for k in keys if keys is not None else self.keys:
+        for k in keys:
             f = self._request(k, prio=0, pin=False, count=False)
             if f is not None:
                 futs.append(f)
@@ -347,8 +422,23 @@ class ExpertStore:
                                       need + seg.offset - foff)
         return [buf[o:o + n] for o, n in plan.data]
 
+    def _count_hit(self, key: Key) -> None:
+        """A demand use of resident `key` (under the lock)."""
+        self.counters.hits += 1
+        self.counters.bytes_served += self.layout.entry(*key).nbytes
+        if key in self._prefetched:
+            self.counters.prefetch_hits += 1
+            self.counters.miss_bytes += self.layout.entry(*key).nbytes
+            self._prefetched.discard(key)
+        if key in self._staged:
+            self._staged.move_to_end(key)
+            self._admit(key)
+
     def pin_resident(self, keys: Iterable[Key]) -> list[Lease]:
         """Leases on those of `keys` that are resident right now (counted as hits); never waits or reads."""
+        keys = list(keys)
+        for k in keys:
+            self.policy.request(k)
         out = []
         with self._cv:
             for k in keys:
@@ -356,29 +446,46 @@ class ExpertStore:
                 if slot is None:
                     continue
                 self._refs[slot] += 1
-                self.counters.hits += 1
-                self.counters.bytes_served += self.layout.entry(*k).nbytes
-                if k in self._prefetched:
-                    self.counters.prefetch_hits += 1
-                    self._prefetched.discard(k)
+                self._count_hit(k)
                 out.append(Lease(self, k, slot, self.tier))
-        for lease in out:
-            self.policy.request(lease.key)
         return out
 
-    def lease(self, key: Key) -> Future:
-        """A future Lease on `key` (already resolved on a hit); the caller must `release()` it."""
-        self.policy.request(key)
+    def lease(self, key: Key, counted: bool = False) -> Future:
+        """A future Lease on `key` (already resolved on a hit); the caller must `release()` it.
+        counted: the policy has already been told of this use (pin_resident was asked for it first)."""
+        if not counted:
+            self.policy.request(key)
         f = self._request(key, prio=0, pin=True, count=True)
         assert f is not None
         return f
 
     def prefetch(self, keys: Iterable[Key]) -> int:
-        """Start reading likely-needed experts if a slot is free or holds a colder expert; returns how many."""
+        """Start reading likely-needed experts into staging slots (never displacing a cached expert, nor one in
+        use); returns how many reads were started or queued."""
         n = 0
         for k in keys:
             if self._request(k, prio=1, pin=False, count=False, speculative=True) is not None:
                 n += 1
+        return n
+
+    def retire_prefetches(self, layer: int, needed: Iterable[Key]) -> int:
+        """`layer` is running with the experts `needed`: prefetches of its other experts were wrong guesses. Queued
+        or waiting ones are dropped, and staged ones are the first slots reused. Returns how many."""
+        need = set(needed)
+        n = 0
+        with self._cv:
+            for k, load in list(self._loading.items()):
+                if k[0] == layer and k not in need and load.prefetch and not load.futures[1:]:
+                    load.stale = True
+                    n += 1
+                    if load.deferred:
+                        self._deferred.pop(k, None)
+                        self._finish_dropped(k)
+            for k in [k for k in self._prefetched if k[0] == layer and k not in need]:
+                self._prefetched.discard(k)
+                if k in self._staged:
+                    self._staged.move_to_end(k, last=False)
+                    n += 1
         return n
 
     def _request(self, key: Key, prio: int, pin: bool, count: bool, speculative: bool = False) -> Future | None:
@@ -393,11 +500,7 @@ class ExpertStore:
                 if pin:
                     self._refs[slot] += 1
                 if count:
-                    self.counters.hits += 1
-                    self.counters.bytes_served += self.layout.entry(*key).nbytes
-                    if key in self._prefetched:
-                        self.counters.prefetch_hits += 1
-                        self._prefetched.discard(key)
+                    self._count_hit(key)
                 fut.set_result(Lease(self, key, slot, self.tier) if pin else None)
                 return fut
             load = self._loading.get(key)
@@ -405,20 +508,29 @@ class ExpertStore:
                 if speculative:
                     return None
                 if count:
-                    self.counters.bytes_served += self.layout.entry(*key).nbytes
+                    nb = self.layout.entry(*key).nbytes
+                    self.counters.bytes_served += nb
+                    self.counters.miss_bytes += nb
                     if load.prefetch:
                         self.counters.hits += 1
                         self.counters.prefetch_hits += 1
-                        load.prefetch = False
                     else:
                         self.counters.misses += 1
+                load.prefetch = False
+                load.stale = False
                 load.futures.append(fut)
+                if load.deferred:  # it was waiting for a slot as a prefetch: now a demand load
+                    load.deferred = False
+                    self._deferred.pop(key, None)
+                    self._io.submit(0, lambda: self._load(key, False))
                 return fut
-            if speculative and not self._free and not self._evictable_below(self.policy.score(key)):
+            if speculative and not self._free and not self._reclaimable(speculative=True):
                 return None
             if count:
+                nb = self.layout.entry(*key).nbytes
                 self.counters.misses += 1
-                self.counters.bytes_served += self.layout.entry(*key).nbytes
+                self.counters.bytes_served += nb
+                self.counters.miss_bytes += nb
             if speculative:
                 self.counters.prefetch_issued += 1
             load = _Load(prefetch=speculative)
@@ -427,91 +539,176 @@ class ExpertStore:
         self._io.submit(prio, lambda: self._load(key, speculative))
         return fut
 
-    def _evictable_below(self, score: float) -> bool:
-        cands = [k for k, s in self._resident.items() if self._refs[s] == 0 and k not in self._protect]
-        v = self.policy.victim(cands)
-        return v is not None and self.policy.score(v) < score
+    def _reclaimable(self, speculative: bool) -> Key | None:
+        """The staged expert whose slot to reuse (least recently used, nobody holding it), under the lock."""
+        for k in self._staged:
+            if self._refs[self._resident[k]] == 0 and k not in self._protect:
+                if speculative and k in self._prefetched and k[0] not in {p[0] for p in self._protect}:
+                    continue  # an unused guess for a layer still to come: keep it
+                return k
+        return None
+
+    def _drop(self, key: Key) -> int:
+        slot = self._resident.pop(key)
+        del self._by_slot[slot]
+        self._cached.discard(key)
+        self._staged.pop(key, None)
+        self._prefetched.discard(key)
+        self.counters.evictions += 1
+        return slot
+
+    def _admit(self, key: Key) -> None:
+        """Give resident `key` a cache place if one is free or it is hotter than the coldest cached expert nobody
+        holds (which is demoted to staging); otherwise it stays staged. Under the lock."""
+        if key in self._cached:
+            return
+        if len(self._cached) >= self.cache_slots:
+            cands = [k for k in self._cached if self._refs[self._resident[k]] == 0 and k not in self._protect]
+            victim = self.policy.victim(cands)
+            if victim is None or self.policy.score(victim) >= self.policy.score(key):
+                self._staged[key] = None
+                return
+            self._cached.discard(victim)
+            self._staged[victim] = None
+            self._staged.move_to_end(victim, last=False)  # cold: the first reused
+        self._staged.pop(key, None)
+        self._cached.add(key)
 
     def _take_slot(self, key: Key, speculative: bool) -> int | None:
-        """A free slot, or one freed by evicting the coldest unpinned expert; demand loads wait for one."""
+        """A free slot, else a reclaimed staged one, else (demand loads only) the coldest cached expert's; demand
+        loads wait for one."""
         with self._cv:
             while True:
                 if self._free:
                     return self._free.pop()
+                k = self._reclaimable(speculative)
+                if k is not None:
+                    return self._drop(k)
+                if speculative or self._closed:
+                    return None
                 unpinned = [k for k, s in self._resident.items() if self._refs[s] == 0]
                 cands = [k for k in unpinned if k not in self._protect] or unpinned
                 victim = self.policy.victim(cands)
-                if victim is not None and (not speculative or
-                                           self.policy.score(victim) < self.policy.score(key)):
-                    slot = self._resident.pop(victim)
-                    del self._by_slot[slot]
-                    self._prefetched.discard(victim)
-                    self.counters.evictions += 1
-                    return slot
-                if speculative or self._closed:
-                    return None
+                if victim is not None:
+                    return self._drop(victim)
                 self._cv.wait()
+
+    def _finish_dropped(self, key: Key) -> None:
+        """A load that will not happen (a stale or slotless prefetch): resolve its waiters (under the lock)."""
+        load = self._loading.pop(key)
+        for f in load.futures:
+            if self._closed:
+                f.set_exception(RuntimeError("expert store is closed"))
+            else:
+                f.set_result(None)
 
     def _load(self, key: Key, speculative: bool) -> None:
         slot = None
         try:
+            with self._cv:
+                load = self._loading.get(key)
+                if load is None or (load.stale and load.prefetch):
+                    if load is not None:
+                        self._finish_dropped(key)
+                    return
+                speculative = speculative and load.prefetch
             slot = self._take_slot(key, speculative)
             if slot is None:
                 with self._cv:
-                    load = self._loading.pop(key)
-                    if self._closed:
-                        for f in load.futures:
-                            f.set_exception(RuntimeError("expert store is closed"))
-                        return
-                    if load.futures and any(f.pin for f in load.futures):
-                        # a demand request joined this dropped prefetch: retry as a demand load
-                        self._loading[key] = load
-                        load.prefetch = False
+                    load = self._loading[key]
+                    if not self._closed and not load.prefetch:  # a demand joined it: load it as one
                         self._io.submit(0, lambda: self._load(key, False))
-                        return
-                for f in load.futures:
-                    f.set_result(None)
-                return
-            entry = self.layout.entry(*key)
-            for (soff, foff, length), seg, (_, need) in zip(self._plans[key].reads, entry.segments,
-                                                            self._plans[key].data):
-                if seg.path is None:
-                    seg.copy_into(self.pool.memview(slot, soff, need))
-                else:
-                    self.reader.read_into(seg.path, foff, self.pool.memview(slot, soff, length),
-                                          need + (seg.offset - foff))
-            with self._cv:
-                load = self._loading.pop(key)
-                self._resident[key] = slot
-                self._by_slot[slot] = key
-                self.counters.bytes_read += entry.nbytes
-                if load.prefetch:
-                    self._prefetched.add(key)
-                leases = []
-                for f in load.futures:
-                    if f.pin:
-                        self._refs[slot] += 1
-                        leases.append((f, Lease(self, key, slot, self.tier)))
+                    elif not self._closed and not load.stale:  # wait for a slot to free up
+                        load.deferred = True
+                        self._deferred[key] = None
                     else:
-                        leases.append((f, None))
-                self._cv.notify_all()
-            for f, lease in leases:
-                f.set_result(lease)
+                        self._finish_dropped(key)
+                return
+            parts = self._read_parts(key, slot)
+            done = _Parts(len(parts))
+            for part in parts[1:]:  # the other segments on other I/O threads now: more reads in flight
+                self._io.submit(-1, lambda part=part: self._run_part(key, slot, part, done))
+            self._run_part(key, slot, parts[0], done)
         except BaseException as e:  # noqa: BLE001 (delivered to whoever waits)
-            with self._cv:
-                load = self._loading.pop(key, None)
-                if slot is not None and self._by_slot.get(slot) != key:
-                    self._free.append(slot)
-                self._cv.notify_all()
-            for f in (load.futures if load else []):
-                if not f.done():
-                    f.set_exception(e)
+            self._fail(key, slot, e)
+
+    def _read_parts(self, key: Key, slot: int) -> list[Callable[[], None]]:
+        """One closure per segment of `key`, filling its place in `slot`."""
+        entry = self.layout.entry(*key)
+        out: list[Callable[[], None]] = []
+        for (soff, foff, length), seg, (_, need) in zip(self._plans[key].reads, entry.segments,
+                                                        self._plans[key].data):
+            if seg.path is None:
+                out.append(lambda seg=seg, soff=soff, need=need: seg.copy_into(self.pool.memview(slot, soff, need)))
+            else:
+                out.append(lambda seg=seg, soff=soff, foff=foff, length=length, need=need: self.reader.read_into(
+                    seg.path, foff, self.pool.memview(slot, soff, length), need + (seg.offset - foff)))
+        return out
+
+    def _run_part(self, key: Key, slot: int, part: Callable[[], None], done: "_Parts") -> None:
+        err = None
+        self.busy.enter()
+        try:
+            part()
+        except BaseException as e:  # noqa: BLE001
+            err = e
+        finally:
+            self.busy.leave()
+        last, first_err = done.finish(err)
+        if not last:
+            return
+        if first_err is not None:
+            self._fail(key, slot, first_err)
+            return
+        try:
+            self._complete(key, slot)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(key, slot, e)
+
+    def _complete(self, key: Key, slot: int) -> None:
+        """Every segment of `key` is in `slot`: make it resident and hand out the leases waiting for it."""
+        with self._cv:
+            load = self._loading.pop(key)
+            self._resident[key] = slot
+            self._by_slot[slot] = key
+            self.counters.bytes_read += self.layout.entry(*key).nbytes
+            if load.prefetch:
+                self._prefetched.add(key)
+                self._staged[key] = None
+            else:
+                self._admit(key)
+            leases = []
+            for f in load.futures:
+                if f.pin:
+                    self._refs[slot] += 1
+                    leases.append((f, Lease(self, key, slot, self.tier)))
+                else:
+                    leases.append((f, None))
+            self._cv.notify_all()
+        for f, lease in leases:
+            f.set_result(lease)
+
+    def _fail(self, key: Key, slot: int | None, e: BaseException) -> None:
+        with self._cv:
+            load = self._loading.pop(key, None)
+            if slot is not None and self._by_slot.get(slot) != key:
+                self._free.append(slot)
+            self._cv.notify_all()
+        for f in (load.futures if load else []):
+            if not f.done():
+                f.set_exception(e)
 
     def _release(self, slot: int) -> None:
         with self._cv:
             self._refs[slot] -= 1
             if self._refs[slot] == 0:
                 self._cv.notify_all()
+                if self._deferred:  # a prefetch waiting for a slot may take this one
+                    k, _ = self._deferred.popitem(last=False)
+                    load = self._loading.get(k)
+                    if load is not None:
+                        load.deferred = False
+                        self._io.submit(1, lambda: self._load(k, True))
 
     def close(self) -> None:
         with self._cv:

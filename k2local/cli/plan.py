@@ -50,10 +50,12 @@ def bandwidth_table(bw: Bandwidths, measured: bool) -> Table:
     t.add_column("GB/s", justify="right")
     rows = [("RAM read", bw.ram),
             ("disk read, whole experts" + ("" if bw.disk_direct else " (page cache may have helped)"), bw.disk),
+            ("disk read, raw O_DIRECT, several in flight", bw.disk_parallel),
+            ("disk read, raw O_DIRECT, one at a time", bw.disk_one_stream),
             ("CPU expert kernel, decode", bw.cpu_expert), ("GPU memory", bw.gpu), ("host to GPU (pinned)", bw.h2d)]
     for name, v in rows:
         if v is not None:
-            t.add_row(name, f"{v:.1f}")
+            t.add_row(name, f"{v:.2f}")
     return t
 
 
@@ -88,15 +90,19 @@ def plan(model: Path, gpu_mem: float | None, ram: float | None, experts_on: str 
         d = asdict(p)
         d["device_experts"] = len(p.device_experts)
         click.echo(json.dumps({"plan": d, "random_weights": random_weights, "bandwidths": asdict(bw), "measured": not no_measure,
-                               "predicted_decode_tps": tps, "expert_bytes_per_token": decode_breakdown(p)}))
+                               "predicted_decode_tps": tps, "assumed_hit_rate": p.hit_rate,
+                               "expert_bytes_per_token": decode_breakdown(p)}))
         return
     con = Console()
     con.print(plan_table(p))
     con.print(bandwidth_table(bw, not no_measure))
     br = decode_breakdown(p)
     parts = ", ".join(f"{_size(v)} from {k}" for k, v in br.items() if v > 0)
+    hit = (f"; assumes a {p.hit_rate:.0%} RAM hit rate for the experts not on the GPU"
+           + ("" if Path(p.stats_path or "").exists() else " (no routing statistics yet: the cache's share)")
+           if p.experts_on == "disk" else "")
     con.print(f"[bold]predicted decode: {tps:.2f} tokens/s[/bold]  (routed expert bytes per token: {parts}; "
-              f"{p.top_k} of {p.n_experts} experts x {p.n_moe_layers} MoE layers)")
+              f"{p.top_k} of {p.n_experts} experts x {p.n_moe_layers} MoE layers{hit})")
     for n in p.notes:
         con.print(f"[yellow]note:[/yellow] {n}")
     if torch.cuda.is_available() and cpu_only:

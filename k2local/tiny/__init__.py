@@ -169,6 +169,46 @@ def _write_tokenizer(out: Path, variant: str, overrides: dict[str, Any] | None) 
     return cfg_d
 
 
+ROUTE_SKEW_SEED = 2026
+ROUTE_SKEW_SCALE = 0.25  # bias gap per unit of log-rank: routers' sigmoid scores spread ~0.2 on random weights
+
+
+def zipf_router_bias(n_experts: int, s: float, layer: int, seed: int = ROUTE_SKEW_SEED) -> torch.Tensor:
+    """A selection bias (e_score_correction_bias) that makes a layer's routing Zipf-shaped: the expert of rank r
+    (a fixed random permutation per layer) gets -ROUTE_SKEW_SCALE * s * ln(r), so low ranks win most top-k picks.
+    s = 0 gives no bias (near-uniform routing)."""
+    g = torch.Generator().manual_seed(seed * 1009 + layer)
+    rank = torch.empty(n_experts, dtype=torch.float32)
+    rank[torch.randperm(n_experts, generator=g)] = torch.arange(1, n_experts + 1, dtype=torch.float32)
+    return -ROUTE_SKEW_SCALE * s * rank.log()
+
+
+def skew_gguf_routers(src: str | Path, dst: str | Path, s: float, seed: int = ROUTE_SKEW_SEED) -> Path:
+    """A copy of GGUF `src` at `dst` whose MoE layers' selection bias (exp_probs_b) is zipf_router_bias(s): the same
+    model with skewed routing, without rebuilding it. Written atomically."""
+    from gguf import GGUFReader  # noqa: PLC0415
+
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    try:
+        reader = GGUFReader(tmp, "r+")
+        n = 0
+        for t in reader.tensors:
+            if t.name.endswith("exp_probs_b.bias"):
+                layer = int(t.name.split(".")[1])
+                t.data[...] = zipf_router_bias(int(t.data.size), s, layer, seed).numpy().reshape(t.data.shape)
+                n += 1
+        reader.data.flush()
+        del reader
+        if n == 0:
+            raise ValueError(f"{src}: no exp_probs_b tensors (not a MoE GGUF with a router bias)")
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
 def write_config(out: str | Path, variant: str = "kimi_k2", overrides: dict[str, Any] | None = None) -> ModelConfig:
     """A tiny checkpoint's tokenizer, config.json and generation_config.json in `out`, without weights (for
     k2local.convert.random_gguf); returns its config."""
@@ -178,10 +218,11 @@ def write_config(out: str | Path, variant: str = "kimi_k2", overrides: dict[str,
 
 
 def make_tiny(out: str | Path, variant: str = "kimi_k2", seed: int = 0, shards: int = 3,
-              overrides: dict[str, Any] | None = None) -> Path:
+              overrides: dict[str, Any] | None = None, route_skew: float | None = None) -> Path:
     """Write a tiny random checkpoint to `out` (a new directory) with the variant's exact file layout (Kimi K2 and
     Moonlight: tiktoken.model; DeepSeek-V3: tokenizer.json).
-    overrides: config fields to change from the variant (e.g. bigger experts for a benchmark)."""
+    overrides: config fields to change from the variant (e.g. bigger experts for a benchmark).
+    route_skew: a Zipf exponent for the routers' selection bias (zipf_router_bias), fixed seed; None: random."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny variant {variant!r}; choose from {', '.join(VARIANTS)}")
     out = Path(out)
@@ -190,6 +231,11 @@ def make_tiny(out: str | Path, variant: str = "kimi_k2", seed: int = 0, shards: 
     cfg = ModelConfig.from_dict(cfg_d)
     gen = torch.Generator().manual_seed(seed)
     weights = _random_weights(cfg, gen)
+    if route_skew is not None:
+        for layer in range(cfg.num_hidden_layers):
+            if cfg.is_moe_layer(layer):
+                name = arch.router_names(layer)[1]
+                weights[name] = zipf_router_bias(cfg.n_routed_experts, route_skew, layer)
     stored: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
         stored.update(stored_as_checkpoint(name, w, cfg.is_fp8, int4=cfg.is_int4))
