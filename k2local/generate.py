@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
 from k2local.errors import K2Error
-from k2local.model import KimiK2Model
+from k2local.model import KimiK2Model, SeqRows
 from k2local.sampler import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -119,7 +119,12 @@ class Generator:
 
 
 class Generation:
-    """One generation, stepped: each :meth:`step` runs one prefill chunk or one decoded token, then returns.
+    """One generation, stepped: each step runs one prefill chunk or one decoded token, then returns.
+
+    A step is split in two so that several generations can share one forward step (:func:`step_batch`):
+    :meth:`plan` decides this generation's rows (sampling the next token from the last logits, with its callbacks
+    and stop checks), the caller runs the model on them (with other generations' rows), and :meth:`feed` takes
+    the logits back. :meth:`step` is the batch of one.
 
     The Generator's cache and token list are consistent between steps (positions [0, len(tokens)) hold the
     KV of ``tokens``), so a caller may stop after any step, or copy the cache's prefix elsewhere between steps.
@@ -143,66 +148,121 @@ class Generation:
         self.logits: torch.Tensor | None = None  # last position's logits, once the prompt is in
         self.out: list[int] = []
         self.result: GenerationResult | None = None
-        self.prefill_s = self.decode_s = 0.0  # this generation's own compute time (not others' steps between)
+        self.error: Exception | None = None  # what ended it, when a step failed (result is then None)
+        self.prefill_s = self.decode_s = 0.0  # time of the steps this generation took part in
         self.chunks = 0  # prefill chunks run
 
     @property
     def prefilling(self) -> bool:
         return self.result is None and self.logits is None
 
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
     def step(self) -> bool:
-        """Advance by one prefill chunk or one token; True once finished (``result`` is then set)."""
+        """Advance by one prefill chunk or one token; True once finished (``result`` is then set). A failed step
+        raises its error."""
+        step_batch(self.gen.model, [self], self.gen.prefill_chunk)
+        if self.error is not None:
+            raise self.error
+        return self.result is not None
+
+    def plan(self, max_prefill: int) -> SeqRows | None:
+        """This generation's rows for the next forward step: the next prefill chunk (at most max_prefill rows;
+        none when max_prefill is 0), or the token sampled from the last logits. None when it has ended (``result``
+        set: a stop token, max_tokens, the context end, a stop request) or waits for prefill room."""
+        g = self.gen
         if self.result is not None:
-            return True
+            return None
         if self.should_stop and self.should_stop():
-            return self._end("cancelled")
-        t = time.perf_counter()
+            self._end("cancelled")
+            return None
         if self.logits is None:
-            try:
-                self._prefill_chunk()
-            finally:
-                self.prefill_s += time.perf_counter() - t
-            return False
-        try:
-            return self._decode()
-        finally:
-            dt = time.perf_counter() - t
-            self.decode_s += dt
-            if self.result is not None:
-                self.result.decode_s = self.decode_s
-
-    def _prefill_chunk(self) -> None:
-        g = self.gen
-        chunk = self.ids[self.pos: self.pos + g.prefill_chunk]
-        logits = g.model.forward(chunk, g.cache, pos=self.pos, last_only=True)
-        g.tokens.extend(chunk)
-        self.pos += len(chunk)
-        self.chunks += 1
-        if self.pos >= len(self.ids):
-            self.logits = logits[-1]
-
-    def _decode(self) -> bool:
-        g = self.gen
-        assert self.logits is not None
+            n = min(g.prefill_chunk, max_prefill)
+            return SeqRows(self.ids[self.pos: self.pos + n], g.cache, self.pos, last_only=True) if n > 0 else None
         tok = self.pick(self.logits)
         if tok is None:
-            return self._end("stop")
+            self._end("stop")
+            return None
         self.out.append(tok)
         halt = self.on_token(tok) if self.on_token else False
         if tok in self.stops:
-            return self._end("stop")
-        if halt:
-            return self._end("cancelled" if self.should_stop and self.should_stop() else "stop")
-        if len(self.out) >= self.params.max_tokens or len(g.tokens) + 1 >= g.max_context:
-            return self._end("length")
-        self.logits = g.model.forward([tok], g.cache, pos=len(g.tokens))[-1]
-        g.tokens.append(tok)
-        return False
+            self._end("stop")
+        elif halt:
+            self._end("cancelled" if self.should_stop and self.should_stop() else "stop")
+        elif len(self.out) >= self.params.max_tokens or len(g.tokens) + 1 >= g.max_context:
+            self._end("length")
+        return None if self.result is not None else SeqRows([tok], g.cache, len(g.tokens), last_only=True)
 
-    def _end(self, reason: GenerationFinish) -> bool:
+    def feed(self, rows: SeqRows, logits: torch.Tensor) -> None:
+        """The forward step's logits for the rows :meth:`plan` gave ([1, vocab]: their last row)."""
+        g = self.gen
+        g.tokens.extend(rows.ids)
+        if self.logits is None:
+            self.pos += len(rows.ids)
+            self.chunks += 1
+            if self.pos >= len(self.ids):
+                self.logits = logits[-1]
+        else:
+            self.logits = logits[-1]
+
+    def _end(self, reason: GenerationFinish) -> None:
         self.result = GenerationResult(self.out, reason, len(self.ids), self.keep, self.prefill_s, self.decode_s,
                                        prefilled=min(self.pos, len(self.ids)))
-        return True
+
+
+@dataclass(frozen=True)
+class BatchStep:
+    """What one shared forward step ran."""
+
+    sequences: int  # generations whose rows went into the forward (0: no forward ran)
+    rows: int  # all rows of the step
+    prefill_rows: int  # of which prompt rows
+    seconds: float
+
+
+def step_batch(model: KimiK2Model, runs: Sequence[Generation], max_prefill_rows: int) -> BatchStep:
+    """Advance every unfinished generation of `runs` by one step, sharing one forward (continuous batching): each
+    decoding generation adds its next token's row, and prefilling ones add their next prompt chunk while the step
+    has prefill room (max_prefill_rows in all, handed out in the order of `runs`, so the decodes of other streams
+    are not held up by a long prompt for more than that many rows). A generation whose own part fails (a
+    callback, the sampler) ends with ``error`` set; a failed forward sets it on every generation in the step."""
+    t0 = time.perf_counter()
+    room = max_prefill_rows
+    work: list[tuple[Generation, SeqRows, bool]] = []
+    for run in runs:
+        if run.done:
+            continue
+        prefill = run.prefilling
+        try:
+            rows = run.plan(room if prefill else 0)
+        except Exception as e:  # noqa: BLE001 - this generation fails, the others go on
+            run.error = e
+            continue
+        if rows is not None:
+            work.append((run, rows, prefill))
+            room -= len(rows.ids) if prefill else 0
+        elif run.result is not None:  # ended while planning: its time counts as decode time
+            run.decode_s += time.perf_counter() - t0
+            run.result.decode_s = run.decode_s
+    if work:
+        try:
+            logits = model.forward_batch([rows for _, rows, _ in work])
+        except Exception as e:  # noqa: BLE001 - reported through each generation of the step
+            for run, _, _ in work:
+                run.error = e
+            logits = []
+        for (run, rows, _), lg in zip(work, logits):
+            run.feed(rows, lg)
+    dt = time.perf_counter() - t0
+    for run, _, prefill in work:
+        if prefill:
+            run.prefill_s += dt
+        else:
+            run.decode_s += dt
+    n_pre = sum(len(rows.ids) for _, rows, prefill in work if prefill)
+    return BatchStep(len(work), sum(len(rows.ids) for _, rows, _ in work), n_pre, dt)
 
 
 class ChatBackend(Protocol):

@@ -6,6 +6,7 @@ code runs with experts in GPU memory, in RAM, or streamed from disk.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -94,6 +95,18 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.latent + self.k_pe)
+
+
+@dataclass
+class SeqRows:
+    """One sequence's rows in a forward step: tokens `ids` at positions pos.. against its own cache (a decode
+    token, or a prefill chunk). last_only: logits for the last row only (the others' FFN at the last layer is
+    skipped, as llama.cpp does)."""
+
+    ids: Sequence[int]
+    cache: KVCache
+    pos: int
+    last_only: bool = False
 
 
 @dataclass
@@ -289,8 +302,9 @@ class KimiK2Model:
         ang = positions.float()[:, None] * self.inv_freq[None, :]
         return (ang.cos() * self.rope_mscale).to(self.dtype), (ang.sin() * self.rope_mscale).to(self.dtype)
 
-    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, cache: KVCache, pos: int,
+    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, seqs: Sequence[SeqRows],
                    cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Projections once over all rows of the step; the attention itself per sequence, against its cache."""
         cfg = self.cfg
         t = x.shape[0]
         nh, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
@@ -304,7 +318,20 @@ class KimiK2Model:
         ckv = linear(x, lw.kv_a)
         latent = rms_norm(ckv[:, : cfg.kv_lora_rank], lw.kv_a_norm, cfg.rms_norm_eps)
         k_pe = apply_rope(ckv[:, cfg.kv_lora_rank:], cos, sin)
-        cache.write(i, pos, latent, k_pe)
+        outs, a = [], 0
+        for sq in seqs:
+            b = a + len(sq.ids)
+            sq.cache.write(i, sq.pos, latent[a:b], k_pe[a:b])
+            outs.append(self._attend(i, lw, sq.cache, sq.pos, q_nope[a:b], q_pe[a:b]))
+            a = b
+        o = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return linear(o.reshape(t, -1), lw.o_proj)
+
+    def _attend(self, i: int, lw: LayerWeights, cache: KVCache, pos: int, q_nope: torch.Tensor,
+                q_pe: torch.Tensor) -> torch.Tensor:
+        """One sequence's attention output [t, heads, v] for its t new rows at pos.. (already in its cache)."""
+        cfg = self.cfg
+        t, nh = q_nope.shape[0], cfg.num_attention_heads
         s = pos + t
         lat, kpe = cache.latent[i][:s], cache.k_pe[i][:s]
         if (pos == 0 and t > 1) or t >= MHA_MIN_TOKENS:
@@ -315,12 +342,12 @@ class KimiK2Model:
         else:
             # Absorbed form (decode, or a few new tokens after a cached prefix): attend in the latent space.
             q_lat = torch.bmm(q_nope.transpose(0, 1), lw.w_uk) if lw.uk_q is None else \
-                lw.uk_q(q_nope.transpose(0, 1)).to(x.dtype)  # [h, t, kv_lora]
+                lw.uk_q(q_nope.transpose(0, 1)).to(lat.dtype)  # [h, t, kv_lora]
             long = nh * t * s * cfg.kv_lora_rank > PARALLEL_ATTENTION_MACS
             with torch_threads(full_threads() if long else 0):  # a decode step runs torch at 1 thread
                 pl = _absorbed_attention(q_lat, q_pe.transpose(0, 1), lat, kpe, pos, cfg.softmax_scale)
-            o = (torch.bmm(pl, lw.w_uv.transpose(1, 2)) if lw.uv_q is None else lw.uv_q(pl).to(x.dtype)).transpose(0, 1)
-        return linear(o.reshape(t, -1), lw.o_proj)
+            o = (torch.bmm(pl, lw.w_uv.transpose(1, 2)) if lw.uv_q is None else lw.uv_q(pl).to(lat.dtype)).transpose(0, 1)
+        return o
 
     def _ffn(self, i: int, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         if lw.dense is not None:
@@ -338,25 +365,45 @@ class KimiK2Model:
             y = y + swiglu(x, *lw.shared)
         return y
 
-    @torch.inference_mode()
     def forward(self, ids: torch.Tensor | list[int], cache: KVCache, pos: int | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """Run tokens `ids` at positions pos.. (default: the cache length); returns fp32 logits [T, vocab]."""
-        ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
-        t = ids_t.shape[0]
-        with torch_threads(1 if self.device.type == "cpu" and decode_step(t) else 0):
-            return self._forward(ids_t, cache, cache.length if pos is None else pos, last_only)
+        """Run tokens `ids` at positions pos.. (default: the cache length); returns fp32 logits [T, vocab]
+        ([1, vocab] with last_only). The batch-of-one case of :meth:`forward_batch`."""
+        ids_l = ids.view(-1).tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.forward_batch([SeqRows(ids_l, cache, cache.length if pos is None else pos, last_only)])[0]
 
-    def _forward(self, ids_t: torch.Tensor, cache: KVCache, pos: int, last_only: bool) -> torch.Tensor:
-        t = ids_t.shape[0]
-        cos, sin = self._rope(torch.arange(pos, pos + t, device=self.device))
+    @torch.inference_mode()
+    def forward_batch(self, seqs: Sequence[SeqRows]) -> list[torch.Tensor]:
+        """One forward step shared by several sequences (continuous batching): embeddings, norms, projections,
+        dense FFN, router and routed experts run once over all their rows concatenated (each expert once for
+        every row routed to it); attention runs per sequence against its own cache, causal within its rows.
+        Returns each sequence's fp32 logits: [len(ids), vocab], or [1, vocab] with last_only."""
+        if not seqs or any(len(sq.ids) == 0 for sq in seqs):
+            raise ValueError("forward_batch needs at least one sequence, each with at least one token")
+        if len({id(sq.cache) for sq in seqs}) < len(seqs):
+            raise ValueError("forward_batch: two sequences share one KV cache")
+        t = sum(len(sq.ids) for sq in seqs)
+        with torch_threads(1 if self.device.type == "cpu" and decode_step(t) else 0):
+            return self._forward(seqs)
+
+    def _forward(self, seqs: Sequence[SeqRows]) -> list[torch.Tensor]:
+        dev = self.device
+        ids_t = torch.tensor([tok for sq in seqs for tok in sq.ids], dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(sq.pos, sq.pos + len(sq.ids)) for sq in seqs]).to(dev)
+        cos, sin = self._rope(positions)
+        # rows that go on past the last layer's attention: every row of a sequence, or only its last
+        ends = torch.tensor([len(sq.ids) for sq in seqs]).cumsum(0).tolist()
+        keep = [r for sq, end in zip(seqs, ends)
+                for r in ([end - 1] if sq.last_only else range(end - len(sq.ids), end))]
         h = self.embed[ids_t]
         eps = self.cfg.rms_norm_eps
         last = len(self.layers) - 1
         for i, lw in enumerate(self.layers):
-            h = h + self._attention(i, lw, rms_norm(h, lw.attn_norm, eps), cache, pos, cos, sin)
-            if last_only and i == last:  # only the last row goes on: the last FFN (experts) for one token, as llama.cpp
-                h = h[-1:]
+            h = h + self._attention(i, lw, rms_norm(h, lw.attn_norm, eps), seqs, cos, sin)
+            if i == last and len(keep) < h.shape[0]:  # the last FFN (experts) only for rows whose logits are needed
+                h = h[keep[0]:] if keep == list(range(keep[0], h.shape[0])) else h[torch.tensor(keep, device=dev)]
             h = h + self._ffn(i, lw, rms_norm(h, lw.ffn_norm, eps))
-        cache.length = pos + t
-        return linear(rms_norm(h, self.norm, eps), self.lm_head).float()
+        for sq in seqs:
+            sq.cache.length = sq.pos + len(sq.ids)
+        logits = linear(rms_norm(h, self.norm, eps), self.lm_head).float()
+        return list(logits.split([1 if sq.last_only else len(sq.ids) for sq in seqs]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from k2local.weights.hf_checkpoint import open_checkpoint
-from k2local.model import KimiK2Model
+from k2local.model import KimiK2Model, SeqRows
 from k2local.placement import DenseExperts
 from offload.threads import full_threads, torch_threads
 
@@ -57,7 +57,7 @@ def test_cpu_decode_runs_torch_at_one_thread(tiny_k2: Path) -> None:
         cache2 = model.new_cache()
         model.forward(list(range(3, 15)), cache2)
         with torch_threads(2):
-            full = model._forward(torch.tensor([7]), cache2, cache2.length, False)
+            full = model._forward([SeqRows([7], cache2, cache2.length)])[0]
         assert torch.allclose(step, full, atol=1e-5) and ref.shape[0] == 12
     finally:
         torch.set_num_threads(before)

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from k2local.generate import ChatBackend, ContextOverflow, Generation, GenerationResult, Generator
-from k2local.sampler import SamplingParams
+from k2local.generate import (BatchStep, ChatBackend, ContextOverflow, Generation, GenerationResult, Generator,
+                              step_batch)
+from k2local.sampler import SamplingParams, TokenLogprob
 from k2local.server.requests import APIError, ToolMode
 from k2local.tokenizer.common import TextTokenizer
 from k2local.chat.reasoning import THINK_END, THINK_START, ReasoningDelta, ReasoningStreamParser
@@ -34,6 +35,7 @@ from k2local.chat.toolcalls import (
 
 log = logging.getLogger("k2local.server.app")
 MIN_COPY_PREFIX = 16  # shared prompt tokens worth copying from another conversation's KV cache
+MAX_PREFILL_ROWS = 512  # prompt rows in one shared forward step (other streams' decodes wait at most this long)
 TokenSource = Callable[[list[int]], "Iterable[int] | None"]
 RequestKind = Literal["chat", "completion", "messages", "responses"]
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
@@ -56,6 +58,7 @@ class Done:
     content: str
     tool_calls: list[ToolCall]
     reasoning: str = ""  # the model's reasoning (empty for a model that does not think, or with reasoning off)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,14 @@ class Failed:
     error: APIError
 
 
-ServerEvent = Union[ReasoningDelta, ContentDelta, ToolCallStart, ToolCallArgsDelta, Done, Failed]
+@dataclass(frozen=True)
+class Logprob:
+    """A generated token's logprob (requests that ask for logprobs), posted before that token's text events."""
+
+    item: TokenLogprob
+
+
+ServerEvent = Union[ReasoningDelta, ContentDelta, ToolCallStart, ToolCallArgsDelta, Logprob, Done, Failed]
 """What the worker posts for one request, in order: reasoning, text and tool-call deltas (the reasoning and
 tool-call parsers' typed events; a forced tool choice's call ids already rewritten), then exactly one Done or
 Failed. Reasoning deltas come only first (the reasoning ends before any content or tool call)."""
@@ -144,6 +154,7 @@ class Output:
                         if reasoning and not (self.parser and tools.prefix) else None)
         self.content: list[str] = []
         self.reasoning: list[str] = []
+        self.logprobs: list[TokenLogprob] = []  # filled by the sampler (SamplingParams.on_logprob) when asked for
         self._calls: list[ToolCallStart] = []
         self._args: list[list[str]] = []  # argument fragments of each call
         if self.parser and tools.prefix:
@@ -153,6 +164,12 @@ class Output:
     def calls(self) -> list[ToolCall]:
         """The tool calls written so far (ids as the client sees them)."""
         return [ToolCall(c.id, c.name, "".join(a)) for c, a in zip(self._calls, self._args)]
+
+    def on_logprob(self, item: TokenLogprob) -> None:
+        """The sampler's record of the token it just picked (before :meth:`on_token` sees that token)."""
+        if self.stop.hit is None:
+            self.logprobs.append(item)
+            self.emit(Logprob(item))
 
     def on_token(self, tok: int) -> bool:
         """Feed one generated id; True when a stop string ended the output."""
@@ -243,6 +260,7 @@ class Job:
     post: Callable[[ServerEvent], None]
     cancel: threading.Event = field(default_factory=threading.Event)
     kind: RequestKind = "chat"
+    on_prefilled: Callable[[], None] | None = None  # called once, when the prompt is in the cache (or the job ends)
 
 
 @dataclass
@@ -271,6 +289,28 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 @dataclass
+class BatchStats:
+    """Counters of the worker's shared forward steps (tests, /health and benchmarks read them)."""
+
+    forwards: int = 0  # forward steps run
+    rows: int = 0  # rows (tokens) over all of them
+    prefill_rows: int = 0  # of which prompt rows
+    sequences: int = 0  # sequences over all of them (a step of 4 streams counts 4)
+    shared: int = 0  # steps that carried two or more sequences
+    max_sequences: int = 0  # the most sequences one step carried
+
+    def record(self, step: BatchStep) -> None:
+        if not step.sequences:
+            return
+        self.forwards += 1
+        self.rows += step.rows
+        self.prefill_rows += step.prefill_rows
+        self.sequences += step.sequences
+        self.shared += step.sequences > 1
+        self.max_sequences = max(self.max_sequences, step.sequences)
+
+
+@dataclass
 class _Active:
     """A running request: its job, the slot whose KV cache it uses, its stepped generation."""
 
@@ -281,22 +321,28 @@ class _Active:
 
 class Worker:
     """The thread that owns the model: admits queued jobs in arrival order, up to ``parallel`` at a time, each on
-    its own KV-cache slot, and interleaves them step by step (one prefill chunk or one decoded token per sequence
-    per round), so every stream makes progress and a new request's first token does not wait for others to end.
-    A cancelled job (client gone) stops at its next step: within one prefill chunk or one token."""
+    its own KV-cache slot, and runs them in shared forward steps (continuous batching): each round, every running
+    sequence adds its next decoded token, and those still reading their prompt add their next chunk while the
+    round has prefill room (``max_prefill_rows``, oldest request first), all in one forward. So every stream makes
+    progress, a new request's first token does not wait for others to end, and the model's weights are read once
+    per round for all of them. A cancelled job (client gone) stops at its next step: within one prefill chunk or
+    one token."""
 
     def __init__(self, backend: ChatBackend, cache_slots: int = 4, max_queue: int = 256,
-                 token_source: TokenSource | None = None, parallel: int = 1):
+                 token_source: TokenSource | None = None, parallel: int = 1,
+                 max_prefill_rows: int = MAX_PREFILL_ROWS):
         self.backend = backend
         self.parallel = max(1, parallel)
         self.max_slots = max(1, cache_slots, self.parallel)
         self.max_queue = max_queue
+        self.max_prefill_rows = max(1, max_prefill_rows)
         self.token_source = token_source
         self.slots: list[_Slot] = []
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.active: list[_Active] = []
         self.busy = False
         self.steps = 0  # scheduling rounds run (tests and benchmarks read it)
+        self.batch = BatchStats()
         self.finished: deque[Finished] = deque(maxlen=256)  # recent requests, newest last
         self.thread = threading.Thread(target=self._loop, name="k2local-model", daemon=True)
         self.thread.start()
@@ -321,15 +367,27 @@ class Worker:
                 if job is None:
                     for a in self.active:
                         a.job.cancel.set()
-                        self._step(a)
+                    self._round()
                     return
                 self.busy = True
                 self._admit(job)
             self.busy = bool(self.active)
             self.steps += 1
-            for a in list(self.active):
-                if self._step(a):
-                    self.active.remove(a)
+            self._round()
+
+    def _round(self) -> None:
+        """One shared forward step of every running request; the ended ones are answered and leave."""
+        if not self.active:
+            return
+        model = self.active[0].run.gen.model  # every slot's generator runs the backend's one model
+        self.batch.record(step_batch(model, [a.run for a in self.active], self.max_prefill_rows))
+        for a in list(self.active):
+            if a.run.done:
+                self.active.remove(a)
+                self._end(a)
+            elif a.job.on_prefilled is not None and not a.run.prefilling:
+                a.job.on_prefilled()  # e.g. n > 1: the other choices start from this cache's prompt
+                a.job.on_prefilled = None
 
     def _fail(self, job: Job, e: BaseException) -> None:
         log.exception("request failed")
@@ -388,25 +446,24 @@ class Worker:
         slot.prompt_len = 0  # until this request ends, the slot holds no finished prompt
         self.active.append(_Active(job, slot, run))
 
-    def _step(self, a: _Active) -> bool:
-        """One step of a running request; True when it has ended (answered, failed or cancelled)."""
+    def _end(self, a: _Active) -> None:
+        """Answer a request whose generation has ended (finished, cancelled or failed)."""
+        res = a.run.result
         try:
-            if not a.run.step():
-                return False
-            res = a.run.result
+            if a.run.error is not None:
+                raise a.run.error
             assert res is not None
             a.slot.prompt_len = min(len(a.job.prompt), res.prefilled if res.prefilled is not None
                                     else len(a.job.prompt))
             a.slot.last_used = time.monotonic()
             a.job.output.close()
         except Exception as e:  # noqa: BLE001 - the model thread must outlive any one request
-            log.exception("generation failed")
+            log.error("generation failed", exc_info=e)
             a.slot.gen.reset()
             a.slot.prompt_len = 0
             a.job.post(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
-            return True
+            return
         self._finish(a.job, res)
-        return True
 
     def _finish(self, job: Job, res: GenerationResult) -> None:
         self.finished.append(Finished(job.kind, job.params, res))
@@ -420,4 +477,4 @@ class Worker:
                      job.kind, res.prompt_tokens, res.cached_tokens, len(res.tokens), reason, res.prefill_tps,
                      res.decode_tps)
         job.post(Done(reason, out.stop.hit, res.prompt_tokens, len(res.tokens), res.cached_tokens,
-                      "".join(out.content), calls, "".join(out.reasoning)))
+                      "".join(out.content), calls, "".join(out.reasoning), list(out.logprobs)))
