@@ -1,13 +1,18 @@
-"""Decode / prefill benchmark: k2local's hybrid expert executor beside llama.cpp on the same GGUF.
+"""Decode / prefill benchmark: k2local's hybrid expert executor beside llama.cpp and ik_llama.cpp on the same GGUF.
 
     python bench/decode.py                       # synthetic Kimi-K2-shaped model (random weights), built once
-    python bench/decode.py --model DIR_OR_GGUF   # your checkpoint (a GGUF is needed for the llama.cpp column)
+    python bench/decode.py --shape k2deep --modes ram --prompt 64,512   # K2's 61 layers (10.6 GB at q4)
+    python bench/decode.py --model DIR_OR_GGUF   # your checkpoint (a GGUF is needed for the peer columns)
 
 For each k2local placement (--modes: experts in RAM, experts streamed from disk with a small RAM cache) it prints
 prefill and decode tokens/s, the routed-expert bytes read per decoded token, the effective GB/s those bytes
 imply, and that figure's ratio to the RAM read bandwidth measured in the same run; then the same model in
-llama.cpp (llama-cpp-python, everything including experts on the CPU) side by side. Greedy tokens of both are
-compared as a sanity check (random-weight models can diverge on near-ties after a few tokens).
+llama.cpp (llama-cpp-python, everything including experts on the CPU) and in ik_llama.cpp (its llama-bench, with
+`-rtr 1` and with its defaults; --ik-llama DIR or $K2LOCAL_IK_LLAMA, see tests/peers/ik_llama.py) side by side, and
+k2local's time per decoded token split into routed experts, dense/attention matrices, attention math and the rest.
+Decode is timed after the prompt, at its depth (ik_llama.cpp: `-gp N,M`); several --prompt lengths give a summary.
+Greedy tokens of k2local and llama.cpp are compared as a sanity check (random-weight models can diverge on near-ties
+after a few tokens).
 """
 from __future__ import annotations
 

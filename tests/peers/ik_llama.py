@@ -87,18 +87,18 @@ def parse(text: str, label: str) -> list[IkResult]:
     if start < 0:
         raise IkError(f"llama-bench printed no JSON: {_tail(text)}")
     rows = json.loads(text[start:])
+    if rows and rows[0].get("build_commit"):
+        _BUILDS[label] = f"build {rows[0]['build_commit']} ({rows[0].get('build_number', '?')})"
     return [IkResult(label, int(r["n_prompt"]), int(r["n_gen"]), float(r["avg_ts"]), float(r.get("stddev_ts", 0.0)))
             for r in rows]
 
 
-def version(binary: Path) -> str:
-    """'build <commit> (<number>)' as llama-bench reports it, or '' if it will not say."""
-    try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    line = (out.stdout + out.stderr).strip().splitlines()
-    return line[0].strip() if line else ""
+_BUILDS: dict[str, str] = {}  # config label -> 'build <commit> (<number>)' from the last llama-bench JSON
+
+
+def version() -> str:
+    """'build <commit> (<number>)' as the last llama-bench run reported it (it has no --version), or ''."""
+    return next(iter(_BUILDS.values()), "")
 
 
 def describe(binary: Path | None, threads: int) -> str:
@@ -106,4 +106,4 @@ def describe(binary: Path | None, threads: int) -> str:
     if binary is None:
         return NOT_FOUND
     flags = "; ".join(f"'{c.label}' ({' '.join(c.flags) or 'no flags'})" for c in CONFIGS)
-    return f"ik_llama.cpp {version(binary) or '(version unknown)'} at {binary}, -t {threads}, CPU only: {flags}"
+    return f"ik_llama.cpp {version() or '(build not reported yet)'} at {binary}, -t {threads}, CPU only: {flags}"
