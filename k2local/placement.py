@@ -347,12 +347,11 @@ class Int4Repack:
         sdt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[self.scale.dtype]
         scale = torch.frombuffer(self._pread(self.scale), dtype=sdt).view(self.rows, -1)
         try:
-            q, inexact = repack_int4(packed, scale)
+            _, inexact = repack_int4(packed, scale, out=torch.frombuffer(out, dtype=torch.uint8))
         except ValueError as e:
             raise ExpertReadError(f"{self.packed.file}: {self.name}: {e}") from None
         if inexact:
             INT4_STATS.note(self.name, inexact)
-        torch.frombuffer(out, dtype=torch.uint8).copy_(q.view(-1))
 
 
 class Int4Stats:

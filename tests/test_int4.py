@@ -16,6 +16,7 @@ from k2local.model import KimiK2Model
 from k2local.placement import build_backend, layout_for, make_plan, source_notes
 from k2local.weights import sanitize
 from k2local.weights.hf_checkpoint import SafetensorsSource, expert_name
+from offload import kernels
 from offload.errors import ExpertReadError
 from quant.types import QType
 from tests.test_offload import greedy_run, opts
@@ -86,6 +87,36 @@ def test_inexact_and_out_of_range_scales() -> None:
     big[3, 1] = 1e5
     with pytest.raises(ValueError, match="outside fp16"):
         sanitize.repack_int4(packed, big)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernel library")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_c_repack_equals_torch_repack(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C repack (k2k_repack_int4_q4_0) gives the torch path's bytes and inexact count, for scales over every
+    binade bf16 reaches below f16's max: zeros, negatives, f16 subnormals and values that round to 0."""
+    rows, cols = 64, 32 * 40
+    g = torch.Generator().manual_seed(1)
+    mant = 1 + torch.rand(rows, cols // 32, generator=g)
+    exps = torch.randint(-30, 16, (rows, cols // 32), generator=g).float()
+    sign = torch.where(torch.rand(rows, cols // 32, generator=g) < 0.2, -1.0, 1.0)
+    s = (sign * mant * 2.0 ** exps).clamp(-65280, 65280)  # 65280: the largest bf16 value f16 holds
+    s[0, :4] = torch.tensor([0.0, -0.0, 65280.0, 2.0 ** -24])
+    s = s.to(dtype)
+    _, packed, _ = _random_int4(rows, cols, s, seed=3)
+    q_c, n_c = sanitize.repack_int4(packed, s)
+    monkeypatch.setattr(kernels, "repack_int4_q4_0", lambda *a: None)
+    q_t, n_t = sanitize.repack_int4(packed, s)
+    assert torch.equal(q_c, q_t) and n_c == n_t
+    assert (n_t == 0) == (dtype is torch.float16)  # f16 scales are always exact
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernel library")
+def test_c_repack_refuses_scales_past_fp16() -> None:
+    _, packed, s = _random_int4(2, 64)
+    s = s.clone()
+    s[1, 0] = 7e4
+    with pytest.raises(ValueError, match=r"INT4 scale 7\d+ is outside fp16"):
+        sanitize.repack_int4(packed, s)
 
 
 def test_scale_exactness_rate_on_realistic_scales() -> None:

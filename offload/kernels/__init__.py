@@ -41,7 +41,7 @@ from ._knobs import forced_torch as _forced_torch
 __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
     "set_prefetch", "set_avxvnni", "set_panel_gemm", "numa_interleave_wanted", "interleave_memory", "supported",
-    "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "C_TYPES",
+    "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "repack_int4_q4_0", "C_TYPES",
 ]
 
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values) -> names
@@ -324,3 +324,27 @@ def read_bandwidth(buf: Bytes | None = None, nbytes: int = 1 << 30, reps: int = 
     if p % 64:
         raise ValueError("buffer must be 64-byte aligned")
     return float(lib.k2k_read_bw(p, _nbytes(b), int(reps)))
+
+
+SCALE_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # k2k_repack_int4_q4_0's scale_kind
+
+
+def repack_int4_q4_0(packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> int | None:
+    """compressed-tensors INT4 codes (int32 [rows, cols/8]) and their group-32 scales (bf16/f16/f32 [rows, cols/32])
+    -> Q4_0 bytes written into `out` (uint8, rows * cols/32 * 18); returns how many scales were not f16-exact.
+    None without the compiled library (the caller repacks in torch). ValueError for a scale past f16's range.
+    Takes no lock and no pool thread: callable from reader threads while a matmul runs."""
+    lib = _load()
+    if lib is None or scale.dtype not in SCALE_KINDS:
+        return None
+    packed, scale = packed.contiguous(), scale.contiguous()
+    rows, groups = scale.shape
+    if packed.numel() * 4 != rows * groups * 16 or out.numel() * out.element_size() < rows * groups * 18:
+        raise ValueError(f"INT4 codes {list(packed.shape)} / scales {list(scale.shape)} / output size disagree")
+    r = int(lib.k2k_repack_int4_q4_0(packed.data_ptr(), scale.data_ptr(), SCALE_KINDS[scale.dtype], rows, groups,
+                                     out.data_ptr()))
+    if r < 0:
+        g = -1 - r
+        bad = float(scale.view(-1)[g].float())
+        raise ValueError(f"INT4 scale {bad:g} is outside fp16's range: cannot be Q4_0")
+    return r

@@ -74,7 +74,7 @@
 #define K2K_X86 0
 #endif
 
-#define K2K_ABI_VERSION 10
+#define K2K_ABI_VERSION 11
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { GT_Q4_0 = 2, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,

@@ -38,5 +38,8 @@ K2K_API int k2k_matmul_heads(int type, const void *w, int64_t heads, int64_t w_h
 K2K_API int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ldx, int nexp,
                     const void *const *gate, const void *const *up, const void *const *down, int tg, int tu, int td,
                     int K, const int32_t *idx, const float *wts, float *y, int64_t ldy, int accumulate);
+/* repack.c (no lock: callable from reader threads) */
+K2K_API int64_t k2k_repack_int4_q4_0(const void *packed, const void *scale, int scale_kind, int64_t rows,
+                                     int64_t groups, void *out);
 
 #endif /* K2K_K2KERN_H */

@@ -1,0 +1,82 @@
+/* Codec repacks done as experts are read (no lock, no thread pool: safe to call from the disk tier's reader
+ * threads while a matmul runs).
+ *
+ * compressed-tensors INT4 (pack-quantized, symmetric, group 32) -> ggml Q4_0. The 4-bit codes are the same
+ * (w = (u - 8) * d); only the nibble order changes and the scale goes bf16/f16/f32 -> f16:
+ *   INT4 group: 16 bytes, byte k = elements 2k (low nibble), 2k + 1 (high)
+ *   Q4_0 block: f16 d, then 16 bytes, byte m = elements m (low), m + 16 (high)
+ * so Q4_0 bytes 2k, 2k + 1 are the low / high nibbles of INT4 bytes k and k + 8. */
+#include <stdint.h>
+#include <string.h>
+
+#include "k2kern.h"
+
+#define LO 0x0F0F0F0F0F0F0F0FULL
+
+/* Spreads the 4 bytes of x into the low byte of each 16-bit lane. */
+static inline uint64_t spread4(uint64_t x) {
+    x &= 0xFFFFFFFFULL;
+    x = (x | (x << 16)) & 0x0000FFFF0000FFFFULL;
+    x = (x | (x << 8)) & 0x00FF00FF00FF00FFULL;
+    return x;
+}
+
+static inline float scale_f32(const void *scale, int kind, int64_t i) {
+    uint32_t bits;
+    float f;
+    switch (kind) {
+    case 0: /* bf16 */
+        bits = (uint32_t)((const uint16_t *)scale)[i] << 16;
+        memcpy(&f, &bits, 4);
+        return f;
+    case 1: /* f16 */
+        return (float)((const _Float16 *)scale)[i];
+    default: /* f32 */
+        return ((const float *)scale)[i];
+    }
+}
+
+/* The common case without a float conversion call: a bf16 scale in f16's normal range (or zero) is an f16 value
+ * (bf16's 7 mantissa bits fit f16's 10): rebias the exponent. False for anything else (the caller converts). */
+static inline int bf16_to_f16_exact(const void *scale, int kind, int64_t i, uint16_t *out) {
+    if (kind != 0) return 0;
+    uint16_t b = ((const uint16_t *)scale)[i];
+    uint32_t e = (b >> 7) & 0xFF;
+    if ((b & 0x7FFF) == 0) {
+        *out = b & 0x8000;
+        return 1;
+    }
+    if (e < 127 - 14 || e > 127 + 15) return 0;
+    *out = (uint16_t)((b & 0x8000) | ((e - 112) << 10) | ((b & 0x7F) << 3));
+    return 1;
+}
+
+int64_t k2k_repack_int4_q4_0(const void *packed, const void *scale, int scale_kind, int64_t rows, int64_t groups,
+                             void *out) {
+    const uint8_t *src = (const uint8_t *)packed;
+    uint8_t *dst = (uint8_t *)out;
+    int64_t inexact = 0;
+    for (int64_t g = 0; g < rows * groups; g++) {
+        uint16_t d;
+        if (!bf16_to_f16_exact(scale, scale_kind, g, &d)) {
+            float s = scale_f32(scale, scale_kind, g);
+            _Float16 h = (_Float16)s; /* round to nearest even, as torch's .to(float16) */
+            float back = (float)h;
+            if (back - back != 0.0f && s - s == 0.0f) return -1 - g; /* finite scale past f16's range */
+            inexact += back != s;
+            memcpy(&d, &h, 2);
+        }
+        uint64_t a, c;
+        memcpy(&a, src + 16 * g, 8);
+        memcpy(&c, src + 16 * g + 8, 8);
+        uint64_t ev = (a & LO) | ((c & LO) << 4);          /* byte k = Q4_0 byte 2k */
+        uint64_t od = ((a >> 4) & LO) | (c & ~LO);         /* byte k = Q4_0 byte 2k + 1 */
+        uint64_t q0 = spread4(ev) | (spread4(od) << 8);
+        uint64_t q1 = spread4(ev >> 32) | (spread4(od >> 32) << 8);
+        uint8_t *b = dst + 18 * g;
+        memcpy(b, &d, 2);
+        memcpy(b + 2, &q0, 8);
+        memcpy(b + 10, &q1, 8);
+    }
+    return inexact;
+}
