@@ -146,8 +146,8 @@ def llama_server_binary(args: argparse.Namespace) -> Path | None:
 def _llama_version(binary: Path) -> str:
     try:
         p = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
-        m = re.search(r"version: (\S+ \(\S+\))", p.stdout + p.stderr)
-        return m.group(1) if m else "unknown version"
+        m = re.search(r"version: (.+)", p.stdout + p.stderr)
+        return m.group(1).strip() if m else "unknown version"
     except (OSError, subprocess.SubprocessError):
         return "unknown version"
 
