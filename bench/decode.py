@@ -12,6 +12,7 @@ compared as a sanity check (random-weight models can diverge on near-ties after 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ from k2local.engine import LoadOptions  # noqa: E402
 from k2local.model import KimiK2Model  # noqa: E402
 from k2local.placement import build_backend, layout_for  # noqa: E402
 from offload.probe import measure_ram_bandwidth  # noqa: E402
+from tests.peers import ik_llama  # noqa: E402
 from tests.peers import llama_cpp as llama  # noqa: E402
 
 SHAPES = {
@@ -44,7 +46,16 @@ SHAPES = {
     "k2layer": dict(hidden_size=7168, intermediate_size=2048, moe_intermediate_size=2048, num_hidden_layers=3,
                     n_routed_experts=24, num_experts_per_tok=8, num_attention_heads=64, q_lora_rank=1536,
                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+    # k2deep: Kimi K2's depth (61 layers, the first dense at its real width 18432) and per-layer attention (hidden
+    # 7168, 64 heads, q/kv LoRA 1536/512) as in K2, so per-token costs that grow with depth show; the routed and shared
+    # experts are 4x narrower (512) so that 8 routed (top-8) + 1 shared fit beside the attention in 10.6 GB at q4.
+    # Written as random blocks straight into the GGUF (k2local.convert.random_gguf): quantizing a checkpoint this
+    # size would take hours.
+    "k2deep": dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=512, num_hidden_layers=61,
+                   n_routed_experts=8, num_experts_per_tok=8, n_shared_experts=1, num_attention_heads=64,
+                   q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
 }
+RANDOM_GGUF_SHAPES = ("k2deep",)
 
 
 def synthetic_model(workdir: Path, recipe: str, shape: str = "small") -> tuple[Path, Path]:
@@ -54,6 +65,8 @@ def synthetic_model(workdir: Path, recipe: str, shape: str = "small") -> tuple[P
 
     synth = SHAPES[shape]
     tag = "-".join(f"{v}" for v in synth.values())
+    if shape in RANDOM_GGUF_SHAPES:
+        return random_synthetic_model(workdir, recipe, shape, tag)
     hf = workdir / f"synth-{tag}"
     if not (hf / "model.safetensors.index.json").exists():
         print(f"building synthetic checkpoint {hf} ...", file=sys.stderr)
@@ -65,12 +78,117 @@ def synthetic_model(workdir: Path, recipe: str, shape: str = "small") -> tuple[P
     return hf, gguf
 
 
+def random_synthetic_model(workdir: Path, recipe: str, shape: str, tag: str) -> tuple[Path, Path]:
+    """SHAPES[shape] as a GGUF of random blocks (no checkpoint); cached in workdir. Returns (tokenizer dir, GGUF)."""
+    from k2local import tiny  # noqa: PLC0415
+    from k2local.convert.random_gguf import write_random_gguf  # noqa: PLC0415
+
+    tok = workdir / f"synth-{shape}-tokenizer"
+    cfg = tiny.write_config(tok, "kimi_k2", SHAPES[shape])
+    gguf = workdir / f"synth-{tag}-{recipe}-random.gguf"
+    if not gguf.exists():
+        print(f"writing {gguf} (random {recipe} blocks) ...", file=sys.stderr)
+        write_random_gguf(gguf, cfg, tok, recipe)
+    return tok, gguf
+
+
 def prompt_ids(n: int, vocab: int) -> list[int]:
     g = torch.Generator().manual_seed(1234)
     return torch.randint(3, min(vocab, 1000), (n,), generator=g).tolist()
 
 
 Runner = Callable[[], dict]
+
+
+def prefill(model: KimiK2Model, ids: list[int], cache, chunk: int) -> torch.Tensor:
+    """The prompt in chunks of `chunk` tokens (0: one call), as k2local.generate.Generator runs it; last logits."""
+    step = chunk or len(ids)
+    for a in range(0, len(ids), step):
+        lg = model.forward(ids[a:a + step], cache, pos=a, last_only=True)
+    return lg[-1]
+
+
+class Sections:
+    """Exclusive wall time per named section of nested calls (a section's time excludes the sections it calls)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list] = []  # [name, start, time spent in children]
+
+    def wrap(self, fn: Callable, name: str) -> Callable:
+        def timed(*a, **kw):
+            self._stack.append([name, time.perf_counter(), 0.0])
+            try:
+                return fn(*a, **kw)
+            finally:
+                nm, t0, child = self._stack.pop()
+                dt = time.perf_counter() - t0
+                self.seconds[nm] = self.seconds.get(nm, 0.0) + dt - child
+                if self._stack:
+                    self._stack[-1][2] += dt
+
+        return timed
+
+
+BREAKDOWN = (("routed experts", "experts"), ("dense/attention matrices", "matrices"),
+             ("attention math (scores, softmax, values)", "attention"), ("norms, rope, router, Python, torch "
+                                                                        "(the rest)", "rest"))
+
+
+def decode_breakdown(model: KimiK2Model, ids: list[int], tokens: int, chunk: int) -> dict[str, float]:
+    """Seconds per decoded token by BREAKDOWN category, after prefilling `ids`, with timers around every matrix
+    (k2local.model.linear and MLA's per-head k_b / v_b), the routed-expert call and the attention method; also the
+    token's time with and without the timers ('total', 'untimed'). Attention math = _attention less its matrices."""
+    import k2local.model as km  # noqa: PLC0415
+
+    cache = model.new_cache()
+    tok = int(prefill(model, ids, cache, chunk).argmax())
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        tok = int(model.forward([tok], cache)[-1].argmax())
+    untimed = (time.perf_counter() - t0) / tokens
+    cache.truncate(len(ids))
+    sec = Sections()
+    saved = (km.linear, model.experts, type(model)._attention, [(lw.uk_q, lw.uv_q) for lw in model.layers])
+    experts = model.experts
+    read = [0]
+
+    def counted(x, w):
+        read[0] += w.nbytes if hasattr(w, "nbytes") else w.numel() * w.element_size()
+        return saved[0](x, w)
+
+    km.linear = sec.wrap(counted, "matrices")
+    model.experts = type("TimedExperts", (), {"forward": staticmethod(sec.wrap(experts.forward, "experts"))})()
+    model._attention = sec.wrap(functools.partial(type(model)._attention, model), "attention")
+    for lw in model.layers:
+        if lw.uk_q is not None:
+            read[0] += tokens * (lw.uk_q.w.nbytes + lw.uv_q.w.nbytes)
+            lw.uk_q, lw.uv_q = sec.wrap(lw.uk_q, "matrices"), sec.wrap(lw.uv_q, "matrices")
+    try:
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            tok = int(sec.wrap(lambda t: model.forward([t], cache)[-1].argmax(), "rest")(tok))
+        total = (time.perf_counter() - t0) / tokens
+    finally:
+        km.linear, model.experts = saved[0], saved[1]
+        del model._attention
+        for lw, (uk, uv) in zip(model.layers, saved[3]):
+            lw.uk_q, lw.uv_q = uk, uv
+    out = {k: v / tokens for k, v in sec.seconds.items()}
+    out["total"], out["untimed"] = total, untimed
+    out["matrix_bytes"] = read[0] / tokens
+    return out
+
+
+def print_breakdown(b: dict[str, float], label: str, tokens: int) -> None:
+    total = b["total"]
+    print(f"k2local ({label}): time per decoded token over {tokens} tokens, timers on: {1e3 * total:.1f} ms "
+          f"({1 / total:.2f} tok/s; without timers {1e3 * b['untimed']:.1f} ms = {1 / b['untimed']:.2f} tok/s)")
+    gbs = {"matrices": b["matrix_bytes"], "experts": b.get("expert_bytes", 0.0)}
+    for what, key in BREAKDOWN:
+        v = b.get(key, 0.0)
+        rate = f"  {gbs[key] / 1e6:7.0f} MB at {gbs[key] / v / 1e9:5.1f} GB/s" if gbs.get(key) and v else ""
+        print(f"  {what:<45} {1e3 * v:8.2f} ms  {100 * v / total:5.1f}%{rate}")
 
 
 def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[int]) -> tuple[Runner, Callable]:
@@ -97,7 +215,7 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
         backend.reset_stats()
         sync()
         t0 = time.perf_counter()
-        lg = model.forward(ids, cache, last_only=True)[-1]
+        lg = prefill(model, ids, cache, args.prefill_chunk)
         sync()
         prefill_s = time.perf_counter() - t0
         backend.reset_stats()
@@ -116,6 +234,7 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
                 "expert_s_per_token": st["timers"].get("forward_s", 0.0) / args.decode,
                 "kernels": st["kernels"], "disk_read_bytes": st["tiers"].get("disk", {}).get("bytes_read", 0)}
 
+    run.breakdown = lambda: (label, decode_breakdown(model, ids, args.decode, args.prefill_chunk))  # type: ignore[attr-defined]
     return run, backend.close
 
 
@@ -158,6 +277,30 @@ def llama_runner(gguf: Path, args: argparse.Namespace, ids: list[int]) -> tuple[
     return run, llm.close
 
 
+def ik_llama_runner(binary: Path, gguf: Path, config: ik_llama.IkConfig, args: argparse.Namespace
+                    ) -> tuple[Runner, Callable]:
+    """ik_llama.cpp's llama-bench on the same GGUF: one run per call (prefill of --prompt tokens, then --decode
+    tokens at that depth, `-gp`); it loads the model itself each time, so nothing stays resident between calls."""
+
+    def run() -> dict:
+        rows = ik_llama.bench(binary, gguf, args.threads, [args.prompt], args.decode, config, reps=1)
+        pp = next(r.tok_s for r in rows if r.gen == 0)
+        tg = next((r.tok_s for r in rows if r.gen > 0), 0.0)
+        return {"engine": "ik_llama.cpp", "mode": f"{config.label}, all on CPU, {args.threads} threads",
+                "device": "cpu", "prefill_tps": pp, "decode_tps": tg, "hit_rates": {}, "kernels": "ggml+iqk"}
+
+    return run, lambda: None
+
+
+def ik_llama_engines(gguf: Path, args: argparse.Namespace) -> tuple[list[Callable[[], tuple[Runner, Callable]]],
+                                                                     list[dict]]:
+    """Loaders of the ik_llama.cpp configurations (ik_llama.CONFIGS), or a 'not found' row."""
+    binary = ik_llama.find(args.ik_llama)
+    if binary is None:
+        return [], [{"engine": "ik_llama.cpp", "mode": "not found (see the peer line below)"}]
+    return [lambda c=c: ik_llama_runner(binary, gguf, c, args) for c in ik_llama.CONFIGS], []
+
+
 def best_of_rounds(runners: list[Runner], rounds: int) -> list[dict]:
     """Run every engine once per round, taking turns (a shared or throttling box then slows all of them alike),
     and keep each engine's best prefill and best decode speed over the rounds."""
@@ -175,6 +318,58 @@ def best_of_rounds(runners: list[Runner], rounds: int) -> list[dict]:
     return [b for b in best if b is not None]
 
 
+def one_at_a_time(gguf: Path) -> bool:
+    """Whether two engines holding this GGUF would not fit in RAM together (then each runs alone, memory freed)."""
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 2.2 * gguf.stat().st_size > avail
+
+
+def run_engines(loaders: list[Callable[[], tuple[Runner, Callable] | dict]], rounds: int, sequential: bool,
+                missing: list[dict], breakdown: bool = True) -> list[dict]:
+    """Best of `rounds` per engine: all loaded and timed in turns, or (sequential) one loaded at a time. Engines
+    with a `breakdown` (k2local) add one per decoded token (decode_breakdown) under the key 'breakdown'."""
+    import gc  # noqa: PLC0415
+
+    def add_breakdown(run: Runner, r: dict) -> None:
+        if breakdown and hasattr(run, "breakdown"):
+            r["breakdown"] = run.breakdown()[1]  # type: ignore[attr-defined]
+            r["breakdown"]["expert_bytes"] = r.get("expert_bytes_per_token", 0.0)
+
+    if not sequential:
+        loaded = []
+        for load in loaders:
+            got = load()
+            (missing.append if isinstance(got, dict) else loaded.append)(got)
+        results = best_of_rounds([run for run, _ in loaded], rounds)
+        for (run, close), r in zip(loaded, results):
+            add_breakdown(run, r)
+            close()
+        return results + missing
+    results = []
+    for load in loaders:
+        got = load()
+        if isinstance(got, dict):
+            missing.append(got)
+            continue
+        results += best_of_rounds([got[0]], rounds)
+        add_breakdown(got[0], results[-1])
+        got[1]()
+        del got
+        gc.collect()
+    return results + missing
+
+
+def print_ratios(ours: dict, peers: list[dict]) -> None:
+    """k2local's prefill and decode over each peer row's, and over the best peer's."""
+    for key, what in (("decode_tps", "decode"), ("prefill_tps", "prefill")):
+        for p in peers:
+            print(f"k2local ({ours['mode']}) / {p['engine']} ({p['mode']}) {what}: {ours[key] / p[key]:.2f}x "
+                  f"({ours[key]:.1f} vs {p[key]:.1f} tok/s)")
+        if len(peers) > 1:
+            best = max(peers, key=lambda p: p[key])
+            print(f"  best peer {what}: {best['engine']} ({best['mode']}): {ours[key] / best[key]:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="checkpoint dir or GGUF (default: a synthetic model)")
@@ -182,7 +377,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("K2LOCAL_BENCH_DIR", "/tmp/k2local-bench")))
     ap.add_argument("--recipe", default="q4", help="quant recipe for the synthetic model's GGUF")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small", help="synthetic model shapes (see SHAPES)")
-    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    ap.add_argument("--prompt", default="64", help="prompt tokens (prefill); comma-separated for several lengths, "
+                                                  "e.g. 64,512,2048,8192 (decode is then timed at each depth)")
+    ap.add_argument("--prefill-chunk", type=int, default=512,
+                    help="k2local prefill chunk (the generator's default; llama-bench's -ub is 512 too); 0: one call")
     ap.add_argument("--decode", type=int, default=32, help="decoded tokens")
     ap.add_argument("--modes", default="ram,disk", help="k2local placements: ram, disk")
     ap.add_argument("--disk-fraction", type=float, default=0.25, help="disk mode: RAM cache as a share of experts")
@@ -190,11 +388,20 @@ def main() -> None:
     ap.add_argument("--gpu-mem", type=float, default=None)
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--no-llama", action="store_true", help="skip mainline llama.cpp (llama-cpp-python)")
+    ap.add_argument("--no-peers", action="store_true", help="skip every peer (llama.cpp and ik_llama.cpp)")
+    ap.add_argument("--ik-llama", help=f"an ik_llama.cpp CPU build (dir, its bin/, or llama-bench; default ${ik_llama.ENV})")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip k2local's per-token time breakdown")
+    ap.add_argument("--sequential", action="store_true",
+                    help="load and time one engine at a time (default when two copies of the GGUF would not fit in RAM)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="timed runs per engine, taken in turns; the best prefill and decode of each are kept")
     ap.add_argument("--json", action="store_true", help="print results as JSON")
     args = ap.parse_args()
+    try:
+        args.prompts = [int(p) for p in args.prompt.split(",")]
+    except ValueError:
+        ap.error(f"--prompt: expected comma-separated token counts, got {args.prompt!r}")
 
     torch.set_num_threads(args.threads)
     try:
@@ -211,19 +418,42 @@ def main() -> None:
         path = args.model
         gguf = args.gguf or (args.model if args.model.suffix == ".gguf" else None)
     ram_bw = measure_ram_bandwidth()
+    summary = []
+    for n in args.prompts:
+        summary.append((n, bench_prompt(argparse.Namespace(**{**vars(args), "prompt": n}), path, gguf, ram_bw)))
+    if len(summary) > 1 and not args.json:
+        print_summary(summary)
+
+
+def print_summary(summary: list[tuple[int, list[dict]]]) -> None:
+    """One line per prompt length and engine: prefill and decode tok/s, and k2local's ratio to each."""
+    print("\nsummary (decode after the prompt, at its depth):")
+    print(f"{'prompt':>7}  {'engine':<50}{'prefill tok/s':>14}{'decode tok/s':>13}{'k2 pre x':>9}{'k2 dec x':>9}")
+    for n, results in summary:
+        rows = [r for r in results if "decode_tps" in r]
+        ours = next((r for r in rows if r["engine"] == "k2local"), None)
+        for r in rows:
+            rp = f"{ours['prefill_tps'] / r['prefill_tps']:.2f}" if ours and r["prefill_tps"] else ""
+            rd = f"{ours['decode_tps'] / r['decode_tps']:.2f}" if ours and r["decode_tps"] else ""
+            print(f"{n:>7}  {(r['engine'] + ' ' + r['mode'])[:49]:<50}{r['prefill_tps']:>14.1f}"
+                  f"{r['decode_tps']:>13.2f}{rp:>9}{rd:>9}")
+
+
+def bench_prompt(args: argparse.Namespace, path: Path, gguf: Path | None, ram_bw: float) -> list[dict]:
+    """Every engine at one prompt length (args.prompt); prints its table, breakdown and ratios; returns the rows."""
     vocab = open_checkpoint(path).config.vocab_size
     ids = prompt_ids(args.prompt, vocab)
-    loaded = [k2local_runner(path, m.strip(), args, ids) for m in args.modes.split(",") if m.strip()]
-    missing = []
-    if gguf is not None and not args.no_llama:
-        got = llama_runner(gguf, args, ids)
-        if isinstance(got, dict):
-            missing.append(got)
-        else:
-            loaded.append(got)
-    results = best_of_rounds([run for run, _ in loaded], args.rounds) + missing
-    for _, close in loaded:
-        close()
+    loaders: list[Callable[[], tuple[Runner, Callable] | dict]] = [
+        lambda m=m.strip(): k2local_runner(path, m, args, ids) for m in args.modes.split(",") if m.strip()]
+    missing: list[dict] = []
+    if gguf is not None and not args.no_peers:
+        ik, absent = ik_llama_engines(gguf, args)
+        loaders += ik
+        missing += absent
+        if not args.no_llama:
+            loaders.append(lambda: llama_runner(gguf, args, ids))
+    sequential = args.sequential or (gguf is not None and one_at_a_time(gguf))
+    results = run_engines(loaders, args.rounds, sequential, missing, not args.no_breakdown)
     for r in results:  # llama.cpp reads the same expert bytes per token
         r.setdefault("expert_bytes_per_token", results[0].get("expert_bytes_per_token", 0))
     for r in results:
@@ -231,17 +461,19 @@ def main() -> None:
             r["effective_gbs"] = r["expert_bytes_per_token"] * r["decode_tps"] / 1e9
             r["ram_bw_ratio"] = r["effective_gbs"] / ram_bw if ram_bw else 0.0
     if args.json:
-        peer = llama.describe() if gguf is not None and not args.no_llama else None
+        peer = llama.describe() if gguf is not None and not (args.no_llama or args.no_peers) else None
+        ik = ik_llama.describe(ik_llama.find(args.ik_llama), args.threads) if gguf is not None else None
         print(json.dumps({"ram_read_gbs": ram_bw, "model": str(path), "threads": args.threads, "results": results,
-                          "llama_cpp": peer}))
-        return
+                          "llama_cpp": peer, "ik_llama_cpp": ik, "sequential": sequential}))
+        return results
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     t = Table(caption="effective GB/s = expert bytes per token x decode tok/s (whole model); GB/s in expert code"
                       " = the same bytes over the time spent inside the expert executor only",
               title=f"{path.name}: prompt {args.prompt}, decode {args.decode} tokens, {args.threads} threads, best of "
-                    f"{args.rounds} rounds taken in turns; "
+                    f"{args.rounds} rounds "
+                    f"{'(one engine loaded at a time)' if sequential else 'taken in turns'}; "
                     f"RAM read bandwidth measured now: {ram_bw:.1f} GB/s", title_justify="left")
     for c in ("engine", "placement", "prefill tok/s", "decode tok/s", "expert MB/token", "effective GB/s",
               "% of RAM BW", "GB/s in expert code", "hit rates"):
@@ -256,19 +488,25 @@ def main() -> None:
                   f"{r['expert_bytes_per_token'] / 1e6:.1f}", f"{r['effective_gbs']:.2f}",
                   f"{100 * r['ram_bw_ratio']:.1f}%", in_experts, " ".join(f"{k} {v}" for k, v in r["hit_rates"].items()))
     Console(width=max(140, Console().width)).print(t)
-    if gguf is not None and not args.no_llama:
-        print("peer:", llama.describe())
+    if gguf is not None and not args.no_peers:
+        if not args.no_llama:
+            print("peer:", llama.describe())
+        print("peer:", ik_llama.describe(ik_llama.find(args.ik_llama), args.threads))
+    for r in results:
+        if "breakdown" in r:
+            print_breakdown(r["breakdown"], r["mode"], args.decode)
     ours = [r for r in results if r["engine"] == "k2local" and "tokens" in r]
     theirs = [r for r in results if r["engine"] == "llama.cpp" and "tokens" in r]
     if ours and theirs:
         a, b = ours[0]["tokens"], theirs[0]["tokens"]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         print(f"greedy tokens: k2local and llama.cpp agree on the first {same} of {len(a)}")
-        for key, what in (("decode_tps", "decode"), ("prefill_tps", "prefill")):
-            print(f"k2local ({ours[0]['mode']}) / llama.cpp {what}: {ours[0][key] / theirs[0][key]:.2f}x "
-                  f"({ours[0][key]:.1f} vs {theirs[0][key]:.1f} tok/s)")
+    if ours:
+        print_ratios(ours[0], [r for r in results if r["engine"] != "k2local" and "decode_tps" in r])
     if len(ours) > 1:
         print("k2local placements give the same tokens:", all(r["tokens"] == ours[0]["tokens"] for r in ours))
+
+    return results
 
 
 if __name__ == "__main__":

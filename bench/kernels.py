@@ -58,6 +58,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: 
 
 from offload import kernels as K  # noqa: E402
 from quant import random_blocks  # noqa: E402
+from tests.peers import ik_llama  # noqa: E402
 from tests.peers import llama_cpp as llama  # noqa: E402
 
 HIDDEN, INTER, TOPK = 7168, 2048, 8
@@ -359,6 +360,38 @@ def bench_llama(ex: Experts, threads: list[int], passes: int, tmpdir: str, token
     return res
 
 
+# ----------------------------------------------------------------------------- ik_llama.cpp
+IK_ROWS = tuple(f"ik_llama.cpp {c.label}" for c in ik_llama.CONFIGS)
+
+
+def bench_ik(ex: Experts, threads: list[int], tmpdir: str, binary: Path | None, tokens: int = 1
+             ) -> dict[str, dict[int, float]]:
+    """ik_llama.cpp's llama-bench on bench_llama's GGUF, per configuration (IK_ROWS): GB/s of model bytes per
+    decoded token (tokens 1: `-gp 0,8`, 8 tokens decoded from an empty cache) or per `tokens`-token prefill (`-p`).
+    It runs as a subprocess with its own warm-up and repetitions (best of its 3 kept by llama-bench's mean)."""
+    if binary is None:
+        return {}
+    fd, path = tempfile.mkstemp(suffix=".gguf", dir=tmpdir)
+    os.close(fd)
+    out: dict[str, dict[int, float]] = {}
+    try:
+        nbytes = ex.nbytes + write_gguf(path, ex)
+        for cfg, name in zip(ik_llama.CONFIGS, IK_ROWS):
+            for th in threads:
+                try:
+                    rows = ik_llama.bench(binary, path, th, [0 if tokens == 1 else tokens], 8 if tokens == 1 else 0,
+                                          cfg, extra=("-mmp", "0"))
+                except ik_llama.IkError as e:
+                    log(f"  {name}: {e}")
+                    break
+                tok_s = rows[0].tok_s
+                out.setdefault(name, {})[th] = nbytes * tok_s / tokens / 1e9
+                log(f"  {name} {ex.qt.name} threads={th}: {out[name][th]:.1f} GB/s")
+    finally:
+        os.unlink(path)
+    return out
+
+
 # ----------------------------------------------------------------------------- torch reference
 
 def bench_torch_int8(budget: int, threads: list[int], passes: int) -> dict[int, float] | None:
@@ -399,7 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="comma-separated ggml types")
     ap.add_argument("--threads", help="'all', or comma-separated counts (default 1,2,4,8,12,..,nproc)")
     ap.add_argument("--passes", type=int, help="timed passes per point (best is kept)")
-    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--no-llama", action="store_true", help="skip the peers (llama.cpp and ik_llama.cpp)")
+    ap.add_argument("--ik-llama", help=f"ik_llama.cpp CPU build (dir, bin/ or llama-bench; default ${ik_llama.ENV})")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch int8 reference")
     ap.add_argument("--tmpdir", default=tempfile.gettempdir(), help="where the llama.cpp GGUF is written")
     ap.add_argument("--json", help="write all numbers to this file")
@@ -428,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not K.available():
         log(f"compiled kernels unavailable ({K.load_error()}); timing the torch fallback")
 
-    result: dict = {"isa": K.isa(), "cpus": ncpu, "clock": "cpu" if a.cpu_time else "wall", "threads": threads, "working_set_bytes": budget, "types": {}}
+    result: dict = {"ik_llama": ik_llama.find(a.ik_llama), "isa": K.isa(), "cpus": ncpu, "clock": "cpu" if a.cpu_time else "wall", "threads": threads, "working_set_bytes": budget, "types": {}}
     sizes = {qt: Experts.layers_for(qt, budget) for qt in types}
     max_bytes = max(n * TOPK * (2 * INTER * K.row_bytes(int(qt), HIDDEN) + HIDDEN * K.row_bytes(int(qt), INTER))
                     for qt, n in sizes.items())
@@ -469,6 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
             keep_best(r, bench_k2(ex, threads, passes))
             if not a.no_llama:
                 keep_best(r, {"llama.cpp": bench_llama(ex, threads, passes, a.tmpdir)})
+                keep_best(r, bench_ik(ex, threads, a.tmpdir, ik_llama.find(a.ik_llama)))
         if qt.name in l3:
             r["k2 l3"] = l3[qt.name]
         result["types"][qt.name] = {"bytes": ex.nbytes, **r}
@@ -533,7 +568,7 @@ def report(res: dict) -> None:
     summary = []
     for tname, d in res["types"].items():
         best = {}
-        for k in ("k2 gemv", "k2 moe", "k2 l3", "llama.cpp"):
+        for k in ("k2 gemv", "k2 moe", "k2 l3", "llama.cpp", *IK_ROWS):
             best[k] = row(f"{tname} {k}", d.get(k))
         moe, peer = best.get("k2 moe"), best.get("llama.cpp")
         line = (f"{tname}: k2 moe {moe[0]:.1f} GB/s @ {moe[1]} threads = {100 * moe[0] / ram_best:.0f}% of RAM read "
@@ -542,6 +577,9 @@ def report(res: dict) -> None:
             line += f", {100 * moe[0] / med[moe[1]]:.0f}% of the median probe at {moe[1]} threads ({med[moe[1]]:.1f})"
         if peer:
             line += f"; llama.cpp {peer[0]:.1f} GB/s @ {peer[1]} threads -> k2/llama.cpp = {moe[0] / peer[0]:.2f}x"
+        for k in IK_ROWS:
+            if best.get(k):
+                line += f"; {k} {best[k][0]:.1f} GB/s -> {moe[0] / best[k][0]:.2f}x"
         gb_tok = K2_WEIGHTS_PER_TOKEN * K.row_bytes(int(Q[tname]), 256) / 256 / 1e9
         line += f"; Kimi K2 routed experts {gb_tok:.1f} GB/token -> {moe[0] / gb_tok:.2f} tok/s at this speed"
         summary.append(line)
@@ -550,6 +588,7 @@ def report(res: dict) -> None:
         print(line)
     if any(d.get("llama.cpp") for d in res["types"].values()):
         print("peer:", llama.describe())
+    print("peer:", ik_llama.describe(res.get("ik_llama"), max(threads)) if res.get("ik_llama") else ik_llama.NOT_FOUND)
 
 
 if __name__ == "__main__":

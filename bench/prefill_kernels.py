@@ -9,6 +9,8 @@ top-8).  Rows, in multiply-adds of expert weights per second (GMAC/s):
   k2 moe, per-row   the same call with the decode-once GEMM off (kernels.set_panel_gemm(False)): its A/B
   llama.cpp         llama_decode of an N-token batch of a tiny MoE GGUF holding the same bytes (bench/kernels.py's
                     model: its attention and output weights are ~1% of the bytes; their time is not subtracted)
+  ik_llama.cpp      its llama-bench `-p N` on that GGUF, with `-rtr 1` and with its defaults (--ik-llama DIR or
+                    $K2LOCAL_IK_LLAMA; its fused MoE is on in both); a subprocess with its own repetitions
 Each engine is timed in turns (--rounds), best of each kept; weights stay in RAM (a few layers, re-read each pass).
 
   python bench/prefill_kernels.py                          # Q4_K, Q6_K, IQ4_XS, Q8_0, IQ2_XXS, IQ1_S at 64 tokens
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=2, help="expert layers (8 experts x 3 matrices each)")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="k2 and llama.cpp timed in turns this many times")
-    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--no-llama", action="store_true", help="skip the peers (llama.cpp and ik_llama.cpp)")
+    ap.add_argument("--ik-llama", help="ik_llama.cpp CPU build (dir, bin/ or llama-bench; default $K2LOCAL_IK_LLAMA)")
     a = ap.parse_args(argv)
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, ncpu})
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
                     with tempfile.TemporaryDirectory() as td:
                         # bench_llama's GB/s counts ~1% of non-expert bytes too: close enough for a ratio
                         BK.keep_best(best, {"llama.cpp": gmacs(BK.bench_llama(ex, threads, a.passes, td, tokens=n), ex, n)})
+                        ik = BK.bench_ik(ex, threads, td, BK.ik_llama.find(a.ik_llama), tokens=n)
+                        BK.keep_best(best, {k: gmacs(v, ex, n) for k, v in ik.items()})
             result["types"][f"{qt.name} T={n}"] = best
             rows += [(f"{qt.name} T={n} {k}", v) for k, v in best.items() if v]
     w = max(len(r[0]) for r in rows) + 1
@@ -89,9 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
         line = f"{key}: k2 {k2:.1f} GMAC/s; decode-once GEMM on/off {k2 / per_row:.2f}x"
         if ll:
             line += f"; k2/llama.cpp = {k2 / ll:.2f}x"
+        for k in BK.IK_ROWS:
+            if best.get(k):
+                line += f"; k2/{k} = {k2 / max(best[k].values()):.2f}x"
         print(line)
     if not a.no_llama:
         print("peer:", BK.llama.describe())
+        binary = BK.ik_llama.find(a.ik_llama)
+        print("peer:", BK.ik_llama.describe(binary, max(threads)))
     return result
 
 

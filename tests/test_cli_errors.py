@@ -67,6 +67,44 @@ def test_bad_flag_values_are_one_line(capsys, tiny_k2, command: str, flag: str, 
     assert p.stderr.strip() == line.strip() and not p.stdout
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--temperature", "-1"), ("--top-p", "2"), ("--top-k", "-1"),
+                                           ("--max-tokens", "0")])
+def test_bad_sampling_flags_name_the_flag(capsys, tiny_k2, flag: str, value: str) -> None:
+    p = main_in_process(capsys, "run", str(tiny_k2), flag, value)
+    assert p.stderr.strip() == one_line_error(p, f"'{flag}'").strip()
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", "-3G"])
+def test_bad_split_max_size_names_the_flag(capsys, tiny_k2, tmp_path, value: str) -> None:
+    p = main_in_process(capsys, "quantize", str(tiny_k2), str(tmp_path / "o.gguf"), "--split-max-size", value)
+    one_line_error(p, "--split-max-size", repr(value))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_or_directory_input_files_name_the_flag(env, tiny_k2, tmp_path) -> None:
+    """--imatrix and --routing-stats name a file that must exist (a typo was silently ignored by plan); imatrix's
+    -o is checked before the (long) collection, and nothing is left behind."""
+    (tmp_path / "adir").mkdir()
+    text = tmp_path / "calib.txt"
+    text.write_text("hello world\n")
+    for args, flag, why in [
+            (["quantize", str(tiny_k2), str(tmp_path / "o.gguf"), "--imatrix", str(tmp_path / "adir")], "--imatrix",
+             "is a directory"),
+            (["plan", str(tiny_k2), "--no-measure", "--routing-stats", str(tmp_path / "nope.json")],
+             "--routing-stats", "does not exist"),
+            (["imatrix", str(tiny_k2), str(text), "-o", str(tmp_path / "adir")], "--out", "is a directory"),
+            (["imatrix", str(tiny_k2), str(text), "-o", str(tmp_path / "no" / "im.gguf")], "-o", "does not exist")]:
+        p = k2(env, *args, cwd=tmp_path)
+        assert p.stderr.strip() == one_line_error(p, flag, why).strip() and not p.stdout
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["adir", "calib.txt"]
+
+
+def test_python_dash_m_k2local(env, tmp_path) -> None:
+    p = subprocess.run([sys.executable, "-m", "k2local", "--help"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=60)
+    assert p.returncode == 0 and "Usage: k2local" in p.stdout and "make-tiny" in p.stdout
+
+
 @pytest.mark.parametrize("command", ["run", "serve", "plan"])
 def test_bad_flag_value_subprocess(env, tiny_k2, tmp_path, command: str) -> None:
     p = k2(env, command, str(tiny_k2), "--ram", "nan", cwd=tmp_path)
@@ -324,10 +362,12 @@ def test_save_missing_directory_and_full_disk(env, small_fs, tmp_path) -> None:
                           env={**env, "TERM": "xterm"}, cwd=str(tmp_path), encoding="utf-8", timeout=120,
                           dimensions=(50, 200))
     child.expect_exact(">>> ")
-    child.sendline("/save no/such/dir/c.json")
-    child.expect("directory no/such/dir does not exist")
-    child.expect_exact(">>> ")
-    assert not (tmp_path / "no").exists()  # a typo is refused, not created
+    for target, missing in (("no/such/dir/c.json", "no/such/dir"), ("chats/c.json", "chats")):
+        child.sendline(f"/save {target}")  # one missing level or several: refused, never created
+        child.expect(f"{target}: cannot write: directory {missing} does not exist \\(nothing written\\)")
+        child.expect_exact(">>> ")
+        assert "Traceback" not in child.before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fs"]  # nothing written, no directory made
     filler = small_fs / "filler"
     with open(filler, "wb", buffering=0) as f:  # fill the small filesystem to the last byte
         try:
@@ -336,7 +376,8 @@ def test_save_missing_directory_and_full_disk(env, small_fs, tmp_path) -> None:
         except OSError:
             pass
     child.sendline(f"/save {small_fs}/c.json")
-    child.expect("No space left on device; free some space and /save again")
+    child.expect(f"{small_fs}/c.json: cannot write: No space left on device; free some space and /save again "
+                 r"\(nothing written\)")
     child.expect_exact(">>> ")
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]  # no hidden temp file
     child.sendline("/exit")

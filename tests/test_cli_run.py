@@ -48,12 +48,18 @@ def cli_env(_k2local_cache: Path) -> dict[str, str]:
                 LINES="50", OMP_NUM_THREADS="1")
 
 
-def spawn(cli_env: dict[str, str], cwd: Path, *args: str):
+PLACEMENT = re.compile(r"placement: float32 on CPU \(\d+ threads?\) · weights [\d.]+ MiB in RAM · experts RAM "
+                       r"[\d.]+ MiB \(100% of uses\) · KV cache [\d.]+ MiB for \d+ tokens · /plan shows the table")
+TABLE = re.compile(r"tier[^\n]*holds[^\n]*size")  # the placement table (/plan, --verbose)
+
+
+def spawn(cli_env: dict[str, str], cwd: Path, *args: str, placement: re.Pattern = PLACEMENT):
     child = pexpect.spawn(CLI[0], CLI[1:] + ["--temperature", "0", "--seed", "0", *args], env=cli_env,
                           cwd=str(cwd), encoding="utf-8", timeout=90, dimensions=(50, 200))
     child.expect("RANDOM")  # no MODEL: says plainly the weights are random
     child.expect("loaded tiny-kimi_k2-v1: \\d+ tensors")
-    child.expect(r"tier[^\n]*holds[^\n]*size")  # the plan summary: what is on GPU / RAM / disk
+    child.expect(placement)  # one line of what is on GPU / RAM / disk (the table with --verbose)
+    assert placement is TABLE or "holds" not in child.before  # no table unless asked for
     child.expect_exact(PROMPT)
     return child
 
@@ -125,7 +131,8 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(cli_env, tmp_path: Path) 
     child = spawn(cli_env, tmp_path, "--ignore-eos", "--max-tokens", "400")
     child.sendline("Tell me a very long story")
     child.expect_exact("Tell me a very long story")
-    child.expect(r"\S")  # the answer has started streaming
+    child.expect_exact("\x1b[?2004l")  # readline has handed the line over (bracketed paste mode off again)
+    child.expect(r"[^\s\x1b]")  # the answer has started streaming
     child.sendintr()
     child.expect("interrupted · ")
     cut = status(child)
@@ -191,6 +198,10 @@ def test_save_load_system_and_multiline(cli_env, tmp_path: Path) -> None:
     child.expect(STATUS)
     child.expect_exact(PROMPT)
     command(child, "/system Answer in French.", "system prompt set")
+    command(child, "/save chats/conv.json", r"chats/conv.json: cannot write: directory chats does not exist "
+                                            r"\(nothing written\)")
+    assert not (tmp_path / "chats").exists()  # a missing directory is refused, not made
+    (tmp_path / "chats").mkdir()
     command(child, "/save chats/conv.json", "saved 4 messages to")
 
     saved = json.loads((tmp_path / "chats" / "conv.json").read_text())
@@ -298,3 +309,123 @@ def test_hard_interrupt_keeps_partial_answer_and_drops_cache() -> None:
     t = s.ask("hi")
     assert t.finish_reason == "cancelled" and t.result is None and Gen.resets == 1
     assert s.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<7>"}]
+
+
+# ---------------------------------------------------------------------------------------------- paste, /plan, /stats
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+
+
+def saved_messages(child, tmp_path: Path, name: str) -> list[dict]:
+    command(child, f"/save {name}", "saved")
+    return json.loads((tmp_path / name).read_text())["messages"]
+
+
+def test_pasted_lines_are_one_message(cli_env, tmp_path: Path) -> None:
+    """A bracketed paste (ESC[200~ ... ESC[201~, which the chat turns on: ESC[?2004h) of three lines, then Enter,
+    is one message and one answer; so are three lines that arrive at once from a terminal that does not bracket
+    pastes; a pasted block starting with / is text, not a command."""
+    child = spawn(cli_env, tmp_path, "--max-tokens", "2")
+    assert "\x1b[?2004h" in child.before  # bracketed paste mode is on at the prompt
+    child.send(f"{PASTE_START}line one\nline two\nline three\n{PASTE_END}")
+    child.send("\r")
+    status(child)
+    child.expect_exact(PROMPT)
+    child.send("a\nb\nc\n")  # one write: a paste the terminal did not bracket
+    status(child)
+    child.expect_exact(PROMPT)
+    child.send(f"{PASTE_START}/usr/bin is where\nthe programs are{PASTE_END}\r")
+    status(child)
+    child.expect_exact(PROMPT)
+    msgs = saved_messages(child, tmp_path, "c.json")
+    assert [m["content"] for m in msgs if m["role"] == "user"] == [
+        "line one\nline two\nline three", "a\nb\nc", "/usr/bin is where\nthe programs are"]
+    assert len(msgs) == 6  # three answers, one per paste
+    exit_with_ctrl_d(child)
+
+
+def test_plan_command_and_verbose_show_the_placement_table(cli_env, tmp_path: Path) -> None:
+    child = spawn(cli_env, tmp_path)  # one summary line at start (spawn checks it), the table on /plan
+    child.sendline("/plan")
+    child.expect(TABLE)
+    child.expect("routed experts")
+    child.expect_exact(PROMPT)
+    exit_with_ctrl_d(child)
+    child = spawn(cli_env, tmp_path, "--verbose", placement=TABLE)
+    exit_with_ctrl_d(child)
+
+
+STATS_CONTEXT = re.compile(r"context\s+(\d+)/(\d+) tokens")
+
+
+def stats_context(child) -> tuple[int, int, str]:
+    """(/stats context used, its max, the whole /stats text)."""
+    child.sendline("/stats")
+    child.expect(r"messages [^\n]*\n")  # (skips what a stray Ctrl-C at the prompt printed before it)
+    text = child.after
+    child.expect(STATS_CONTEXT)
+    used, most = int(child.match.group(1)), int(child.match.group(2))
+    text += child.before + child.after
+    child.expect_exact(PROMPT)
+    return used, most, text + child.before
+
+
+def test_stats_agree_with_the_status_line(cli_env, tmp_path: Path) -> None:
+    """/stats' context is the last status line's, also after /clear (0), /load (the loaded conversation's size,
+    which the next turn's prompt then holds) and a double Ctrl-C (the KV cache is dropped)."""
+    system = "The quick brown fox jumps over the lazy dog. " * 500
+    child = spawn(cli_env, tmp_path, "--max-tokens", "4", "--max-context", "8192")
+    st = turn(child, "hello")
+    assert stats_context(child)[:2] == (st.used, st.max)
+    st2 = turn(child, "more")
+    assert stats_context(child)[:2] == (st2.used, st2.max)
+    command(child, "/save conv.json", "saved 4 messages")
+    command(child, "/clear", "conversation cleared")
+    used, _, text = stats_context(child)
+    assert used == 0 and "last prompt" not in text
+    assert re.search(r"messages\s+0 \(0 turns", text) and re.search(r"session total\s+2 turns", text)
+    st3 = turn(child, "x")
+    assert st3.cached == 0 and stats_context(child)[0] == st3.used
+    command(child, "/load conv.json", "loaded 4 messages")
+    loaded, _, text = stats_context(child)
+    assert loaded > 0, text  # the saved conversation's size (not the KV cache's leftover from the last one)
+    st4 = turn(child, "after load")
+    assert st4.prefill + st4.cached > loaded and stats_context(child)[0] == st4.used
+    exit_with_ctrl_d(child)
+
+    # a second Ctrl-C while a long prompt is computed interrupts the model: the KV cache is dropped, the turn
+    # (nothing was said yet) never happened; the status line and /stats say the same context
+    child = spawn(cli_env, tmp_path, "--max-tokens", "1", "--max-context", "8192", "--system", system)
+    for _ in range(3):  # (two Ctrl-C that reach Python together are one: then it was a plain stop; again)
+        child.sendline("hi")
+        child.expect_exact("hi")
+        time.sleep(1.5)
+        child.sendintr()
+        time.sleep(0.05)  # the first has reached Python's handler (a stop request), the model is still computing
+        child.sendintr()
+        child.expect(r"interrupted · (KV cache dropped · )?[^\n]*context (\d+)/(\d+)", timeout=60)
+        dropped, used = child.match.group(1) is not None, int(child.match.group(2))
+        child.expect_exact(PROMPT)
+        s_used, _, text = stats_context(child)
+        assert s_used == used
+        if dropped:
+            break
+    assert dropped and used == 0 and "KV cache dropped" in text and re.search(r"kv cache\s+0 tokens", text)
+    exit_with_ctrl_d(child)
+
+
+def test_history_file_is_documented_and_can_be_moved(cli_env, tmp_path: Path) -> None:
+    p = subprocess.run(CLI + ["--help"], capture_output=True, text=True, env=cli_env, timeout=60)
+    assert "K2LOCAL_HISTORY" in p.stdout and "chat_history" in p.stdout
+    hist = tmp_path / "h" / "history"
+    env = dict(cli_env, K2LOCAL_HISTORY=str(hist))
+    child = spawn(env, tmp_path)
+    command(child, "/set seed 3", "seed = 3")
+    exit_with_ctrl_d(child)
+    assert "/set seed 3" in hist.read_text()
+    assert sorted(f.name for f in hist.parent.iterdir()) == ["history"]  # written atomically: no temp file left
+    assert hist.stat().st_mode & 0o077 == 0  # private: it holds what was typed
+    child = spawn(dict(cli_env, K2LOCAL_HISTORY="off"), tmp_path)
+    command(child, "/set seed 4242", "seed = 4242")
+    exit_with_ctrl_d(child)
+    default = Path(cli_env["K2LOCAL_CACHE"]) / "chat_history"
+    assert not default.exists() or "4242" not in default.read_text()

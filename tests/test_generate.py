@@ -69,6 +69,30 @@ def test_top_p_keeps_only_the_nucleus() -> None:
         Sampler(SamplingParams(top_p=0.0))
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (0, 0.8), (3, 1.0), (4, 0.7)])
+def test_sampled_frequencies_match_the_distribution(top_k: int, top_p: float) -> None:
+    """The candidate-only top-k / top-p and the inverse-CDF draw give softmax(logits / T) restricted to the
+    nucleus, renormalised (checked against the full-vocabulary definition over 20k draws)."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -9.0])
+    t = 0.8
+    probs = (logits / t).softmax(-1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep[order[: top_k or len(order)]] = True
+    p = torch.where(keep, probs, 0)
+    p = p / p.sum()
+    sp, si = p.sort(descending=True)
+    nucleus = (sp.cumsum(0) - sp) <= top_p
+    want = torch.zeros_like(p)
+    want[si[nucleus]] = sp[nucleus]
+    want /= want.sum()
+    s = Sampler(SamplingParams(temperature=t, top_k=top_k, top_p=top_p, seed=7))
+    n = 20000
+    got = torch.bincount(torch.tensor([s(logits) for _ in range(n)]), minlength=len(logits)).double() / n
+    assert torch.all(got[want == 0] == 0)
+    assert torch.allclose(got, want.double(), atol=0.015)
+
+
 def test_context_overflow(model: KimiK2Model) -> None:
     with pytest.raises(ContextOverflow, match="context window is 8"):
         Generator(model, 8).generate(list(range(10)), greedy(2), stop_ids=set())

@@ -379,7 +379,8 @@ BAD = [
     ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "hi", "temperature": 9}, "temperature"),
-    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"not": {}}}}}, "text.format"),
+    ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format"),
     ({"input": "hi", "previous_response_id": "resp_missing"}, "previous_response_id"),
     ({"input": "hi", "background": True}, "background"),
 ]

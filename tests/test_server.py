@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +20,12 @@ from typing import Any, NamedTuple
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from k2local.engine import Engine, LoadOptions
 from k2local.sampler import SamplingParams
 from k2local.server.app import create_app
 from k2local.tiny import default_tiny_path
+from tests.server_harness import serving
 
 KEY = "sk-test-key"
 CONTEXT = 512
@@ -94,19 +92,8 @@ def _serve(path: Path, model: str) -> Iterator[Served]:
     engine = Engine.load(path, LoadOptions(max_context=CONTEXT))
     script = Script(engine.tokenizer)
     app = create_app(engine, model, api_key=KEY, _token_source=script)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield Served(app, f"http://127.0.0.1:{sock.getsockname()[1]}", script, model)
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with serving(app) as url:
+        yield Served(app, url, script, model)
 
 
 def wait_for(pred: Callable[[], bool], what: str, limit: float = 60.0) -> None:
@@ -599,7 +586,8 @@ def test_error_prompt_longer_than_context(served: Served) -> None:
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_completion_tokens": -3}, "max_completion_tokens"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
     ({"seed": 1.5}, "seed"),
     ({"stop": [1, 2]}, "stop"),
     ({"stream": "yes"}, "stream"),
@@ -610,8 +598,10 @@ def test_error_prompt_longer_than_context(served: Served) -> None:
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": "sometimes", "tools": [WEATHER]}, "tool_choice"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
 ])
 def test_error_bad_parameters(served: Served, bad: dict, param: str) -> None:
     body = {"model": served.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **bad}

@@ -6,8 +6,6 @@ HTTP where the wire itself is checked) against the real uvicorn server on the ti
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +14,11 @@ import anthropic
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from k2local.engine import Engine, LoadOptions
 from k2local.server.app import create_app
 from k2local.tiny import default_tiny_path
+from tests.server_harness import serving
 from tests.test_server import CALL_TEXT, CLOCK, KEY, WEATHER, Script
 
 CONTEXT = 4096
@@ -46,19 +44,8 @@ def _serve(path: Path, model: str, context: int) -> Iterator[Agents]:
     engine = Engine.load(path, LoadOptions(max_context=context))
     script = Script(engine.tokenizer)
     app = create_app(engine, model, api_key=KEY, ping_interval=PING, _token_source=script)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield Agents(app, f"http://127.0.0.1:{sock.getsockname()[1]}", script, model, engine)
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with serving(app) as url:
+        yield Agents(app, url, script, model, engine)
 
 
 @pytest.fixture(scope="module")
@@ -300,10 +287,10 @@ def test_penalties_change_the_output(s: Agents) -> None:
     assert e.value.param == "presence_penalty"
 
 
-def test_unsupported_sampling_options_are_refused_clearly(s: Agents) -> None:
+def test_out_of_range_sampling_options_are_refused_clearly(s: Agents) -> None:
     msgs = [{"role": "user", "content": "hi"}]
-    for kw, param in (({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
-                      ({"logprobs": True, "top_logprobs": 2}, "logprobs")):
+    for kw, param in (({"n": 17}, "n"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                      ({"top_logprobs": 2}, "top_logprobs")):
         with pytest.raises(openai.BadRequestError) as e:
             s.openai.chat.completions.create(model=s.model, max_tokens=1, messages=msgs, **kw)
         assert e.value.param == param and e.value.status_code == 400

@@ -7,7 +7,6 @@ test means them to.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,11 +15,11 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
 from k2local.engine import Engine, LoadOptions
 from k2local.server.app import create_app
 from k2local.tiny import default_tiny_path
+from tests.server_harness import serving
 
 CONTEXT = 8192
 MODEL = "tiny"
@@ -49,21 +48,8 @@ def engine() -> Engine:
 @contextmanager
 def serve(engine: Engine, parallel: int) -> Iterator[Srv]:
     app = create_app(engine, MODEL, parallel=parallel)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield Srv(app, f"http://127.0.0.1:{sock.getsockname()[1]}")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serving(app) as url:
+        yield Srv(app, url)
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,12 @@ Type a message and press Enter. Commands:
   /save FILE         write the conversation to FILE as JSON
   /load FILE         read a conversation saved with /save (or a JSON list of messages)
   /stats             speed, tokens reused from the KV cache, context used
+  /plan              where the model is: GPU / RAM / disk, sizes, share of expert uses
   /set NAME VALUE    change temperature, top_p, top_k, max_tokens or seed ("/set" lists them)
   /think [on|off|show]  thinking models: show or hide (fold) the reasoning; "show" prints the last one
   /exit              leave (also /quit, /bye, or Ctrl-D)
-Multi-line input: end a line with \\ to continue it, or wrap text in """ ... """.
+Multi-line input: end a line with \\ to continue it, or wrap text in """ ... """; pasted lines are one message
+(press Enter to send it).
 Start a message with // to send a literal leading /.
 Ctrl-C stops the answer being written and keeps the conversation; Ctrl-C at the prompt clears the line.'''
 
@@ -92,6 +94,16 @@ class LineAssembler:
         self._buf.append(line)
         return self._finish()
 
+    def feed_paste(self, text: str) -> str | None:
+        """Several lines that arrived at once (a paste): read as if typed, except that the line breaks inside the
+        paste do not send, so what they would have sent is one message (None while a block or a trailing
+        backslash still waits for more lines)."""
+        done = [m for m in map(self.feed, text.rstrip("\r\n").split("\n")) if m is not None]
+        if self.pending:
+            self._buf[:0] = done
+            return None
+        return "\n".join(done)
+
     def _finish(self) -> str:
         text = "\n".join(self._buf)
         self.reset()
@@ -109,7 +121,7 @@ class TurnResult:
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
     result: GenerationResult | None
-    context_used: int
+    context_used: int  # tokens the conversation takes after this turn (what /stats shows as context)
     context_max: int
     reasoning: str = ""  # a thinking model's reasoning (not part of text)
 
@@ -132,6 +144,8 @@ class TurnResult:
 
 @dataclass
 class Totals:
+    """Counts over turns (the whole session, or one conversation: /clear and /load start a new one)."""
+
     turns: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -143,15 +157,18 @@ class Totals:
 
 @dataclass
 class SessionStats:
-    """What /stats shows: the conversation, the KV cache, totals over all turns, and the last answer's result."""
+    """What /stats shows: the conversation, the KV cache, totals over all turns, and the last turn (the numbers of
+    its status line; None before the first answer of this conversation)."""
 
     model: str
     messages: int
-    context_used: int
+    context_used: int  # the same number as the last status line's context (0 after /clear; the file's after /load)
     context_max: int
     kv_cache_bytes: int
-    totals: Totals
-    last: GenerationResult | None  # None before the first answer or after a hard interrupt
+    kv_tokens: int  # tokens whose KV is in the cache now
+    conversation: Totals  # turns since the conversation began (/clear, /load)
+    totals: Totals  # the whole session
+    last: TurnResult | None
 
 
 @dataclass
@@ -170,11 +187,13 @@ class ChatSession:
     messages: list[dict[str, Any]] = field(default_factory=list)
     last: TurnResult | None = None
     totals: Totals = field(default_factory=Totals)
+    conv_totals: Totals = field(default_factory=Totals)
     show_reasoning: bool = True  # /think on|off: whether the terminal shows a thinking model's reasoning
 
     def __post_init__(self) -> None:
         self.generator = self.engine.new_generator()
         self._answer_ids: dict[int, list[int]] = {}  # message index -> the ids the model generated for it
+        self._context_used = 0  # tokens the conversation takes: the status line's and /stats' context
 
     # -- state ---------------------------------------------------------------------------------------------------------
 
@@ -185,15 +204,31 @@ class ChatSession:
 
     @property
     def context_used(self) -> int:
-        """Tokens of this conversation now held in the KV cache."""
-        return len(self.generator.tokens)
+        """Tokens the conversation takes (prompt and answers): after a turn, what its status line says; 0 after
+        /clear; the loaded conversation's after /load. Usually also what the KV cache holds, except after a hard
+        interrupt (the cache was dropped) or /load (it holds the old conversation until the next turn)."""
+        return self._context_used
 
     def clear(self) -> None:
         """Forget the conversation (keeps the system prompt and sampling settings)."""
         self.messages = []
+        self._new_conversation()
+        self.generator.reset()
+
+    def _new_conversation(self) -> None:
         self.last = None
         self._answer_ids = {}
-        self.generator.reset()
+        self.conv_totals = Totals()
+        self._context_used = self._conversation_tokens()
+
+    def _conversation_tokens(self) -> int:
+        """Tokens of the conversation as the template renders it (no generation prompt); 0 when empty."""
+        if not self.messages:
+            return 0
+        try:
+            return len(self.engine.chat_ids(self.conversation(), add_generation_prompt=False))
+        except Exception:  # noqa: BLE001 (a template that cannot render it says so at the next turn)
+            return 0
 
     # -- a turn --------------------------------------------------------------------------------------------------------
 
@@ -261,7 +296,10 @@ class ChatSession:
             else:
                 route(thinker.feed(piece))
 
+        generated = [0]
+
         def on_token(tid: int) -> bool:
+            generated[0] += 1
             if tid not in stops:
                 emit(stream.feed(tid))
             return False
@@ -289,8 +327,16 @@ class ChatSession:
             if reasoning:
                 msg["reasoning_content"] = reasoning
             self.messages.append(msg)
-        turn = TurnResult(answer, reason, result, self.context_used if result else len(ids),
-                          self.engine.max_context, reasoning)
+        # the context: what the KV cache holds after the turn; after a hard interrupt (the cache was dropped) the
+        # prompt plus what was generated, or the conversation as it was when the turn was dropped
+        if result is not None:
+            used = len(self.generator.tokens)
+        elif self.messages and self.messages[-1]["role"] == "assistant":
+            used = len(ids) + generated[0]
+        else:
+            used = self._context_used
+        turn = TurnResult(answer, reason, result, used, self.engine.max_context, reasoning)
+        self._context_used = used
         self._count(turn)
         return turn
 
@@ -329,16 +375,16 @@ class ChatSession:
         return spliced + tok.encode(rest, allow_special=True)
 
     def _count(self, turn: TurnResult) -> None:
-        t = self.totals
-        t.turns += 1
-        t.interrupted += turn.finish_reason == "cancelled"
-        if turn.result:
-            r = turn.result
-            t.prompt_tokens += r.prompt_tokens
-            t.cached_tokens += r.cached_tokens
-            t.completion_tokens += len(r.tokens)
-            t.prefill_s += r.prefill_s
-            t.decode_s += r.decode_s
+        for t in (self.totals, self.conv_totals):
+            t.turns += 1
+            t.interrupted += turn.finish_reason == "cancelled"
+            if turn.result:
+                r = turn.result
+                t.prompt_tokens += r.prompt_tokens
+                t.cached_tokens += r.cached_tokens
+                t.completion_tokens += len(r.tokens)
+                t.prefill_s += r.prefill_s
+                t.decode_s += r.decode_s
         self.last = turn
 
     # -- files ---------------------------------------------------------------------------------------------------------
@@ -354,17 +400,9 @@ class ChatSession:
         """Write the conversation as JSON (atomically)."""
         path = Path(path).expanduser()
         data = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        created = None
-        if not path.parent.is_dir():
-            # one new folder next to existing ones (/save chats/x.json) is made, and said; a longer missing path
-            # is more likely a typo and is refused rather than built
-            if not path.parent.parent.is_dir():
-                raise SessionError(f"{path}: cannot write: directory {path.parent} does not exist")
-            try:
-                path.parent.mkdir()
-            except OSError as e:
-                raise SessionError(f"{path}: cannot create directory {path.parent}: {e.strerror or e}") from None
-            created = path.parent
+        if not path.parent.is_dir():  # a missing directory is more likely a typo than a wish: never created
+            what = "is not a directory" if path.parent.exists() else "does not exist"
+            raise SessionError(f"{path}: cannot write: directory {path.parent} {what} (nothing written)")
         if path.is_dir():
             raise SessionError(f"{path}: is a directory; give a file name")
         tmp = None
@@ -376,15 +414,11 @@ class ChatSession:
             tmp = None
         except OSError as e:
             hint = "; free some space and /save again" if e.errno == errno.ENOSPC else ""
-            raise SessionError(f"{path}: cannot write: {e.strerror or e}{hint}") from None
+            raise SessionError(f"{path}: cannot write: {e.strerror or e}{hint} (nothing written)") from None
         finally:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                if created is not None:
-                    with contextlib.suppress(OSError):
-                        created.rmdir()
-        self.created_dir = created
         return path
 
     def load(self, path: str | Path) -> int:
@@ -402,10 +436,9 @@ class ChatSession:
             raise SessionError(f"{path}: not valid JSON: {e}") from None
         system, messages = parse_conversation(data, str(path))
         self.messages = messages
-        self._answer_ids = {}
         if system is not None or isinstance(data, dict) and "system" in data:
             self.system = system
-        self.last = None
+        self._new_conversation()
         return len(messages)
 
     # -- commands ------------------------------------------------------------------------------------------------------
@@ -413,8 +446,8 @@ class ChatSession:
     def stats(self) -> SessionStats:
         """Numbers for /stats."""
         return SessionStats(self.engine.name, len(self.messages), self.context_used, self.engine.max_context,
-                            self.generator.cache.nbytes(), replace(self.totals),
-                            self.last.result if self.last else None)
+                            self.generator.cache.nbytes(), len(self.generator.tokens), replace(self.conv_totals),
+                            replace(self.totals), self.last)
 
     def set_param(self, name: str, value: str) -> str:
         """/set NAME VALUE: change one sampling setting (validated)."""
@@ -478,6 +511,7 @@ class CommandOutcome:
     exit: bool = False
     error: bool = False
     loaded: bool = False
+    show_plan: bool = False  # /plan: the caller draws the placement table
 
 
 EXIT_COMMANDS = ("/exit", "/quit", "/bye")
@@ -515,9 +549,7 @@ def run_command(session: ChatSession, message: str) -> CommandOutcome:
             if not arg:
                 raise SessionError("usage: /save FILE")
             path = session.save(arg)
-            made = getattr(session, "created_dir", None)
-            return CommandOutcome(f"saved {len(session.messages)} messages to {path}"
-                                  + (f" (created the directory {made})" if made is not None else ""))
+            return CommandOutcome(f"saved {len(session.messages)} messages to {path}")
         if cmd == "/load":
             if not arg:
                 raise SessionError("usage: /load FILE")
@@ -525,6 +557,8 @@ def run_command(session: ChatSession, message: str) -> CommandOutcome:
             return CommandOutcome(f"loaded {n} messages from {arg}", loaded=True)
         if cmd == "/stats":
             return CommandOutcome(format_stats(session.stats()))
+        if cmd == "/plan":
+            return CommandOutcome(show_plan=True)
         if cmd == "/think":
             return _think_command(session, arg.lower())
         if cmd == "/set":
@@ -556,18 +590,22 @@ def _think_command(session: ChatSession, arg: str) -> CommandOutcome:
 
 
 def format_stats(s: SessionStats) -> str:
-    """/stats as aligned lines."""
-    t = s.totals
+    """/stats as aligned lines; the context and the last turn's numbers are those of the last status line."""
+    c, t = s.conversation, s.totals
     lines = [f"model             {s.model}",
-             f"messages          {s.messages} ({t.turns} turns, {t.interrupted} interrupted)",
+             f"messages          {s.messages} ({c.turns} turns, {c.interrupted} interrupted)",
              f"context           {s.context_used}/{s.context_max} tokens",
-             f"kv cache          {s.kv_cache_bytes / 2**20:.1f} MiB allocated",
-             f"tokens total      prompt {t.prompt_tokens} (cached {t.cached_tokens}), generated {t.completion_tokens}"]
-    r = s.last
+             f"kv cache          {s.kv_tokens} tokens, {s.kv_cache_bytes / 2**20:.1f} MiB allocated",
+             f"session total     {t.turns} turns, prompt {t.prompt_tokens} tokens (cached {t.cached_tokens}), "
+             f"generated {t.completion_tokens}"]
+    turn = s.last
+    r = turn.result if turn else None
     if r:
         lines += [f"last prompt       {r.prompt_tokens} tokens, cached {r.cached_tokens}, "
                   f"prefilled {r.prompt_tokens - r.cached_tokens} at {r.prefill_tps:.1f} tok/s",
                   f"last answer       {len(r.tokens)} tokens at {r.decode_tps:.1f} tok/s ({r.finish_reason})"]
+    elif turn:
+        lines.append("last answer       interrupted, KV cache dropped (the next turn computes the prompt again)")
     return "\n".join(lines)
 
 

@@ -60,7 +60,7 @@ def bandwidth_table(bw: Bandwidths, measured: bool) -> Table:
 @click.command("plan", short_help="Show where a model's weights would go, whether it fits, and the speed to expect.")
 @click.argument("model", type=click.Path(path_type=Path))
 @placement_options
-@click.option("--routing-stats", type=click.Path(path_type=Path), default=None,
+@click.option("--routing-stats", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Saved routing statistics to pick GPU-resident experts [default: the model's cache file].")
 @click.option("--no-measure", is_flag=True, help="Skip the one-second bandwidth measurements; typical figures.")
 @click.option("--json", "json_out", is_flag=True, help="Print the plan and prediction as JSON.")

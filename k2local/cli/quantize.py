@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,6 +15,12 @@ from k2local.errors import K2Error
 def _counts(done: float, total: float) -> str:
     unit, div = next(((u, d) for u, d in (("T", 1e12), ("G", 1e9), ("M", 1e6)) if total >= d), ("", 1.0))
     return f"{done / div:.2f}/{total / div:.2f}{unit}"
+
+
+def _stop(progress: Any) -> None:
+    """Stop a rich progress bar that was started (stopping one that never was prints an empty line)."""
+    if progress.live.is_started:
+        progress.stop()
 
 
 def _list_recipes(src: str | None) -> None:
@@ -42,7 +49,7 @@ def _list_recipes(src: str | None) -> None:
 @click.argument("src", required=False, type=click.Path(), metavar="SRC")  # optional only with --list-recipes
 @click.argument("out", required=False, type=click.Path(), metavar="OUT")
 @click.option("--recipe", "-r", default="q4", show_default=True, help="see --list-recipes")
-@click.option("--imatrix", "imatrix_path", type=click.Path(),
+@click.option("--imatrix", "imatrix_path", type=click.Path(exists=True, dir_okay=False),
               help="importance matrix file (from k2local imatrix or llama-imatrix)")
 @click.option("--split-max-size", default="50G", show_default=True,
               help="split output into -0000k-of-0000N.gguf files of at most this size (0: never)")
@@ -79,7 +86,13 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
     elif device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("no CUDA GPU is available here; use --device cpu (the same bytes) or auto",
                                  param_hint="'--device'")
-    limit = parse_size(split_max_size)
+    try:
+        limit = parse_size(split_max_size)
+    except (K2Error, OverflowError):
+        limit = -1
+    if limit < 0:
+        raise click.BadParameter(f"{split_max_size!r} is not a size; use e.g. 50G, 500M, or 0 to never split",
+                                 param_hint="'--split-max-size'")
     existing = [p for p in [out_p, split_name(out_p, 0, 1)] if p.exists()] + \
         sorted(out_p.parent.glob(out_p.name.removesuffix(".gguf") + "-00001-of-*.gguf"))
     if existing and not force:
@@ -112,7 +125,7 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
         res = convert(src, out_p, rec, imatrix=imatrix_path, split_max_bytes=limit, name=name,
                       progress=on_progress, on_start=on_start, device=device)
     except KeyboardInterrupt:
-        progress.stop()
+        _stop(progress)
         why = "terminated" if state.get("terminated") else "interrupted"
         click.echo(f"{why}; rerun the same command to resume", err=True)
         if state.get("terminated"):
@@ -122,7 +135,7 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
         raise K2Error(f"{out}: {e.strerror or e}") from None
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        progress.stop()
+        _stop(progress)
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res.types.items()))
     total = sum(p.stat().st_size for p in res.paths)
     click.echo(f"wrote {', '.join(str(p) for p in res.paths)} ({human_bytes(total)}; recipe {rec.name}: {types})")
@@ -134,7 +147,7 @@ def quantize(src: str | None, out: str | None, recipe: str, imatrix_path: str | 
 @click.command("imatrix", short_help="Collect an importance matrix from calibration text (for quantize --imatrix).")
 @click.argument("model", type=click.Path())
 @click.argument("textfile", type=click.Path())
-@click.option("-o", "--out", default="imatrix.gguf", show_default=True, type=click.Path())
+@click.option("-o", "--out", default="imatrix.gguf", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--ctx", type=PositiveInt(2, "tokens"), default=512, show_default=True, help="tokens per chunk")
 @click.option("--chunks", type=PositiveInt(1, "chunks"), default=None,
               help="use at most this many chunks [default: all the text gives]")
@@ -145,6 +158,8 @@ def imatrix(model: str, textfile: str, out: str, ctx: int, chunks: int | None) -
     from k2local.convert.imatrix import collect  # noqa: PLC0415
 
     tp = Path(textfile)
+    if not Path(out).absolute().parent.is_dir():  # said now, not after collecting (hours on a real model)
+        raise click.BadParameter(f"directory {Path(out).absolute().parent} does not exist", param_hint="'-o' / '--out'")
     try:
         text = tp.read_text(encoding="utf-8", errors="replace")
     except OSError as e:

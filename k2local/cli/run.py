@@ -1,15 +1,17 @@
 """`k2local run [MODEL]`: chat in the terminal (or answer piped input and exit)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 import click
 from rich.console import Console, Group
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
 RANDOM_NOTICE = ("No MODEL given: running the built-in tiny checkpoint. Its weights are RANDOM, so its answers "
                  "are gibberish; it is here to try k2local. Pass a checkpoint path to chat with a real model.")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")  # keep \t and \n; never let the model drive the tty
+PASTE_GAP_S = 0.01  # a line already waiting this soon after the last one is part of a paste (no bracketed paste)
+HISTORY_ENV = "K2LOCAL_HISTORY"
+_SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+                   "max_tokens": "--max-tokens"}
 
 
 @click.command("run", short_help="Chat with a model in the terminal (or answer piped input).")
@@ -42,7 +48,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")  # keep \t and \n; n
 @click.option("--json", "json_out", is_flag=True, help="Print each answer as one JSON object (for scripts).")
 @placement_options
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-turn tokens (benchmarks).")
-@click.option("-v", "--verbose", is_flag=True, help="With piped input: loading and speed on stderr.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="The full placement table at start (/plan in the chat shows it too); with piped input also "
+                   "loading and speed on stderr.")
 def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_tokens: int, seed: int | None,
         system: str | None, json_out: bool, max_context: int | None, gpu_mem: float | None, ram: float | None,
         experts_on: str | None, cpu_only: bool, ignore_eos: bool, verbose: bool) -> None:
@@ -50,11 +58,14 @@ def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_to
 
     Without MODEL it runs the built-in tiny checkpoint (random weights). With piped input
     (echo "question" | k2local run MODEL) it prints the answer and exits. Type /help in the chat.
+
+    \b
+    Pasted lines are one message (press Enter to send it).
+    Up-arrow history is kept in $K2LOCAL_CACHE/chat_history (default ~/.cache/k2local/chat_history);
+    K2LOCAL_HISTORY=FILE keeps it elsewhere, K2LOCAL_HISTORY=off keeps none.
     """
     if model is not None and not model.exists():
         raise K2Error(f"{model}: no such file or directory")
-    interactive = sys.stdin.isatty()
-    question = None if interactive else _read_stdin()
     # torch loads with these (about 2 s): imported here so --help and the errors above are instant
     from k2local.cli.chat_session import ChatSession  # noqa: PLC0415
     from k2local.engine import LoadOptions  # noqa: PLC0415
@@ -63,8 +74,11 @@ def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_to
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
     try:
         params.validate()
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+    except ValueError as e:  # "top_p must be in (0, 1], got 2.0": blame the flag
+        name = str(e).split(" ", 1)[0]
+        raise click.BadParameter(str(e), param_hint=repr(_SAMPLING_FLAGS.get(name, name))) from None
+    interactive = sys.stdin.isatty()
+    question = None if interactive else _read_stdin()  # after the flags: a bad one is said before stdin is read
     err = Console(stderr=True, highlight=False)
     show_loading = interactive or verbose or err.is_terminal
 
@@ -80,13 +94,15 @@ def run(model: Path | None, temperature: float, top_p: float, top_k: int, max_to
     if not random_weights and engine.source.config.random_weights:
         random_weights = True
         err.print(f"warning: {random_weights_notice(str(path))}", style="bold yellow", markup=False, soft_wrap=True)
-    if show_loading:
+    if verbose:
         err.print(plan_summary(engine, opts, loaded_bytes))
+    elif show_loading:
+        err.print(placement_line(engine, loaded_bytes), style="dim", markup=False, soft_wrap=True)
     session = ChatSession(engine, params, system=system, ignore_eos=ignore_eos)
     if question is not None:
         _answer_once(session, question, json_out, random_weights, err if verbose else None)
     else:
-        _chat(session, json_out, random_weights)
+        _chat(session, json_out, random_weights, lambda: plan_summary(engine, opts, loaded_bytes))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -188,11 +204,53 @@ def plan_summary(engine: Engine, opts: LoadOptions, loaded_bytes: int = 0) -> An
     ex_bytes, ex_dev = _tensor_bytes(getattr(backend, "experts", None))
     ex_where = "GPU" if ex_dev == "cuda" else "RAM"
     table.add_row(ex_where, f"routed experts, all resident ({type(backend).__name__})", _gb(ex_bytes))
-    cfg = model.cfg
-    per_tok = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.dtype.itemsize
-    table.add_row(where, f"KV cache, up to {engine.max_context} tokens", _gb(per_tok * engine.max_context))
+    table.add_row(where, f"KV cache, up to {engine.max_context} tokens", _gb(_kv_bytes(engine)))
     table.add_row("disk", "nothing read during generation", "")
     return table
+
+
+def placement_line(engine: Engine, loaded_bytes: int = 0) -> str:
+    """One line of what is where, for the start of a chat (the table: /plan or --verbose), e.g. "placement: float32
+    on CPU (2 threads) · weights 20.1 MiB in RAM · experts RAM 19.3 MiB (100% of uses) · KV cache 24.0 MiB for 8192
+    tokens · /plan shows the table"."""
+    import torch  # noqa: PLC0415 (deferred: see the note at the top; loaded by now)
+
+    from offload.planner import human  # noqa: PLC0415
+
+    model, backend = engine.model, engine.model.experts
+    dtype = str(model.dtype).replace("torch.", "")
+    on_gpu = model.device.type == "cuda"
+    where = f"GPU ({torch.cuda.get_device_name(model.device)})" if on_gpu else \
+        f"CPU ({_threads(torch.get_num_threads())})"
+    plan = getattr(backend, "plan", None)
+    if plan is not None:
+        experts = []
+        if plan.device_experts:
+            experts.append(f"GPU {human(plan.device_expert_bytes)} ({plan.p_device:.0%} of uses)")
+        if plan.experts_on == "ram":
+            experts.append(f"RAM {human(plan.store_bytes)} ({plan.p_ram:.0%} of uses)")
+        else:
+            experts += [f"RAM cache {human(plan.store_bytes)} ({plan.p_ram:.0%} of uses)",
+                        f"disk {human(plan.disk_bytes)} ({plan.p_disk:.0%} of uses)"]
+        weights, kv = plan.resident_bytes, plan.kv_bytes
+    else:
+        ex_bytes, ex_dev = _tensor_bytes(getattr(backend, "experts", None))
+        experts = [f"{'GPU' if ex_dev == 'cuda' else 'RAM'} {human(ex_bytes)} (100% of uses)"]
+        weights, kv = loaded_bytes, _kv_bytes(engine)
+    return (f"placement: {dtype} on {where} · weights {human(weights)} in {'GPU memory' if on_gpu else 'RAM'} · "
+            f"experts {', '.join(experts)} · KV cache {human(kv)} for {engine.max_context} tokens · "
+            "/plan shows the table")
+
+
+def _kv_bytes(engine: Engine) -> int:
+    """The KV cache of a full context window (MLA: the compressed latent and the rope key per layer and token)."""
+    cfg, model = engine.model.cfg, engine.model
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.dtype.itemsize \
+        * engine.max_context
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
 
 
 def _gb(n: int) -> str:
@@ -327,36 +385,81 @@ class _ThinkingView:
             self.writer.out.flush()
 
 
-def _history_path() -> Path:
+def history_path() -> Path | None:
+    """Where the chat's up-arrow history is kept: $K2LOCAL_HISTORY (``off`` or empty: nowhere), else
+    $K2LOCAL_CACHE/chat_history (default ~/.cache/k2local/chat_history)."""
+    env = os.environ.get(HISTORY_ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "none", "0") else Path(env).expanduser()
     return Path(os.environ.get("K2LOCAL_CACHE", Path.home() / ".cache" / "k2local")) / "chat_history"
 
 
 def _setup_readline() -> Any:
-    """Line editing and up-arrow history (persisted across sessions) through the stdlib readline."""
+    """Line editing, bracketed paste and up-arrow history (persisted across sessions) through the stdlib
+    readline."""
     try:
         import readline  # noqa: PLC0415 (optional: some Pythons are built without it)
     except ImportError:
         return None
-    try:
-        readline.read_history_file(_history_path())
-    except OSError:
-        pass
+    if "libedit" not in (readline.__doc__ or ""):
+        # Python turns GNU readline's bracketed paste off; on, a pasted block lands in the line whole (the
+        # terminal wraps it in ESC[200~ ... ESC[201~) and Enter sends it as one message, as in a shell
+        readline.parse_and_bind("set enable-bracketed-paste on")
+    path = history_path()
+    if path is not None:
+        with contextlib.suppress(OSError):
+            readline.read_history_file(path)
     readline.set_history_length(2000)
     return readline
 
 
 def _save_history(readline: Any) -> None:
-    if readline is None:
+    """Write the history atomically (a temp file beside it, private to the user), or leave the old one."""
+    path = history_path()
+    if readline is None or path is None:
         return
+    import tempfile  # noqa: PLC0415
+
+    tmp = None
     try:
-        _history_path().parent.mkdir(parents=True, exist_ok=True)
-        readline.write_history_file(_history_path())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        readline.write_history_file(tmp)
+        os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
-def _chat(session: ChatSession, json_out: bool, random_weights: bool) -> None:
-    """The interactive loop: read a message (multi-line aware), run a command or a turn, repeat until /exit."""
+def _input_waiting(timeout: float = PASTE_GAP_S) -> bool:
+    """More typed input is already there (a paste that arrives as lines, not bracketed)."""
+    try:
+        return bool(select.select([sys.stdin], [], [], timeout)[0])
+    except (OSError, ValueError):
+        return False
+
+
+def _read_lines(prompt: str) -> str:
+    """One line from the terminal and any lines that arrived with it: with bracketed paste a pasted block comes
+    back as one line holding newlines; without it, the lines of a paste are already waiting when the first
+    returns. Several lines are joined with newlines."""
+    lines = [input(prompt)]
+    try:
+        while _input_waiting():
+            lines.append(input(""))
+    except (EOFError, KeyboardInterrupt):  # Ctrl-C just after Enter: the message is sent, not lost
+        pass
+    return "\n".join(lines)
+
+
+def _chat(session: ChatSession, json_out: bool, random_weights: bool, plan: Callable[[], Any]) -> None:
+    """The interactive loop: read a message (multi-line and paste aware), run a command or a turn, repeat until
+    /exit. ``plan`` makes the placement table that /plan shows."""
     from k2local.cli.chat_session import LineAssembler, is_command, literal, run_command  # noqa: PLC0415
 
     con = Console(highlight=False)
@@ -374,7 +477,7 @@ def _chat(session: ChatSession, json_out: bool, random_weights: bool) -> None:
     try:
         while True:
             try:
-                line = input("... " if asm.pending else ">>> ")
+                text = _read_lines("... " if asm.pending else ">>> ")
             except EOFError:
                 con.print()
                 break
@@ -382,13 +485,17 @@ def _chat(session: ChatSession, json_out: bool, random_weights: bool) -> None:
                 asm.reset()
                 con.print("\n(Ctrl-C: input cleared; Ctrl-D or /exit leaves)", style="dim")
                 continue
-            message = asm.feed(line)
+            pasted = "\n" in text.rstrip("\r\n")
+            message = asm.feed_paste(text) if pasted else asm.feed(text)
             if message is None or not message.strip():
                 continue
-            if is_command(message):
+            if is_command(message) and not pasted:  # pasted text is sent as it is, even when it starts with /
                 outcome = run_command(session, message)
                 if outcome.exit:
                     break
+                if outcome.show_plan:
+                    con.print(plan())
+                    continue
                 con.print(outcome.text, style="red" if outcome.error else None, markup=False, soft_wrap=True)
                 if outcome.loaded:
                     _show_conversation(con, session)

@@ -83,10 +83,14 @@ class IMatrix:
             data += [s, c]
         w = GGUFStreamWriter(path, md, specs, fingerprint_extra=self.fingerprint())
         by_name = dict(zip((s.name for s in specs), data))
-        with w:
-            for spec, _ in w.remaining():
-                w.write(np.ascontiguousarray(by_name[spec.name]))
-            w.finish()
+        try:
+            with w:
+                for spec, _ in w.remaining():
+                    w.write(np.ascontiguousarray(by_name[spec.name]))
+                w.finish()
+        except BaseException:
+            w.discard()  # written in one go: a failed write leaves nothing to resume, so nothing at all
+            raise
         return path
 
     @classmethod

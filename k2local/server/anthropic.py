@@ -151,9 +151,11 @@ def anthropic_plan(srv: ChatPlanner, body: dict, count_only: bool = False) -> Pl
     stops = stop_strings(body, "stop_sequences")
     messages = _anthropic_messages(body)
     tools, choice = _anthropic_tools(body)
+    tc = body.get("tool_choice")
+    parallel = not (isinstance(tc, dict) and tc.get("disable_parallel_tool_use"))
     try:
         return srv.chat_plan(messages, tools, choice, params, stops, _thinking_kwargs(body),
-                             check_context=not count_only)
+                             check_context=not count_only, parallel=parallel)
     except ContextLengthError as e:
         raise anthropic_overflow(e) from None
 

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import threading
 import logging
 import time
 import uuid
@@ -32,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2local.generate import ChatBackend
-from k2local.sampler import SamplingParams
+from k2local.sampler import SamplingParams, TokenLogprob
 from k2local.server.anthropic import (
     anthropic_plan,
     anthropic_stop,
@@ -42,19 +43,25 @@ from k2local.server.anthropic import (
 )
 from k2local.server.events import (
     openai_finish,
+    run_all_to_end,
     run_to_end,
     sse,
+    stream_all,
     stream_events,
     stream_response,
     usage_json,
 )
+from k2local.server.logprobs import chat_logprobs_json, completion_logprobs_json
 from k2local.server.requests import (
     APIError,
     ContextLengthError,
     Plan,
     ToolMode,
     bad_param,
+    chat_logprobs,
     chat_messages,
+    choice_count,
+    completion_logprobs,
     check_logit_bias,
     check_model,
     check_unsupported,
@@ -62,7 +69,6 @@ from k2local.server.requests import (
     flag,
     parse_tool_choice,
     parse_tools,
-    require_n1,
     sampling_params,
     stop_strings,
     template_kwargs,
@@ -70,9 +76,10 @@ from k2local.server.requests import (
     tool_mode,
     want_usage,
 )
+from k2local.server.constraints import output_grammar, response_format_schema, tool_grammar
 from k2local.server.responses import register_responses
-from k2local.server.worker import Done, Failed, Job, Output, RequestKind, ServerEvent, TokenSource, Worker
-from k2local.chat.reasoning import ReasoningDelta, prompt_opens_reasoning, template_thinks
+from k2local.server.worker import Done, Failed, Job, Logprob, Output, RequestKind, ServerEvent, TokenSource, Worker
+from k2local.chat.reasoning import THINK_END, ReasoningDelta, prompt_opens_reasoning, template_thinks
 from k2local.chat.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart, tool_dialect
 
 __all__ = ["APIError", "create_app"]
@@ -136,21 +143,33 @@ class Server:
 
     def chat_plan(self, messages: list[dict], tools: list[dict] | None, choice: str, params: SamplingParams,
                   stops: list[str], template_kwargs: dict[str, Any] | None = None, *,
-                  check_context: bool = True) -> Plan:
-        mode = tool_mode(choice, tools, messages, tool_dialect(self.backend.tokenizer))
+                  check_context: bool = True, output_schema: dict[str, Any] | None = None,
+                  schema_param: str = "response_format", parallel: bool = True) -> Plan:
+        """``output_schema``: the answer is JSON satisfying it (response_format / text.format; a forced tool choice
+        wins over it). A forced tool choice's call (tool_choice required / any / a name) is generated under a
+        grammar: a declared tool, arguments valid for its schema; ``parallel`` lets more calls follow."""
+        tok = self.backend.tokenizer
+        dialect = tool_dialect(tok)
+        mode = tool_mode(choice, tools, messages, dialect)
         kw = template_kwargs or {}
         try:
             prompt = self.backend.chat_ids(messages, tools if choice != "none" else None, **kw)
         except (ValueError, TypeError, KeyError) as e:  # ChatTemplateError is a ValueError
             raise bad_param("messages", f"cannot render the conversation: {e}") from None
         plan_reasoning = start = False
+        if not thinking_disabled(kw):
+            start = prompt_opens_reasoning(tok.decode(prompt[-16:]))
         if mode.prefix:  # a forced tool choice: the turn starts inside a call, never in reasoning
-            prompt = prompt + self.backend.tokenizer.encode(mode.prefix, allow_special=True)
-            if mode.choices:  # 'required' / 'any' among several tools: the name must be a declared one
-                params.prefix_choices = tuple(tuple(self.backend.tokenizer.encode(c, allow_special=True))
-                                              for c in mode.choices)
+            prompt = prompt + tok.encode(mode.prefix, allow_special=True)
+            forced = choice[3:] if choice.startswith("fn:") else None
+            if forced is None and not mode.choices:  # 'required' with one tool: its call header is in the prefix
+                forced = (tools or [])[0]["function"]["name"]
+            params.constraint = tool_grammar(tok, dialect, mode, tools or [], forced, parallel)
+        elif output_schema is not None:  # JSON out: an opened reasoning is closed empty first
+            if start:
+                prompt = prompt + tok.encode(THINK_END, allow_special=True)
+            params.constraint = output_grammar(tok, output_schema, schema_param)
         elif not thinking_disabled(kw):
-            start = prompt_opens_reasoning(self.backend.tokenizer.decode(prompt[-16:]))
             plan_reasoning = start or self.thinks
         plan = self.finish_plan(prompt, params, stops, mode, "messages", check_context)
         plan.reasoning, plan.start_in_reasoning = plan_reasoning, start
@@ -179,6 +198,49 @@ class Server:
         job = Job(plan.prompt, plan.params, out, post, kind=kind)
         self.worker.submit(job)
         return job, events
+
+
+    def start_n(self, plan: Plan, kind: RequestKind, n: int
+                ) -> tuple[list[Job], asyncio.Queue[tuple[int, ServerEvent]]]:
+        """``n`` choices of one plan, their events tagged with the choice index. The first runs at once; the others
+        are submitted once its prompt is in the KV cache, so the worker copies that prefix into their slots
+        (:meth:`Worker._pick`) instead of prefilling it n times. Choice i samples with ``seed + i``."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, ServerEvent]] = asyncio.Queue()
+        jobs: list[Job] = []
+        rest: list[Job] = []
+        lock = threading.Lock()
+
+        def start_rest() -> None:  # on the model thread (prefill done) or with the first choice's end
+            with lock:
+                todo, rest[:] = list(rest), []
+            for j in todo:
+                try:
+                    self.worker.submit(j)
+                except APIError as e:
+                    j.post(Failed(e))
+
+        for i in range(n):
+            def post(ev: ServerEvent, i: int = i) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+                except RuntimeError:  # the event loop is gone (server shutting down)
+                    pass
+                if i == 0 and n > 1 and isinstance(ev, (Done, Failed)):
+                    start_rest()
+
+            seed = plan.params.seed
+            params = dataclasses.replace(plan.params, seed=None if seed is None else seed + i)
+            out = Output(self.backend.tokenizer, plan.stops, plan.tools, post, plan.reasoning,
+                         plan.start_in_reasoning)
+            if params.logprobs is not None:
+                params.on_logprob = out.on_logprob
+            jobs.append(Job(plan.prompt, params, out, post, kind=kind))
+        rest.extend(jobs[1:])
+        if rest:
+            jobs[0].on_prefilled = start_rest
+        self.worker.submit(jobs[0])
+        return jobs, events
 
 
 def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | None = None, *, cache_slots: int = 4,
@@ -245,53 +307,66 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         body = await srv.body(request)
-        require_n1(body)
+        n = choice_count(body)
         check_unsupported(body)
         messages = chat_messages(body.get("messages"))
         tools = parse_tools(body.get("tools"))
         choice = parse_tool_choice(body.get("tool_choice"), tools)
         params = sampling_params(body, None)
+        params.logprobs = chat_logprobs(body)
+        schema = response_format_schema(body)
         stops = stop_strings(body, "stop")
         stream = flag(body, "stream")
         include_usage = want_usage(body, stream)
         kw = template_kwargs(body)
-        plan = await run_in_threadpool(srv.chat_plan, messages, tools, choice, params, stops, kw)
-        job, events = srv.start(plan, "chat")
+        plan = await run_in_threadpool(srv.chat_plan, messages, tools, choice, params, stops, kw,
+                                       output_schema=schema, parallel=body.get("parallel_tool_calls") is not False)
+        jobs, events = srv.start_n(plan, "chat", n)
         cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         if stream:
-            return stream_response(_chat_stream(srv, job, events, cid, created, include_usage))
-        d = await run_to_end(request, job, events)
-        msg: dict[str, Any] = {"role": "assistant", "content": d.content if (d.content or not d.tool_calls) else None}
-        if d.reasoning:
-            msg["reasoning_content"] = d.reasoning
-        if d.tool_calls:
-            msg["tool_calls"] = [c.to_openai() for c in d.tool_calls]
+            return stream_response(_chat_stream(srv, jobs, events, cid, created, include_usage))
+        ds = await run_all_to_end(request, jobs, events)
+        tok = srv.backend.tokenizer
+        choices = []
+        for i, d in enumerate(ds):
+            msg: dict[str, Any] = {"role": "assistant",
+                                   "content": d.content if (d.content or not d.tool_calls) else None}
+            if d.reasoning:
+                msg["reasoning_content"] = d.reasoning
+            if d.tool_calls:
+                msg["tool_calls"] = [c.to_openai() for c in d.tool_calls]
+            lp = chat_logprobs_json(tok, d.logprobs) if params.logprobs is not None else None
+            choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": openai_finish(d)})
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": openai_finish(d)}],
-                "usage": usage_json(d)}
+                "choices": choices, "usage": usage_json(*ds)}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = await srv.body(request)
-        require_n1(body)
+        n = choice_count(body)
         check_unsupported(body)
         params = sampling_params(body, 16, max_keys=("max_tokens",))
+        params.logprobs = completion_logprobs(body)
         stops = stop_strings(body, "stop")
         stream = flag(body, "stream")
         echo = flag(body, "echo")
         include_usage = want_usage(body, stream)
         prompt_text, prompt_ids = await run_in_threadpool(_completion_prompt, srv.backend, body.get("prompt"))
         plan = srv.finish_plan(prompt_ids, params, stops, ToolMode(raw=True), "prompt")
-        job, events = srv.start(plan, "completion")
+        jobs, events = srv.start_n(plan, "completion", n)
         cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         prefix = prompt_text if echo else ""
         if stream:
-            return stream_response(_completion_stream(srv, job, events, cid, created, include_usage, prefix))
-        d = await run_to_end(request, job, events)
+            return stream_response(_completion_stream(srv, jobs, events, cid, created, include_usage, prefix))
+        ds = await run_all_to_end(request, jobs, events)
+        tok = srv.backend.tokenizer
         return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": prefix + d.content, "logprobs": None,
-                             "finish_reason": "length" if d.finish_reason == "length" else "stop"}],
-                "usage": usage_json(d)}
+                "choices": [{"index": i, "text": prefix + d.content,
+                             "logprobs": (completion_logprobs_json(tok, d.logprobs, len(prefix))
+                                          if params.logprobs is not None else None),
+                             "finish_reason": "length" if d.finish_reason == "length" else "stop"}
+                            for i, d in enumerate(ds)],
+                "usage": usage_json(*ds)}
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Any:
@@ -339,34 +414,48 @@ def _openai_error(err: APIError) -> dict:
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 
-async def _chat_stream(srv: Server, job: Job, events: asyncio.Queue[ServerEvent], cid: str, created: int,
-                       include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: str | None = None) -> str:
+async def _chat_stream(srv: Server, jobs: list[Job], events: asyncio.Queue[tuple[int, ServerEvent]], cid: str,
+                       created: int, include_usage: bool) -> AsyncIterator[str]:
+    """The n choices' chunks as they come (each with its ``index``); a choice's logprobs ride on its next content
+    chunk (those of tokens that wrote no content, on its finish chunk)."""
+    tok = srv.backend.tokenizer
+    want_lp = jobs[0].params.logprobs is not None
+    pending: list[list[TokenLogprob]] = [[] for _ in jobs]
+
+    def chunk(i: int, delta: dict, finish: str | None = None, with_lp: bool = False) -> str:
+        lp = None
+        if with_lp and want_lp and pending[i]:
+            lp, pending[i] = chat_logprobs_json(tok, pending[i]), []
         c: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created,
                              "model": srv.model_name,
-                             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                             "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
         if include_usage:
             c["usage"] = None
         return sse(c)
 
-    yield chunk({"role": "assistant", "content": ""})
-    async for ev in stream_events(job, events):
-        if isinstance(ev, ContentDelta):
-            yield chunk({"content": ev.text})
+    for i in range(len(jobs)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    done: list[Done] = []
+    async for i, ev in stream_all(jobs, events):
+        if isinstance(ev, Logprob):
+            pending[i].append(ev.item)
+        elif isinstance(ev, ContentDelta):
+            yield chunk(i, {"content": ev.text}, with_lp=True)
         elif isinstance(ev, ReasoningDelta):
-            yield chunk({"reasoning_content": ev.text})
+            yield chunk(i, {"reasoning_content": ev.text})
         elif isinstance(ev, ToolCallStart):
-            yield chunk({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
-                                         "function": {"name": ev.name, "arguments": ""}}]})
+            yield chunk(i, {"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                            "function": {"name": ev.name, "arguments": ""}}]})
         elif isinstance(ev, ToolCallArgsDelta):
-            yield chunk({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]})
+            yield chunk(i, {"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]})
         elif isinstance(ev, Failed):
             yield sse(_openai_error(ev.error))
         elif isinstance(ev, Done):
-            yield chunk({}, openai_finish(ev))
-            if include_usage:
-                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                            "model": srv.model_name, "choices": [], "usage": usage_json(ev)})
+            done.append(ev)
+            yield chunk(i, {}, openai_finish(ev), with_lp=True)
+    if include_usage and done:
+        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                   "model": srv.model_name, "choices": [], "usage": usage_json(*done)})
     yield "data: [DONE]\n\n"
 
 
@@ -394,25 +483,39 @@ def _completion_prompt(backend: ChatBackend, prompt: Any) -> tuple[str, list[int
     raise bad_param("prompt", "'prompt' must be a string or a list of token ids (one prompt per request)")
 
 
-async def _completion_stream(srv: Server, job: Job, events: asyncio.Queue[ServerEvent], cid: str, created: int,
-                             include_usage: bool, prefix: str) -> AsyncIterator[str]:
-    def chunk(text: str, finish: str | None = None) -> str:
+async def _completion_stream(srv: Server, jobs: list[Job], events: asyncio.Queue[tuple[int, ServerEvent]],
+                             cid: str, created: int, include_usage: bool, prefix: str) -> AsyncIterator[str]:
+    tok = srv.backend.tokenizer
+    want_lp = jobs[0].params.logprobs is not None
+    pending: list[list[TokenLogprob]] = [[] for _ in jobs]
+    offset = [len(prefix)] * len(jobs)
+
+    def chunk(i: int, text: str, finish: str | None = None) -> str:
+        lp = None
+        if want_lp and pending[i]:
+            lp, pending[i] = completion_logprobs_json(tok, pending[i], offset[i]), []
+            offset[i] += sum(len(t) for t in lp["tokens"])
         c: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": srv.model_name,
-                             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                             "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
         if include_usage:
             c["usage"] = None
         return sse(c)
 
     if prefix:
-        yield chunk(prefix)
-    async for ev in stream_events(job, events):
-        if isinstance(ev, ContentDelta):
-            yield chunk(ev.text)
+        for i in range(len(jobs)):
+            yield chunk(i, prefix)
+    done: list[Done] = []
+    async for i, ev in stream_all(jobs, events):
+        if isinstance(ev, Logprob):
+            pending[i].append(ev.item)
+        elif isinstance(ev, ContentDelta):
+            yield chunk(i, ev.text)
         elif isinstance(ev, Failed):
             yield sse(_openai_error(ev.error))
         elif isinstance(ev, Done):
-            yield chunk("", "length" if ev.finish_reason == "length" else "stop")
-            if include_usage:
-                yield sse({"id": cid, "object": "text_completion", "created": created, "model": srv.model_name,
-                            "choices": [], "usage": usage_json(ev)})
+            done.append(ev)
+            yield chunk(i, "", "length" if ev.finish_reason == "length" else "stop")
+    if include_usage and done:
+        yield sse({"id": cid, "object": "text_completion", "created": created, "model": srv.model_name,
+                   "choices": [], "usage": usage_json(*done)})
     yield "data: [DONE]\n\n"

@@ -14,12 +14,13 @@ from fastapi.responses import StreamingResponse
 from k2local.server.worker import Done, Failed, Job, ServerEvent
 
 
-async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
-    """Set `cancel` when the client goes away (non-streaming requests)."""
+async def _watch_disconnect(request: Request, *cancels: threading.Event) -> None:
+    """Set `cancels` when the client goes away (non-streaming requests)."""
     while True:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
-            cancel.set()
+            for c in cancels:
+                c.set()
             return
 
 
@@ -36,6 +37,42 @@ async def run_to_end(request: Request, job: Job, events: asyncio.Queue[ServerEve
     finally:
         watcher.cancel()
         job.cancel.set()
+
+
+async def run_all_to_end(request: Request, jobs: list[Job], events: asyncio.Queue[tuple[int, ServerEvent]]
+                         ) -> list[Done]:
+    """:func:`run_to_end` for the n choices of one request (events tagged with the choice index)."""
+    cancels = [j.cancel for j in jobs]
+    watcher = asyncio.create_task(_watch_disconnect(request, *cancels))
+    done: dict[int, Done] = {}
+    try:
+        while len(done) < len(jobs):
+            i, ev = await events.get()
+            if isinstance(ev, Done):
+                done[i] = ev
+            elif isinstance(ev, Failed):
+                raise ev.error
+        return [done[i] for i in range(len(jobs))]
+    finally:
+        watcher.cancel()
+        for c in cancels:
+            c.set()
+
+
+async def stream_all(jobs: list[Job], events: asyncio.Queue[tuple[int, ServerEvent]]
+                     ) -> AsyncIterator[tuple[int, ServerEvent]]:
+    """The n choices' events as they come, up to each one's Done / Failed; cancels them all when the consumer
+    stops early (client disconnect)."""
+    try:
+        left = len(jobs)
+        while left:
+            i, ev = await events.get()
+            yield i, ev
+            if isinstance(ev, (Done, Failed)):
+                left -= 1
+    finally:
+        for j in jobs:
+            j.cancel.set()
 
 
 @dataclass(frozen=True)
@@ -74,9 +111,11 @@ def sse(data: Any, event: str | None = None) -> str:
     return f"{head}data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def usage_json(d: Done) -> dict:
-    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-            "total_tokens": d.prompt_tokens + d.completion_tokens,
+def usage_json(d: Done, *more: Done) -> dict:
+    """OpenAI usage of one answer, or of n choices of one prompt (the prompt counted once)."""
+    completion = d.completion_tokens + sum(m.completion_tokens for m in more)
+    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": d.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": d.cached_tokens}}
 
 

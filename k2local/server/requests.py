@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from fastapi.responses import JSONResponse
 
-from k2local.sampler import SamplingParams
+from k2local.sampler import MAX_TOP_LOGPROBS, SamplingParams
 from k2local.chat.toolcalls import (
     KIMI,
     ToolDialect,
@@ -120,9 +120,36 @@ def want_usage(body: dict, stream: bool) -> bool:
     return stream and flag(opts, "include_usage")
 
 
-def require_n1(body: dict) -> None:
-    if integer_param(body, "n", 1, lo=1) != 1:
-        raise bad_param("n", "k2local generates one choice per request; 'n' must be 1 (send n requests instead)")
+MAX_CHOICES = 16
+
+
+def choice_count(body: dict) -> int:
+    """``n``: how many choices to generate for the prompt (1..16)."""
+    n = integer_param(body, "n", 1, lo=1)
+    assert n is not None
+    if n > MAX_CHOICES:
+        raise bad_param("n", f"'n' must be at most {MAX_CHOICES}, got {n}")
+    return n
+
+
+def chat_logprobs(body: dict) -> int | None:
+    """Chat ``logprobs`` (bool) + ``top_logprobs`` (0..20, needs logprobs): None when off, else the top count."""
+    top = integer_param(body, "top_logprobs", None, lo=0)
+    if top is not None and top > MAX_TOP_LOGPROBS:
+        raise bad_param("top_logprobs", f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+    if not flag(body, "logprobs"):
+        if top:
+            raise bad_param("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        return None
+    return top or 0
+
+
+def completion_logprobs(body: dict) -> int | None:
+    """Completions ``logprobs`` (an integer 0..20: the top alternatives per token): None when absent."""
+    top = integer_param(body, "logprobs", None, lo=0)
+    if top is not None and top > MAX_TOP_LOGPROBS:
+        raise bad_param("logprobs", f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+    return top
 
 
 def sampling_params(body: dict, default_max: int | None, temperature_scale: float = 1.0,
@@ -193,12 +220,6 @@ def check_model(body: dict, model_name: str) -> None:
 
 
 def check_unsupported(body: dict) -> None:
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise bad_param("logprobs", "k2local does not return logprobs: send 'logprobs' false (or leave it out) "
-                                    "and no 'top_logprobs'")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_param("response_format", "k2local supports only response_format {\"type\": \"text\"}")
     if body.get("suffix"):
         raise bad_param("suffix", "'suffix' is not supported by k2local")
     if body.get("best_of") not in (None, 1):
@@ -351,7 +372,7 @@ def tool_mode(choice: str, tools: list[dict] | None, messages: list[dict], diale
     names = [t["function"]["name"] for t in tools]
     name = choice[3:] if choice.startswith("fn:") else (names[0] if len(names) == 1 else None)
     if name is None:  # 'required' with several tools: the model picks the name (after "functions." for Kimi),
-        # held to the declared names (their call headers, up to the arguments) by the sampler's prefix choices
+        # held to the declared names and their schemas by the call grammar (k2local.server.constraints)
         head = d.forced_prefix(None)
         ends = tuple(d.forced_prefix(n, make_tool_call_id(n, base))[len(head):] for n in dict.fromkeys(names))
         return ToolMode(True, head, base, base, choices=ends)
@@ -378,4 +399,5 @@ class ChatPlanner(Protocol):
 
     def chat_plan(self, messages: list[dict], tools: list[dict] | None, choice: str, params: SamplingParams,
                   stops: list[str], template_kwargs: dict[str, Any] | None = None, *,
-                  check_context: bool = True) -> Plan: ...
+                  check_context: bool = True, output_schema: dict[str, Any] | None = None,
+                  schema_param: str = "response_format", parallel: bool = True) -> Plan: ...

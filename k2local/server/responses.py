@@ -46,6 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from k2local.chat.reasoning import ReasoningDelta
 from k2local.chat.toolcalls import ContentDelta, ToolCallArgsDelta, ToolCallStart
 from k2local.server.events import sse, stream_events, stream_response
+from k2local.server.constraints import text_format_schema
 from k2local.server.requests import (
     APIError,
     ChatPlanner,
@@ -241,12 +242,6 @@ def request_tool_choice(raw: Any, tools: list[dict] | None) -> str:
 
 
 def _check_unsupported(body: dict) -> None:
-    text = body.get("text")
-    if text is not None:
-        fmt = text.get("format") if isinstance(text, dict) else None
-        if not isinstance(text, dict) or (fmt is not None and not (isinstance(fmt, dict)
-                                                                   and fmt.get("type") == "text")):
-            raise bad_param("text.format", "k2local supports only text.format {\"type\": \"text\"}")
     if body.get("top_logprobs") not in (None, 0):
         raise bad_param("top_logprobs", "logprobs are not supported by k2local")
     if flag(body, "background"):
@@ -303,7 +298,10 @@ class ResponsesRequest:
         self.encrypted = "reasoning.encrypted_content" in include
         self.stream = flag(body, "stream")
         try:
-            self.plan: Plan = srv.chat_plan(messages, tools, choice, params, [], _template_kw(body))
+            schema = text_format_schema(body)
+            self.plan: Plan = srv.chat_plan(messages, tools, choice, params, [], _template_kw(body),
+                                            output_schema=schema, schema_param="text.format",
+                                            parallel=self.parallel)
         except APIError as e:  # the chat planner names its own fields
             if e.param == "messages":
                 e.param, e.message = "input", e.message.replace("length of the messages", "length of the input")
@@ -314,11 +312,17 @@ class ResponsesRequest:
             "model": srv.model_name, "parallel_tool_calls": self.parallel,
             "previous_response_id": body.get("previous_response_id"),
             "reasoning": {"effort": (reasoning or {}).get("effort"), "summary": (reasoning or {}).get("summary")},
-            "store": self.store, "temperature": params.temperature, "text": {"format": {"type": "text"}},
+            "store": self.store, "temperature": params.temperature, "text": {"format": _format_echo(body)},
             "tool_choice": _choice_echo(body.get("tool_choice"), tools), "tools": self.tools_echo,
             "top_p": params.top_p, "truncation": "disabled", "user": body.get("user"),
             "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
         }
+
+
+def _format_echo(body: dict) -> Any:
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    return fmt if isinstance(fmt, dict) else {"type": "text"}
 
 
 def _choice_echo(raw: Any, tools: list[dict] | None) -> Any:

@@ -17,7 +17,7 @@ from typing import Literal, Union
 
 from k2local.generate import (BatchStep, ChatBackend, ContextOverflow, Generation, GenerationResult, Generator,
                               step_batch)
-from k2local.sampler import SamplingParams
+from k2local.sampler import SamplingParams, TokenLogprob
 from k2local.server.requests import APIError, ToolMode
 from k2local.tokenizer.common import TextTokenizer
 from k2local.chat.reasoning import THINK_END, THINK_START, ReasoningDelta, ReasoningStreamParser
@@ -58,6 +58,7 @@ class Done:
     content: str
     tool_calls: list[ToolCall]
     reasoning: str = ""  # the model's reasoning (empty for a model that does not think, or with reasoning off)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked for
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,14 @@ class Failed:
     error: APIError
 
 
-ServerEvent = Union[ReasoningDelta, ContentDelta, ToolCallStart, ToolCallArgsDelta, Done, Failed]
+@dataclass(frozen=True)
+class Logprob:
+    """A generated token's logprob (requests that ask for logprobs), posted before that token's text events."""
+
+    item: TokenLogprob
+
+
+ServerEvent = Union[ReasoningDelta, ContentDelta, ToolCallStart, ToolCallArgsDelta, Logprob, Done, Failed]
 """What the worker posts for one request, in order: reasoning, text and tool-call deltas (the reasoning and
 tool-call parsers' typed events; a forced tool choice's call ids already rewritten), then exactly one Done or
 Failed. Reasoning deltas come only first (the reasoning ends before any content or tool call)."""
@@ -146,6 +154,7 @@ class Output:
                         if reasoning and not (self.parser and tools.prefix) else None)
         self.content: list[str] = []
         self.reasoning: list[str] = []
+        self.logprobs: list[TokenLogprob] = []  # filled by the sampler (SamplingParams.on_logprob) when asked for
         self._calls: list[ToolCallStart] = []
         self._args: list[list[str]] = []  # argument fragments of each call
         if self.parser and tools.prefix:
@@ -155,6 +164,12 @@ class Output:
     def calls(self) -> list[ToolCall]:
         """The tool calls written so far (ids as the client sees them)."""
         return [ToolCall(c.id, c.name, "".join(a)) for c, a in zip(self._calls, self._args)]
+
+    def on_logprob(self, item: TokenLogprob) -> None:
+        """The sampler's record of the token it just picked (before :meth:`on_token` sees that token)."""
+        if self.stop.hit is None:
+            self.logprobs.append(item)
+            self.emit(Logprob(item))
 
     def on_token(self, tok: int) -> bool:
         """Feed one generated id; True when a stop string ended the output."""
@@ -245,6 +260,7 @@ class Job:
     post: Callable[[ServerEvent], None]
     cancel: threading.Event = field(default_factory=threading.Event)
     kind: RequestKind = "chat"
+    on_prefilled: Callable[[], None] | None = None  # called once, when the prompt is in the cache (or the job ends)
 
 
 @dataclass
@@ -369,6 +385,9 @@ class Worker:
             if a.run.done:
                 self.active.remove(a)
                 self._end(a)
+            elif a.job.on_prefilled is not None and not a.run.prefilling:
+                a.job.on_prefilled()  # e.g. n > 1: the other choices start from this cache's prompt
+                a.job.on_prefilled = None
 
     def _fail(self, job: Job, e: BaseException) -> None:
         log.exception("request failed")
@@ -458,4 +477,4 @@ class Worker:
                      job.kind, res.prompt_tokens, res.cached_tokens, len(res.tokens), reason, res.prefill_tps,
                      res.decode_tps)
         job.post(Done(reason, out.stop.hit, res.prompt_tokens, len(res.tokens), res.cached_tokens,
-                      "".join(out.content), calls, "".join(out.reasoning)))
+                      "".join(out.content), calls, "".join(out.reasoning), list(out.logprobs)))

@@ -169,6 +169,14 @@ def _write_tokenizer(out: Path, variant: str, overrides: dict[str, Any] | None) 
     return cfg_d
 
 
+def write_config(out: str | Path, variant: str = "kimi_k2", overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """A tiny checkpoint's tokenizer, config.json and generation_config.json in `out`, without weights (for
+    k2local.convert.random_gguf); returns its config."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return ModelConfig.from_dict(_write_tokenizer(out, variant, overrides))
+
+
 def make_tiny(out: str | Path, variant: str = "kimi_k2", seed: int = 0, shards: int = 3,
               overrides: dict[str, Any] | None = None) -> Path:
     """Write a tiny random checkpoint to `out` (a new directory) with the variant's exact file layout (Kimi K2 and

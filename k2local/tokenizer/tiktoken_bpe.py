@@ -341,6 +341,11 @@ class Tokenizer:
     # -- vocabulary ----------------------------------------------------------------------------------------------------
 
     @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding (ranks, specials, pre-tokenizer regex). Do not mutate."""
+        return self._enc
+
+    @property
     def ranks(self) -> dict[bytes, int]:
         """The BPE ranks (token bytes -> id), base ids only. Do not mutate."""
         return self._ranks

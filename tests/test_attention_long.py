@@ -1,0 +1,57 @@
+"""Long-context attention: the blocked (online-softmax) absorbed form and the MHA form after a cached prefix give
+the same results as the direct computation, and a chunked prefill the same logits as a one-shot one."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import k2local.model as km
+from k2local.model import KimiK2Model
+from k2local.weights.hf_checkpoint import SafetensorsSource
+
+
+def _direct(q_lat, q_pe, lat, kpe, pos, scale):
+    h, t, _ = q_lat.shape
+    s = lat.shape[0]
+    sc = (q_lat @ lat.t() + q_pe @ kpe.t()) * scale
+    sc = sc.masked_fill(torch.arange(s)[None, :] > (pos + torch.arange(t))[:, None], float("-inf"))
+    return sc.softmax(-1) @ lat
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_blocked_absorbed_attention_matches_direct(monkeypatch: pytest.MonkeyPatch, t: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    h, c, r, s = 4, 32, 8, 1000
+    q_lat, q_pe = torch.randn(h, t, c, generator=g), torch.randn(h, t, r, generator=g)
+    lat, kpe = torch.randn(s, c, generator=g), torch.randn(s, r, generator=g)
+    want = _direct(q_lat, q_pe, lat, kpe, s - t, 0.2)
+    monkeypatch.setattr(km, "SCORE_BLOCK_BYTES", 4 * h * t * 300)  # blocks of 300 keys: 4 blocks, the last partial
+    got = km._absorbed_attention(q_lat, q_pe, lat, kpe, s - t, 0.2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_expanded_attention_after_prefix_matches_absorbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    h, nope, r, c, vd, s, t = 4, 16, 8, 32, 16, 300, 40
+    w_uk, w_uv = torch.randn(h, nope, c, generator=g) / 6, torch.randn(h, vd, c, generator=g) / 6
+    lw = SimpleNamespace(w_uk=w_uk, w_uv=w_uv)  # the only LayerWeights fields the MHA form reads
+    q_nope, q_pe = torch.randn(t, h, nope, generator=g), torch.randn(t, h, r, generator=g)
+    lat, kpe = torch.randn(s, c, generator=g), torch.randn(s, r, generator=g)
+    pl = _direct(torch.bmm(q_nope.transpose(0, 1), w_uk), q_pe.transpose(0, 1), lat, kpe, s - t, 0.3)
+    want = torch.bmm(pl, w_uv.transpose(1, 2)).transpose(0, 1)
+    monkeypatch.setattr(km, "EXPAND_BYTES", 1)  # one head at a time
+    got = km._expanded_attention(lw, q_nope, q_pe, lat, kpe, s - t, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_matches_one_shot(tiny_k2, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = KimiK2Model(SafetensorsSource(tiny_k2))
+    ids = torch.randint(3, 200, (70,), generator=torch.Generator().manual_seed(2)).tolist()
+    want = model.forward(ids, model.new_cache())
+    monkeypatch.setattr(km, "MHA_MIN_TOKENS", 16)  # chunks of 30 take the MHA form, the last 10 the absorbed one
+    monkeypatch.setattr(km, "SCORE_BLOCK_BYTES", 1)  # and that one walks the keys in blocks
+    cache = model.new_cache()
+    got = torch.cat([model.forward(ids[a:a + 30], cache) for a in range(0, 70, 30)])
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
