@@ -7,7 +7,6 @@ Prompts are raw token ids through /v1/completions, so their lengths are exact an
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,11 +16,11 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from k2local.engine import Engine, LoadOptions
 from k2local.server.app import create_app
 from k2local.tiny import default_tiny_path
+from tests.serving import running
 
 MODEL = "tiny"
 
@@ -38,21 +37,8 @@ def serve(engine: Engine, parallel: int, max_prefill_rows: int | None = None) ->
     worker = app.state.k2.worker
     if max_prefill_rows is not None:
         worker.max_prefill_rows = max_prefill_rows
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", worker
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with running(app) as url:
+        yield url, worker
 
 
 def prompt(seed: int, n: int) -> list[int]:

@@ -46,7 +46,7 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--cache-slots", type=click.IntRange(min=1), default=4, show_default=True,
               help="Conversations whose KV cache is kept between requests (at least --parallel).")
 @click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Requests served at once (interleaved step by step, each on its own KV cache); more wait queued.")
+              help="Requests served at once (batched into shared forward steps, each on its own KV cache); more wait queued.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(model: str | None, host: str, port: int, api_key: str | None, served_model_name: str | None,

@@ -1,8 +1,8 @@
 """OpenAI-compatible HTTP server over one Engine, plus Anthropic's ``/v1/messages`` and OpenAI's ``/v1/responses``
 (k2local.server.responses).
 
-One worker thread owns the model and runs up to ``parallel`` requests at once, interleaved step by step (a prefill
-chunk or a decoded token each), each on its own KV cache. A small pool of Generators keeps KV
+One worker thread owns the model and runs up to ``parallel`` requests at once in shared forward steps (continuous
+batching: each round one decoded token or prefill chunk of every request, in one forward), each on its own KV cache. A small pool of Generators keeps KV
 caches, so a request that continues a cached conversation only prefills its new tokens. Output tokens go through
 one path for every endpoint: stream-decode -> stop strings -> reasoning parser (thinking models) -> tool-call parser
 (Kimi's or DeepSeek's dialect) -> events -> JSON / SSE.
@@ -250,7 +250,8 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
 
     api_key: when set, every endpoint but /health needs `Authorization: Bearer KEY` (or `x-api-key: KEY`).
     cache_slots: conversations whose KV cache is kept between requests (at least ``parallel``).
-    parallel: requests run at once, interleaved step by step on the one model thread (each on its own KV cache).
+    parallel: requests run at once, batched into shared forward steps on the one model thread (each on its own KV
+        cache).
     ping_interval: seconds without output (a long prefill) after which an Anthropic stream sends a ``ping`` event.
     _token_source: testing seam, not an HTTP feature. Called with each prompt's token ids on the model thread;
     when it returns ids, they are emitted as if sampled (after a real prefill) and go through the same
@@ -288,7 +289,7 @@ def create_app(engine_or_backend: ChatBackend, model_name: str, api_key: str | N
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_name, "queued": worker.jobs.qsize(), "busy": worker.busy,
-                "running": len(worker.active), "parallel": worker.parallel}
+                "running": len(worker.active), "parallel": worker.parallel, "batch": dataclasses.asdict(worker.batch)}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
