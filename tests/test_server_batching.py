@@ -20,7 +20,7 @@ import pytest
 from k2local.engine import Engine, LoadOptions
 from k2local.server.app import create_app
 from k2local.tiny import default_tiny_path
-from tests.serving import running
+from tests.server_harness import serving
 
 MODEL = "tiny"
 
@@ -37,7 +37,7 @@ def serve(engine: Engine, parallel: int, max_prefill_rows: int | None = None) ->
     worker = app.state.k2.worker
     if max_prefill_rows is not None:
         worker.max_prefill_rows = max_prefill_rows
-    with running(app) as url:
+    with serving(app) as url:
         yield url, worker
 
 
