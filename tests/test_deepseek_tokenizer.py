@@ -186,15 +186,15 @@ def test_generation_stops_on_eos(ds_engine, monkeypatch: pytest.MonkeyPatch) -> 
     assert isinstance(tok, HFTokenizer) and eng.stop_ids == {tok.eos_id}
     hello, world = tok.encode("Hello")[0], tok.encode(" world")[0]
     # The whole chat path: the sampler picks EOS (forced by the logits) and the session ends the turn there.
-    forward, calls = eng.model.forward, []
+    forward_batch, calls = eng.model.forward_batch, []
 
-    def scripted(ids, cache, **kw):
-        out = forward(ids, cache, **kw).clone()
+    def scripted(seqs):  # the generator's one forward (continuous batching: a step of one sequence here)
+        (out,) = [o.clone() for o in forward_batch(seqs)]
         out[..., (hello, world, tok.eos_id)[min(len(calls), 2)]] += 1e4
-        calls.append(len(ids))
-        return out
+        calls.append(len(seqs[0].ids))
+        return [out]
 
-    monkeypatch.setattr(eng.model, "forward", scripted)
+    monkeypatch.setattr(eng.model, "forward_batch", scripted)
     chat = ChatSession(eng, SamplingParams(temperature=0.0, max_tokens=20))
     turn = chat.ask("Say hello")
     assert turn.text == "Hello world" and turn.finish_reason == "stop"
