@@ -488,9 +488,10 @@ def bench_prompt(args: argparse.Namespace, path: Path, gguf: Path | None, ram_bw
         if probe else None
     missing: list[dict] = []
     if gguf is not None and not args.no_peers:
-        ik, absent = ik_llama_engines(gguf, args)
-        loaders += ik
-        missing += absent
+        if not args.capped_child:  # under --mem-cap only k2local and llama.cpp run (ik's llama-bench inherits the cap)
+            ik, absent = ik_llama_engines(gguf, args)
+            loaders += ik
+            missing += absent
         if not args.no_llama:
             loaders.append(lambda: llama_runner(gguf, args, ids))
     sequential = args.sequential or (gguf is not None and one_at_a_time(gguf))
