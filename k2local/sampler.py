@@ -84,7 +84,6 @@ class Sampler:
         self.out: list[int] = []  # the tokens picked so far
         self.counts: Counter[int] = Counter()
         self.matcher = params.constraint.matcher() if params.constraint is not None else None
-        self.logprobs: list[TokenLogprob] = []  # one per picked token when params.logprobs is set
         self.gen = torch.Generator()
         if params.seed is not None:
             self.gen.manual_seed(params.seed)
@@ -101,10 +100,8 @@ class Sampler:
         if self.matcher is not None:
             self.matcher.advance(tok)
         if self.p.logprobs is not None:
-            item = token_logprob(raw, tok, self.p.logprobs)
-            self.logprobs.append(item)
             if self.p.on_logprob is not None:
-                self.p.on_logprob(item)
+                self.p.on_logprob(token_logprob(raw, tok, self.p.logprobs))
         self.out.append(tok)
         self.counts[tok] += 1
         return tok

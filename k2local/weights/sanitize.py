@@ -222,7 +222,8 @@ def fp16_exact(scale: torch.Tensor) -> torch.Tensor:
 
 
 def repack_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int] | None = None,
-                group_size: int = INT4_GROUP, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                group_size: int = INT4_GROUP, out: torch.Tensor | None = None,
+                use_kernel: bool = True) -> tuple[torch.Tensor, int]:
     """compressed-tensors INT4 (group 32) -> ggml Q4_0 bytes, uint8 [out, in/32 * 18]; and how many blocks' scales
     were not fp16-exact.
 
@@ -231,7 +232,8 @@ def repack_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int
     scale is not an fp16 value (below 2^-17) the block is requantized: d = the nearest fp16 to the scale, codes
     kept (they are also round(w / d), since |scale / d - 1| < 1/16 there), so each weight is off by at most
     8 * |scale - d| (< 2^-21). A scale above fp16's range (|w| > 458k) cannot be Q4_0: ValueError. `out` (uint8,
-    the Q4_0 size) receives the bytes when given (the disk tier's slot)."""
+    the Q4_0 size) receives the bytes when given (the disk tier's slot). The compiled kernel does it when
+    available (``use_kernel``); torch otherwise, with the same bytes."""
     if group_size != INT4_GROUP:
         raise ValueError(f"INT4 group size {group_size} cannot be repacked to Q4_0 (needs {INT4_GROUP})")
     rows, cols = packed.shape[0], packed.shape[1] * 8
@@ -242,7 +244,7 @@ def repack_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int
         raise ValueError(f"weight_scale {list(scale.shape)} does not fit weight [{rows}, {cols}] in groups of 32")
     out = torch.empty(rows, nb, Q4_0_BLOCK_BYTES, dtype=torch.uint8) if out is None else \
         out.view(torch.uint8).view(rows, nb, Q4_0_BLOCK_BYTES)
-    inexact_c = kernels.repack_int4_q4_0(packed, scale, out)  # ~10x the torch path below; None without the library
+    inexact_c = kernels.repack_int4_q4_0(packed, scale, out) if use_kernel else None  # None without the library
     if inexact_c is not None:
         return out.view(rows, nb * Q4_0_BLOCK_BYTES), inexact_c
     s32 = scale.to(torch.float32)
