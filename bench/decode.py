@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Torch's OpenMP workers otherwise spin after each op and steal the cores the expert kernels' own pool needs
 # (measured on 16 cores: expert time per token 17 ms -> 3 ms). Must be set before torch is imported.
+USER_OMP_WAIT = os.environ.get("OMP_WAIT_POLICY")  # the peers' children get the caller's setting, not ours
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -263,46 +264,62 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
     return run, backend.close
 
 
-def llama_runner(gguf: Path, args: argparse.Namespace, ids: list[int]) -> tuple[Runner, Callable] | dict:
-    """Load the GGUF in llama.cpp (everything on the CPU); returns (one timed prefill + decode, close)."""
-    import numpy as np  # noqa: PLC0415
+def peer_env() -> dict[str, str]:
+    """The environment a peer's process gets: ours without the OMP_WAIT_POLICY this script set for k2local."""
+    env = dict(os.environ)
+    if USER_OMP_WAIT is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
 
+
+def llama_runner(gguf: Path, args: argparse.Namespace, ids: list[int]) -> tuple[Runner, Callable] | dict:
+    """llama.cpp on the GGUF (everything on the CPU), each timed run in its own process: loaded in this one, its
+    ggml threads and OpenMP runtime slowed k2local's timed runs beside it (k2layer, 512-token prompt, 2 cores:
+    k2local prefill 139.8 tok/s alone, 79.6 with llama.cpp loaded; decode 20.2 vs 15.6)."""
     if not llama.available():
         return {"engine": "llama.cpp", "mode": "not installed (pip install llama-cpp-python)"}
+
+    def run() -> dict:
+        return llama.isolated("bench.decode:llama_timed", str(gguf), ids, args.decode, args.threads,
+                              bool(args.capped_child), timeout=7200, env={"OMP_WAIT_POLICY": USER_OMP_WAIT})
+
+    return run, lambda: None
+
+
+def llama_timed(gguf: str, ids: list[int], decode: int, threads: int, capped: bool) -> dict:
+    """One timed prefill of `ids` and `decode` greedy tokens in llama.cpp, loaded in this (child) process."""
+    import numpy as np  # noqa: PLC0415
     import llama_cpp  # noqa: PLC0415 - optional peer
 
     # the YaRN betas llama.cpp does not read from the GGUF: without them its rope differs from the checkpoint's;
     # llama.load applies this CPU's extra-buffer-types setting (off where they abort, e.g. AMX CPUs)
     # under --mem-cap the consumer's llama.cpp: weights mmapped from the file (repacking would copy them into
     # anonymous memory, which a cap below the model's size kills)
-    bufts = False if args.capped_child else None
-    llm = llama.load(gguf, extra_bufts=bufts, n_ctx=len(ids) + args.decode + 8, n_threads=args.threads,
-                     n_threads_batch=args.threads, n_gpu_layers=0, n_batch=max(32, len(ids)), verbose=False,
-                     **open_checkpoint(gguf).config.llama_cpp_overrides)
+    bufts = False if capped else None
+    llm = llama.load(Path(gguf), extra_bufts=bufts, n_ctx=len(ids) + decode + 8, n_threads=threads,
+                     n_threads_batch=threads, n_gpu_layers=0, n_batch=max(32, len(ids)), verbose=False,
+                     **open_checkpoint(Path(gguf)).config.llama_cpp_overrides)
     repack = "repack on" if llama.config().extra_bufts and bufts is None else "repack OFF, mmap"
     n_vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
 
-    llm.eval(ids[:4])
-
-    def run() -> dict:
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        prefill_s = time.perf_counter() - t0
-        toks = []
-        t0 = time.perf_counter()
-        for _ in range(args.decode):
-            toks.append(int(last_logits().argmax()))
-            llm.eval([toks[-1]])
-        decode_s = time.perf_counter() - t0
-        return {"engine": "llama.cpp", "mode": f"all on CPU, {args.threads} threads, {repack}", "device": "cpu",
-                "prefill_tps": len(ids) / prefill_s, "decode_tps": args.decode / decode_s, "tokens": toks,
-                "hit_rates": {}, "kernels": "ggml"}
-
-    return run, llm.close
+    llm.eval(ids[:4])  # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t0
+    toks: list[int] = []
+    t0 = time.perf_counter()
+    for _ in range(decode):
+        toks.append(int(last_logits().argmax()))
+        llm.eval([toks[-1]])
+    decode_s = time.perf_counter() - t0
+    llm.close()
+    return {"engine": "llama.cpp", "mode": f"all on CPU, {threads} threads, {repack}", "device": "cpu",
+            "prefill_tps": len(ids) / prefill_s, "decode_tps": decode / decode_s, "tokens": toks,
+            "hit_rates": {}, "kernels": "ggml"}
 
 
 def ik_llama_runner(binary: Path, gguf: Path, config: ik_llama.IkConfig, args: argparse.Namespace
@@ -311,7 +328,8 @@ def ik_llama_runner(binary: Path, gguf: Path, config: ik_llama.IkConfig, args: a
     tokens at that depth, `-gp`); it loads the model itself each time, so nothing stays resident between calls."""
 
     def run() -> dict:
-        rows = ik_llama.bench(binary, gguf, args.threads, [args.prompt], args.decode, config, reps=1)
+        rows = ik_llama.bench(binary, gguf, args.threads, [args.prompt], args.decode, config, reps=1,
+                              env=peer_env())
         pp = next(r.tok_s for r in rows if r.gen == 0)
         tg = next((r.tok_s for r in rows if r.gen > 0), 0.0)
         return {"engine": "ik_llama.cpp", "mode": f"{config.label}, all on CPU, {args.threads} threads",

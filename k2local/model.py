@@ -203,25 +203,64 @@ def _absorbed_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tens
     return (acc / den).to(lat.dtype)
 
 
+# queries per block of the MHA form's attention (a block's scores against all its keys in one product)
+QUERY_BLOCK = 256
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float,
+                      out: torch.Tensor) -> None:
+    """out = softmax(q k^T scale, causal) v per head, in blocks of QUERY_BLOCK queries, each against only the keys
+    it may see; q [h, t, d], k [h, s, d], v [h, s, dv], query i at position pos + i, out [h, t, dv]. A block's
+    scores above SCORE_BLOCK_BYTES go over the keys in blocks with an online softmax.
+
+    On the CPU torch's scaled_dot_product_attention takes a slow path for MLA's unequal key / value head sizes
+    (192 / 128): 445 ms for 64 heads at 512 tokens against 75 ms here (2-core Xeon, fp32)."""
+    h, t, _ = q.shape
+    for a in range(0, t, QUERY_BLOCK):
+        b = min(t, a + QUERY_BLOCK)
+        n, kend = b - a, pos + b  # keys [0, kend) are visible to some query of the block
+        kb = max(QUERY_BLOCK, SCORE_BLOCK_BYTES // (4 * h * n))
+        mask_from = pos + a + 1  # keys from here on are masked for the block's first query
+        if kend <= kb:
+            sc = torch.bmm(q[:, a:b], k[:, :kend].transpose(1, 2)).mul_(scale)
+            if kend > mask_from:
+                sc.masked_fill_(_causal_mask(n, kend, pos + a, 0, q.device)[None], float("-inf"))
+            torch.bmm(sc.softmax(-1), v[:, :kend], out=out[:, a:b])
+            continue
+        m = torch.full((h, n, 1), float("-inf"), device=q.device, dtype=torch.float32)
+        den = torch.zeros(h, n, 1, device=q.device, dtype=torch.float32)
+        acc = torch.zeros(h, n, v.shape[-1], device=q.device, dtype=torch.float32)
+        for k0 in range(0, kend, kb):
+            k1 = min(kend, k0 + kb)
+            sc = torch.bmm(q[:, a:b], k[:, k0:k1].transpose(1, 2)).float().mul_(scale)
+            if k1 > mask_from:
+                sc.masked_fill_(_causal_mask(n, k1, pos + a, k0, q.device)[None], float("-inf"))
+            m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
+            p = sc.sub_(m_new).exp_()
+            corr = (m - m_new).exp_()
+            den.mul_(corr).add_(p.sum(-1, keepdim=True))
+            acc.mul_(corr).add_(torch.bmm(p.to(v.dtype), v[:, k0:k1]).float())
+            m = m_new
+        out[:, a:b] = (acc / den).to(out.dtype)
+
+
 def _expanded_attention(lw: "LayerWeights", q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor,
                         kpe: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
-    """MLA as MHA: keys [lat w_uk_h, kpe] and values lat w_uv_h per head, SDPA (causal from position pos);
+    """MLA as MHA: keys [lat w_uk_h, kpe] and values lat w_uv_h per head, causal from position pos;
     q_nope [t, h, nope], q_pe [t, h, r]. Heads go in groups so the expanded keys/values stay under EXPAND_BYTES.
     Returns [t, h, v]."""
     t, nh, _ = q_nope.shape
     s = lat.shape[0]
     qh = torch.cat([q_nope, q_pe], -1).transpose(0, 1)  # [h, t, nope + r]
-    mask = None if pos == 0 else ~_causal_mask(t, s, pos, 0, lat.device)
     per_head = s * (qh.shape[-1] + lw.w_uv.shape[1]) * lat.element_size()
     group = max(1, min(nh, EXPAND_BYTES // max(1, per_head)))
-    outs = []
+    out = torch.empty(nh, t, lw.w_uv.shape[1], dtype=q_nope.dtype, device=q_nope.device)
     for h0 in range(0, nh, group):
         h1 = min(nh, h0 + group)
         k = torch.cat([torch.einsum("sc,hdc->hsd", lat, lw.w_uk[h0:h1]), kpe[None].expand(h1 - h0, -1, -1)], -1)
         v = torch.einsum("sc,hdc->hsd", lat, lw.w_uv[h0:h1])
-        outs.append(F.scaled_dot_product_attention(qh[h0:h1], k, v, attn_mask=mask, is_causal=mask is None,
-                                                   scale=scale))
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 0)).transpose(0, 1)
+        _causal_attention(qh[h0:h1], k, v, pos, scale, out[h0:h1])
+    return out.transpose(0, 1)
 
 
 class KimiK2Model:

@@ -55,3 +55,20 @@ def test_chunked_prefill_matches_one_shot(tiny_k2, monkeypatch: pytest.MonkeyPat
     cache = model.new_cache()
     got = torch.cat([model.forward(ids[a:a + 30], cache) for a in range(0, 70, 30)])
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("pos,score_bytes", [(0, 64 << 20), (37, 64 << 20), (37, 1)])
+def test_causal_attention_blocks_match_sdpa(monkeypatch: pytest.MonkeyPatch, pos: int, score_bytes: int) -> None:
+    """The MHA form's attention in query blocks (several, the last partial), with and without key blocks (online
+    softmax), equals torch's SDPA with the causal mask, for MLA's unequal key / value head sizes."""
+    g = torch.Generator().manual_seed(3)
+    h, t, d, dv = 3, 45, 24, 16
+    s = pos + t
+    q, k, v = torch.randn(h, t, d, generator=g), torch.randn(h, s, d, generator=g), torch.randn(h, s, dv, generator=g)
+    mask = ~km._causal_mask(t, s, pos, 0, q.device)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    monkeypatch.setattr(km, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(km, "SCORE_BLOCK_BYTES", score_bytes)  # 1: keys in blocks of QUERY_BLOCK
+    got = torch.empty(h, t, dv)
+    km._causal_attention(q, k, v, pos, 0.3, got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

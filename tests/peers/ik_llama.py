@@ -65,15 +65,17 @@ def _tail(text: str, lines: int = 4) -> str:
 
 
 def bench(binary: Path, gguf: str | Path, threads: int, prompts: list[int], gen: int, config: IkConfig,
-          reps: int = 3, timeout: float = 3600, extra: tuple[str, ...] = ()) -> list[IkResult]:
-    """Run llama-bench once: prefill of each prompt length, and `gen` tokens decoded after each (`-gp`)."""
+          reps: int = 3, timeout: float = 3600, extra: tuple[str, ...] = (),
+          env: dict[str, str] | None = None) -> list[IkResult]:
+    """Run llama-bench once: prefill of each prompt length, and `gen` tokens decoded after each (`-gp`);
+    env: its environment (default: this process's)."""
     cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(reps), "-o", "json", "-n", "0",
            "-p", ",".join(str(p) for p in prompts), *config.flags, *extra]
     for p in prompts:  # llama-bench sizes each test's context to its prompt + gen
         if gen:
             cmd += ["-gp", f"{p},{gen}"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise IkError(f"{binary}: llama-bench took over {timeout:.0f} s") from None
     if out.returncode != 0:

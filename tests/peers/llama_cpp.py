@@ -75,8 +75,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def isolated(fn: str, *args: Any, timeout: float = 600, **kwargs: Any) -> Any:
+def isolated(fn: str, *args: Any, timeout: float = 600, env: dict[str, str | None] | None = None,
+             **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` in a fresh Python process and return its result.
+
+    ``env`` changes the child's environment (a None value removes the variable).
 
     ``fn`` is a function of this module or ``"package.module:function"``; arguments and result are pickled.
     Raises PeerCrashed if the child dies by a signal (or exits without answering), PeerError if it raised.
@@ -84,9 +87,15 @@ def isolated(fn: str, *args: Any, timeout: float = 600, **kwargs: Any) -> Any:
     with tempfile.TemporaryDirectory(prefix="k2peer-") as td:
         req, resp = Path(td) / "req.pkl", Path(td) / "resp.pkl"
         req.write_bytes(pickle.dumps((fn, args, kwargs)))
+        child_env = _child_env()
+        for k, v in (env or {}).items():
+            if v is None:
+                child_env.pop(k, None)
+            else:
+                child_env[k] = v
         try:
             p = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(req), str(resp)],
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=_child_env())
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=child_env)
         except subprocess.TimeoutExpired as e:
             raise PeerCrashed(f"llama.cpp peer call {fn} did not finish in {timeout:.0f} s") from e
         tail = _tail(p.stderr)
