@@ -169,16 +169,17 @@ def print_disk_report(results: list[dict[str, Any]], raw: Any, replay: float | N
     """Lines under the table: miss GB/s against the raw probe, hit rates, prefetch, planner vs measured."""
     if raw is not None and replay is not None:
         print(f"disk tier alone (misses through the store, no model compute): {replay:.2f} GB/s = "
-              f"{replay / raw.parallel:.0%} of the raw parallel probe")
+              f"{replay / raw.best:.0%} of the raw probe's best")
     if raw is not None:
         print(f"raw disk probe (O_DIRECT, {raw.read_bytes / 1e6:.1f} MB reads at random offsets, page cache "
               f"{'dropped' if raw.dropped_caches else 'not dropped (not root)'}"
               f"{'' if raw.direct else ', O_DIRECT refused: page cache may serve'}): "
-              f"{raw.parallel:.2f} GB/s with {raw.in_flight} in flight, {raw.one_stream:.2f} GB/s one at a time")
+              + ", ".join(f"{g:.2f} GB/s with {d} in flight" for d, g in raw.by_depth)
+              + f"; best {raw.best:.2f}")
     for r in results:
         if "miss_gbs" not in r:
             continue
-        ratio = f" = {r['miss_gbs'] / raw.parallel:.0%} of the raw parallel probe" if raw and raw.parallel else ""
+        ratio = f" = {r['miss_gbs'] / raw.best:.0%} of the raw probe's best" if raw and raw.best else ""
         busy_rate = r["read_gbs"] / r["disk_busy"] if r["disk_busy"] else 0.0
         print(f"{r['mode']}: misses served at {r['miss_gbs']:.2f} GB/s{ratio} (all reads {r['read_gbs']:.2f} "
               f"GB/s, disk busy {r['disk_busy']:.0%} of decode, {busy_rate:.2f} GB/s while busy); "

@@ -305,20 +305,23 @@ def _fill_device(layout: ExpertLayout, stats: RoutingStats, device: torch.device
 
 
 def predict_decode_tps(plan: Plan, bw: Bandwidths) -> float:
-    """Decode tokens/s: every byte read per token over the bandwidth of the tier it comes from. Misses are read
-    with several in flight (the raw parallel disk figure when probed) while the CPU computes what has arrived, so
-    the slower of reading and computing them counts."""
+    """Decode tokens/s from the bytes read per token and the bandwidth of the tier each comes from.
+
+    The CPU computes every host expert (cached or just read) at its kernel rate; experts not in the RAM cache are
+    read from disk at the device's raw rate (the better of the probe's parallel and one-at-a-time figures), and
+    those reads overlap the compute (the next layer's experts are prefetched while this one runs, a layer's misses
+    are computed as they arrive), so the slower of the two sets the expert time. The non-expert matrices stream
+    from RAM through the same kernels (CPU-only) or from VRAM."""
     b = plan.bytes_per_token
     cpu = max(bw.cpu_effective, 1e-3) * 1e9
-    disk = max(bw.disk_parallel or bw.disk, 1e-3) * 1e9
-    t = b * plan.p_ram / cpu + b * plan.p_disk * max(1 / disk, 1 / cpu)
+    disk = max(bw.disk_parallel or 0.0, bw.disk_one_stream or 0.0) or bw.disk
+    expert_s = max(b * (plan.p_ram + plan.p_disk) / cpu, b * plan.p_disk / (max(disk, 1e-3) * 1e9))
     if plan.cpu_only:
-        t += plan.non_expert_read_per_token / (max(bw.ram, 1e-3) * 1e9)
+        fixed = plan.non_expert_read_per_token / cpu
     else:
         gpu = max(bw.gpu or 1000.0, 1.0) * 1e9
-        t += plan.non_expert_read_per_token / gpu + b * plan.p_device / gpu
-    t += PER_LAYER_OVERHEAD_S * plan.n_layers
-    return 1.0 / t
+        fixed = plan.non_expert_read_per_token / gpu + b * plan.p_device / gpu
+    return 1.0 / (expert_s + fixed + PER_LAYER_OVERHEAD_S * plan.n_layers)
 
 
 def decode_breakdown(plan: Plan) -> dict[str, float]:

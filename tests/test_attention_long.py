@@ -72,3 +72,16 @@ def test_causal_attention_blocks_match_sdpa(monkeypatch: pytest.MonkeyPatch, pos
     got = torch.empty(h, t, dv)
     km._causal_attention(q, k, v, pos, 0.3, got)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_split_decode_attention_matches_direct(monkeypatch: pytest.MonkeyPatch, parts: int) -> None:
+    """A decode step's keys split over threads (each range in key blocks too) merge to the direct result."""
+    g = torch.Generator().manual_seed(4)
+    h, c, r, s = 4, 32, 8, 1000
+    q_lat, q_pe = torch.randn(h, 1, c, generator=g), torch.randn(h, 1, r, generator=g)
+    lat, kpe = torch.randn(s, c, generator=g), torch.randn(s, r, generator=g)
+    want = _direct(q_lat, q_pe, lat, kpe, s - 1, 0.2)
+    monkeypatch.setattr(km, "SCORE_BLOCK_BYTES", 4 * h * 300)
+    got = km._split_decode_attention(q_lat, q_pe, lat, kpe, 0.2, parts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -189,6 +189,8 @@ def test_routing_stats_prewarm_and_skewed_hit_rate(skewed, tmp_path) -> None:
 
 def test_raw_disk_probe_reads_direct(skewed_gguf) -> None:
     layout = layout_for(open_checkpoint(skewed_gguf))
-    raw = measure_raw_disk(layout, in_flight=2, max_bytes=8 << 20, max_s=0.5)
-    assert raw is not None and raw.parallel > 0 and raw.one_stream > 0 and raw.in_flight == 2
+    raw = measure_raw_disk(layout, in_flight=4, max_bytes=8 << 20, max_s=0.5)
+    assert raw is not None and raw.parallel > 0 and raw.one_stream > 0 and raw.in_flight in (2, 4)
+    assert [d for d, _ in raw.by_depth] == [1, 2, 4]  # every depth measured; parallel is the best above one
+    assert raw.parallel == max(g for d, g in raw.by_depth if d > 1) and raw.best >= raw.parallel
     assert raw.read_bytes % 4096 == 0

@@ -50,7 +50,7 @@ def bandwidth_table(bw: Bandwidths, measured: bool) -> Table:
     t.add_column("GB/s", justify="right")
     rows = [("RAM read", bw.ram),
             ("disk read, whole experts" + ("" if bw.disk_direct else " (page cache may have helped)"), bw.disk),
-            ("disk read, raw O_DIRECT, several in flight", bw.disk_parallel),
+            ("disk read, raw O_DIRECT, several in flight (best depth)", bw.disk_parallel),
             ("disk read, raw O_DIRECT, one at a time", bw.disk_one_stream),
             ("CPU expert kernel, decode", bw.cpu_expert), ("GPU memory", bw.gpu), ("host to GPU (pinned)", bw.h2d)]
     for name, v in rows:
