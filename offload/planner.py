@@ -25,7 +25,14 @@ __all__ = ["GiB", "MiB", "Bandwidths", "Hardware", "ModelFootprint", "Plan", "Pl
 GiB = 1 << 30
 MiB = 1 << 20
 MIN_DISK_SLOTS = 4  # plus top_k: a decode step's experts of one layer held together, + 2 reads in flight
-PER_LAYER_OVERHEAD_S = 1.5e-4  # Python + kernel-launch cost per decoder layer and token (measured order)
+# Per decoder layer and token: attention math, norms, rope, router, Python and torch dispatch. bench/decode.py's
+# breakdown on a 2-core Xeon: 1.07 ms a layer (`disk` shape, hidden 4096) and 1.4 ms (`k2layer`, hidden 7168).
+PER_LAYER_OVERHEAD_S = 1.0e-3
+# Reads through the expert store against the raw probe's best (the disk busy at 84-93% of it while it reads,
+# bench/decode.py --modes disk on the 2-core Xeon's virtual disk)
+DISK_EFFICIENCY = 0.85
+# Extra bytes read by next-layer prefetches that the layer then does not use (70-75% of them are used there)
+PREFETCH_WASTE = 0.2
 
 
 def human(n: float) -> str:
@@ -307,15 +314,17 @@ def _fill_device(layout: ExpertLayout, stats: RoutingStats, device: torch.device
 def predict_decode_tps(plan: Plan, bw: Bandwidths) -> float:
     """Decode tokens/s from the bytes read per token and the bandwidth of the tier each comes from.
 
-    The CPU computes every host expert (cached or just read) at its kernel rate; experts not in the RAM cache are
-    read from disk at the device's raw rate (the better of the probe's parallel and one-at-a-time figures), and
-    those reads overlap the compute (the next layer's experts are prefetched while this one runs, a layer's misses
-    are computed as they arrive), so the slower of the two sets the expert time. The non-expert matrices stream
-    from RAM through the same kernels (CPU-only) or from VRAM."""
+    The CPU computes every host expert (cached or just read) at its kernel rate. Experts not in the RAM cache are
+    read from disk (PREFETCH_WASTE more for unused prefetches) at DISK_EFFICIENCY of the device's raw rate, the
+    better of the probe's parallel and one-at-a-time figures. Those reads overlap the compute (the next layer's
+    experts are prefetched while this one runs, a layer's misses are computed as they arrive), so the slower of
+    the two sets the expert time. The non-expert matrices stream from RAM through the same kernels (CPU-only) or
+    from VRAM; PER_LAYER_OVERHEAD_S covers the rest of each layer."""
     b = plan.bytes_per_token
     cpu = max(bw.cpu_effective, 1e-3) * 1e9
-    disk = max(bw.disk_parallel or 0.0, bw.disk_one_stream or 0.0) or bw.disk
-    expert_s = max(b * (plan.p_ram + plan.p_disk) / cpu, b * plan.p_disk / (max(disk, 1e-3) * 1e9))
+    disk = DISK_EFFICIENCY * (max(bw.disk_parallel or 0.0, bw.disk_one_stream or 0.0) or bw.disk)
+    reads = b * plan.p_disk * (1 + PREFETCH_WASTE)
+    expert_s = max(b * (plan.p_ram + plan.p_disk) / cpu, reads / (max(disk, 1e-3) * 1e9))
     if plan.cpu_only:
         fixed = plan.non_expert_read_per_token / cpu
     else:
