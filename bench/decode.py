@@ -65,7 +65,9 @@ SHAPES = {
                    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
 }
 SHAPES.update(DISK_SHAPES)
-RANDOM_GGUF_SHAPES = ("k2deep",)
+# shapes written as random blocks (k2local.convert.random_gguf): whether their routers are then balanced
+# (k2local.tiny.balance_gguf_routers; a disk-tier shape needs a trained model's spread of expert uses)
+RANDOM_GGUF_SHAPES = {"k2deep": False, "diskwide": True}
 
 
 def synthetic_model(workdir: Path, recipe: str, shape: str = "small", skew: float | None = None
@@ -103,10 +105,18 @@ def random_synthetic_model(workdir: Path, recipe: str, shape: str, tag: str) -> 
 
     tok = workdir / f"synth-{shape}-tokenizer"
     cfg = tiny.write_config(tok, "kimi_k2", SHAPES[shape])
-    gguf = workdir / f"synth-{tag}-{recipe}-random.gguf"
+    balance = RANDOM_GGUF_SHAPES[shape]
+    gguf = workdir / f"synth-{tag}-{recipe}-random{'-balanced' if balance else ''}.gguf"
     if not gguf.exists():
         print(f"writing {gguf} (random {recipe} blocks) ...", file=sys.stderr)
-        write_random_gguf(gguf, cfg, tok, recipe)
+        part = gguf.with_name(gguf.name + ".part")
+        write_random_gguf(part, cfg, tok, recipe)
+        if balance:  # calibrated on other tokens than the bench's prompts
+            calib = torch.randint(0, cfg.vocab_size, (256,), generator=torch.Generator().manual_seed(99)).tolist()
+            shares = tiny.balance_gguf_routers(part, calib)
+            print("routers balanced: the 8 most used experts take " + ", ".join(f"{s:.0%}" for s in shares)
+                  + " of each MoE layer's uses", file=sys.stderr)
+        part.replace(gguf)
     return tok, gguf
 
 
@@ -220,11 +230,13 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
     extra: dict = {"save_routing_stats": False}
     if mode == "disk":
         extra = disk_options(args, stats or cold_stats_path(args.workdir), save_stats)
-        ram = args.disk_ram if args.disk_ram is not None else disk_ram_gib(
+        # under --mem-cap without --disk-ram the planner sizes the cache to the cgroup's limit, as for a user
+        ram = args.disk_ram if args.disk_ram is not None else None if args.capped_child else disk_ram_gib(
             source, args.disk_fraction, source.config.num_experts_per_tok)
     else:
         ram = None
-    opts = LoadOptions(cpu_only=args.cpu_only, experts_on=mode, ram=ram, gpu_mem=args.gpu_mem, extra=extra)
+    opts = LoadOptions(cpu_only=args.cpu_only, experts_on=mode, ram=ram, gpu_mem=args.gpu_mem, extra=extra,
+                       max_context=max(1024, len(ids) + args.decode + 8))  # the KV cache the run needs
     backend = build_backend(source, opts, device, dtype)
     model = KimiK2Model(source, experts=backend, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -568,6 +580,12 @@ def bench_prompt(args: argparse.Namespace, path: Path, gguf: Path | None, ram_bw
         print(f"greedy tokens: k2local and llama.cpp agree on the first {same} of {len(a)}")
     if ours:
         print_ratios(ours[0], [r for r in results if r["engine"] != "k2local" and "decode_tps" in r])
+    capped = {r["engine"]: r for r in results if "cap_peak_bytes" in r and "decode_tps" in r}
+    if {"k2local", "llama.cpp"} <= capped.keys():
+        k, l = capped["k2local"], capped["llama.cpp"]
+        print(f"under the same --mem-cap {args.mem_cap:g} GiB: k2local decode {k['decode_tps']:.2f} tok/s vs "
+              f"llama.cpp {l['decode_tps']:.2f} = {k['decode_tps'] / l['decode_tps']:.2f}x; prefill "
+              f"{k['prefill_tps']:.1f} vs {l['prefill_tps']:.1f} = {k['prefill_tps'] / l['prefill_tps']:.2f}x")
     if len(ours) > 1:
         print("k2local placements give the same tokens:", all(r["tokens"] == ours[0]["tokens"] for r in ours))
 

@@ -29,7 +29,7 @@ from offload.executor import OffloadExperts
 from offload.expert_layout import PROJS, ExpertEntry, ExpertLayout, MatrixFormat, Segment
 from offload.experts_dense import DenseExperts as _DenseExperts
 from offload.options import Budgets, OffloadOptions
-from offload.planner import GiB, MiB, Hardware, ModelFootprint, Plan, plan_placement, stats_path
+from offload.planner import GiB, MiB, Hardware, ModelFootprint, Plan, plan_placement, ram_reserve, stats_path
 from offload.probe import probe_hardware
 from offload.routing_stats import RoutingStats
 from quant.types import QType
@@ -171,7 +171,7 @@ def fitting_context(source: WeightSource, opts: LoadOptions, device: torch.devic
     if device.type == "cuda":
         mem = int(opts.gpu_mem * GiB) if opts.gpu_mem else hw.vram_free - GiB // 2
     else:
-        mem = hw.ram_available - max(GiB // 2, hw.ram_total // 20)
+        mem = hw.ram_available - ram_reserve(hw)
     budget = (mem - base.resident_bytes - base.workspace_bytes) // KV_SHARE
     per_tok = kv_bytes_per_token(cfg, db)
     cap = MIN_FITTING_CONTEXT

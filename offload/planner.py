@@ -20,7 +20,7 @@ from offload.routing_stats import RoutingStats, default_stats_path
 from offload.store import ALIGN, Key, device_expert_bytes, plan_slot
 
 __all__ = ["GiB", "MiB", "Bandwidths", "Hardware", "ModelFootprint", "Plan", "PlanError", "decode_breakdown",
-           "human", "plan_placement", "predict_decode_tps", "staging_slots", "stats_path"]
+           "human", "plan_placement", "predict_decode_tps", "ram_reserve", "staging_slots", "stats_path"]
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -53,6 +53,7 @@ class Hardware:
     vram_free: int = 0
     gpu_name: str | None = None
     cpus: int = 1
+    ram_limit: int | None = None  # a cgroup memory limit on this process (ram_total and ram_available obey it)
 
 
 @dataclass
@@ -215,6 +216,8 @@ def plan_placement(model: ModelFootprint, layout: ExpertLayout, device: torch.de
     dev_expert_bytes = sum(device_expert_bytes(layout.entry(*k), device, dtype) for k in device_keys)
 
     # ---- RAM tier
+    if hw.ram_limit is not None:
+        notes.append(f"a memory limit of {gib(hw.ram_limit)} applies to this process (cgroup): RAM sized to it")
     dev_set = set(device_keys)
     host_keys = [k for k in layout.keys() if k not in dev_set]
     plans = {k: plan_slot(layout.entry(*k)) for k in host_keys}
@@ -222,7 +225,7 @@ def plan_placement(model: ModelFootprint, layout: ExpertLayout, device: torch.de
     slot_bytes = -(-slot_bytes // ALIGN) * ALIGN
     host_bytes = slot_bytes * len(host_keys)
     cpu_side = on_device if device.type == "cpu" else ws // 2  # host-side activations on a GPU run
-    reserve = max(GiB // 2, hw.ram_total // 20)
+    reserve = ram_reserve(hw)
     auto_budget = max(0, hw.ram_available - cpu_side - reserve)
     if budgets.ram is not None:
         budget = int(budgets.ram * GiB)
@@ -290,6 +293,12 @@ def plan_placement(model: ModelFootprint, layout: ExpertLayout, device: torch.de
         non_expert_read_per_token=model.non_expert_read_per_token, n_layers=model.n_layers, notes=notes,
         stats_path=stats_path(options, model.model_id), staging_slots=staging,
     )
+
+
+def ram_reserve(hw: Hardware) -> int:
+    """RAM the plan leaves free for the OS and everything else: 5% of it, at least 0.5 GiB (an eighth under a
+    small cgroup limit)."""
+    return max(min(GiB // 2, hw.ram_total // 8), hw.ram_total // 20)
 
 
 def staging_slots(top_k: int) -> int:

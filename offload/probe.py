@@ -25,9 +25,58 @@ except ImportError:  # pragma: no cover (kernels are part of the project; tolera
     _kernels = None  # type: ignore[assignment]
 
 
+def cgroup_memory(proc_root: str = "/proc/self", fs_root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
+    """(limit, usage) in bytes of the memory cgroup this process runs in (v2 memory.max, v1
+    memory.limit_in_bytes; usage less its inactive page cache), or None when there is no limit (or no cgroup
+    file system to read)."""
+    try:
+        lines = open(f"{proc_root}/cgroup").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        v2 = parts[0] == "0" and parts[1] == ""
+        if not v2 and "memory" not in parts[1].split(","):
+            continue
+        base = os.path.join(fs_root, "" if v2 else "memory", parts[2].lstrip("/"))
+        limit_f, usage_f = ("memory.max", "memory.current") if v2 else ("memory.limit_in_bytes",
+                                                                          "memory.usage_in_bytes")
+        try:
+            raw = open(os.path.join(base, limit_f)).read().strip()
+            usage = int(open(os.path.join(base, usage_f)).read().strip())
+        except (OSError, ValueError):
+            continue
+        usage -= _reclaimable(os.path.join(base, "memory.stat"), "inactive_file" if v2 else "total_inactive_file")
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:  # v1 writes "no limit" as ~2^63
+            continue
+        return int(raw), usage
+    return None
+
+
+def _reclaimable(stat_path: str, key: str) -> int:
+    """Page cache the cgroup's usage counts that the kernel would drop before failing an allocation."""
+    try:
+        for line in open(stat_path):
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def probe_hardware(device: torch.device | None = None) -> Hardware:
+    """Memory sizes (RAM as the process may use it: a cgroup memory limit, e.g. a container's, caps both figures),
+    CPU count and, with CUDA, the GPU's."""
     vm = psutil.virtual_memory()
     hw = Hardware(vm.total, vm.available, cpus=os.cpu_count() or 1)
+    cg = cgroup_memory()
+    if cg is not None:
+        limit, usage = cg
+        hw.ram_total, hw.ram_available = min(hw.ram_total, limit), max(0, min(hw.ram_available, limit - usage))
+        hw.ram_limit = limit
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
         dev = device if device is not None and device.index is not None else torch.device("cuda", 0)
         free, total = torch.cuda.mem_get_info(dev)

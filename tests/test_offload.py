@@ -427,3 +427,29 @@ def test_numa_interleave_follows_the_machine_unless_told(monkeypatch: pytest.Mon
     assert not kernels.numa_interleave_wanted()
     monkeypatch.delenv("K2LOCAL_NUMA")
     assert kernels.numa_interleave_wanted() == (kernels.numa_nodes() > 1)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cgroup_memory_limit_is_read(tmp_path, version: int) -> None:
+    """A container's (cgroup's) memory limit caps the RAM the planner sees; no limit reads as None."""
+    from offload.probe import cgroup_memory
+
+    proc, fs = tmp_path / "proc", tmp_path / "cg"
+    proc.mkdir()
+    if version == 2:
+        (proc / "cgroup").write_text("0::/user/job\n")
+        d = fs / "user" / "job"
+        d.mkdir(parents=True)
+        (d / "memory.max").write_text("858993459\n")
+        (d / "memory.current").write_text("115343360\n")
+        (d / "memory.stat").write_text("anon 1000\ninactive_file 10485760\n")  # reclaimable: not counted
+    else:
+        (proc / "cgroup").write_text("9:name=systemd:/\n4:memory:/job\n")
+        d = fs / "memory" / "job"
+        d.mkdir(parents=True)
+        (d / "memory.limit_in_bytes").write_text("858993459\n")
+        (d / "memory.usage_in_bytes").write_text("104857600\n")
+    assert cgroup_memory(str(proc), str(fs)) == (858993459, 104857600)
+    (d / ("memory.max" if version == 2 else "memory.limit_in_bytes")).write_text(
+        "max\n" if version == 2 else "9223372036854771712\n")
+    assert cgroup_memory(str(proc), str(fs)) is None

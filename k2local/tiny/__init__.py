@@ -209,6 +209,56 @@ def skew_gguf_routers(src: str | Path, dst: str | Path, s: float, seed: int = RO
     return dst
 
 
+def balance_gguf_routers(path: str | Path, ids: list[int], passes: int = 2) -> list[float]:
+    """Set GGUF `path`'s router selection biases (exp_probs_b, in place) so that over the calibration tokens `ids`
+    every expert of a layer is about equally likely to be chosen, as DeepSeek-V3's auxiliary-loss-free balancing
+    leaves a trained model: bias_e = -(mean sigmoid score of expert e). Random weights otherwise give each
+    layer a few favourite experts for every token. Returns each MoE layer's share of uses taken by its 8 most
+    used experts, measured after the last of `passes` corrections."""
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from gguf import GGUFReader  # noqa: PLC0415
+
+    from k2local.engine import LoadOptions  # noqa: PLC0415
+    from k2local.model import KimiK2Model  # noqa: PLC0415
+    from k2local.placement import build_backend  # noqa: PLC0415
+    from k2local.weights.gguf_checkpoint import GGUFSource  # noqa: PLC0415
+
+    shares: list[float] = []
+    for i in range(passes + 1):
+        source = GGUFSource(path)
+        cpu = torch.device("cpu")
+        backend = build_backend(source, LoadOptions(cpu_only=True, experts_on="ram",
+                                                    extra={"save_routing_stats": False}), cpu, torch.float32)
+        model = KimiK2Model(source, experts=backend, device=cpu, dtype=torch.float32)
+        scores: list[torch.Tensor] = []
+        picks: list[torch.Tensor] = []
+        router = model.router
+
+        def record(x, weight, bias, router=router):
+            scores.append(torch.sigmoid(x.float() @ weight.float().t()).mean(0))
+            idx, w = router(x, weight, bias)
+            picks.append(idx)
+            return idx, w
+
+        model.router = record  # type: ignore[assignment]
+        model.forward(ids, model.new_cache())
+        shares = [float(np.sort(np.bincount(p.flatten().numpy(), minlength=len(sc)))[::-1][:8].sum() / p.numel())
+                  for p, sc in zip(picks, scores)]
+        backend.close()
+        del model, backend, source
+        if i == passes:
+            break
+        reader = GGUFReader(path, "r+")
+        biases = sorted((t for t in reader.tensors if t.name.endswith("exp_probs_b.bias")),
+                        key=lambda t: int(t.name.split(".")[1]))
+        for t, sc in zip(biases, scores):
+            t.data[...] = (-sc).numpy().reshape(t.data.shape)
+        reader.data.flush()
+        del reader
+    return shares
+
+
 def write_config(out: str | Path, variant: str = "kimi_k2", overrides: dict[str, Any] | None = None) -> ModelConfig:
     """A tiny checkpoint's tokenizer, config.json and generation_config.json in `out`, without weights (for
     k2local.convert.random_gguf); returns its config."""
