@@ -254,6 +254,8 @@ class MemoryCap:
 def capped_runs(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
     """Rerun this bench as children under --mem-cap: k2local's disk mode in one, llama.cpp (mmap on) in another;
     their JSON results, each with the cgroup's peak memory."""
+    from offload.probe import drop_page_cache  # noqa: PLC0415
+
     cap_bytes = int(args.mem_cap * (1 << 30))
     try:
         cap = MemoryCap.create(cap_bytes)
@@ -268,10 +270,7 @@ def capped_runs(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any
         for label, extra in (("k2local", ["--modes", "disk", "--no-llama"] + child),
                              ("llama.cpp", ["--modes", ""] + child)):
             cap.reset_peak()
-            # pages of the GGUF already cached were charged to another cgroup and would serve this child for free
-            from offload.probe import drop_page_cache  # noqa: PLC0415
-
-            drop_page_cache()
+            drop_page_cache()  # cached GGUF pages charged to another cgroup would serve this child for free
             p = cap.run(base + extra, timeout=1800)
             peak = cap.peak()
             if p.returncode != 0:

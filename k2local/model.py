@@ -208,13 +208,18 @@ def _absorbed_partial(q_lat: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor
         sc = ((torch.matmul(q_lat, lat[b0:b1].t()) + torch.matmul(q_pe, kpe[b0:b1].t())) * scale).float()
         if t > 1 and b1 > pos + 1:
             sc.masked_fill_(_causal_mask(t, b1, pos, b0, lat.device)[None], float("-inf"))
-        m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
-        p = (sc - m_new).exp_()
-        corr = (m - m_new).exp_()
-        den = den * corr + p.sum(-1, keepdim=True)
-        acc = acc * corr + torch.matmul(p, lat[b0:b1].float())
-        m = m_new
+        m, den, acc = _softmax_fold(m, den, acc, sc, lat[b0:b1].float())
     return m, den, acc
+
+
+def _softmax_fold(m: torch.Tensor, den: torch.Tensor, acc: torch.Tensor, sc: torch.Tensor, values: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One key block of an online softmax: fp32 scores sc [..., n, kb] (overwritten) against values [..., kb, c]
+    folded into the running (max, denominator, weighted sum of values) [..., n, 1], [..., n, 1], [..., n, c]."""
+    m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
+    p = sc.sub_(m_new).exp_()
+    corr = (m - m_new).exp_()
+    return m_new, den * corr + p.sum(-1, keepdim=True), acc * corr + torch.matmul(p.to(values.dtype), values).float()
 
 
 _split_pool: ThreadPoolExecutor | None = None
@@ -279,12 +284,7 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: in
             sc = torch.bmm(q[:, a:b], k[:, k0:k1].transpose(1, 2)).float().mul_(scale)
             if k1 > mask_from:
                 sc.masked_fill_(_causal_mask(n, k1, pos + a, k0, q.device)[None], float("-inf"))
-            m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
-            p = sc.sub_(m_new).exp_()
-            corr = (m - m_new).exp_()
-            den.mul_(corr).add_(p.sum(-1, keepdim=True))
-            acc.mul_(corr).add_(torch.bmm(p.to(v.dtype), v[:, k0:k1]).float())
-            m = m_new
+            m, den, acc = _softmax_fold(m, den, acc, sc, v[:, k0:k1])
         out[:, a:b] = (acc / den).to(out.dtype)
 
 

@@ -45,12 +45,12 @@ def cgroup_memory(proc_root: str = "/proc/self", fs_root: str = "/sys/fs/cgroup"
                                                                           "memory.usage_in_bytes")
         try:
             raw = open(os.path.join(base, limit_f)).read().strip()
+            if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:  # v1 writes "no limit" as ~2^63
+                continue
             usage = int(open(os.path.join(base, usage_f)).read().strip())
         except (OSError, ValueError):
             continue
         usage -= _reclaimable(os.path.join(base, "memory.stat"), "inactive_file" if v2 else "total_inactive_file")
-        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:  # v1 writes "no limit" as ~2^63
-            continue
         return int(raw), usage
     return None
 
@@ -227,7 +227,7 @@ def measure_raw_disk(layout: ExpertLayout, in_flight: int = 4, max_bytes: int = 
         return None
     read_bytes = max(reads)
     dropped = drop_page_cache()
-    depths = [1] + sorted({min(d, in_flight) for d in (2, 4, 8, 16, in_flight) if d > 1 and min(d, in_flight) > 1})
+    depths = [1] + [d for d in (2, 4, 8, 16) if d < in_flight] + ([in_flight] if in_flight > 1 else [])
     share = max_s / len(depths)
     by_depth, direct = [], True
     for i, d in enumerate(depths):
