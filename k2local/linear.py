@@ -38,7 +38,7 @@ class QuantWeight:
             if self._mm is None:
                 from offload.kernels import QMatrix  # noqa: PLC0415
 
-                self._mm = QMatrix(self.data, self.qtype, cols)
+                self._mm = QMatrix(self.data, self.qtype, cols, repack=True)
             y = self._mm(x.reshape(-1, cols))
             return (y if x.dtype == torch.float32 else y.to(x.dtype)).reshape(*x.shape[:-1], rows)
         from quant.codecs import dequantize  # noqa: PLC0415

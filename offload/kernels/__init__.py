@@ -33,19 +33,25 @@ from ._knobs import (  # noqa: F401
     set_isa,
     set_panel_gemm,
     set_prefetch,
+    set_repack,
     set_row_pairs,
     set_threads,
 )
 from ._knobs import forced_torch as _forced_torch
+from ._knobs import repack_wanted
 
 __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
-    "set_prefetch", "set_avxvnni", "set_panel_gemm", "numa_interleave_wanted", "interleave_memory", "supported",
+    "set_prefetch", "set_avxvnni", "set_panel_gemm", "set_repack", "numa_interleave_wanted", "interleave_memory", "supported",
     "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "repack_int4_q4_0", "C_TYPES",
 ]
 
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values) -> names
 C_TYPES: dict[int, str] = {int(t): t.name for t in C_KERNEL_TYPES}
+Q8_0 = 8  # gguf GGMLQuantizationType.Q8_0
+Q8_0_R16 = 1008  # the library's own type id (csrc/common.h GT_Q8_0_R16): Q8_0 with 16 rows interleaved
+R16_ROWS = 16
+OWN_TYPES = {"Q8_0_R16": Q8_0_R16}  # the library's layouts that are not gguf types (ids past gguf's)
 
 Bytes = Union[np.ndarray, torch.Tensor]
 
@@ -193,8 +199,25 @@ class QMatrix(QHeads):
     Model weights are multiplied a few hundred times per decoded token; binding them saves the per-call
     validation and pointer lookups (about 5 us a call, measured here)."""
 
-    def __init__(self, w: Bytes, qtype: int, cols: int):
+    def __init__(self, w: Bytes, qtype: int, cols: int, repack: bool = False):
+        """repack: a Q8_0 matrix of a multiple of 16 rows is copied once into the kernels' interleaved layout
+        (k2k_repack_q8_0_r16) when the CPU runs it at the AVX-512 level and set_repack / K2LOCAL_REPACK allow:
+        the model's own matrices, multiplied every token.  `w` stays the gguf bytes (dequantize, torch fallback)."""
         super().__init__(w, qtype, 1, cols)
+        self._ktype, self._packed = self.qtype, None
+        if repack and self._c and self.qtype == Q8_0 and self.rows % R16_ROWS == 0 and repack_wanted() \
+                and self._lib.k2k_isa() >= _abi.ISA_LEVELS["avx512"]:
+            buf = np.empty(_nbytes(self.w) + 64, dtype=np.uint8)
+            off = (-buf.ctypes.data) % 64
+            self._packed = buf[off:off + _nbytes(self.w)]
+            if self._lib.k2k_repack_q8_0_r16(self._wp, self.rows, self.cols // 32, self._packed.ctypes.data) != 0:
+                raise RuntimeError("k2k_repack_q8_0_r16 failed")
+            self._ktype, self._wp = Q8_0_R16, self._packed.ctypes.data
+
+    @property
+    def repacked(self) -> bool:
+        """True when the kernels read the interleaved copy (see __init__)."""
+        return self._packed is not None
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         """x: float32 [T, cols] -> float32 [T, rows] (into out when given: contiguous float32 [T, rows])."""
@@ -209,7 +232,7 @@ class QMatrix(QHeads):
         y = torch.empty(T, self.rows, dtype=torch.float32) if out is None else out
         if out is not None and (y.shape != (T, self.rows) or y.dtype != torch.float32 or not y.is_contiguous()):
             raise ValueError("out must be a contiguous float32 [T, rows] tensor")
-        rc = self._lib.k2k_matmul(self.qtype, self._wp, self.rows, self.cols, self.row_bytes, x.data_ptr(), T,
+        rc = self._lib.k2k_matmul(self._ktype, self._wp, self.rows, self.cols, self.row_bytes, x.data_ptr(), T,
                                   self.cols, y.data_ptr(), self.rows)
         if rc != 0:
             raise RuntimeError(f"k2k_matmul failed ({rc})")

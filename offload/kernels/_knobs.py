@@ -24,6 +24,7 @@ ENV: dict[str, str] = {
     "K2LOCAL_PREFETCH_L2": "1: software prefetch into L2 instead of L1",
     "K2LOCAL_PAIRS": "1: single-token calls run two weight rows per kernel call (set_row_pairs)",
     "K2LOCAL_PANEL": "0: many tokens against a matrix without the decode-once paths (set_panel_gemm)",
+    "K2LOCAL_REPACK": "0: keep the model's Q8_0 matrices in gguf's layout instead of 16 rows interleaved (QMatrix)",
     "K2LOCAL_NUMA": "interleave | off: page-interleave expert memory across NUMA nodes (default: with > 1 node)",
 }
 
@@ -31,6 +32,22 @@ ENV: dict[str, str] = {
 def forced_torch() -> bool:
     """K2LOCAL_KERNELS=torch: the compiled kernels are not used even when they load."""
     return os.environ.get("K2LOCAL_KERNELS", "").lower() == "torch"
+
+
+_repack: list[bool] = []  # set_repack's value; empty: K2LOCAL_REPACK decides
+
+
+def repack_wanted() -> bool:
+    """Whether QMatrix(repack=True) interleaves Q8_0 rows (set_repack, else K2LOCAL_REPACK; default on)."""
+    return _repack[-1] if _repack else os.environ.get("K2LOCAL_REPACK", "1") != "0"
+
+
+def set_repack(on: bool | None) -> None:
+    """Matrices bound from now on are repacked (True), kept in gguf's layout (False), or as K2LOCAL_REPACK says
+    (None)."""
+    _repack.clear()
+    if on is not None:
+        _repack.append(bool(on))
 
 
 def set_isa(name: str) -> str:

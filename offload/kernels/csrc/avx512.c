@@ -475,3 +475,46 @@ T512 uint64_t read_sum_512(const uint8_t *p, size_t n) {
     return (uint64_t)_mm512_reduce_add_epi64(a0);
 }
 #endif /* K2K_X86 */
+
+/* GT_Q8_0_R16 (k2k_repack_q8_0_r16): per block, 8 dpbusd of the 16 rows' unsigned quants against a broadcast quad
+ * of activations give the 16 rows' block sums in one vector (the +128 comes back through the block's activation sum);
+ * scaled and added to 16 row accumulators: no shuffles, no horizontal sums, aligned full-vector loads.  One token
+ * per pass over the group for decode, tiles of up to 4 tokens (the group's bytes then come again from L1/L2). */
+#define R16_TILE 8
+T512 void q8r16_512(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                    const uint8_t *pf) {
+    const int64_t gbytes = 544 * (int64_t)nb, ng = nrows / 16, pfd = g_pfd;
+    const uint8_t *end = w + ng * gbytes;
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *wg = w + g * gbytes;
+        for (int t0 = 0; t0 < nt; t0 += R16_TILE) {
+            const int n = nt - t0 < R16_TILE ? nt - t0 : R16_TILE;
+            __m512 acc[R16_TILE];
+            for (int t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
+            for (int i = 0; i < nb; i++) {
+                const uint8_t *b = wg + 544 * i;
+                if (t0 == 0 && pfd > 0) {
+                    const uint8_t *p = b + pfd;
+                    if (p >= end) p = pf ? pf + (p - end) : NULL;
+                    if (p)
+                        for (int k = 0; k < 9; k++) _mm_prefetch((const char *)(p + 64 * k), _MM_HINT_T0);
+                }
+                const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b));
+                __m512i wq[8];
+                for (int q = 0; q < 8; q++) wq[q] = _mm512_loadu_si512((const void *)(b + 32 + 64 * q));
+                for (int t = 0; t < n; t++) {
+                    const act_t *at = a + t0 + t;
+                    const int8_t *x = at->q + 32 * i;
+                    __m512i s0 = _mm512_set1_epi32(-128 * (int32_t)at->bs16[i]), s1 = _mm512_setzero_si512();
+                    for (int q = 0; q < 8; q += 2) {
+                        s0 = _mm512_dpbusd_epi32(s0, wq[q], _mm512_set1_epi32((int32_t)rd32((const uint8_t *)x + 4 * q)));
+                        s1 = _mm512_dpbusd_epi32(s1, wq[q + 1], _mm512_set1_epi32((int32_t)rd32((const uint8_t *)x + 4 * q + 4)));
+                    }
+                    const __m512 s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    acc[t] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(at->d[i])), acc[t]);
+                }
+            }
+            for (int t = 0; t < n; t++) _mm512_storeu_ps(out + (t0 + t) * os + 16 * g, acc[t]);
+        }
+    }
+}

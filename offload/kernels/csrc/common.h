@@ -74,12 +74,15 @@
 #define K2K_X86 0
 #endif
 
-#define K2K_ABI_VERSION 11
+#define K2K_ABI_VERSION 12
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { GT_Q4_0 = 2, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,
        GT_IQ2_XXS = 16, GT_IQ2_XS = 17, GT_IQ3_XXS = 18, GT_IQ1_S = 19, GT_IQ4_NL = 20, GT_IQ3_S = 21, GT_IQ2_S = 22,
-       GT_IQ4_XS = 23, GT_IQ1_M = 29 };
+       GT_IQ4_XS = 23, GT_IQ1_M = 29,
+       /* not a gguf type: Q8_0 rows repacked 16 at a time (k2k_repack_q8_0_r16), for the model's own matrices */
+       GT_Q8_0_R16 = 1008 };
+#define R16_ROWS 16 /* rows per interleaved group of GT_Q8_0_R16 */
 /* k2k_set_grid id of the 128-entry sign table shared by IQ2_XXS / IQ2_XS / IQ3_XXS */
 #define GRID_KSIGNS 256
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512G = 3 /* AVX-512 VNNI + GFNI */ };
@@ -246,6 +249,10 @@ typedef void (*dot2_fn)(const uint8_t *w, ptrdiff_t rs, int nb, const act_t *a, 
 /* Many short contiguous rows (nb blocks each, row i at w + i * rs) against one token: out[i]; returns 0 (nothing
  * done) when it does not handle this row shape. */
 typedef int (*rows_fn)(const uint8_t *w, ptrdiff_t rs, int64_t nrows, int nb, const act_t *a, float *out);
+/* Row-interleaved layouts (GT_Q8_0_R16): nrows (a multiple of the group) rows at w against nt tokens, out[t * os + r];
+ * pf: where this thread reads next (prefetched past the end), or NULL */
+typedef void (*group_fn)(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                         const uint8_t *pf);
 
 typedef struct kern_s kern_t;
 /* Many tokens (prefill): T tokens' activations packed by the kernel's pack_fn in tiles of kern_t.gtok tokens, xgb
@@ -268,6 +275,7 @@ struct kern_s {
     int layout;
     dot2_fn fn2; /* optional row-pair kernel for one token (decode), NULL if none */
     rows_fn fnr; /* optional short-row kernel for one token (decode), NULL if none */
+    group_fn fnb; /* row-interleaved types: the only kernel, every token count (fn is NULL) */
     gemm_fn fng; /* optional many-token kernel (prefill) on activations packed by fnp (nb * xbytes bytes), or NULL */
     pack_fn fnp;
     int xbytes, gtok; /* packed bytes per block, tokens per packed tile */

@@ -416,3 +416,22 @@ uint64_t read_sum_gen(const uint8_t *p, size_t n) {
     return a ^ b;
 }
 
+
+/* GT_Q8_0_R16 (k2k_repack_q8_0_r16): 16 interleaved rows per group; the same sums as dot_q8_0_gen per row */
+void q8r16_gen(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+               const uint8_t *pf) {
+    (void)pf;
+    for (int64_t g = 0; g < nrows / 16; g++)
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < 16; r++) {
+                float acc = 0.f;
+                for (int i = 0; i < nb; i++) {
+                    const uint8_t *b = w + (g * nb + i) * 544;
+                    const int8_t *q = a[t].q + 32 * i;
+                    int s = 0;
+                    for (int v = 0; v < 32; v++) s += ((int)b[32 + 64 * (v / 4) + 4 * r + v % 4] - 128) * q[v];
+                    acc += fp16_to_f32(rd16(b + 2 * r)) * a[t].d[i] * (float)s;
+                }
+                out[t * os + 16 * g + r] = acc;
+            }
+}

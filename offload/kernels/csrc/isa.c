@@ -20,7 +20,7 @@ static const tinfo_t TYPES[] = {
     TY(Q4_0, 32, 18), TY(Q5_0, 32, 22), TY(Q5_1, 32, 24), TY(Q8_0, 32, 34), TY(Q2_K, 256, 84), TY(Q3_K, 256, 110),
     TY(Q4_K, 256, 144), TY(Q5_K, 256, 176), TY(Q6_K, 256, 210), TY(IQ2_XXS, 256, 66), TY(IQ2_XS, 256, 74),
     TY(IQ3_XXS, 256, 98), TY(IQ1_S, 256, 50), TY(IQ4_NL, 32, 18), TY(IQ3_S, 256, 110), TY(IQ2_S, 256, 82),
-    TY(IQ4_XS, 256, 136), TY(IQ1_M, 256, 56),
+    TY(IQ4_XS, 256, 136), TY(IQ1_M, 256, 56), TY(Q8_0_R16, 32, 34),
 };
 const tinfo_t *tinfo(int type) {
     for (size_t i = 0; i < sizeof(TYPES) / sizeof(TYPES[0]); i++)
@@ -80,7 +80,7 @@ void isa_init(void) {
 static kern_t get_kernel_base(int type) {
     kern_t k;
     memset(&k, 0, sizeof k);
-    int k_layout = (type == GT_Q8_0 || type == GT_Q4_0 || type == GT_Q5_0 || type == GT_Q5_1 || type == GT_IQ4_NL)
+    int k_layout = (type == GT_Q8_0 || type == GT_Q8_0_R16 || type == GT_Q4_0 || type == GT_Q5_0 || type == GT_Q5_1 || type == GT_IQ4_NL)
                        ? LAYOUT_Q8_0 : LAYOUT_NAT;
     k.layout = k_layout;
 #if K2K_X86
@@ -97,6 +97,7 @@ static kern_t get_kernel_base(int type) {
     }
     if (g_isa >= ISA_AVX512) {
         switch (type) {
+        case GT_Q8_0_R16: k.fnb = q8r16_512; return k;
         case GT_Q4_0: k.fn = q4_0_512; return k;
         case GT_Q5_0: k.fn = q5_0_512; return k;
         case GT_Q5_1: k.fn = q5_1_512; return k;
@@ -167,6 +168,7 @@ static kern_t get_kernel_base(int type) {
     }
 #endif
     switch (type) {
+    case GT_Q8_0_R16: k.fnb = q8r16_gen; break;
     case GT_Q4_0: k.fn = dot_q4_0_gen; break;
     case GT_Q5_0: k.fn = dot_q5_0_gen; break;
     case GT_Q5_1: k.fn = dot_q5_1_gen; break;

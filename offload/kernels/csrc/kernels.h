@@ -29,6 +29,8 @@ K2K_DOT(dot_iq3_s_gen);
 K2K_DOT(dot_iq1_s_gen);
 K2K_DOT(dot_iq1_m_gen);
 uint64_t read_sum_gen(const uint8_t *p, size_t n); /* the bandwidth probe's streaming read */
+void q8r16_gen(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+               const uint8_t *pf); /* group_fn of GT_Q8_0_R16 */
 
 #if K2K_X86
 /* avx2.c: AVX2 (ISA level avx2) and the same bodies with AVX-VNNI */
@@ -101,6 +103,8 @@ K2K_DOT(q5_0_512);
 K2K_DOT(q5_1_512);
 K2K_DOT(iq4nl_512);
 uint64_t read_sum_512(const uint8_t *p, size_t n);
+void q8r16_512(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+               const uint8_t *pf); /* group_fn of GT_Q8_0_R16 */
 
 /* avx512_iq.c */
 K2K_DOT(iq4xs_512);

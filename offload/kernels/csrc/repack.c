@@ -80,3 +80,25 @@ int64_t k2k_repack_int4_q4_0(const void *packed, const void *scale, int scale_ki
     }
     return inexact;
 }
+
+/* ggml Q8_0 [rows, nb blocks] -> GT_Q8_0_R16, the same bytes per row: for each group of 16 rows and block i,
+ * 544 bytes: the 16 rows' f16 scales, then for each 4-value quad q < 8 the 16 rows' quants 4q..4q+3, each + 128
+ * (unsigned for dpbusd).  One 64-byte load then holds 4 values of 16 rows, so a dot product needs no horizontal
+ * sums.  rows must be a multiple of 16 (-1 otherwise). */
+int64_t k2k_repack_q8_0_r16(const void *src, int64_t rows, int64_t nb, void *out) {
+    if (rows <= 0 || rows % 16 || nb <= 0) return -1;
+    const uint8_t *s = (const uint8_t *)src;
+    uint8_t *d = (uint8_t *)out;
+    const int64_t rb = 34 * nb;
+    for (int64_t g = 0; g < rows / 16; g++)
+        for (int64_t i = 0; i < nb; i++) {
+            uint8_t *o = d + (g * nb + i) * 544;
+            for (int r = 0; r < 16; r++) {
+                const uint8_t *b = s + (16 * g + r) * rb + 34 * i;
+                memcpy(o + 2 * r, b, 2);
+                for (int q = 0; q < 8; q++)
+                    for (int k = 0; k < 4; k++) o[32 + 64 * q + 4 * r + k] = (uint8_t)(b[2 + 4 * q + k] ^ 0x80);
+            }
+        }
+    return 0;
+}

@@ -18,6 +18,10 @@ static inline void run_rows(const kern_t *k, const uint8_t *w, int64_t row_strid
     const uint8_t *end = w + r1 * row_stride;
     const int64_t pfd = g_pfd;
     const int pairs = nt == 1 && k->fn2 && !g_no_pairs;
+    if (k->fnb) { /* a row-interleaved layout: r0 and r1 are multiples of its group (matmul.c checks) */
+        k->fnb(w + r0 * row_stride, r1 - r0, nb, acts, nt, out, os, next);
+        return;
+    }
     if (nt == 1 && k->fnr && k->fnr(w + r0 * row_stride, (ptrdiff_t)row_stride, r1 - r0, nb, acts, out)) return;
     if (nt > RUN_TILE && k->udec) { /* decode each row once, then every 4-token tile over the decoded bytes */
         uint8_t *pan = thread_rows_buf((size_t)UPAN_BPB * nb);
