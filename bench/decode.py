@@ -245,7 +245,7 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
     label = f"experts in {mode}" + (f" ({plan.store_bytes / (1 << 20):.0f} MiB: {plan.store_slots} cached + "
                                     f"{plan.staging_slots} staging{note})" if mode == "disk" else "")
     probe = mode == "disk" and not args.capped_child  # a child under --mem-cap measures nothing extra
-    predicted = planner_prediction(backend, device, dtype, args.io_threads) if probe else {}
+    predicted, predict_at = planner_prediction(backend, device, dtype, args.io_threads) if probe else ({}, None)
 
     def run() -> dict:
         cache = model.new_cache()
@@ -270,7 +270,9 @@ def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[in
                 "tokens": toks, "hit_rates": tiers,
                 "expert_s_per_token": st["timers"].get("forward_s", 0.0) / args.decode,
                 "kernels": st["kernels"], "disk_read_bytes": st["tiers"].get("disk", {}).get("bytes_read", 0),
-                **disk_fields(st, decode_s), **predicted}
+                **disk_fields(st, decode_s), **predicted,
+                **({"predicted_at_measured_tps": predict_at(st["tiers"]["disk"]["hit_rate"])}
+                   if predict_at and "disk" in st["tiers"] else {})}
 
     run.breakdown = lambda: (label, decode_breakdown(model, ids, args.decode, args.prefill_chunk))  # type: ignore[attr-defined]
     return run, backend.close

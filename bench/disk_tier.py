@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DISK_SHAPES = {
     # disk: experts dominate and are big enough to be read as a consumer's disk tier reads them (7 MB an expert at
@@ -119,14 +119,17 @@ def disk_fields(stats: dict[str, Any], decode_s: float) -> dict[str, Any]:
             "slots": d["slots"], "n_experts": d["experts"]}
 
 
-def planner_prediction(backend: Any, device: Any, dtype: Any, io_threads: int) -> dict[str, Any]:
-    """The planner's decode prediction for this backend's plan, from bandwidths probed now."""
-    from offload.planner import predict_decode_tps  # noqa: PLC0415
+def planner_prediction(backend: Any, device: Any, dtype: Any, io_threads: int
+                       ) -> tuple[dict[str, Any], Callable[[float], float]]:
+    """The planner's decode prediction for this backend's plan, from bandwidths probed now; and the same cost model
+    at a given hit rate (to be called with the one a run measured)."""
+    from offload.planner import at_hit_rate, predict_decode_tps  # noqa: PLC0415
     from offload.probe import measure_bandwidths  # noqa: PLC0415
 
     bw = measure_bandwidths(backend.layout, device, dtype, io_threads=io_threads)
-    return {"predicted_tps": predict_decode_tps(backend.plan, bw), "assumed_hit_rate": backend.plan.hit_rate,
-            "probe_disk_parallel": bw.disk_parallel, "probe_cpu_expert": bw.cpu_expert}
+    return ({"predicted_tps": predict_decode_tps(backend.plan, bw), "assumed_hit_rate": backend.plan.hit_rate,
+             "probe_disk_parallel": bw.disk_parallel, "probe_cpu_expert": bw.cpu_expert},
+            lambda hit: predict_decode_tps(at_hit_rate(backend.plan, hit), bw))
 
 
 def replay_miss_gbs(path: Path, io_threads: int, top_k: int, seconds: float = 2.0) -> float:
@@ -196,6 +199,10 @@ def print_disk_report(results: list[dict[str, Any]], raw: Any, replay: float | N
             err = r["predicted_tps"] / r["decode_tps"] - 1
             print(f"  planner: predicted {r['predicted_tps']:.2f} tok/s assuming a {r['assumed_hit_rate']:.1%} hit "
                   f"rate; measured {r['decode_tps']:.2f} tok/s ({err:+.0%})")
+        if "predicted_at_measured_tps" in r:
+            err = r["predicted_at_measured_tps"] / r["decode_tps"] - 1
+            print(f"  planner's cost model at the measured {r['hit_rate']:.1%} hit rate: "
+                  f"{r['predicted_at_measured_tps']:.2f} tok/s ({err:+.0%})")
 
 
 # ---------------------------------------------------------------------------------------------- memory cap

@@ -9,7 +9,7 @@ anything loads. Measuring the machine is offload.probe's job; building the tiers
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -340,6 +340,14 @@ def predict_decode_tps(plan: Plan, bw: Bandwidths) -> float:
         gpu = max(bw.gpu or 1000.0, 1.0) * 1e9
         fixed = plan.non_expert_read_per_token / gpu + b * plan.p_device / gpu
     return 1.0 / (expert_s + fixed + PER_LAYER_OVERHEAD_S * plan.n_layers)
+
+
+def at_hit_rate(plan: Plan, hit_rate: float) -> Plan:
+    """The plan with its host expert uses split between RAM and disk at another hit rate (e.g. one measured), to
+    check the cost model apart from the routing guess."""
+    host = 1.0 - plan.p_device
+    h = min(max(hit_rate, 0.0), 1.0)
+    return replace(plan, p_ram=host * h, p_disk=host * (1.0 - h))
 
 
 def decode_breakdown(plan: Plan) -> dict[str, float]:

@@ -20,7 +20,7 @@ from k2local.model import KimiK2Model
 from offload.cache import FrequencyPolicy, LRUPolicy
 from offload.executor import RouterPredictor
 from k2local.placement import build_backend, layout_for, make_plan
-from offload.planner import Bandwidths, Hardware, PlanError, predict_decode_tps
+from offload.planner import Bandwidths, Hardware, PlanError, at_hit_rate, predict_decode_tps
 from offload.routing_stats import RoutingStats
 from offload.store import ExpertStore
 
@@ -264,6 +264,21 @@ def test_predicted_speed_follows_the_tiers(src) -> None:
     faster = predict_decode_tps(make_plan(src, opts(), cpu, torch.float32, hw=_hw(8)),
                                 Bandwidths(ram=40, disk=2, cpu_expert=20))
     assert faster > ram
+
+
+def test_prediction_at_another_hit_rate(src) -> None:
+    """at_hit_rate moves host expert uses between RAM and disk only: all hits is the RAM plan's speed, fewer hits
+    are slower, and the shares still add up."""
+    cpu = torch.device("cpu")
+    bw = Bandwidths(ram=20, disk=2, cpu_expert=10)
+    total = layout_for(src).total_bytes
+    disk_plan = make_plan(src, opts(ram=total / 3 / GiB), cpu, torch.float32, hw=_hw(8))
+    all_hits, half = at_hit_rate(disk_plan, 1.0), at_hit_rate(disk_plan, 0.5)
+    assert all_hits.p_disk == 0 and half.hit_rate == pytest.approx(0.5)
+    assert half.p_ram + half.p_disk + half.p_device == pytest.approx(1.0)
+    ram = predict_decode_tps(make_plan(src, opts(), cpu, torch.float32, hw=_hw(8)), bw)
+    assert predict_decode_tps(all_hits, bw) == pytest.approx(ram, rel=1e-6)
+    assert predict_decode_tps(at_hit_rate(disk_plan, 0.2), bw) < predict_decode_tps(half, bw) < ram
 
 
 def test_cli_plan_table_json_and_refusal(tiny_k2) -> None:

@@ -473,6 +473,56 @@ NT_DISPATCH(q4_0_vnni, TVNNI, 2)
 NT_DISPATCH(q5_0_vnni, TVNNI, 4)
 NT_DISPATCH(q5_1_vnni, TVNNI, 4)
 
+/* GT_Q8_0_R16 (k2k_repack_q8_0_r16) at the AVX2 level: each 64-byte quad of 16 rows is two 8-row vectors; the
+ * weights go back to signed (xor 0x80) and through |w| and sign(x, w) so that vpmaddubsw cannot saturate (one
+ * vpdpbusd where VN); per block 8 row sums per vector, no horizontal sums.  Tiles of up to 4 tokens. */
+AI T256 void q8r16_body(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                        const uint8_t *pf, const int VN) {
+    const int64_t gbytes = 544 * (int64_t)nb, ng = nrows / 16, pfd = g_pfd;
+    const uint8_t *end = w + ng * gbytes;
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *wg = w + g * gbytes;
+        for (int t0 = 0; t0 < nt; t0 += 4) {
+            const int n = nt - t0 < 4 ? nt - t0 : 4;
+            __m256 acc[4][2];
+            for (int t = 0; t < n; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+            for (int i = 0; i < nb; i++) {
+                const uint8_t *b = wg + 544 * i;
+                if (t0 == 0 && pfd > 0) {
+                    const uint8_t *p = b + pfd;
+                    if (p >= end) p = pf ? pf + (p - end) : NULL;
+                    if (p)
+                        for (int k = 0; k < 9; k++) _mm_prefetch((const char *)(p + 64 * k), _MM_HINT_T0);
+                }
+                for (int h = 0; h < 2; h++) {
+                    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * h)));
+                    for (int t = 0; t < n; t++) {
+                        const uint8_t *x = (const uint8_t *)(a[t0 + t].q + 32 * i);
+                        __m256i s = _mm256_setzero_si256();
+                        for (int q = 0; q < 8; q++) {
+                            const __m256i wq = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + 32 + 64 * q + 32 * h)), bias);
+                            const __m256i xq = _mm256_set1_epi32((int32_t)rd32(x + 4 * q));
+                            s = _mm256_add_epi32(s, dpbusd_v(_mm256_abs_epi8(wq), _mm256_sign_epi8(xq, wq), VN));
+                        }
+                        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(a[t0 + t].d[i])), acc[t][h]);
+                    }
+                }
+            }
+            for (int t = 0; t < n; t++)
+                for (int h = 0; h < 2; h++) _mm256_storeu_ps(out + (t0 + t) * os + 16 * g + 8 * h, acc[t][h]);
+        }
+    }
+}
+T256 void q8r16_avx2(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                     const uint8_t *pf) {
+    q8r16_body(w, nrows, nb, a, nt, out, os, pf, 0);
+}
+TVNNI void q8r16_vnni(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                      const uint8_t *pf) {
+    q8r16_body(w, nrows, nb, a, nt, out, os, pf, 1);
+}
+
 /* streaming read used by the bandwidth probe */
 T256 uint64_t read_sum_256(const uint8_t *p, size_t n) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;

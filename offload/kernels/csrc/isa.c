@@ -122,6 +122,7 @@ static kern_t get_kernel_base(int type) {
         }
     } else if (g_isa == ISA_AVX2 && g_avxvnni) {
         switch (type) {
+        case GT_Q8_0_R16: k.fnb = q8r16_vnni; return k;
         case GT_IQ2_XXS: k.fn = iq2xxs_vnni; return k;
         case GT_IQ2_XS: k.fn = iq2xs_vnni; return k;
         case GT_IQ2_S: k.fn = iq2s_vnni; return k;
@@ -146,6 +147,7 @@ static kern_t get_kernel_base(int type) {
     }
     if (g_isa == ISA_AVX2) {
         switch (type) {
+        case GT_Q8_0_R16: k.fnb = q8r16_avx2; return k;
         case GT_IQ4_NL: k.fn = iq4nl_avx2; return k;
         case GT_IQ4_XS: k.fn = iq4xs_avx2; k.layout = LAYOUT_IQ4X; return k;
         case GT_IQ2_XXS: k.fn = iq2xxs_avx2; return k;

@@ -53,6 +53,10 @@ K2K_DOT(q4k_vnni);
 K2K_DOT(q5k_vnni);
 K2K_DOT(q6k_vnni);
 uint64_t read_sum_256(const uint8_t *p, size_t n);
+void q8r16_avx2(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                const uint8_t *pf); /* group_fn of GT_Q8_0_R16 */
+void q8r16_vnni(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                const uint8_t *pf);
 
 /* avx2_iq.c */
 K2K_DOT(iq4nl_avx2);
