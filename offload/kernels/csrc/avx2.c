@@ -489,12 +489,7 @@ AI T256 void q8r16_body(const uint8_t *w, int64_t nrows, int nb, const act_t *a,
             for (int t = 0; t < n; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
             for (int i = 0; i < nb; i++) {
                 const uint8_t *b = wg + 544 * i;
-                if (t0 == 0 && pfd > 0) {
-                    const uint8_t *p = b + pfd;
-                    if (p >= end) p = pf ? pf + (p - end) : NULL;
-                    if (p)
-                        for (int k = 0; k < 9; k++) _mm_prefetch((const char *)(p + 64 * k), _MM_HINT_T0);
-                }
+                if (t0 == 0 && pfd > 0) r16_prefetch(b, pfd, end, pf);
                 for (int h = 0; h < 2; h++) {
                     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * h)));
                     for (int t = 0; t < n; t++) {

@@ -493,12 +493,7 @@ T512 void q8r16_512(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int
             for (int t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
             for (int i = 0; i < nb; i++) {
                 const uint8_t *b = wg + 544 * i;
-                if (t0 == 0 && pfd > 0) {
-                    const uint8_t *p = b + pfd;
-                    if (p >= end) p = pf ? pf + (p - end) : NULL;
-                    if (p)
-                        for (int k = 0; k < 9; k++) _mm_prefetch((const char *)(p + 64 * k), _MM_HINT_T0);
-                }
+                if (t0 == 0 && pfd > 0) r16_prefetch(b, pfd, end, pf);
                 const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b));
                 __m512i wq[8];
                 for (int q = 0; q < 8; q++) wq[q] = _mm512_loadu_si512((const void *)(b + 32 + 64 * q));

@@ -149,6 +149,16 @@ extern int g_pfd, g_pf_l2; /* prefetch distance in bytes ahead of the weight str
 extern int g_no_pairs;     /* row-pair kernels off (isa.c says why) */
 extern int g_panel;        /* decode-once paths for many tokens on */
 
+/* GT_Q8_0_R16 kernels: prefetch the 544-byte block pfd bytes past b, continuing at pf (this thread's next segment,
+ * or nothing when NULL) once that runs past end */
+static inline __attribute__((always_inline)) void r16_prefetch(const uint8_t *b, int64_t pfd, const uint8_t *end,
+                                                               const uint8_t *pf) {
+    const uint8_t *p = b + pfd;
+    if (p >= end) p = pf ? pf + (p - end) : NULL;
+    if (p)
+        for (int k = 0; k < 9; k++) __builtin_prefetch(p + 64 * k, 0, 3);
+}
+
 static inline __attribute__((always_inline)) void pf_block(const uint8_t *pf, int i, int bpb) {
     if (!pf) return;
     const uint8_t *p = pf + (size_t)bpb * i;
