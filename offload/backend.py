@@ -40,7 +40,9 @@ def build_expert_backend(layout: ExpertLayout, model: ModelFootprint, device: to
     policy = FrequencyPolicy(prior=prior.as_prior(layout.moe_layers))
     store = ExpertStore(layout, n_slots=plan.store_slots if plan.experts_on == "disk" else None, pin=plan.pinned,
                         policy=policy, io_threads=int(options.io_threads), direct_io=bool(options.direct_io),
-                        keys=host_keys, tier=plan.experts_on, staging=plan.staging_slots)
+                        keys=host_keys, tier=plan.experts_on, staging=plan.staging_slots,
+                        # interleaved layouts for the CPU kernels where nothing else reads the slots (no GPU)
+                        repack=device.type == "cpu" and bool(options.kernels))
     if plan.experts_on == "ram":
         store.preload(progress=progress)
     elif options.prewarm and prior.tokens.sum() > 0:  # the cache starts with the experts earlier runs used most

@@ -170,7 +170,8 @@ class OffloadExperts:
             if guess is not None and T == 1:  # the router-of-the-next-layer guess, against what was routed
                 self.prediction.predicted += len(guess)
                 self.prediction.correct += len(guess & set(experts))
-        ship = self.device.type == "cuda" and T >= self.gpu_prefill_min_tokens and self._decodable_on_device(host)
+        ship = self.device.type == "cuda" and T >= self.gpu_prefill_min_tokens and not self.store.repack \
+            and self._decodable_on_device(host)
         x_host = None if ship else x.detach().to("cpu", self.cpu_dtype)
         if self._prefetch_q is not None and layer in self._next_layer:
             try:
@@ -318,7 +319,8 @@ class OffloadExperts:
         return torch.bmm(wf.view(T, 1, K), rows.view(T, K, H)).view(T, H)
 
     def _layer_qtypes(self, layer: int) -> tuple[int, int, int] | None:
-        """The layer's (gate, up, down) ggml types when every expert of it has a compiled kernel, else None."""
+        """The layer's (gate, up, down) kernel types (ggml's, or the interleaved ones the store holds them in) when
+        every expert of it has a compiled kernel, else None."""
         if layer not in self._qtypes:
             qt = None
             if self.use_kernels:
@@ -326,7 +328,8 @@ class OffloadExperts:
                 if len(fmts) == 1:
                     (f3,) = fmts
                     if all(f.kind == "ggml" and _kernels.supported(f.qtype) for f in f3):  # type: ignore
-                        qt = tuple(int(f.qtype) for f in f3)  # type: ignore[arg-type]
+                        kt = self.store.kernel_types(f3)  # matrices the RAM tier holds interleaved
+                        qt = tuple(int(k if k is not None else f.qtype) for f, k in zip(f3, kt))  # type: ignore
             self._qtypes[layer] = qt  # type: ignore[assignment]
         return self._qtypes[layer]
 

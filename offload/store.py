@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from offload.cache import CacheCounters, CachePolicy, FrequencyPolicy
 from offload.errors import ExpertReadError
-from offload.expert_layout import ExpertEntry, ExpertLayout, cheap_to_decode, decode_matrix
+from offload.expert_layout import ExpertEntry, ExpertLayout, MatrixFormat, cheap_to_decode, decode_matrix
 from offload.experts_dense import swiglu
+from offload.slot_layout import KernelTypes, kernel_types, repack_in_place
 
 try:  # the compiled kernels place expert memory on NUMA nodes; without them the kernel's default policy applies
     from offload import kernels as _kernels
@@ -230,6 +231,8 @@ class Lease:
 
     def matrices(self, dtype: torch.dtype) -> list[torch.Tensor]:
         """gate, up, down dequantized to `dtype` (on the CPU)."""
+        if any(t is not None for t in self._store.kernel_types(self.entry.formats)):
+            raise RuntimeError(f"expert {self.key} is held in the kernels' interleaved layout: no torch decode")
         return [decode_matrix(f, v, dtype) for f, v in self.entry.matrix_segments(self.views)]
 
     def release(self) -> None:
@@ -313,7 +316,9 @@ class ExpertStore:
 
     def __init__(self, layout: ExpertLayout, n_slots: int | None = None, pin: bool = False,
                  policy: CachePolicy | None = None, io_threads: int = 4, direct_io: bool = True,
-                 keys: list[Key] | None = None, tier: str | None = None, staging: int = 0):
+                 keys: list[Key] | None = None, tier: str | None = None, staging: int = 0, repack: bool = False):
+        """repack: when every expert is resident, rewrite the matrices the CPU kernels read faster interleaved
+        (offload.slot_layout) as they are read; leases then serve the compiled kernels only."""
         self.layout = layout
         keys = list(keys) if keys is not None else layout.keys()
         self.keys = keys
@@ -321,6 +326,8 @@ class ExpertStore:
         self._views: dict[tuple[int, tuple], tuple[torch.Tensor, ...]] = {}
         slot_bytes = max((self._plans[k].size for k in keys), default=ALIGN)
         self.all_resident = n_slots is None or n_slots >= len(keys)
+        self.repack = bool(repack) and self.all_resident  # read once per expert: the rewrite is paid once
+        self._ktypes: dict[tuple[MatrixFormat, ...], KernelTypes] = {}
         self.cache_slots = len(keys) if self.all_resident else max(1, int(n_slots or 1))
         self.staging_slots = 0 if self.all_resident else max(0, min(int(staging), len(keys) - self.cache_slots))
         n = self.cache_slots + self.staging_slots
@@ -364,6 +371,13 @@ class ExpertStore:
             base = self.pool.tensor(slot)
             v = self._views[(slot, data)] = tuple(base[o:o + n] for o, n in data)
         return v
+
+    def kernel_types(self, formats: tuple[MatrixFormat, ...]) -> KernelTypes:
+        """Per matrix of an expert with these formats: the interleaved type its slot bytes are in, or None (gguf's)."""
+        t = self._ktypes.get(formats)
+        if t is None:
+            t = self._ktypes[formats] = kernel_types(formats) if self.repack else (None,) * len(formats)
+        return t
 
     def is_resident(self, key: Key) -> bool:
         with self._cv:
@@ -643,6 +657,14 @@ class ExpertStore:
             else:
                 out.append(lambda seg=seg, soff=soff, foff=foff, length=length, need=need: self.reader.read_into(
                     seg.path, foff, self.pool.memview(slot, soff, length), need + (seg.offset - foff)))
+        ktypes = self.kernel_types(entry.formats)
+        if any(t is not None for t in ktypes):  # ggml only: segment i is matrix i
+            views = self.slot_views(slot, self._plans[key].data)
+
+            def then_repack(read: Callable[[], None], fmt: MatrixFormat, view: torch.Tensor) -> Callable[[], None]:
+                return lambda: (read(), repack_in_place(fmt, view))  # type: ignore[func-returns-value]
+            out = [then_repack(read, f, v) if t is not None else read
+                   for read, f, v, t in zip(out, entry.formats, views, ktypes)]
         return out
 
     def _run_part(self, key: Key, slot: int, part: Callable[[], None], done: "_Parts") -> None:

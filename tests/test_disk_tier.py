@@ -14,11 +14,12 @@ import torch
 from k2local.placement import build_backend, layout_for
 from k2local.tiny import make_tiny, skew_gguf_routers, zipf_router_bias
 from k2local.weights.hf_checkpoint import open_checkpoint
+from offload import kernels
 from offload.cache import FrequencyPolicy
 from offload.probe import measure_raw_disk
 from offload.routing_stats import RoutingStats
 from offload.store import ExpertStore
-from tests.test_offload import _one_torch_thread, greedy_run, opts  # noqa: F401 (an autouse fixture)
+from tests.test_offload import _one_torch_thread, assert_same_run, greedy_run, opts  # noqa: F401 (autouse fixture)
 
 GiB = 1 << 30
 
@@ -49,11 +50,17 @@ def test_disk_tier_matches_ram_tier_under_skewed_router(skewed_gguf, tmp_path) -
     src = open_checkpoint(skewed_gguf)
     total = layout_for(src).total_bytes
     stats = str(tmp_path / "none.json")
-    (ram_toks, ram_lg), _, routing = _run(src, opts(experts_on="ram", extra={"routing_stats": stats}))
-    (disk_toks, disk_lg), st, _ = _run(src, opts(experts_on="disk", ram=total / 3 / GiB,
-                                                 extra={"routing_stats": stats, "io_threads": 3}))
+    (fast_toks, fast_lg), _, _ = _run(src, opts(experts_on="ram", extra={"routing_stats": stats}))
+    kernels.set_repack(False)  # gguf's layout in RAM as on disk: the same kernel calls on the same bytes
+    try:
+        (ram_toks, ram_lg), _, routing = _run(src, opts(experts_on="ram", extra={"routing_stats": stats}))
+        (disk_toks, disk_lg), st, _ = _run(src, opts(experts_on="disk", ram=total / 3 / GiB,
+                                                     extra={"routing_stats": stats, "io_threads": 3}))
+    finally:
+        kernels.set_repack(None)
     assert st["tiers"]["disk"]["misses"] > 0 and st["tiers"]["disk"]["prefetch_issued"] > 0
-    assert disk_toks == ram_toks and torch.equal(disk_lg, ram_lg)  # same kernel calls on the same bytes
+    assert disk_toks == ram_toks and torch.equal(disk_lg, ram_lg)
+    assert_same_run(fast_toks, fast_lg, disk_toks, disk_lg)  # the RAM tier's interleaved experts: the same tokens
     # the bias really skews routing: a quarter of the experts take well over a quarter of the uses
     layer = layout_for(src).moe_layers[0]
     assert routing.top_coverage(layer, 4) > 0.4
@@ -66,7 +73,7 @@ def test_skewed_safetensors_disk_matches_ram(skewed, tmp_path) -> None:
     (ram_toks, ram_lg), _, _ = _run(src, opts(experts_on="ram", extra={"routing_stats": stats}), n=4)
     (disk_toks, disk_lg), _, _ = _run(src, opts(experts_on="disk", ram=total / 3 / GiB,
                                                 extra={"routing_stats": stats}), n=4)
-    assert disk_toks == ram_toks and torch.equal(disk_lg, ram_lg)
+    assert disk_toks == ram_toks and torch.equal(disk_lg, ram_lg)  # safetensors: no interleaved layout
 
 
 def test_gguf_router_skew_patch(tmp_path, skewed_gguf) -> None:

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from k2local.weights.hf_checkpoint import SafetensorsSource, expert_name, open_checkpoint
 from k2local.engine import LoadOptions
 from k2local.model import KimiK2Model
+from offload import kernels
 from offload.cache import FrequencyPolicy, LRUPolicy
 from offload.executor import RouterPredictor
 from k2local.placement import build_backend, layout_for, make_plan
@@ -203,6 +204,14 @@ def tiny_gguf(tiny_k2, tmp_path_factory) -> Path:
     return out
 
 
+def assert_same_run(toks: list[int], logits: torch.Tensor, ref_toks: list[int], ref_logits: torch.Tensor) -> None:
+    """Two tiers' greedy runs where the RAM tier's experts are interleaved for the kernels (offload.slot_layout): the
+    same integer sums in another float order; the 1e-7 differences flip a few int8 roundings of the next layer's
+    activations, which moves logits by ~1% of their range on the tiny random models (measured: 0.06 of 6-8)."""
+    assert toks == ref_toks
+    assert (logits - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
+
+
 def test_gguf_experts_ram_and_disk(tiny_gguf: Path) -> None:
     src = open_checkpoint(tiny_gguf)
     ref = greedy_run(src, None, n=4)
@@ -214,8 +223,21 @@ def test_gguf_experts_ram_and_disk(tiny_gguf: Path) -> None:
             runs[name] = greedy_run(src, b, n=4)
         finally:
             b.close()
-    # RAM and disk tiers run the same kernel calls on the same bytes: bit-identical
-    assert runs["ram"][0] == runs["disk"][0] and torch.equal(runs["ram"][1], runs["disk"][1])
+    assert_same_run(*runs["ram"], *runs["disk"])
+    kernels.set_repack(False)  # gguf's layout everywhere: the same kernel calls on the same bytes, bit-identical
+    try:
+        plain = {}
+        for name, o in [("ram", opts(experts_on="ram")), ("disk", opts(experts_on="disk", ram=0.004))]:
+            b = build_backend(src, o, torch.device("cpu"), torch.float32)
+            first = b.layout.entries[b.layout.moe_layers[0]][0]
+            assert all(t is None for t in b.store.kernel_types(first.formats))
+            try:
+                plain[name] = greedy_run(src, b, n=4)
+            finally:
+                b.close()
+    finally:
+        kernels.set_repack(None)
+    assert plain["ram"][0] == plain["disk"][0] and torch.equal(plain["ram"][1], plain["disk"][1])
     # the torch path dequantizes exactly like the in-memory reference
     assert runs["torch"][0] == ref[0] and torch.allclose(runs["torch"][1], ref[1], atol=1e-4, rtol=1e-4)
     # the C kernels quantize activations (as llama.cpp does): same tokens, logits close

@@ -67,7 +67,7 @@ def test_repacked_avx2_kernel(T: int, best_isa) -> None:
 @needs_c
 def test_repack_only_where_it_applies(best_isa) -> None:
     assert not K.QMatrix(_w(40, 64), Q.Q8_0, 64, repack=True).repacked  # not a multiple of 16 rows
-    assert not K.QMatrix(random_blocks(Q.Q4_K, 16, 256, np.random.default_rng(0)), Q.Q4_K, 256, repack=True).repacked
+    assert not K.QMatrix(random_blocks(Q.Q6_K, 16, 256, np.random.default_rng(0)), Q.Q6_K, 256, repack=True).repacked
     K.set_repack(False)
     assert not K.QMatrix(_w(16, 64), Q.Q8_0, 64, repack=True).repacked
     K.set_isa("avx2")

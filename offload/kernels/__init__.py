@@ -44,14 +44,19 @@ __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
     "set_prefetch", "set_avxvnni", "set_panel_gemm", "set_repack", "numa_interleave_wanted", "interleave_memory", "supported",
     "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "repack_int4_q4_0", "C_TYPES",
+    "r16_type", "repack_r16",
 ]
 
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values) -> names
 C_TYPES: dict[int, str] = {int(t): t.name for t in C_KERNEL_TYPES}
-Q8_0 = 8  # gguf GGMLQuantizationType.Q8_0
-Q8_0_R16 = 1008  # the library's own type id (csrc/common.h GT_Q8_0_R16): Q8_0 with 16 rows interleaved
+Q8_0, Q4_K = 8, 12  # gguf GGMLQuantizationType.Q8_0 / Q4_K
+# the library's own type ids (csrc/common.h GT_*_R16): a gguf type with 16 rows interleaved, the same bytes per row
+Q8_0_R16, Q4_K_R16 = 1008, 1012
 R16_ROWS = 16
-OWN_TYPES = {"Q8_0_R16": Q8_0_R16}  # the library's layouts that are not gguf types (ids past gguf's)
+OWN_TYPES = {"Q8_0_R16": Q8_0_R16, "Q4_K_R16": Q4_K_R16}  # the library's layouts that are not gguf types
+R16_OF = {Q8_0: Q8_0_R16, Q4_K: Q4_K_R16}  # gguf type -> its interleaved layout
+BASE_OF = {v: k for k, v in R16_OF.items()}  # and back (row sizes, names)
+_REPACK_FN = {Q8_0: "k2k_repack_q8_0_r16", Q4_K: "k2k_repack_q4_k_r16"}
 
 Bytes = Union[np.ndarray, torch.Tensor]
 
@@ -100,11 +105,35 @@ def interleave_memory(buf: torch.Tensor) -> int:
 
 def supported(qtype: int) -> bool:
     """True when qtype has a compiled kernel (for IQ types: once gguf's codebooks are loaded into it); other gguf
-    types work through the torch fallback."""
+    types work through the torch fallback. The library's own layouts (OWN_TYPES) have no fallback."""
+    if int(qtype) in BASE_OF:
+        return available()
     if int(qtype) not in C_TYPES:
         return False
     lib = _load()
     return lib is None or bool(lib.k2k_supported(int(qtype)))
+
+
+def r16_type(qtype: int, rows: int) -> int | None:
+    """The interleaved layout the kernels would run a gguf `qtype` matrix of `rows` rows in here (Q8_0 / Q4_K, rows a
+    multiple of 16, the AVX-512 level, set_repack / K2LOCAL_REPACK allowing), else None: gguf's layout."""
+    if int(qtype) not in R16_OF or rows % R16_ROWS or not repack_wanted() or not available():
+        return None
+    return R16_OF[int(qtype)] if _load().k2k_isa() >= _abi.ISA_LEVELS["avx512"] else None
+
+
+def repack_r16(qtype: int, w: torch.Tensor | np.ndarray, rows: int, cols: int, out: Bytes | None = None) -> int:
+    """gguf `qtype` bytes [rows, cols] -> the interleaved layout R16_OF[qtype], into `out` (default: over `w`
+    itself, each 16-row group staying where it was); returns that type id. No lock, no pool thread: callable from
+    the store's reader threads."""
+    b = _as_u8(w)
+    dst = b if out is None else _as_u8(out)
+    if _nbytes(b) != rows * row_bytes(qtype, cols) or _nbytes(dst) != _nbytes(b):
+        raise ValueError(f"{_nbytes(b)} bytes are not [{rows}, {cols}] of type {qtype}")
+    rc = getattr(_load(), _REPACK_FN[int(qtype)])(_ptr(b), rows, cols // (32 if qtype == Q8_0 else 256), _ptr(dst))
+    if rc != 0:
+        raise RuntimeError(f"{_REPACK_FN[int(qtype)]} failed ({rc})")
+    return R16_OF[int(qtype)]
 
 
 def _as_u8(w: Bytes) -> np.ndarray | torch.Tensor:
@@ -200,19 +229,16 @@ class QMatrix(QHeads):
     validation and pointer lookups (about 5 us a call, measured here)."""
 
     def __init__(self, w: Bytes, qtype: int, cols: int, repack: bool = False):
-        """repack: a Q8_0 matrix of a multiple of 16 rows is copied once into the kernels' interleaved layout
-        (k2k_repack_q8_0_r16) when the CPU runs it at the AVX-512 level and set_repack / K2LOCAL_REPACK allow:
+        """repack: a Q8_0 / Q4_K matrix is copied once into the kernels' interleaved layout where r16_type says so:
         the model's own matrices, multiplied every token.  `w` stays the gguf bytes (dequantize, torch fallback)."""
         super().__init__(w, qtype, 1, cols)
         self._ktype, self._packed = self.qtype, None
-        if repack and self._c and self.qtype == Q8_0 and self.rows % R16_ROWS == 0 and repack_wanted() \
-                and self._lib.k2k_isa() >= _abi.ISA_LEVELS["avx512"]:
+        if repack and self._c and r16_type(self.qtype, self.rows) is not None:
             buf = np.empty(_nbytes(self.w) + 64, dtype=np.uint8)
             off = (-buf.ctypes.data) % 64
             self._packed = buf[off:off + _nbytes(self.w)]
-            if self._lib.k2k_repack_q8_0_r16(self._wp, self.rows, self.cols // 32, self._packed.ctypes.data) != 0:
-                raise RuntimeError("k2k_repack_q8_0_r16 failed")
-            self._ktype, self._wp = Q8_0_R16, self._packed.ctypes.data
+            self._ktype = repack_r16(self.qtype, self.w, self.rows, self.cols, self._packed)
+            self._wp = self._packed.ctypes.data
 
     @property
     def repacked(self) -> bool:
@@ -293,9 +319,10 @@ def moe_experts(
     addrs = [_addr(m, keep) for e in experts for m in e]  # gate, up, down of expert 0, then expert 1, ...
     if len(addrs) != 3 * n:
         raise ValueError("each expert must be (gate, up, down)")
-    rg = row_bytes(tg, hidden)
+    bg, bu, bd = (BASE_OF.get(t, t) for t in (tg, tu, td))  # an interleaved layout has its gguf type's row size
+    rg = row_bytes(bg, hidden)
     inter = addrs[0][1] // rg if n else 0
-    sizes = (inter * rg, inter * row_bytes(tu, hidden), hidden * row_bytes(td, inter)) if n else ()
+    sizes = (inter * rg, inter * row_bytes(bu, hidden), hidden * row_bytes(bd, inter)) if n else ()
     if any(addrs[i][1] != sizes[i % 3] for i in range(3 * n)):
         raise ValueError("expert byte sizes do not match [inter, hidden] / [hidden, inter] shapes")
     y = out if out is not None else torch.zeros(T, hidden, dtype=torch.float32)
@@ -317,6 +344,8 @@ def moe_experts(
         if rc != 0:
             raise RuntimeError(f"k2k_moe failed ({rc})")
         return y
+    if any(t in BASE_OF for t in (tg, tu, td)):
+        raise RuntimeError("interleaved (R16) expert bytes need the compiled kernels")
     if threads:
         torch.set_num_threads(threads)
     if not accumulate:

@@ -38,7 +38,8 @@ _repack: list[bool] = []  # set_repack's value; empty: K2LOCAL_REPACK decides
 
 
 def repack_wanted() -> bool:
-    """Whether QMatrix(repack=True) interleaves Q8_0 rows (set_repack, else K2LOCAL_REPACK; default on)."""
+    """Whether Q8_0 / Q4_K rows go interleaved (QMatrix(repack=True), the RAM tier's experts; set_repack, else
+    K2LOCAL_REPACK; default on)."""
     return _repack[-1] if _repack else os.environ.get("K2LOCAL_REPACK", "1") != "0"
 
 

@@ -478,7 +478,7 @@ NT_DISPATCH(q5_1_vnni, TVNNI, 4)
  * vpdpbusd where VN); per block 8 row sums per vector, no horizontal sums.  Tiles of up to 4 tokens. */
 AI T256 void q8r16_body(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
                         const uint8_t *pf, const int VN) {
-    const int64_t gbytes = 544 * (int64_t)nb, ng = nrows / 16, pfd = g_pfd;
+    const int64_t gbytes = 544 * (int64_t)nb, ng = nrows / 16, pfd = g_pfd_r16;
     const uint8_t *end = w + ng * gbytes;
     const __m256i bias = _mm256_set1_epi8((char)0x80);
     for (int64_t g = 0; g < ng; g++) {
@@ -489,7 +489,7 @@ AI T256 void q8r16_body(const uint8_t *w, int64_t nrows, int nb, const act_t *a,
             for (int t = 0; t < n; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
             for (int i = 0; i < nb; i++) {
                 const uint8_t *b = wg + 544 * i;
-                if (t0 == 0 && pfd > 0) r16_prefetch(b, pfd, end, pf);
+                if (t0 == 0 && pfd > 0) r16_prefetch(b, pfd, end, pf, 9);
                 for (int h = 0; h < 2; h++) {
                     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * h)));
                     for (int t = 0; t < n; t++) {

@@ -474,7 +474,6 @@ T512 uint64_t read_sum_512(const uint8_t *p, size_t n) {
     a0 = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
     return (uint64_t)_mm512_reduce_add_epi64(a0);
 }
-#endif /* K2K_X86 */
 
 /* GT_Q8_0_R16 (k2k_repack_q8_0_r16): per block, 8 dpbusd of the 16 rows' unsigned quants against a broadcast quad
  * of activations give the 16 rows' block sums in one vector (the +128 comes back through the block's activation sum);
@@ -483,7 +482,7 @@ T512 uint64_t read_sum_512(const uint8_t *p, size_t n) {
 #define R16_TILE 8
 T512 void q8r16_512(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
                     const uint8_t *pf) {
-    const int64_t gbytes = 544 * (int64_t)nb, ng = nrows / 16, pfd = g_pfd;
+    const int64_t gbytes = 544 * (int64_t)nb, ng = nrows / 16, pfd = g_pfd_r16;
     const uint8_t *end = w + ng * gbytes;
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *wg = w + g * gbytes;
@@ -493,7 +492,7 @@ T512 void q8r16_512(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int
             for (int t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
             for (int i = 0; i < nb; i++) {
                 const uint8_t *b = wg + 544 * i;
-                if (t0 == 0 && pfd > 0) r16_prefetch(b, pfd, end, pf);
+                if (t0 == 0 && pfd > 0) r16_prefetch(b, pfd, end, pf, 9);
                 const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b));
                 __m512i wq[8];
                 for (int q = 0; q < 8; q++) wq[q] = _mm512_loadu_si512((const void *)(b + 32 + 64 * q));
@@ -513,3 +512,82 @@ T512 void q8r16_512(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int
         }
     }
 }
+
+/* GT_Q4_K_R16 (k2k_repack_q4_k_r16): per 16-row group and super-block, 2304 bytes: the rows' d and dmin (f16 x 16
+ * each), their 6-bit scales and mins (low 4 bits: byte 16j + r = sc | m << 4 of sub-block j; high 2 bits: byte
+ * 16j + r, j < 4, holds those of sub-blocks j and j + 4), then per sub-block j four 64-byte vectors k whose byte
+ * 4r + b holds row r's quants 32j + 8k + b (low nibble) and + 4 (high nibble).  A sub-block is 8 dpbusd of 16 rows'
+ * quants against broadcast activation quads (natural order), times the rows' scale as one int32 vector; the mins
+ * against the activations' 32-sums the same way: the integer sums of the gguf-layout kernel, no horizontal sums. */
+#define Q4R16_TILE 4
+AI T512 void q4kr16_512_body(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out,
+                             ptrdiff_t os, const uint8_t *pf, const int gf) {
+    const int64_t gbytes = 2304 * (int64_t)nb, ng = nrows / 16, pfd = g_pfd_r16;
+    const uint8_t *end = w + ng * gbytes;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), g_hi4 = GF_M(4, 4);
+    uint8_t scm[256] __attribute__((aligned(64))); /* sub-block j: scales at 16j, mins at 128 + 16j (row r: byte r) */
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *wg = w + g * gbytes;
+        for (int t0 = 0; t0 < nt; t0 += Q4R16_TILE) {
+            const int n = nt - t0 < Q4R16_TILE ? nt - t0 : Q4R16_TILE;
+            __m512 acc[Q4R16_TILE];
+            for (int t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
+            for (int i = 0; i < nb; i++) {
+                const uint8_t *b = wg + 2304 * (int64_t)i;
+                if (t0 == 0 && pfd > 0) r16_prefetch(b, pfd, end, pf, 36);
+                {
+                    const __m512i L0 = _mm512_loadu_si512((const void *)(b + 64)), L1 = _mm512_loadu_si512((const void *)(b + 128));
+                    const __m512i H = _mm512_loadu_si512((const void *)(b + 192));
+                    /* sc = lo & 15 | hi bits moved to 4-5 (epi16 shifts: the masks drop what crosses a byte) */
+                    _mm512_store_si512((void *)scm, _mm512_ternarylogic_epi32(_mm512_and_si512(L0, m4), _mm512_slli_epi16(H, 4), m30, 0xF8));
+                    _mm512_store_si512((void *)(scm + 64), _mm512_ternarylogic_epi32(_mm512_and_si512(L1, m4), H, m30, 0xF8));
+                    _mm512_store_si512((void *)(scm + 128), _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(L0, 4), m4),
+                                                                                    _mm512_slli_epi16(H, 2), m30, 0xF8));
+                    _mm512_store_si512((void *)(scm + 192), _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(L1, 4), m4),
+                                                                                    _mm512_srli_epi16(H, 2), m30, 0xF8));
+                }
+                __m512i isum[Q4R16_TILE], imin[Q4R16_TILE];
+                for (int t = 0; t < n; t++) isum[t] = _mm512_setzero_si512(), imin[t] = _mm512_setzero_si512();
+                for (int j = 0; j < 8; j++) {
+                    const uint8_t *qj = b + 256 + 256 * j;
+                    __m512i v[8];
+                    for (int k = 0; k < 4; k++) {
+                        const __m512i L = _mm512_loadu_si512((const void *)(qj + 64 * k));
+                        v[2 * k] = _mm512_and_si512(L, m4);
+                        v[2 * k + 1] = gf ? gf_affine(L, g_hi4) : _mm512_and_si512(_mm512_srli_epi16(L, 4), m4);
+                    }
+                    const __m512i sc = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(scm + 16 * j)));
+                    const __m512i mn = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(scm + 128 + 16 * j)));
+                    for (int t = 0; t < n; t++) {
+                        const act_t *at = a + t0 + t;
+                        const uint8_t *x = (const uint8_t *)at->q + 256 * i + 32 * j;
+                        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+                        for (int k = 0; k < 8; k += 2) {
+                            s0 = _mm512_dpbusd_epi32(s0, v[k], _mm512_set1_epi32((int32_t)rd32(x + 4 * k)));
+                            s1 = _mm512_dpbusd_epi32(s1, v[k + 1], _mm512_set1_epi32((int32_t)rd32(x + 4 * k + 4)));
+                        }
+                        isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(_mm512_add_epi32(s0, s1), sc));
+                        imin[t] = _mm512_add_epi32(imin[t], _mm512_mullo_epi32(mn, _mm512_set1_epi32(at->bs32[8 * i + j])));
+                    }
+                }
+                const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b));
+                const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(b + 32)));
+                for (int t = 0; t < n; t++) {
+                    const __m512 da = _mm512_set1_ps(a[t0 + t].d[i]);
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, da), acc[t]);
+                    acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(imin[t]), _mm512_mul_ps(mw, da), acc[t]);
+                }
+            }
+            for (int t = 0; t < n; t++) _mm512_storeu_ps(out + (t0 + t) * os + 16 * g, acc[t]);
+        }
+    }
+}
+T512 void q4kr16_512(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                     const uint8_t *pf) {
+    q4kr16_512_body(w, nrows, nb, a, nt, out, os, pf, 0);
+}
+T512 void q4kr16_512g(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                      const uint8_t *pf) {
+    q4kr16_512_body(w, nrows, nb, a, nt, out, os, pf, 1);
+}
+#endif /* K2K_X86 */

@@ -74,15 +74,17 @@
 #define K2K_X86 0
 #endif
 
-#define K2K_ABI_VERSION 12
+#define K2K_ABI_VERSION 13
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { GT_Q4_0 = 2, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,
        GT_IQ2_XXS = 16, GT_IQ2_XS = 17, GT_IQ3_XXS = 18, GT_IQ1_S = 19, GT_IQ4_NL = 20, GT_IQ3_S = 21, GT_IQ2_S = 22,
        GT_IQ4_XS = 23, GT_IQ1_M = 29,
-       /* not a gguf type: Q8_0 rows repacked 16 at a time (k2k_repack_q8_0_r16), for the model's own matrices */
-       GT_Q8_0_R16 = 1008 };
-#define R16_ROWS 16 /* rows per interleaved group of GT_Q8_0_R16 */
+       /* not gguf types: rows repacked 16 at a time (the same bytes per row): Q8_0 (k2k_repack_q8_0_r16), the model's
+        * own matrices; Q4_K (k2k_repack_q4_k_r16), routed experts held in RAM */
+       GT_Q8_0_R16 = 1008, GT_Q4_K_R16 = 1012 };
+#define R16_ROWS 16 /* rows per interleaved group of the *_R16 types */
+#define IS_R16(t) ((t) == GT_Q8_0_R16 || (t) == GT_Q4_K_R16)
 /* k2k_set_grid id of the 128-entry sign table shared by IQ2_XXS / IQ2_XS / IQ3_XXS */
 #define GRID_KSIGNS 256
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512G = 3 /* AVX-512 VNNI + GFNI */ };
@@ -146,17 +148,18 @@ static inline int8_t q8round(float v) {
 typedef void (*dot_fn)(const uint8_t *w, int nb, const act_t *a, int nt, float *out, ptrdiff_t os, const uint8_t *pf);
 
 extern int g_pfd, g_pf_l2; /* prefetch distance in bytes ahead of the weight stream (0: off), into L2 (1) or L1 (0) */
+extern int g_pfd_r16;      /* the same for the *_R16 kernels (isa.c: by CPU vendor) */
 extern int g_no_pairs;     /* row-pair kernels off (isa.c says why) */
 extern int g_panel;        /* decode-once paths for many tokens on */
 
-/* GT_Q8_0_R16 kernels: prefetch the 544-byte block pfd bytes past b, continuing at pf (this thread's next segment,
+/* *_R16 kernels: prefetch the `lines` cache lines pfd bytes past b, continuing at pf (this thread's next segment,
  * or nothing when NULL) once that runs past end */
 static inline __attribute__((always_inline)) void r16_prefetch(const uint8_t *b, int64_t pfd, const uint8_t *end,
-                                                               const uint8_t *pf) {
+                                                               const uint8_t *pf, int lines) {
     const uint8_t *p = b + pfd;
     if (p >= end) p = pf ? pf + (p - end) : NULL;
     if (p)
-        for (int k = 0; k < 9; k++) __builtin_prefetch(p + 64 * k, 0, 3);
+        for (int k = 0; k < lines; k++) __builtin_prefetch(p + 64 * k, 0, 3);
 }
 
 static inline __attribute__((always_inline)) void pf_block(const uint8_t *pf, int i, int bpb) {

@@ -435,3 +435,36 @@ void q8r16_gen(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, 
                 out[t * os + 16 * g + r] = acc;
             }
 }
+
+/* GT_Q4_K_R16 (k2k_repack_q4_k_r16, layout in avx512.c): the same integer sums per row as dot_q4_k_gen */
+void q4kr16_gen(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                const uint8_t *pf) {
+    (void)pf;
+    for (int64_t g = 0; g < nrows / 16; g++)
+        for (int t = 0; t < nt; t++)
+            for (int r = 0; r < 16; r++) {
+                float acc = 0.f;
+                for (int i = 0; i < nb; i++) {
+                    const uint8_t *b = w + (g * nb + i) * 2304;
+                    int32_t isum = 0, imin = 0;
+                    for (int j = 0; j < 8; j++) {
+                        const int lo = b[64 + 16 * j + r], hi = b[192 + 16 * (j & 3) + r] >> (j < 4 ? 0 : 4);
+                        const int sc = (lo & 15) | (hi & 3) << 4, mn = (lo >> 4) | (hi & 12) << 2;
+                        const uint8_t *qj = b + 256 + 256 * j;
+                        const int8_t *x = a[t].q + 256 * i + 32 * j;
+                        int32_t s = 0;
+                        for (int k = 0; k < 4; k++)
+                            for (int v = 0; v < 4; v++) {
+                                const int byte = qj[64 * k + 4 * r + v];
+                                s += (byte & 15) * x[8 * k + v] + (byte >> 4) * x[8 * k + 4 + v];
+                            }
+                        isum += sc * s;
+                        imin += mn * a[t].bs32[8 * i + j];
+                    }
+                    const float da = a[t].d[i];
+                    acc = fmaf((float)isum, fp16_to_f32(rd16(b + 2 * r)) * da, acc);
+                    acc = fmaf(-(float)imin, fp16_to_f32(rd16(b + 32 + 2 * r)) * da, acc);
+                }
+                out[t * os + 16 * g + r] = acc;
+            }
+}

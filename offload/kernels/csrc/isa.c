@@ -7,6 +7,11 @@
 /* 8 KiB ahead into L1 was best on a 16-core Xeon (Q4_K 71 -> 100 GB/s at 16 threads, see bench/kernels.py
  * --prefetch); without it the core stalls on each miss instead of overlapping loads with the integer math. */
 int g_pfd = 8192, g_pf_l2 = 0;
+/* the *_R16 kernels' own distance (their one sequential stream per thread): 8 KiB on Intel (the Xeon of RESULTS.md
+ * 2026-12-07, Q8_0 26.6 GB/s = its read loop), off on AMD, whose hardware prefetcher does better alone (Zen 4,
+ * 2 threads: Q8_0_R16 [7168 x 8192] 25.2 GB/s at 8 KiB vs 32.8 off; Q4_K_R16 [7168 x 2048] 27.8 vs 30.6); set in
+ * isa_init, K2LOCAL_PREFETCH_R16 overrides */
+int g_pfd_r16 = 8192;
 /* Row-pair kernels (two rows per call for one token) are off by default: they are 3-10% faster with the
  * weights in L3, but from DRAM two interleaved row streams defeated the hardware prefetcher on Zen 4
  * (Q4_K one thread 20 -> 12 GB/s).  K2LOCAL_PAIRS=1 / set_row_pairs(True) turns them on; tests check that
@@ -20,7 +25,7 @@ static const tinfo_t TYPES[] = {
     TY(Q4_0, 32, 18), TY(Q5_0, 32, 22), TY(Q5_1, 32, 24), TY(Q8_0, 32, 34), TY(Q2_K, 256, 84), TY(Q3_K, 256, 110),
     TY(Q4_K, 256, 144), TY(Q5_K, 256, 176), TY(Q6_K, 256, 210), TY(IQ2_XXS, 256, 66), TY(IQ2_XS, 256, 74),
     TY(IQ3_XXS, 256, 98), TY(IQ1_S, 256, 50), TY(IQ4_NL, 32, 18), TY(IQ3_S, 256, 110), TY(IQ2_S, 256, 82),
-    TY(IQ4_XS, 256, 136), TY(IQ1_M, 256, 56), TY(Q8_0_R16, 32, 34),
+    TY(IQ4_XS, 256, 136), TY(IQ1_M, 256, 56), TY(Q8_0_R16, 32, 34), TY(Q4_K_R16, 256, 144),
 };
 const tinfo_t *tinfo(int type) {
     for (size_t i = 0; i < sizeof(TYPES) / sizeof(TYPES[0]); i++)
@@ -70,6 +75,11 @@ void isa_init(void) {
     g_avxvnni = g_avxvnni_hw && !(ev && !strcmp(ev, "0"));
 #endif
     g_isa = g_isa_hw;
+#if K2K_X86 && !defined(K2K_EMULATE_AVX512)
+    if (__builtin_cpu_is("amd")) g_pfd_r16 = 0;
+#endif
+    const char *pr = getenv("K2LOCAL_PREFETCH_R16");
+    if (pr) g_pfd_r16 = atoi(pr) > 0 ? atoi(pr) : 0;
     const char *e = getenv("K2LOCAL_ISA");
     if (e) {
         int want = !strcmp(e, "generic") ? ISA_GENERIC : !strcmp(e, "avx2") ? ISA_AVX2 : !strcmp(e, "avx512") ? ISA_AVX512 : ISA_AVX512G;
@@ -89,6 +99,7 @@ static kern_t get_kernel_base(int type) {
         case GT_Q2_K: k.fn = q2k_512g; k.fn2 = q2k_512g_r2; k.layout = LAYOUT_P2; return k;
         case GT_Q3_K: k.fn = q3k_512g; k.fn2 = q3k_512g_r2; k.layout = LAYOUT_P2; return k;
         case GT_Q4_K: k.fn = q4k_512g; k.fn2 = q4k_512g_r2; k.layout = LAYOUT_P64; return k;
+        case GT_Q4_K_R16: k.fnb = q4kr16_512g; return k;
         case GT_Q5_K: k.fn = q5k_512g; k.fn2 = q5k_512g_r2; k.layout = LAYOUT_P64; return k;
         case GT_Q6_K: k.fn = q6k_512g; k.fn2 = q6k_512g_r2; return k;
         case GT_IQ3_XXS: if (g_vbmi) { k.fn = iq3xxs_vbmi; return k; } break;
@@ -98,6 +109,7 @@ static kern_t get_kernel_base(int type) {
     if (g_isa >= ISA_AVX512) {
         switch (type) {
         case GT_Q8_0_R16: k.fnb = q8r16_512; return k;
+        case GT_Q4_K_R16: k.fnb = q4kr16_512; return k;
         case GT_Q4_0: k.fn = q4_0_512; return k;
         case GT_Q5_0: k.fn = q5_0_512; return k;
         case GT_Q5_1: k.fn = q5_1_512; return k;
@@ -171,6 +183,7 @@ static kern_t get_kernel_base(int type) {
 #endif
     switch (type) {
     case GT_Q8_0_R16: k.fnb = q8r16_gen; break;
+    case GT_Q4_K_R16: k.fnb = q4kr16_gen; break;
     case GT_Q4_0: k.fn = dot_q4_0_gen; break;
     case GT_Q5_0: k.fn = dot_q5_0_gen; break;
     case GT_Q5_1: k.fn = dot_q5_1_gen; break;

@@ -42,5 +42,6 @@ K2K_API int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, in
 K2K_API int64_t k2k_repack_int4_q4_0(const void *packed, const void *scale, int scale_kind, int64_t rows,
                                      int64_t groups, void *out);
 K2K_API int64_t k2k_repack_q8_0_r16(const void *src, int64_t rows, int64_t nb, void *out);
+K2K_API int64_t k2k_repack_q4_k_r16(const void *src, int64_t rows, int64_t nb, void *out);
 
 #endif /* K2K_K2KERN_H */

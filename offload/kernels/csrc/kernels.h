@@ -31,6 +31,8 @@ K2K_DOT(dot_iq1_m_gen);
 uint64_t read_sum_gen(const uint8_t *p, size_t n); /* the bandwidth probe's streaming read */
 void q8r16_gen(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
                const uint8_t *pf); /* group_fn of GT_Q8_0_R16 */
+void q4kr16_gen(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+               const uint8_t *pf); /* group_fn of GT_Q4_K_R16 */
 
 #if K2K_X86
 /* avx2.c: AVX2 (ISA level avx2) and the same bodies with AVX-VNNI */
@@ -109,6 +111,10 @@ K2K_DOT(iq4nl_512);
 uint64_t read_sum_512(const uint8_t *p, size_t n);
 void q8r16_512(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
                const uint8_t *pf); /* group_fn of GT_Q8_0_R16 */
+void q4kr16_512(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                const uint8_t *pf); /* group_fn of GT_Q4_K_R16 */
+void q4kr16_512g(const uint8_t *w, int64_t nrows, int nb, const act_t *a, int nt, float *out, ptrdiff_t os,
+                 const uint8_t *pf);
 
 /* avx512_iq.c */
 K2K_DOT(iq4xs_512);

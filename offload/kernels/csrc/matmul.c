@@ -72,7 +72,7 @@ static int matmul_heads(int type, const uint8_t *w, int64_t heads, int64_t w_hs,
     const tinfo_t *ti = tinfo(type);
     if (!ti || !grids_ready(type)) return -1;
     if (cols <= 0 || cols % ti->blk || rows < 0 || T < 0 || heads < 0 || row_stride < k2k_row_bytes(type, cols)) return -2;
-    if (type == GT_Q8_0_R16 && (rows % R16_ROWS || row_stride != k2k_row_bytes(type, cols))) return -2;
+    if (IS_R16(type) && (rows % R16_ROWS || row_stride != k2k_row_bytes(type, cols))) return -2;
     if (rows == 0 || T == 0 || heads == 0) return 0;
     call_lock();
     ensure_init();

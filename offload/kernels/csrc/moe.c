@@ -180,6 +180,8 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
     const tinfo_t *ig = tinfo(tg), *iu = tinfo(tu), *id = tinfo(td);
     if (!ig || !iu || !id || !grids_ready(tg) || !grids_ready(tu) || !grids_ready(td)) return -1;
     if (hidden <= 0 || inter <= 0 || hidden % ig->blk || hidden % iu->blk || inter % id->blk || T < 0 || K < 0) return -2;
+    const int r16 = IS_R16(tg) || IS_R16(tu) || IS_R16(td); /* row chunks then go by whole 16-row groups */
+    if (((IS_R16(tg) || IS_R16(tu)) && inter % R16_ROWS) || (IS_R16(td) && hidden % R16_ROWS)) return -2;
     if (T == 0) return 0;
     for (int64_t i = 0; i < T * K; i++)
         if (idx[i] >= nexp) return -2;
@@ -219,10 +221,10 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
     c.xas = ldx == 0 ? 0 : c.xab;
     c.hab = al64(act_bytes(inter));
     c.nspans = (int)((inter + SPAN - 1) / SPAN);
-    c.chunk1 = pick_chunk((np ? np : 1) * inter, nth, 8, 128);
+    c.chunk1 = pick_chunk((np ? np : 1) * inter, nth, r16 ? R16_ROWS : 8, 128);
     if (c.chunk1 > inter) c.chunk1 = inter;
     c.nch1 = (inter + c.chunk1 - 1) / c.chunk1;
-    c.chunk2 = pick_chunk(hidden, nth, 8, 64);
+    c.chunk2 = pick_chunk(hidden, nth, r16 ? R16_ROWS : 8, 64);
     c.tmp_per_thread = al64((size_t)2 * MAXNT * (size_t)(c.chunk1 > c.chunk2 ? c.chunk1 : c.chunk2) * sizeof(float)) / sizeof(float);
     const int diff_layout = c.ku.layout != c.kg.layout;
     size_t off = 0;
