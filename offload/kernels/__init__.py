@@ -12,6 +12,8 @@ The ggml type table (block sizes, which types have kernels) is quant.types.
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
 from typing import Sequence, Union
 
 import numpy as np
@@ -44,7 +46,7 @@ __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
     "set_prefetch", "set_avxvnni", "set_panel_gemm", "set_repack", "numa_interleave_wanted", "interleave_memory", "supported",
     "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "repack_int4_q4_0", "C_TYPES",
-    "r16_type", "repack_r16",
+    "r16_type", "repack_r16", "advise_hugepages", "aligned_buffer",
 ]
 
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values) -> names
@@ -101,6 +103,39 @@ def interleave_memory(buf: torch.Tensor) -> int:
         return 0
     r = lib.k2k_interleave(buf.data_ptr(), buf.numel() * buf.element_size())
     return max(r, 0)
+
+
+HUGE_PAGE = 2 << 20  # x86-64 transparent huge page
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def advise_hugepages(buf: torch.Tensor | np.ndarray) -> bool:
+    """Ask Linux for transparent huge pages over the whole 2 MiB pages inside a CPU buffer whose pages are not
+    touched yet (madvise MADV_HUGEPAGE: the machines here run THP in `madvise` mode, so anonymous memory otherwise
+    gets 4 KiB pages, and the hardware prefetchers stop at every 4 KiB boundary of a weight stream). False where it
+    is not possible or K2LOCAL_HUGEPAGES=0. Memory use does not change (whole pages inside the buffer only)."""
+    if os.environ.get("K2LOCAL_HUGEPAGES", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    start, n = _ptr(buf), _nbytes(buf)
+    lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, (start + n) // HUGE_PAGE * HUGE_PAGE
+    if hi <= lo:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0
+
+
+def aligned_buffer(nbytes: int, align: int = 64) -> np.ndarray:
+    """An untouched uint8 buffer of nbytes at `align`; from 4 MiB up aligned to huge pages and advised for them
+    (advise_hugepages). The memory is owned by the returned array's base."""
+    if nbytes >= 2 * HUGE_PAGE:
+        align = max(align, HUGE_PAGE)
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    out = raw[off:off + nbytes]
+    if align >= HUGE_PAGE:
+        advise_hugepages(out)
+    return out
 
 
 def supported(qtype: int) -> bool:
@@ -234,9 +269,7 @@ class QMatrix(QHeads):
         super().__init__(w, qtype, 1, cols)
         self._ktype, self._packed = self.qtype, None
         if repack and self._c and r16_type(self.qtype, self.rows) is not None:
-            buf = np.empty(_nbytes(self.w) + 64, dtype=np.uint8)
-            off = (-buf.ctypes.data) % 64
-            self._packed = buf[off:off + _nbytes(self.w)]
+            self._packed = aligned_buffer(_nbytes(self.w))
             self._ktype = repack_r16(self.qtype, self.w, self.rows, self.cols, self._packed)
             self._wp = self._packed.ctypes.data
 
@@ -366,10 +399,8 @@ def read_bandwidth(buf: Bytes | None = None, nbytes: int = 1 << 30, reps: int = 
     lib = _load()
     if lib is None:
         return 0.0
-    if buf is None:
-        arr = np.empty(nbytes + 64, dtype=np.uint8)
-        off = (-arr.ctypes.data) % 64
-        buf = arr[off:off + nbytes]
+    if buf is None:  # on huge pages, as the store's slots and the repacked matrices are (aligned_buffer)
+        buf = aligned_buffer(nbytes)
         buf.fill(1)
     b = _as_u8(buf)
     p = _ptr(b)
