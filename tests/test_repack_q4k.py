@@ -9,16 +9,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from offload import kernels as K
 from quant.random_blocks import random_blocks
-
-needs_512 = pytest.mark.skipif(not K.available() or K._load().k2k_isa_hw() < 2,
-                               reason="the interleaved layouts are used at the AVX-512 level only")
-
-
-@pytest.fixture
-def best_isa():
-    yield
-    K.set_isa("best")
-    K.set_repack(None)
+from tests.test_repack_q8 import best_isa, needs_512  # noqa: F401 (a fixture)
 
 
 def _w(rows: int, cols: int, seed: int = 0) -> np.ndarray:

@@ -40,6 +40,9 @@ typedef struct {
 } moe_ctx;
 
 #define SPAN 256
+#ifndef CHUNK2_MAX
+#define CHUNK2_MAX 256
+#endif
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
@@ -224,7 +227,7 @@ int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ld
     c.chunk1 = pick_chunk((np ? np : 1) * inter, nth, r16 ? R16_ROWS : 8, 128);
     if (c.chunk1 > inter) c.chunk1 = inter;
     c.nch1 = (inter + c.chunk1 - 1) / c.chunk1;
-    c.chunk2 = pick_chunk(hidden, nth, r16 ? R16_ROWS : 8, 64);
+    c.chunk2 = pick_chunk(hidden, nth, r16 ? R16_ROWS : 8, CHUNK2_MAX);
     c.tmp_per_thread = al64((size_t)2 * MAXNT * (size_t)(c.chunk1 > c.chunk2 ? c.chunk1 : c.chunk2) * sizeof(float)) / sizeof(float);
     const int diff_layout = c.ku.layout != c.kg.layout;
     size_t off = 0;
