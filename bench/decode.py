@@ -39,6 +39,7 @@ from k2local.engine import LoadOptions  # noqa: E402
 from k2local.model import KimiK2Model  # noqa: E402
 from k2local.placement import build_backend, layout_for  # noqa: E402
 from offload.probe import measure_ram_bandwidth  # noqa: E402
+from offload import kernels  # noqa: E402
 from tests.peers import ik_llama  # noqa: E402
 from tests.peers import llama_cpp as llama  # noqa: E402
 from bench.disk_tier import (DISK_SHAPES, add_disk_args, capped_runs, cold_stats_path, disk_fields,  # noqa: E402
@@ -159,7 +160,7 @@ class Sections:
 
 
 BREAKDOWN = (("routed experts", "experts"), ("dense/attention matrices", "matrices"),
-             ("attention math (scores, softmax, values)", "attention"), ("norms, rope, router, Python, torch "
+             ("attention (MLA k_b, scores, softmax, v_b; norms, rope)", "attention"), ("norms, rope, router, Python, torch "
                                                                         "(the rest)", "rest"))
 
 
@@ -188,22 +189,24 @@ def decode_breakdown(model: KimiK2Model, ids: list[int], tokens: int, chunk: int
     km.linear = sec.wrap(counted, "matrices")
     model.experts = type("TimedExperts", (), {"forward": staticmethod(sec.wrap(experts.forward, "experts"))})()
     model._attention = sec.wrap(functools.partial(type(model)._attention, model), "attention")
-    for lw in model.layers:
-        if lw.uk_q is not None:
+    for lw in model.layers:  # k_b / v_b are matrices of their own unless one kernel call does all of MLA
+        if lw.uk_q is not None and not (lw.mla is not None and lw.mla.fused()):
             read[0] += tokens * (lw.uk_q.w.nbytes + lw.uv_q.w.nbytes)
             lw.uk_q, lw.uv_q = sec.wrap(lw.uk_q, "matrices"), sec.wrap(lw.uv_q, "matrices")
     try:
         t0 = time.perf_counter()
+        k0, _ = kernels.pool_time()
         for _ in range(tokens):
             tok = int(sec.wrap(lambda t: model.forward([t], cache)[-1].argmax(), "rest")(tok))
         total = (time.perf_counter() - t0) / tokens
+        in_kernels = (kernels.pool_time()[0] - k0) / tokens
     finally:
         km.linear, model.experts = saved[0], saved[1]
         del model._attention
         for lw, (uk, uv) in zip(model.layers, saved[3]):
             lw.uk_q, lw.uv_q = uk, uv
     out = {k: v / tokens for k, v in sec.seconds.items()}
-    out["total"], out["untimed"] = total, untimed
+    out["total"], out["untimed"], out["in_kernels"] = total, untimed, in_kernels
     out["matrix_bytes"] = read[0] / tokens
     return out
 
@@ -217,6 +220,10 @@ def print_breakdown(b: dict[str, float], label: str, tokens: int) -> None:
         v = b.get(key, 0.0)
         rate = f"  {gbs[key] / 1e6:7.0f} MB at {gbs[key] / v / 1e9:5.1f} GB/s" if gbs.get(key) and v else ""
         print(f"  {what:<45} {1e3 * v:8.2f} ms  {100 * v / total:5.1f}%{rate}")
+    if b.get("in_kernels"):  # every category above holds some Python / torch time around its kernel calls
+        k = b["in_kernels"]
+        print(f"  {'inside the kernels (all categories)':<45} {1e3 * k:8.2f} ms  {100 * k / total:5.1f}%; outside them "
+              f"{1e3 * (total - k):.1f} ms")
 
 
 def k2local_runner(path: Path, mode: str, args: argparse.Namespace, ids: list[int], stats: str | None = None,

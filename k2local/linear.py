@@ -117,6 +117,16 @@ def quantized_heads(source, layer: int, heads: int, device: torch.device | str =
                  for (b, qt), cols in zip(kv, (cfg.qk_nope_head_dim, cfg.kv_lora_rank)))
 
 
+def decode_attention(k_b, v_b):
+    """MLA's decode step for one token in one CPU kernel call (offload.kernels.MLADecode) on the layer's quantized
+    k_b / v_b, or None when they are not both QHeads the kernels take."""
+    if k_b is None or v_b is None:
+        return None
+    from offload.kernels import MLADecode  # noqa: PLC0415
+
+    return MLADecode(k_b, v_b) if MLADecode.usable(k_b, v_b) else None
+
+
 def quantized_bytes_per_param(source, cfg) -> float | None:
     """Bytes per weight of the source's stored non-expert matrices (sampled on the last layer's o_proj)."""
     if not hasattr(source, "quantized"):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from k2local import arch
 from k2local.weights.hf_checkpoint import WeightSource
 from k2local.config import ModelConfig
-from k2local.linear import MIN_QUANT_PARAMS, QuantWeight, linear, quantized_heads, quantized_weight
+from k2local.linear import MIN_QUANT_PARAMS, QuantWeight, decode_attention, linear, quantized_heads, quantized_weight
 from k2local.weights import sanitize
 from offload.threads import PARALLEL_ATTENTION_MACS, decode_step, full_threads, torch_threads
 
@@ -133,6 +133,8 @@ class LayerWeights:
     # [heads, kv_lora, nope], v_b [heads, v, kv_lora]); prefill from empty keeps using the dense form
     uk_q: Any = None
     uv_q: Any = None
+    # both in one kernel call for a decoded token: offload.kernels.MLADecode (None where the kernels cannot)
+    mla: Any = None
 
 
 class Router:
@@ -375,6 +377,7 @@ class KimiK2Model:
             )
             if quantized_linear:
                 lw.uk_q, lw.uv_q = quantized_heads(source, i, nh, self.device)
+                lw.mla = decode_attention(lw.uk_q, lw.uv_q)
             self.layers.append(lw)
 
     def new_cache(self, capacity: int = 256) -> KVCache:
@@ -417,6 +420,9 @@ class KimiK2Model:
         t, nh = q_nope.shape[0], cfg.num_attention_heads
         s = pos + t
         lat, kpe = cache.latent[i][:s], cache.k_pe[i][:s]
+        if t == 1 and lw.mla is not None and lat.dtype == torch.float32 and lw.mla.fused():
+            # a decoded token: k_b, the scores over the whole cache and v_b in one kernel call on the cores
+            return lw.mla(q_nope[0], q_pe[0], lat, kpe, cfg.softmax_scale)[None]
         if (pos == 0 and t > 1) or t >= MHA_MIN_TOKENS:
             # Prefill (from empty, or a long chunk after a cached prefix): expand keys/values per head, the plain MHA
             # form; cheaper than the absorbed one from about 170 new tokens on (per key: 8.4M MACs to expand against

@@ -40,13 +40,13 @@ from ._knobs import (  # noqa: F401
     set_threads,
 )
 from ._knobs import forced_torch as _forced_torch
-from ._knobs import repack_wanted
+from ._knobs import fused_mla_wanted, repack_wanted
 
 __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
     "set_prefetch", "set_avxvnni", "set_panel_gemm", "set_repack", "numa_interleave_wanted", "interleave_memory", "supported",
     "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "repack_int4_q4_0", "C_TYPES",
-    "r16_type", "repack_r16", "advise_hugepages", "aligned_buffer",
+    "r16_type", "repack_r16", "advise_hugepages", "aligned_buffer", "MLADecode", "pool_time",
 ]
 
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values) -> names
@@ -298,6 +298,59 @@ class QMatrix(QHeads):
         return y
 
 
+class MLADecode:
+    """MLA's absorbed attention for one decoded token in one kernel call on the pool (csrc/attn.c): per head,
+    q_lat = k_b q_nope, softmax over the latent cache of (lat q_lat + k_pe q_pe) * scale, then v_b (lat^T p).
+    k_b: QHeads [heads, kv_lora rows, nope cols]; v_b: QHeads [heads, v rows, kv_lora cols]. Same values as those
+    QHeads calls around the torch attention, up to float summation order."""
+
+    def __init__(self, k_b: QHeads, v_b: QHeads):
+        if k_b.heads != v_b.heads or k_b.rows != v_b.cols:
+            raise ValueError(f"k_b [{k_b.heads}, {k_b.rows}, {k_b.cols}] and v_b [{v_b.heads}, {v_b.rows}, {v_b.cols}]"
+                             " are not one MLA layer's")
+        self.k_b, self.v_b = k_b, v_b
+        self.heads, self.nope, self.latent, self.v_dim = k_b.heads, k_b.cols, k_b.rows, v_b.rows
+
+    @staticmethod
+    def usable(k_b: QHeads | None, v_b: QHeads | None) -> bool:
+        """Both matrices have compiled kernels and the widths csrc/attn.c takes."""
+        return (k_b is not None and v_b is not None and k_b._compiled() and v_b._compiled()  # noqa: SLF001
+                and k_b.rows % 8 == 0)
+
+    def fused(self) -> bool:
+        """Calls run in the one kernel call now (not K2LOCAL_MLA=0 / K2LOCAL_KERNELS=torch)."""
+        return self.k_b._compiled() and self.v_b._compiled() and fused_mla_wanted()  # noqa: SLF001
+
+    def __call__(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, kpe: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """q_nope [heads, nope], q_pe [heads, rope] (rows may be apart, columns contiguous), lat [s, kv_lora],
+        kpe [s, rope] contiguous float32 -> float32 [heads, v]."""
+        h, s, rope = self.heads, lat.shape[0], kpe.shape[-1]
+        if (q_nope.shape != (h, self.nope) or q_pe.shape != (h, rope) or lat.shape != (s, self.latent)
+                or kpe.shape[0] != s or any(t.dtype != torch.float32 for t in (q_nope, q_pe, lat, kpe))):
+            raise ValueError("MLADecode: shapes or dtypes do not match the layer")
+        kb, vb = self.k_b, self.v_b
+        if not self.fused():
+            return self.reference(q_nope, q_pe, lat, kpe, scale)
+        q_nope, q_pe = (t if t.stride(1) == 1 else t.contiguous() for t in (q_nope, q_pe))
+        lat, kpe = lat.contiguous(), kpe.contiguous()
+        out = torch.empty(h, self.v_dim, dtype=torch.float32)
+        rc = kb._lib.k2k_mla_decode(kb.qtype, kb._wp, kb.rows * kb.row_bytes, vb.qtype, vb._wp,  # noqa: SLF001
+                                    vb.rows * vb.row_bytes, h, self.nope, rope, self.latent, self.v_dim,
+                                    q_nope.data_ptr(), q_nope.stride(0), q_pe.data_ptr(), q_pe.stride(0),
+                                    lat.data_ptr(), kpe.data_ptr(), s, float(scale), out.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"k2k_mla_decode failed ({rc})")
+        return out
+
+    def reference(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, kpe: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+        """The same product as separate k_b / torch / v_b calls (K2LOCAL_MLA=0, the torch fallback, the tests)."""
+        q_lat = self.k_b(q_nope[:, None, :])  # [heads, 1, kv_lora]
+        scores = (torch.matmul(q_lat, lat.t()) + torch.matmul(q_pe[:, None, :], kpe.t())) * scale
+        return self.v_b(torch.matmul(scores.softmax(-1), lat))[:, 0]
+
+
 def qmatmul(x: torch.Tensor, w: Bytes, qtype: int, cols: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y[T, rows] = x[T, cols] @ W.T with W stored as ggml blocks of type qtype.
 
@@ -391,6 +444,16 @@ def moe_experts(
         ye = _torch_matmul(h, d, td, inter, hidden) * torch.from_numpy(wts[tok, slot]).unsqueeze(1)
         y.index_add_(0, torch.from_numpy(tok).long(), ye)
     return y
+
+
+def pool_time() -> tuple[float, int]:
+    """(wall seconds, calls) the compiled kernels' pool has run since the library loaded; (0.0, 0) without it.
+    The difference over a decoded token is the part of it spent in the kernels (the rest: Python, torch, waits)."""
+    lib = _load()
+    if lib is None:
+        return 0.0, 0
+    n = ctypes.c_int64(0)
+    return float(lib.k2k_pool_seconds(ctypes.byref(n))), int(n.value)
 
 
 def read_bandwidth(buf: Bytes | None = None, nbytes: int = 1 << 30, reps: int = 5) -> float:

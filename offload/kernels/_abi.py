@@ -19,7 +19,7 @@ from quant import types as qtypes
 
 from . import _build
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 GRID_KSIGNS = 256  # k2k_set_grid id of the IQ sign table
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512-vnni", 3: "avx512-vnni-gfni"}
 ISA_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2, "avx512-vnni": 2, "avx512-gfni": 3, "avx512-vnni-gfni": 3,
@@ -50,7 +50,10 @@ SIGNATURES: dict[str, tuple[object, list]] = {
     "k2k_matmul": (_i32, [_i32, _vp, _i64, _i64, _i64, _fp, _i64, _i64, _fp, _i64]),
     "k2k_moe": (_i32, [_i64, _i64, _i64, _fp, _i64, _i32, _vp, _vp, _vp, _i32, _i32, _i32, _i32, _vp, _fp, _fp,
                        _i64, _i32]),
+    "k2k_mla_decode": (_i32, [_i32, _vp, _i64, _i32, _vp, _i64, _i64, _i64, _i64, _i64, _i64, _fp, _i64, _fp, _i64,
+                              _fp, _fp, _i64, ctypes.c_float, _fp]),
     "k2k_read_bw": (ctypes.c_double, [_vp, _i64, _i32]),
+    "k2k_pool_seconds": (ctypes.c_double, [ctypes.POINTER(ctypes.c_int64)]),
     "k2k_set_grid": (_i32, [_i32, _vp, _i64]),
     "k2k_repack_int4_q4_0": (_i64, [_vp, _vp, _i32, _i64, _i64, _vp]),
     "k2k_repack_q8_0_r16": (_i64, [_vp, _i64, _i64, _vp]),

@@ -25,6 +25,7 @@ ENV: dict[str, str] = {
     "K2LOCAL_PAIRS": "1: single-token calls run two weight rows per kernel call (set_row_pairs)",
     "K2LOCAL_PANEL": "0: many tokens against a matrix without the decode-once paths (set_panel_gemm)",
     "K2LOCAL_REPACK": "0: keep the model's Q8_0 matrices in gguf's layout instead of 16 rows interleaved (QMatrix)",
+    "K2LOCAL_MLA": "0: a decoded token's MLA attention as separate k_b / torch / v_b calls, not one kernel call (MLADecode)",
     "K2LOCAL_NUMA": "interleave | off: page-interleave expert memory across NUMA nodes (default: with > 1 node)",
 }
 
@@ -32,6 +33,11 @@ ENV: dict[str, str] = {
 def forced_torch() -> bool:
     """K2LOCAL_KERNELS=torch: the compiled kernels are not used even when they load."""
     return os.environ.get("K2LOCAL_KERNELS", "").lower() == "torch"
+
+
+def fused_mla_wanted() -> bool:
+    """K2LOCAL_MLA (default on): MLADecode runs a decoded token's attention in one kernel call."""
+    return os.environ.get("K2LOCAL_MLA", "1") != "0"
 
 
 _repack: list[bool] = []  # set_repack's value; empty: K2LOCAL_REPACK decides

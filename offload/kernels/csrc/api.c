@@ -190,6 +190,15 @@ const char *k2k_type_name(int type) {
     return ti ? ti->name : NULL;
 }
 
+/* Wall seconds spent in the kernels' pool calls since the library loaded, and how many (*calls): read before and
+ * after a decoded token, the share of its time that runs in the kernels. */
+double k2k_pool_seconds(int64_t *calls) {
+    call_lock();
+    double r = pool_seconds(calls);
+    call_unlock();
+    return r;
+}
+
 /* Read bandwidth of buf (64-byte aligned) with the pool: best of reps passes, GB/s. */
 double k2k_read_bw(const void *buf, int64_t n, int reps) {
     call_lock();

@@ -46,6 +46,7 @@
  *   gemm.c         many-token kernels: Q8_0 GEMMs (AVX-512, AVX-VNNI), the decode-once panel GEMM (AVX-512)
  *   run.h          the row runner shared by the matmul and MoE drivers
  *   matmul.c       y = x W^T (and per-head products)
+ *   attn.c         MLA's absorbed attention for one decoded token (k_b, scores over the latent cache, v_b)
  *   moe.c          the fused routed-experts FFN
  */
 #ifndef K2K_COMMON_H
@@ -74,7 +75,7 @@
 #define K2K_X86 0
 #endif
 
-#define K2K_ABI_VERSION 13
+#define K2K_ABI_VERSION 14
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { GT_Q4_0 = 2, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8, GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14,
@@ -327,6 +328,7 @@ int pool_threads(void);  /* participants including the caller */
 int pool_physical(void); /* physical cores among the CPUs this process may run on (0 when unknown) */
 extern int g_numa_nodes;
 void pool_run(task_fn fn, void *ctx);          /* fn(ctx, tid, nth) on every participant; the caller is tid 0 */
+double pool_seconds(int64_t *calls);           /* wall seconds inside pool_run since the start, and its calls */
 void pool_barrier(int nth, int *local_sense); /* inside a task: wait for all participants */
 double now_s(void);
 int read_cpulist(const char *path, int *out, int cap);

@@ -27,6 +27,7 @@ K2K_API int k2k_quantize_act(const float *x, int64_t cols, int layout, void *buf
 K2K_API int64_t k2k_row_bytes(int type, int64_t cols);
 K2K_API const char *k2k_type_name(int type);
 K2K_API double k2k_read_bw(const void *buf, int64_t n, int reps);
+K2K_API double k2k_pool_seconds(int64_t *calls);
 /* grids.c */
 K2K_API int k2k_set_grid(int id, const void *data, int64_t n);
 /* matmul.c */
@@ -34,6 +35,11 @@ K2K_API int k2k_matmul(int type, const void *w, int64_t rows, int64_t cols, int6
                        int64_t T, int64_t ldx, float *y, int64_t ldy);
 K2K_API int k2k_matmul_heads(int type, const void *w, int64_t heads, int64_t w_hs, int64_t rows, int64_t cols,
                              int64_t row_stride, const float *x, int64_t T, float *y);
+/* attn.c */
+K2K_API int k2k_mla_decode(int tk, const void *kb, int64_t kh, int tv, const void *vb, int64_t vh, int64_t heads,
+                           int64_t nope, int64_t rope, int64_t c, int64_t vd, const float *q_nope, int64_t q_hs,
+                           const float *q_pe, int64_t qp_hs, const float *lat, const float *kpe, int64_t s, float scale,
+                           float *out);
 /* moe.c */
 K2K_API int k2k_moe(int64_t T, int64_t hidden, int64_t inter, const float *x, int64_t ldx, int nexp,
                     const void *const *gate, const void *const *up, const void *const *down, int tg, int tu, int td,

@@ -202,7 +202,24 @@ int pool_start(int n, int pin) {
     return P.nth;
 }
 
+/* wall time and count of pool_run calls since the start (k2k_pool_seconds: how much of a token the kernels take) */
+static double g_pool_s = 0;
+static int64_t g_pool_calls = 0;
+
+static void pool_run_(task_fn fn, void *ctx);
 void pool_run(task_fn fn, void *ctx) {
+    const double t0 = now_s();
+    pool_run_(fn, ctx);
+    g_pool_s += now_s() - t0;
+    g_pool_calls++;
+}
+
+double pool_seconds(int64_t *calls) {
+    if (calls) *calls = g_pool_calls;
+    return g_pool_s;
+}
+
+static void pool_run_(task_fn fn, void *ctx) {
     if (P.nth <= 1) {
         fn(ctx, 0, 1);
         return;
