@@ -106,6 +106,7 @@ class OffloadExperts:
         self.stats_path = stats_path
         self.use_kernels = use_kernels and _kernels is not None and _kernels.available()
         self._qtypes: dict[int, tuple[int, int, int] | None] = {}
+        self._bound: dict[int, Any] = {}  # layer -> its experts bound for one-token calls (_one_token_layer)
         self._next_layer = {a: b for a, b in zip(layout.moe_layers, layout.moe_layers[1:])}
         self._first_layer = layout.moe_layers[0] if layout.moe_layers else -1
         self.shipped = CacheCounters()  # host experts shipped to the GPU for big batches
@@ -134,6 +135,9 @@ class OffloadExperts:
     def _forward(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         T = x.shape[0]
+        bound = self._one_token_layer(layer, x.shape[1]) if T == 1 else None
+        if bound is not None:
+            return self._forward_one(layer, bound, x, idx, w, t0)
         if layer == self._first_layer:
             self.tokens += T
         idx_cpu = idx.detach().to("cpu", torch.long)
@@ -200,6 +204,43 @@ class OffloadExperts:
         for e in sorted(outs):  # fixed order: the sum does not depend on which tier served what
             tok, slot = group(e)
             y.index_add_(0, tok, outs[e] * w[tok, slot, None])
+        self.timers["forward_s"] += time.perf_counter() - t0
+        return y
+
+    def _one_token_layer(self, layer: int, hidden: int) -> Any:
+        """The layer's experts bound once for one-token kernel calls (offload.kernels.MoELayer) when they all sit in
+        RAM for good and the CPU computes them (the RAM tier on a CPU-only run), else None: then every call goes
+        the general way (leases, tiers, device cache)."""
+        if layer in self._bound:
+            return self._bound[layer]
+        bound = None
+        qtypes = self._layer_qtypes(layer)
+        if self.device.type == "cpu" and self.device_cache is None and self._prefetch_q is None and qtypes:
+            keys = [(layer, e) for e in range(self.layout.n_experts)]
+            views = self.store.fixed_views(keys)
+            if views is None:
+                return None  # not loaded yet: ask again next time
+            assert _kernels is not None
+            bound = _kernels.MoELayer(views, qtypes, hidden)
+        self._bound[layer] = bound
+        return bound
+
+    def _forward_one(self, layer: int, bound: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                     t0: float) -> torch.Tensor:
+        """One token through a bound layer: the same rows and weighted sum as _kernel_layer, without leases."""
+        idx_cpu = idx.detach().to("cpu", torch.long)
+        if layer == self._first_layer:
+            self.tokens += 1
+        self.routing.record(layer, idx_cpu)
+        ids = idx_cpu.view(-1).numpy().astype(np.int32)
+        self.store.count_uses([(layer, int(e)) for e in ids])
+        K = ids.shape[0]
+        rows = torch.zeros(K, x.shape[1], dtype=torch.float32)
+        t1 = time.perf_counter()
+        bound.rows(x.detach().reshape(-1).to(torch.float32).contiguous(), ids, rows)
+        self.timers["cpu_compute_s"] += time.perf_counter() - t1
+        wf = w.detach().to("cpu", torch.float32)
+        y = torch.bmm(wf.view(1, 1, K), rows.view(1, K, -1)).view(1, -1).to(self.dtype)
         self.timers["forward_s"] += time.perf_counter() - t0
         return y
 

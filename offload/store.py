@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -470,6 +470,23 @@ class ExpertStore:
                 self._count_hit(k)
                 out.append(Lease(self, k, slot, self.tier))
         return out
+
+    def fixed_views(self, keys: Sequence[Key]) -> list[tuple[torch.Tensor, ...]] | None:
+        """The segment byte views of `keys` when every expert is resident for good (all_resident, all of them
+        loaded): they never move, so a caller may keep them without leases. None otherwise."""
+        if not self.all_resident:
+            return None
+        with self._cv:
+            slots = [self._resident.get(k) for k in keys]
+        if any(s is None for s in slots):
+            return None
+        return [self.slot_views(s, self.plan(k).data) for s, k in zip(slots, keys)]  # type: ignore[arg-type]
+
+    def count_uses(self, keys: Iterable[Key]) -> None:
+        """Count demand uses of resident experts read through fixed_views (hits, bytes served)."""
+        with self._cv:
+            for k in keys:
+                self._count_hit(k)
 
     def lease(self, key: Key, counted: bool = False) -> Future:
         """A future Lease on `key` (already resolved on a hit); the caller must `release()` it.

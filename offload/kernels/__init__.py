@@ -46,7 +46,7 @@ __all__ = [
     "available", "backend", "isa", "set_isa", "set_threads", "get_threads", "default_threads", "numa_nodes",
     "set_prefetch", "set_avxvnni", "set_panel_gemm", "set_repack", "numa_interleave_wanted", "interleave_memory", "supported",
     "row_bytes", "QMatrix", "QHeads", "qmatmul", "moe_experts", "read_bandwidth", "repack_int4_q4_0", "C_TYPES",
-    "r16_type", "repack_r16", "advise_hugepages", "aligned_buffer", "MLADecode", "pool_time",
+    "r16_type", "repack_r16", "advise_hugepages", "aligned_buffer", "MLADecode", "pool_time", "MoELayer",
 ]
 
 # ggml type ids with a C kernel (gguf.GGMLQuantizationType values) -> names
@@ -371,6 +371,55 @@ def _types3(qtypes: int | Sequence[int]) -> tuple[int, int, int]:
     return t  # type: ignore[return-value]
 
 
+def _expert_pointers(experts: Sequence[tuple[Bytes, Bytes, Bytes]], hidden: int, qtypes: tuple[int, int, int],
+                     keep: list) -> tuple[tuple, int]:
+    """((gate, up, down) ctypes pointer arrays, inter) of experts' bytes, their sizes checked against [inter, hidden]
+    / [hidden, inter]; copies made for contiguity go to `keep`."""
+    n = len(experts)
+    addrs = [_addr(m, keep) for e in experts for m in e]  # gate, up, down of expert 0, then expert 1, ...
+    if len(addrs) != 3 * n:
+        raise ValueError("each expert must be (gate, up, down)")
+    bg, bu, bd = (BASE_OF.get(t, t) for t in qtypes)  # an interleaved layout has its gguf type's row size
+    rg = row_bytes(bg, hidden)
+    inter = addrs[0][1] // rg if n else 0
+    sizes = (inter * rg, inter * row_bytes(bu, hidden), hidden * row_bytes(bd, inter)) if n else ()
+    if any(addrs[i][1] != sizes[i % 3] for i in range(3 * n)):
+        raise ValueError("expert byte sizes do not match [inter, hidden] / [hidden, inter] shapes")
+    return tuple((ctypes.c_void_p * n)(*[a for a, _ in addrs[j::3]]) for j in range(3)), inter
+
+
+class MoELayer:
+    """One layer's routed experts bound once (their byte addresses checked and kept), for the many one-token
+    calls of a decode: `rows[k] = Expert_{idx[k]}(x)`, unweighted, in one kernel call. The experts' bytes must stay
+    where they are (the RAM tier with every expert resident)."""
+
+    def __init__(self, experts: Sequence[tuple[Bytes, Bytes, Bytes]], qtypes: int | Sequence[int], hidden: int):
+        self.types = _types3(qtypes)
+        if not available() or not all(supported(t) for t in self.types):
+            raise RuntimeError("MoELayer needs the compiled kernels for its types")
+        self._keep: list = []
+        self._ptrs, self.inter = _expert_pointers(experts, hidden, self.types, self._keep)
+        self.n, self.hidden = len(experts), hidden
+        self._lib = _load()
+        self._ones = np.ones(64, dtype=np.float32)
+
+    def rows(self, x: torch.Tensor, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        """x float32 [hidden] (one token), idx int32 [K] expert ids (< n), out float32 [K, hidden] zeroed:
+        out[k] += Expert_{idx[k]}(x)."""
+        K = idx.shape[0]
+        if x.shape != (self.hidden,) or x.dtype != torch.float32 or out.shape != (K, self.hidden) or K > 64:
+            raise ValueError("MoELayer.rows: x [hidden] float32 and out [K, hidden], K <= 64")
+        if idx.dtype != np.int32 or not idx.flags.c_contiguous or (K and (idx.max() >= self.n or idx.min() < 0)):
+            raise ValueError("MoELayer.rows: idx must be contiguous int32 expert ids in range")
+        tg, tu, td = self.types
+        pg, pu, pd = self._ptrs
+        rc = self._lib.k2k_moe(K, self.hidden, self.inter, x.data_ptr(), 0, self.n, pg, pu, pd, tg, tu, td, 1,
+                               idx.ctypes.data, self._ones.ctypes.data, out.data_ptr(), self.hidden, 1)
+        if rc != 0:
+            raise RuntimeError(f"k2k_moe failed ({rc})")
+        return out
+
+
 def moe_experts(
     x: torch.Tensor,
     experts: Sequence[tuple[Bytes, Bytes, Bytes]],
@@ -402,15 +451,7 @@ def moe_experts(
         raise ValueError("expert index out of range")
     n = len(experts)
     keep: list = []
-    addrs = [_addr(m, keep) for e in experts for m in e]  # gate, up, down of expert 0, then expert 1, ...
-    if len(addrs) != 3 * n:
-        raise ValueError("each expert must be (gate, up, down)")
-    bg, bu, bd = (BASE_OF.get(t, t) for t in (tg, tu, td))  # an interleaved layout has its gguf type's row size
-    rg = row_bytes(bg, hidden)
-    inter = addrs[0][1] // rg if n else 0
-    sizes = (inter * rg, inter * row_bytes(bu, hidden), hidden * row_bytes(bd, inter)) if n else ()
-    if any(addrs[i][1] != sizes[i % 3] for i in range(3 * n)):
-        raise ValueError("expert byte sizes do not match [inter, hidden] / [hidden, inter] shapes")
+    ptrs, inter = _expert_pointers(experts, hidden, (tg, tu, td), keep)
     y = out if out is not None else torch.zeros(T, hidden, dtype=torch.float32)
     if y.shape != (T, hidden) or y.dtype != torch.float32 or not y.is_contiguous():
         raise ValueError("out must be a contiguous float32 [T, hidden] tensor")
@@ -422,9 +463,7 @@ def moe_experts(
         lib = _load()
         if threads and threads != lib.k2k_get_threads():
             lib.k2k_set_threads(int(threads), 0)
-        pg = (ctypes.c_void_p * n)(*[a for a, _ in addrs[0::3]])
-        pu = (ctypes.c_void_p * n)(*[a for a, _ in addrs[1::3]])
-        pd = (ctypes.c_void_p * n)(*[a for a, _ in addrs[2::3]])
+        pg, pu, pd = ptrs
         rc = lib.k2k_moe(T, hidden, inter, x2.data_ptr(), x2.stride(0), n, pg, pu, pd, tg, tu, td, K,
                           idx.ctypes.data, wts.ctypes.data, y.data_ptr(), hidden, int(accumulate))
         if rc != 0:
