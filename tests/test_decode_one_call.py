@@ -1,5 +1,6 @@
-"""MLA's decode step in one kernel call (offload.kernels.MLADecode, csrc/attn.c) against the separate k_b / torch /
-v_b calls it replaces, and the model's decoded logits with it on and off (K2LOCAL_MLA)."""
+"""One-token decode paths in one kernel call: MLA (offload.kernels.MLADecode, csrc/attn.c) against the separate
+k_b / torch / v_b calls it replaces, the model's decoded logits with it on and off (K2LOCAL_MLA), and a layer's
+experts bound once (offload.kernels.MoELayer) against moe_experts."""
 from __future__ import annotations
 
 import numpy as np
@@ -93,3 +94,24 @@ def test_model_decode_same_with_and_without(tmp_path, monkeypatch):
     for a, b in zip(fused, split):
         assert int(a.argmax()) == int(b.argmax())
         assert _rel(a, b) < 1e-4
+
+
+@needs_c
+def test_bound_layer_rows_equal_moe_experts():
+    """kernels.MoELayer (the RAM tier's one-token path) gives the very rows moe_experts gives for the same experts
+    in the general path's call (one row per routed slot, unweighted), whichever order the experts were bound in."""
+    rng = np.random.default_rng(3)
+    hidden, inter, n = 256, 64, 6
+    experts = [(random_blocks(Q.Q4_K, inter, hidden, rng), random_blocks(Q.Q4_K, inter, hidden, rng),
+                random_blocks(Q.Q8_0, hidden, inter, rng)) for _ in range(n)]
+    qt = (int(Q.Q4_K), int(Q.Q4_K), int(Q.Q8_0))
+    layer = K.MoELayer(experts, qt, hidden)
+    x = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
+    ids = np.array([4, 1, 5], dtype=np.int32)
+    got = layer.rows(x, ids, torch.zeros(3, hidden))
+    order = [5, 4, 1]  # the general path binds only the routed experts, in its own order
+    lut = np.array([order.index(int(e)) for e in ids], dtype=np.int32).reshape(-1, 1)
+    ref = K.moe_experts(x.expand(3, hidden), [experts[e] for e in order], qt, lut, np.ones((3, 1), np.float32))
+    assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="in range"):
+        layer.rows(x, np.array([6], dtype=np.int32), torch.zeros(1, hidden))
